@@ -1,0 +1,216 @@
+"""Lowering: a MIL function becomes one pure JAX function ``f(weights, inputs, states)``.
+
+One interpreter loop over a block (in the spirit of ``jax.core.eval_jaxpr``).  Constant
+tensors that could be trained (floating point, more than one element) are *weights*: they
+enter as an explicit pytree argument, never as baked-in constants.  Every other value an
+op needs before tracing (axes, shapes, modes) comes from a constant or from a value that
+is still concrete during tracing (e.g. a ``shape`` op on a static tensor); ops whose
+inputs are all concrete run eagerly at trace time, so shape arithmetic never reaches XLA.
+"""
+from __future__ import annotations
+
+from collections import ChainMap
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mljax.errors import OpError, UnsupportedOpError
+from mljax.mil.ir import Block, Function, Operation, Var
+from mljax.mil.types import DTYPES, DType, StateType, TensorType
+from mljax.ops._registry import OpContext, lookup, opset_number
+
+__all__ = ["LoweredFunction", "compute_dtype_fn", "is_weight", "jax_dtype"]
+
+_NON_INPUT_ATTRIBUTES = {"name"}
+
+
+def compute_dtype_fn(compute_precision: str | None) -> Callable[[DType], DType]:
+    """The dtype to compute in for a declared dtype (Core ML's declared type is a minimum)."""
+    if compute_precision in (None, "float16", "fp16"):
+        return lambda dt: dt
+    if compute_precision in ("float32", "fp32"):
+        fp32 = DTYPES["fp32"]
+        return lambda dt: fp32 if dt.name in ("fp16", "bf16") else dt
+    raise ValueError(f"compute_precision must be None, 'float16' or 'float32'; found {compute_precision!r}")
+
+
+def jax_dtype(dt: DType) -> np.dtype:
+    """The dtype JAX will hold values of MIL dtype ``dt`` in (int64 -> int32 without x64)."""
+    if dt.name in ("uint1", "uint2", "uint3", "uint6"):
+        return np.dtype(np.uint8)
+    return jax.dtypes.canonicalize_dtype(dt.numpy)
+
+
+def is_weight(var: Var) -> bool:
+    """Trainable constants: floating-point tensors of more than one element."""
+    v = var.value
+    return isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.size > 1 or \
+        isinstance(v, np.ndarray) and v.dtype.name in ("bfloat16", "float16") and v.size > 1
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _as_static(x):
+    """A concrete value as the Python/NumPy value an op's keyword-only input expects."""
+    if isinstance(x, (str, bool, int, float, list, tuple, dict)):
+        return x
+    arr = np.asarray(x)
+    if arr.ndim == 0:
+        return arr.item()
+    return arr
+
+
+class LoweredFunction:
+    """A MIL function lowered to JAX; call it as ``(outputs, states) = f(weights, inputs, states)``."""
+
+    def __init__(self, fn: Function, compute_precision: str | None = None):
+        self.fn = fn
+        self.opset = opset_number(fn.opset)
+        self.compute_dtype = compute_dtype_fn(compute_precision)
+        self._check_supported()
+        self._materialize_constexpr(fn.block)
+        self.weights: dict[str, np.ndarray] = {}
+        self._collect_weights(fn.block)
+        self.input_names = [v.name for v in fn.inputs if not isinstance(v.type, StateType)]
+        self.state_names = [v.name for v in fn.inputs if isinstance(v.type, StateType)]
+        self.output_names = [v.name for v in fn.outputs]
+        self.trace_count = 0
+
+    # --- load-time passes -------------------------------------------------------------
+    def _check_supported(self) -> None:
+        missing = {(op.type, self.fn.opset) for op in self.fn.block.walk()
+                   if op.type != "const" and lookup(op.type, self.opset) is None}
+        if missing:
+            raise UnsupportedOpError(missing, where=f"function {self.fn.name!r}")
+
+    def _materialize_constexpr(self, block: Block) -> None:
+        """Evaluate constexpr_* ops once, at load, into constants."""
+        for op in block.operations:
+            if op.type.startswith("constexpr_"):
+                values = self._call(op, {}, eager=True)
+                for var, val in zip(op.outputs, values):
+                    var.value = np.asarray(val)
+            for b in op.blocks:
+                self._materialize_constexpr(b)
+
+    def _collect_weights(self, block: Block) -> None:
+        for op in block.walk():
+            for var in op.outputs:
+                if is_weight(var):
+                    val = var.value
+                    want = jax_dtype(self.compute_dtype(_declared_dtype(var, val)))
+                    self.weights[var.name] = val if val.dtype == want else val.astype(want)
+            for name, bound in op.inputs.items():
+                for var in bound:
+                    if var.name.startswith("_imm") and is_weight(var):
+                        self.weights[var.name] = var.value
+
+    # --- the interpreter ----------------------------------------------------------------
+    def __call__(self, weights: dict, inputs: dict, states: dict | None = None):
+        self.trace_count += 1
+        env: dict[str, Any] = dict(weights)
+        for v in self.fn.inputs:
+            if isinstance(v.type, StateType):
+                env[v.name] = states[v.name]
+            elif v.name in inputs:
+                val = inputs[v.name]
+                if isinstance(v.type, TensorType):
+                    val = jnp.asarray(val, jax_dtype(self.compute_dtype(v.type.dtype)))
+                env[v.name] = val
+        state = {k: env[k] for k in self.state_names}
+        outs = self._run_block(self.fn.block, env, state)
+        return dict(zip(self.output_names, outs)), state
+
+    def _value(self, var: Var, env) -> Any:
+        if var.name in env:
+            return env[var.name]
+        if var.value is not None:
+            return var.value
+        raise OpError(f"variable {var.name!r} has no value (an input that was not provided?)")
+
+    def _run_block(self, block: Block, env, state, args=()) -> tuple:
+        for var, val in zip(block.inputs, args):
+            env[var.name] = val
+        for op in block.operations:
+            if op.type == "const" or op.type.startswith("constexpr_"):
+                continue
+            values = self._call(op, env, state=state)
+            for var, val in zip(op.outputs, values):
+                env[var.name] = self._cast_output(var, val)
+        return tuple(self._value(v, env) for v in block.outputs)
+
+    def _cast_output(self, var: Var, val):
+        if not isinstance(var.type, TensorType) or var.type.dtype.name == "string":
+            return val
+        want = jax_dtype(self.compute_dtype(var.type.dtype))
+        if getattr(val, "dtype", None) == want:
+            return val
+        if _is_concrete(val):
+            with jax.ensure_compile_time_eval():
+                return jnp.asarray(val).astype(want)
+        return val.astype(want)
+
+    def _block_fn(self, block: Block, env, state):
+        def run(*args):
+            return self._run_block(block, ChainMap({}, env), state, args)
+        return run
+
+    def _call(self, op: Operation, env, *, eager: bool = False, state=None) -> tuple:
+        spec = lookup(op.type, self.opset)
+        where = f"op {op.name!r} ({op.type}, iOS{self.opset})"
+        args, kwargs, positional = [], {}, spec.variadic is not None
+        for name in spec.tensor_inputs:
+            bound = op.inputs.get(name)
+            if not bound:
+                if name not in spec.optional_inputs:
+                    raise OpError(f"{where}: required input {name!r} is missing")
+                if positional:
+                    args.append(None)
+                continue
+            val = self._value(bound[0], env)
+            if positional:
+                args.append(val)
+            else:
+                kwargs[name] = val
+        if spec.variadic:
+            args.extend(self._value(v, env) for v in op.inputs.get(spec.variadic, ()))
+        for name in spec.static_inputs:
+            if name in op.inputs:
+                bound = op.inputs[name]
+                vals = [v.value if v.value is not None else self._value(v, env) for v in bound]
+                if not all(_is_concrete(v) for v in vals):
+                    raise OpError(
+                        f"{where}: input {name!r} must be known before execution (a constant or "
+                        f"computed from static shapes), but it depends on the model's inputs")
+                kwargs[name] = _as_static(vals[0]) if len(vals) == 1 else [_as_static(v) for v in vals]
+            elif name in op.attributes and name not in _NON_INPUT_ATTRIBUTES:
+                kwargs[name] = _as_static(op.attributes[name])
+        if spec.wants_ctx:
+            kwargs["ctx"] = OpContext(
+                op.type, op.name, self.opset,
+                output_types=tuple(v.type for v in op.outputs),
+                blocks=tuple(self._block_fn(b, env, state) for b in op.blocks),
+                compute_dtype=self.compute_dtype, state=state if state is not None else {},
+                input_vars={k: (v[0] if len(v) == 1 else v) for k, v in op.inputs.items()})
+        concrete = eager or all(_is_concrete(a) for a in (*args, *kwargs.values())
+                                if not isinstance(a, OpContext))
+        try:
+            if concrete and not op.blocks:
+                with jax.ensure_compile_time_eval():
+                    out = spec.fn(*args, **kwargs)
+            else:
+                out = spec.fn(*args, **kwargs)
+        except OpError as e:
+            raise OpError(f"{where}: {e}") from None
+        return out if isinstance(out, tuple) else (out,)
+
+
+def _declared_dtype(var: Var, val: np.ndarray) -> DType:
+    if isinstance(var.type, TensorType):
+        return var.type.dtype
+    from mljax.mil.types import dtype_from_numpy
+    return dtype_from_numpy(val.dtype)

@@ -1,0 +1,194 @@
+"""MILSpec protobuf -> MIL IR, resolving weight blobs through memory maps."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mljax.errors import ModelFormatError
+from mljax.format.blob import BlobReader
+from mljax.format.package import resolve_blob_path
+from mljax.mil.ir import Block, Function, Operation, Program, Var
+from mljax.mil.types import (DictType, ListType, StateType, TensorType, TupleType, ValueType,
+                             dtype_from_proto)
+
+__all__ = ["program_from_proto", "value_type_from_proto", "value_from_proto"]
+
+
+def value_type_from_proto(vt) -> ValueType:
+    kind = vt.WhichOneof("type")
+    if kind == "tensorType":
+        tt = vt.tensorType
+        dtype = dtype_from_proto(tt.dataType)
+        if tt.rank < 0:
+            return TensorType(dtype, None)
+        dims = []
+        for d in tt.dimensions:
+            which = d.WhichOneof("dimension")
+            dims.append(int(d.constant.size) if which == "constant" else None)
+        if len(dims) != tt.rank:
+            dims = [None] * tt.rank
+        return TensorType(dtype, tuple(dims))
+    if kind == "listType":
+        length = vt.listType.length
+        n = int(length.constant.size) if length.WhichOneof("dimension") == "constant" else None
+        return ListType(value_type_from_proto(vt.listType.type), n)
+    if kind == "tupleType":
+        return TupleType(tuple(value_type_from_proto(t) for t in vt.tupleType.types))
+    if kind == "dictionaryType":
+        return DictType(value_type_from_proto(vt.dictionaryType.keyType),
+                        value_type_from_proto(vt.dictionaryType.valueType))
+    if kind == "stateType":
+        return StateType(value_type_from_proto(vt.stateType.wrappedType))
+    raise ModelFormatError(f"value type without a kind: {vt}")
+
+
+class _Blobs:
+    """Opens each blob file once, on first use."""
+
+    def __init__(self, weights_dir: Path | None):
+        self.weights_dir = weights_dir
+        self._readers: dict[str, BlobReader] = {}
+
+    def read(self, file_name: str, offset: int, t: TensorType) -> np.ndarray:
+        if file_name not in self._readers:
+            self._readers[file_name] = BlobReader(resolve_blob_path(self.weights_dir, file_name))
+        if not t.is_static:
+            raise ModelFormatError(f"blob value at {file_name}:{offset} has a non-static type {t}")
+        return self._readers[file_name].read(offset, t.dtype, t.shape)
+
+
+def _tensor_value(tv, t: TensorType):
+    kind = tv.WhichOneof("value")
+    dtype = t.dtype
+    if kind == "bytes":
+        raw = tv.bytes.values
+        if dtype.bits % 8 == 0 and dtype.name != "string":
+            arr = np.frombuffer(raw, dtype=dtype.numpy)
+        else:
+            from mljax.format.blob import _unpack_bits
+            count = int(np.prod(t.shape)) if t.shape else 1
+            arr = _unpack_bits(np.frombuffer(raw, np.uint8), dtype.bits, count,
+                               dtype.name == "int4").astype(dtype.numpy)
+    elif kind == "strings":
+        arr = np.array(list(tv.strings.values), dtype=object)
+    elif kind is None:
+        arr = np.zeros(0, dtype.numpy)
+    else:
+        arr = np.asarray(list(getattr(tv, kind).values))
+        if dtype.name != "string":
+            arr = arr.astype(dtype.numpy)
+    if t.shape is not None and t.is_static:
+        expected = int(np.prod(t.shape, dtype=np.int64))
+        if arr.size != expected:
+            raise ModelFormatError(f"immediate value holds {arr.size} values for type {t}")
+        arr = arr.reshape(t.shape)
+    if arr.ndim == 0 and dtype.name == "string":
+        return str(arr.item())
+    return arr
+
+
+def value_from_proto(value, blobs: _Blobs | None = None):
+    """A MILSpec.Value -> (type, NumPy array / str / list / tuple / dict, blob ref)."""
+    t = value_type_from_proto(value.type)
+    kind = value.WhichOneof("value")
+    if kind == "blobFileValue":
+        if blobs is None:
+            raise ModelFormatError("a blob value appeared where no weights can be read")
+        bf = value.blobFileValue
+        return t, blobs.read(bf.fileName, int(bf.offset), t), (bf.fileName, int(bf.offset))
+    if kind != "immediateValue":
+        raise ModelFormatError(f"value without content: {value}")
+    iv = value.immediateValue
+    ik = iv.WhichOneof("value")
+    if ik == "tensor":
+        return t, _tensor_value(iv.tensor, t), None
+    if ik == "tuple":
+        return t, tuple(value_from_proto(v, blobs)[1] for v in iv.tuple.values), None
+    if ik == "list":
+        return t, [value_from_proto(v, blobs)[1] for v in iv.list.values], None
+    if ik == "dictionary":
+        return t, {_hashable(value_from_proto(kv.key, blobs)[1]): value_from_proto(kv.value, blobs)[1]
+                   for kv in iv.dictionary.values}, None
+    raise ModelFormatError(f"immediate value without content: {iv}")
+
+
+def _hashable(v):
+    return v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v
+
+
+class _Scope:
+    def __init__(self, parent: "_Scope | None" = None):
+        self.parent, self.vars = parent, {}
+
+    def get(self, name: str, where: str) -> Var:
+        s = self
+        while s is not None:
+            if name in s.vars:
+                return s.vars[name]
+            s = s.parent
+        raise ModelFormatError(f"{where} refers to undefined variable {name!r}")
+
+
+class _Builder:
+    def __init__(self, blobs: _Blobs, opset: str):
+        self.blobs, self.opset, self._anon = blobs, opset, 0
+
+    def block(self, pb, scope: _Scope, where: str) -> Block:
+        scope = _Scope(scope)
+        inputs = [Var(nv.name, value_type_from_proto(nv.type)) for nv in pb.inputs]
+        for v in inputs:
+            scope.vars[v.name] = v
+        ops = [self.operation(op, scope, where) for op in pb.operations]
+        outputs = [scope.get(n, f"{where} block output") for n in pb.outputs]
+        return Block(inputs, ops, outputs, self.attributes(pb.attributes))
+
+    def attributes(self, attrs) -> dict:
+        return {k: value_from_proto(v, self.blobs)[1] for k, v in attrs.items()}
+
+    def operation(self, pb, scope: _Scope, where: str) -> Operation:
+        attrs = self.attributes(pb.attributes)
+        name = attrs.get("name") or (pb.outputs[0].name if pb.outputs else pb.type)
+        name = str(name.item()) if isinstance(name, np.ndarray) else str(name)
+        here = f"op {name!r} ({pb.type}) in {where}"
+        inputs = {}
+        for key, arg in pb.inputs.items():
+            bound = []
+            for b in arg.arguments:
+                if b.WhichOneof("binding") == "name":
+                    bound.append(scope.get(b.name, here))
+                else:
+                    t, val, ref = value_from_proto(b.value, self.blobs)
+                    self._anon += 1
+                    bound.append(Var(f"_imm{self._anon}", t, val, ref))
+            inputs[key] = tuple(bound)
+        outputs = [Var(nv.name, value_type_from_proto(nv.type)) for nv in pb.outputs]
+        blocks = [self.block(b, scope, f"{here} nested block") for b in pb.blocks]
+        if pb.type == "const":
+            if "val" not in pb.attributes:
+                raise ModelFormatError(f"{here} has no 'val' attribute")
+            _, val, ref = value_from_proto(pb.attributes["val"], self.blobs)
+            outputs[0].value, outputs[0].blob = val, ref
+        for v in outputs:
+            scope.vars[v.name] = v
+        return Operation(pb.type, name, inputs, outputs, blocks, attrs)
+
+
+def program_from_proto(pb, weights_dir: Path | None) -> Program:
+    """Build the IR of every function; each uses the block of its own opset."""
+    blobs = _Blobs(weights_dir)
+    functions = {}
+    for fname, fpb in pb.functions.items():
+        opset = fpb.opset
+        if opset not in fpb.block_specializations:
+            raise ModelFormatError(
+                f"function {fname!r} declares opset {opset!r} but has blocks for "
+                f"{sorted(fpb.block_specializations)}")
+        builder = _Builder(blobs, opset)
+        scope = _Scope()
+        inputs = [Var(nv.name, value_type_from_proto(nv.type)) for nv in fpb.inputs]
+        for v in inputs:
+            scope.vars[v.name] = v
+        block = builder.block(fpb.block_specializations[opset], scope, f"function {fname!r}")
+        functions[fname] = Function(fname, inputs, opset, block, builder.attributes(fpb.attributes))
+    return Program(int(pb.version), functions, {k: value_from_proto(v)[1] for k, v in pb.attributes.items()})

@@ -1,0 +1,154 @@
+"""``mljax.MLModel``: load any Core ML model and predict, shaped like coremltools' MLModel."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mljax.errors import InputError
+from mljax.features import FeatureSpec, convert_inputs, convert_output
+from mljax.format.package import load_spec, save_spec
+from mljax.stage import Stage, build_stage
+
+__all__ = ["MLModel"]
+
+
+class MLModel:
+    """A Core ML model running on JAX.
+
+    Args:
+      model: a path to an ``.mlpackage`` folder or ``.mlmodel`` file, serialized ``Model``
+        bytes, a ``Model`` protobuf message (coremltools' ``get_spec()`` too), or a
+        coremltools ``MLModel``.
+      weights_dir: the folder ``@model_path`` refers to, for specs given in memory.
+      function_name: which function of a multifunction ML program to run.
+      compute_precision: ``None`` computes in the declared types (fp16 programs in fp16);
+        ``"float32"`` raises fp16 computation to fp32.
+    """
+
+    def __init__(self, model, weights_dir=None, *, function_name: str | None = None,
+                 compute_precision: str | None = None, _stage: Stage | None = None, **_ignored):
+        loaded = load_spec(model, weights_dir)
+        self._spec = loaded.spec
+        self.weights_dir = loaded.weights_dir
+        self.package_path = loaded.path
+        self.function_name = function_name
+        self.compute_precision = compute_precision
+        self._stage = _stage or build_stage(self._spec, self.weights_dir, function_name=function_name,
+                                            compute_precision=compute_precision)
+        self._weights = jax.device_put(self._stage.weights)
+        self._predict_fn = jax.jit(self._stage.fn)
+        self._batched_fn = jax.jit(jax.vmap(self._stage.fn, in_axes=(None, 0, None)))
+
+    # --- descriptions ------------------------------------------------------------------
+    @property
+    def input_description(self) -> dict[str, FeatureSpec]:
+        return dict(self._stage.inputs)
+
+    @property
+    def output_description(self) -> dict[str, FeatureSpec]:
+        return dict(self._stage.outputs)
+
+    @property
+    def user_defined_metadata(self) -> dict[str, str]:
+        return dict(self._spec.description.metadata.userDefined)
+
+    @property
+    def short_description(self) -> str:
+        return self._spec.description.metadata.shortDescription
+
+    @property
+    def stage(self) -> Stage:
+        return self._stage
+
+    @property
+    def weights(self) -> dict:
+        """The weights pytree the jitted function takes (trainable by ``updatable``)."""
+        return self._weights
+
+    def get_spec(self):
+        """A copy of the model's ``Model`` protobuf (this project's schema)."""
+        return copy.deepcopy(self._spec)
+
+    def get_compiled_model_path(self) -> str | None:
+        return None if self.package_path is None else str(self.package_path)
+
+    # --- prediction ----------------------------------------------------------------------
+    def _prepare(self, data: dict) -> dict:
+        if self._stage.preprocess is not None:
+            data = self._stage.preprocess(data)
+        return convert_inputs(self._stage.inputs, data)
+
+    def _finish(self, outputs: dict) -> dict:
+        outputs = {k: np.asarray(v) for k, v in outputs.items()}
+        if self._stage.postprocess is not None:
+            outputs = self._stage.postprocess(outputs)
+        specs = self._stage.outputs
+        return {k: convert_output(specs.get(k), v) for k, v in outputs.items() if not specs or k in specs}
+
+    def predict(self, data, state: "MLState | None" = None):
+        """Predict one dict of features, or a list of dicts (batched in one call when shapes agree)."""
+        if isinstance(data, (list, tuple)):
+            return self._predict_batch(list(data), state)
+        inputs = self._prepare(data)
+        states = self._state_values(state)
+        outputs, new_states = self._predict_fn(self._weights, inputs, states)
+        if state is not None:
+            state._values = new_states
+        return self._finish(outputs)
+
+    def _predict_batch(self, items: list, state) -> list:
+        if not items:
+            return []
+        prepared = [self._prepare(d) for d in items]
+        same = all(p.keys() == prepared[0].keys() and
+                   all(np.shape(p[k]) == np.shape(prepared[0][k]) for k in p) for p in prepared)
+        if not (self._stage.batchable and state is None and same and len(items) > 1):
+            return [self.predict(d, state) for d in items]
+        stacked = {k: np.stack([p[k] for p in prepared]) for k in prepared[0]}
+        outputs, _ = self._batched_fn(self._weights, stacked, {})
+        outputs = {k: np.asarray(v) for k, v in outputs.items()}
+        return [self._finish({k: v[i] for k, v in outputs.items()}) for i in range(len(items))]
+
+    # --- state ---------------------------------------------------------------------------
+    def make_state(self) -> "MLState":
+        """Fresh state buffers (zeros) for a stateful model."""
+        if not self._stage.states:
+            raise InputError("this model declares no state; make_state() needs a stateful (iOS18) model")
+        return MLState({n: jnp.zeros(s.shape, s.dtype) for n, s in self._stage.states.items()})
+
+    def _state_values(self, state) -> dict:
+        if not self._stage.states:
+            if state is not None:
+                raise InputError("state= was given but this model declares no state")
+            return {}
+        if state is None:
+            raise InputError(f"this model is stateful: pass state=model.make_state() "
+                             f"(states {list(self._stage.states)})")
+        return state._values
+
+    # --- saving --------------------------------------------------------------------------
+    def save(self, path) -> Path:
+        """Write the model (atomically) as ``.mlpackage`` or ``.mlmodel``."""
+        from mljax.writer import save_model
+        return save_model(self, path)
+
+    def __repr__(self) -> str:
+        kind = self._spec.WhichOneof("Type")
+        ins = ", ".join(f"{n}: {s}" for n, s in self._stage.inputs.items())
+        outs = ", ".join(f"{n}: {s}" for n, s in self._stage.outputs.items())
+        return f"mljax.MLModel({kind}; inputs: {ins}; outputs: {outs})"
+
+
+class MLState:
+    """Opaque state buffers of a stateful model, updated in place by ``predict``."""
+
+    def __init__(self, values: dict):
+        self._values = values
+
+    def read(self, name: str) -> np.ndarray:
+        return np.asarray(self._values[name])

@@ -1,0 +1,65 @@
+"""Stages: every model type becomes a weights pytree plus a pure function.
+
+``fn(weights, features, states) -> (features, states)`` maps input arrays by name to
+output arrays by name.  Host-side ``preprocess``/``postprocess`` turn user values
+(images, strings, dicts, class labels) into arrays and back, outside of JAX.
+Builders are registered per ``Model.Type`` oneof name.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from mljax.errors import UnsupportedError
+from mljax.features import FeatureSpec
+
+__all__ = ["Stage", "register_stage_builder", "build_stage"]
+
+
+@dataclass
+class Stage:
+    fn: Callable                          # (weights, inputs, states) -> (outputs, states)
+    weights: dict                         # pytree of arrays
+    inputs: dict[str, FeatureSpec]        # what fn takes, after preprocess
+    outputs: dict[str, FeatureSpec]       # what postprocess returns
+    states: dict[str, FeatureSpec] = field(default_factory=dict)
+    preprocess: Callable[[dict], dict] | None = None    # user features -> arrays (host)
+    postprocess: Callable[[dict], dict] | None = None   # arrays -> user features (host)
+    batchable: bool = True                # fn may be vmapped over a leading batch axis
+    info: dict[str, Any] = field(default_factory=dict)  # model-type specific (program, layers ...)
+
+
+_BUILDERS: dict[str, Callable[..., Stage]] = {}
+# Modules that register builders, imported on first use (explicit, no import side effects elsewhere).
+_BUILDER_MODULES = ("mljax.mlprogram", "mljax.neuralnetwork", "mljax.classic", "mljax.pipeline")
+
+
+def register_stage_builder(*kinds: str):
+    """Decorator: ``builder(spec, weights_dir, **options) -> Stage`` for ``Model.Type`` kinds."""
+    def deco(fn):
+        for kind in kinds:
+            if kind in _BUILDERS:
+                raise RuntimeError(f"stage builder for {kind!r} registered twice")
+            _BUILDERS[kind] = fn
+        return fn
+    return deco
+
+
+def _load_builders() -> None:
+    for name in _BUILDER_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+
+
+def build_stage(spec, weights_dir, **options) -> Stage:
+    """The stage for any Core ML model spec."""
+    kind = spec.WhichOneof("Type")
+    if kind not in _BUILDERS:
+        _load_builders()
+    if kind not in _BUILDERS:
+        raise UnsupportedError(f"Core ML model type {kind!r} is not supported; supported: {sorted(_BUILDERS)}")
+    return _BUILDERS[kind](spec, weights_dir, **options)
