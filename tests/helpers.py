@@ -1,0 +1,64 @@
+"""Shared test helpers: build real models with coremltools and run them on mljax."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+_TMP = Path(tempfile.mkdtemp(prefix="mljax-tests-"))
+_COUNTER = [0]
+
+
+def tmp_path_for(name: str) -> Path:
+    _COUNTER[0] += 1
+    return _TMP / f"{_COUNTER[0]:05d}-{name}"
+
+
+def target(opset: str):
+    import coremltools as ct
+    return getattr(ct.target, opset)
+
+
+def convert_mil(build_fn, *, opset: str = "iOS17", fp16: bool = False):
+    """Convert a ``@mb.program`` (or a function returning one) into a saved .mlpackage path."""
+    import coremltools as ct
+    prog = build_fn() if callable(build_fn) and not hasattr(build_fn, "functions") else build_fn
+    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=target(opset),
+                       compute_precision=ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32)
+    path = tmp_path_for("model.mlpackage")
+    model.save(str(path))
+    return path
+
+
+def run_mil(build_fn, inputs: dict, *, opset: str = "iOS17", fp16: bool = False,
+            compute_precision=None) -> dict:
+    """Build a MIL program with coremltools, save it, load it in mljax and predict ``inputs``.
+
+    ``build_fn`` is a ``@mb.program``-decorated program or a zero-argument function returning one.
+    Returns mljax's outputs (dict name -> NumPy array).
+    """
+    import mljax
+    path = convert_mil(build_fn, opset=opset, fp16=fp16)
+    model = mljax.MLModel(path, compute_precision=compute_precision)
+    return model.predict(inputs)
+
+
+def only(outputs: dict) -> np.ndarray:
+    """The single output of a one-output model."""
+    assert len(outputs) == 1, list(outputs)
+    return next(iter(outputs.values()))
+
+
+def assert_close(actual, expected, *, dtype=np.float32, rtol=None, atol=None):
+    """Compare at per-dtype tolerances (fp16 looser)."""
+    dt = np.dtype(dtype)
+    if rtol is None:
+        rtol = 2e-2 if dt == np.float16 else 1e-5 if dt.kind == "f" else 0
+    if atol is None:
+        atol = 2e-2 if dt == np.float16 else 1e-5 if dt.kind == "f" else 0
+    np.testing.assert_allclose(np.asarray(actual, np.float64), np.asarray(expected, np.float64),
+                               rtol=rtol, atol=atol)
