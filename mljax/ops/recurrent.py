@@ -1,0 +1,199 @@
+"""MIL recurrent ops: lstm, gru, rnn (one layer, sequence-major ``x: [s, b, I]``), via ``lax.scan``.
+
+Weight layouts (rows of ``weight_ih`` / ``weight_hh`` / ``bias``):
+  * lstm: gates ``[input, forget, output, cell]`` (torch's ``[i, f, g, o]`` reordered),
+    ``bias`` is the sum of the input and recurrent biases, ``peephole`` is ``[i, f, o]``;
+  * gru: gates ``[reset, output (new), update]`` (torch's ``[r, z, n]`` reordered to r, n, z);
+  * rnn: one gate.
+``direction="reverse"`` runs over the reversed sequence and returns the steps in the order
+they were processed (last time step first); the backward half of a ``bidirectional`` lstm is
+returned aligned with the input's time steps, and its "last" output is the one at time 0.
+Opset deltas: iOS17 only widens dtypes (fp16); iOS18 ``gru`` adds ``reset_after`` and
+``input_bias``.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax, nn
+
+from mljax.errors import OpError
+from mljax.ops._registry import register
+
+__all__ = ["lstm", "gru", "rnn"]
+
+_ACTIVATIONS = {
+    "sigmoid": nn.sigmoid,
+    "tanh": jnp.tanh,
+    "scaled_tanh": jnp.tanh,  # MIL's defaults alpha = beta = 1
+    "relu": nn.relu,
+    "linear": lambda v: v,
+    "hard_sigmoid": lambda v: jnp.clip(0.2 * v + 0.5, 0, 1),
+    "sigmoid_hard": lambda v: jnp.clip(0.2 * v + 0.5, 0, 1),
+}
+
+
+def _activation(name: str, op: str):
+    fn = _ACTIVATIONS.get(str(name).lower())
+    if fn is None:
+        raise OpError(f"{op}: activation must be one of {sorted(_ACTIVATIONS)}; found {name!r}")
+    return fn
+
+
+def _check_direction(direction: str, allowed: tuple, op: str) -> None:
+    if direction not in allowed:
+        raise OpError(f"{op}: direction must be one of {allowed}; found {direction!r}")
+
+
+def _check_x(x, op: str) -> None:
+    if jnp.ndim(x) != 3:
+        raise OpError(f"{op}: x must be rank 3 [seq, batch, input]; found shape {jnp.shape(x)}")
+
+
+def _vec(v, size, dtype):
+    return jnp.zeros((size,), dtype) if v is None else jnp.asarray(v).astype(dtype)
+
+
+def _scan(step, carry, xs, reverse_processing: bool, time_aligned: bool):
+    """Run ``step`` over ``xs``; returns (final carry, per-step h).
+
+    ``reverse_processing`` walks the sequence from the end; ``time_aligned`` then puts each
+    step's output back at its time index instead of in processing order.
+    """
+    if reverse_processing and not time_aligned:
+        return lax.scan(step, carry, xs[::-1])
+    return lax.scan(step, carry, xs, reverse=reverse_processing)
+
+
+def _sequence_output(ys, output_sequence: bool, last_index: int = -1):
+    return ys if output_sequence else ys[last_index][None]
+
+
+# --- lstm -------------------------------------------------------------------------------
+def _lstm_direction(x, h0, c0, w_ih, w_hh, bias, peephole, acts, clip, reverse, time_aligned):
+    dtype = x.dtype
+    hidden = w_hh.shape[1]
+    w_ih, w_hh = jnp.asarray(w_ih).astype(dtype), jnp.asarray(w_hh).astype(dtype)
+    xw = jnp.einsum("sbi,gi->sbg", x, w_ih) + _vec(bias, 4 * hidden, dtype)
+    p_i, p_f, p_o = jnp.split(_vec(peephole, 3 * hidden, dtype), 3)
+    rec_act, cell_act, out_act = acts
+
+    def step(carry, xw_t):
+        h, c = carry
+        g_i, g_f, g_o, g_z = jnp.split(xw_t + h @ w_hh.T, 4, axis=-1)
+        i = rec_act(g_i + c * p_i)
+        f = rec_act(g_f + c * p_f)
+        c = f * c + i * cell_act(g_z)
+        if clip is not None:  # Core ML clips the cell state, before the output peephole
+            c = jnp.clip(c, -clip, clip)
+        h = rec_act(g_o + c * p_o) * out_act(c)
+        return (h, c), h
+
+    (h, c), ys = _scan(step, (h0.astype(dtype), c0.astype(dtype)), xw, reverse, time_aligned)
+    return ys, h, c
+
+
+@register("lstm")
+def lstm(x, initial_h, initial_c, weight_ih, weight_hh, bias=None, peephole=None,
+         weight_ih_back=None, weight_hh_back=None, bias_back=None, peephole_back=None, *,
+         direction="forward", output_sequence=False, recurrent_activation="sigmoid",
+         cell_activation="tanh", activation="tanh", clip=None):
+    """One LSTM layer; returns ``(output [s|1, b, D*H], h [b, D*H], c [b, D*H])``.
+
+    Bidirectional: ``initial_h/c[:, :H]`` and outputs ``[..., :H]`` are the forward direction;
+    the ``*_back`` weights drive the backward one.  ``clip`` bounds the cell state.
+    """
+    _check_x(x, "lstm")
+    _check_direction(direction, ("forward", "reverse", "bidirectional"), "lstm")
+    acts = tuple(_activation(a, "lstm") for a in (recurrent_activation, cell_activation, activation))
+    x, h0, c0 = jnp.asarray(x), jnp.asarray(initial_h), jnp.asarray(initial_c)
+    hidden = jnp.shape(weight_hh)[1]
+    if jnp.shape(weight_ih)[0] != 4 * hidden or jnp.shape(weight_hh)[0] != 4 * hidden:
+        raise OpError(f"lstm: weight_ih/weight_hh must have 4*H rows with H={hidden}; found "
+                      f"{jnp.shape(weight_ih)} and {jnp.shape(weight_hh)}")
+    if direction != "bidirectional":
+        ys, h, c = _lstm_direction(x, h0, c0, weight_ih, weight_hh, bias, peephole, acts, clip,
+                                   direction == "reverse", False)
+        return _sequence_output(ys, output_sequence), h, c
+    if weight_ih_back is None or weight_hh_back is None:
+        raise OpError("lstm: direction='bidirectional' needs weight_ih_back and weight_hh_back; "
+                      "found them missing")
+    fwd = _lstm_direction(x, h0[:, :hidden], c0[:, :hidden], weight_ih, weight_hh, bias,
+                          peephole, acts, clip, False, True)
+    bwd = _lstm_direction(x, h0[:, hidden:], c0[:, hidden:], weight_ih_back, weight_hh_back,
+                          bias_back, peephole_back, acts, clip, True, True)
+    out = jnp.concatenate([_sequence_output(fwd[0], output_sequence, -1),
+                           _sequence_output(bwd[0], output_sequence, 0)], axis=-1)
+    return out, jnp.concatenate([fwd[1], bwd[1]], -1), jnp.concatenate([fwd[2], bwd[2]], -1)
+
+
+# --- gru --------------------------------------------------------------------------------
+def _gru(x, initial_h, weight_ih, weight_hh, bias, input_bias, direction, output_sequence,
+         recurrent_activation, activation, reset_after):
+    _check_x(x, "gru")
+    _check_direction(direction, ("forward", "reverse"), "gru")
+    rec_act = _activation(recurrent_activation, "gru")
+    out_act = _activation(activation, "gru")
+    x = jnp.asarray(x)
+    dtype = x.dtype
+    hidden = jnp.shape(weight_hh)[1]
+    if jnp.shape(weight_ih)[0] != 3 * hidden or jnp.shape(weight_hh)[0] != 3 * hidden:
+        raise OpError(f"gru: weight_ih/weight_hh must have 3*H rows with H={hidden}; found "
+                      f"{jnp.shape(weight_ih)} and {jnp.shape(weight_hh)}")
+    w_ih, w_hh = jnp.asarray(weight_ih).astype(dtype), jnp.asarray(weight_hh).astype(dtype)
+    w_hr, w_ho, w_hz = jnp.split(w_hh, 3)
+    b_r, b_o, b_z = jnp.split(_vec(bias, 3 * hidden, dtype), 3)
+    xw = jnp.einsum("sbi,gi->sbg", x, w_ih) + _vec(input_bias, 3 * hidden, dtype)
+
+    def step(h, xw_t):
+        x_r, x_o, x_z = jnp.split(xw_t, 3, axis=-1)
+        r = rec_act(x_r + h @ w_hr.T + b_r)
+        z = rec_act(x_z + h @ w_hz.T + b_z)
+        if reset_after:  # torch style: the reset gate scales the recurrent term
+            o = out_act(x_o + r * (h @ w_ho.T + b_o))
+        else:  # the reset gate scales h before the recurrent matmul
+            o = out_act(x_o + (r * h) @ w_ho.T + b_o)
+        h = (1 - z) * o + z * h
+        return h, h
+
+    h, ys = _scan(step, jnp.asarray(initial_h).astype(dtype), xw, direction == "reverse", False)
+    return _sequence_output(ys, output_sequence), h
+
+
+@register("gru")
+def gru(x, initial_h, weight_ih, weight_hh, bias=None, *, direction="forward",
+        output_sequence=False, recurrent_activation="sigmoid", activation="tanh"):
+    """One GRU layer; returns ``(output [s|1, b, H], h [b, H])``; reset applied before the matmul."""
+    return _gru(x, initial_h, weight_ih, weight_hh, bias, None, direction, output_sequence,
+                recurrent_activation, activation, False)
+
+
+@register("gru", "iOS18")
+def gru_iOS18(x, initial_h, weight_ih, weight_hh, bias=None, input_bias=None, *,
+              direction="forward", output_sequence=False, recurrent_activation="sigmoid",
+              activation="tanh", reset_after=False):
+    """iOS18 adds ``input_bias`` (added to ``x @ weight_ih.T``; ``bias`` is then the recurrent
+    bias) and ``reset_after`` (torch's formulation: ``r * (W_ho h + b_ho)``)."""
+    return _gru(x, initial_h, weight_ih, weight_hh, bias, input_bias, direction, output_sequence,
+                recurrent_activation, activation, bool(reset_after))
+
+
+# --- rnn --------------------------------------------------------------------------------
+@register("rnn")
+def rnn(x, initial_h, weight_ih, weight_hh, bias=None, *, direction="forward",
+        output_sequence=False, activation="tanh"):
+    """One simple RNN layer ``h = act(W_ih x + W_hh h + b)``; returns ``(output, h)``."""
+    _check_x(x, "rnn")
+    _check_direction(direction, ("forward", "reverse"), "rnn")
+    act = _activation(activation, "rnn")
+    x = jnp.asarray(x)
+    dtype = x.dtype
+    hidden = jnp.shape(weight_ih)[0]
+    w_hh = jnp.asarray(weight_hh).astype(dtype)
+    xw = jnp.einsum("sbi,hi->sbh", x, jnp.asarray(weight_ih).astype(dtype)) + _vec(bias, hidden, dtype)
+
+    def step(h, xw_t):
+        h = act(xw_t + h @ w_hh.T)
+        return h, h
+
+    h, ys = _scan(step, jnp.asarray(initial_h).astype(dtype), xw, direction == "reverse", False)
+    return _sequence_output(ys, output_sequence), h

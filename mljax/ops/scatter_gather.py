@@ -1,0 +1,243 @@
+"""MIL scatter/gather ops: gather, gather_along_axis, gather_nd, scatter, scatter_along_axis, scatter_nd.
+
+Opset deltas: iOS16 adds ``batch_dims`` to ``gather`` and ``gather_nd``; iOS17 adds
+``validate_indices`` to every op here and declares negative indices out of bounds.
+Negative indices are wrapped (``i + dim``) in every opset: that is what iOS15/16 define and
+a memory-safe choice for iOS17's "undefined" behaviour.  Other out-of-bound indices are
+clamped by gathers and dropped by scatters.  ``validate_indices=True`` is checked when the
+indices are known at trace time (a const), otherwise it cannot be checked and is ignored.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from mljax.errors import OpError
+from mljax.ops._registry import register
+
+__all__ = ["gather", "gather_along_axis", "gather_nd", "scatter", "scatter_along_axis", "scatter_nd"]
+
+_MODES = ("update", "add", "sub", "mul", "div", "max", "min")
+
+
+def _norm_axis(axis: int, rank: int, op: str) -> int:
+    if not -rank <= axis < rank:
+        raise OpError(f"{op}: axis must be in [{-rank}, {rank}) for a rank-{rank} input; found {axis}")
+    return axis % rank
+
+
+def _wrap(indices, size):
+    """int32 indices with negative values counted from the end (``-1`` -> ``size - 1``)."""
+    idx = jnp.asarray(indices).astype(jnp.int32)
+    return jnp.where(idx < 0, idx + size, idx)
+
+
+def _validate(indices, upper, validate: bool, op: str) -> None:
+    """Raise when ``validate`` and const ``indices`` fall outside ``[0, upper)``."""
+    if not validate or isinstance(indices, jax.core.Tracer):
+        return
+    idx = np.asarray(indices)
+    bad = (idx < 0) | (idx >= np.asarray(upper))
+    if np.any(bad):
+        raise OpError(f"{op}: validate_indices=True expects indices in [0, {upper}); "
+                      f"found out-of-bound value(s) {np.unique(idx[bad]).tolist()}")
+
+
+# --- gather -----------------------------------------------------------------------------
+def _gather(x, indices, axis: int, batch_dims: int):
+    x = jnp.asarray(x)
+    indices = jnp.asarray(indices)
+    axis = _norm_axis(axis, x.ndim, "gather")
+    if batch_dims < 0:
+        batch_dims += indices.ndim
+    if not 0 <= batch_dims <= min(axis, indices.ndim):
+        raise OpError(f"gather: batch_dims must be in [0, min(axis={axis}, rank(indices)="
+                      f"{indices.ndim})]; found {batch_dims}")
+    if x.shape[:batch_dims] != indices.shape[:batch_dims]:
+        raise OpError(f"gather: the first batch_dims={batch_dims} dims of x {x.shape} and indices "
+                      f"{indices.shape} must match")
+    idx = _wrap(indices, x.shape[axis])
+
+    def take(xb, ib):
+        return jnp.take(xb, ib, axis=axis - batch_dims, mode="clip")
+
+    for _ in range(batch_dims):
+        take = jax.vmap(take)
+    return take(x, idx)
+
+
+@register("gather")
+def gather(x, indices, *, axis=0):
+    """``x`` sliced along ``axis`` at ``indices`` (``tf.gather``); negative indices allowed."""
+    return _gather(x, indices, axis, 0)
+
+
+@register("gather", "iOS16")
+def gather_iOS16(x, indices, *, axis=0, batch_dims=0):
+    """iOS16 adds ``batch_dims`` (leading dims shared by ``x`` and ``indices``)."""
+    return _gather(x, indices, axis, batch_dims)
+
+
+@register("gather", "iOS17")
+def gather_iOS17(x, indices, *, axis=0, batch_dims=0, validate_indices=False):
+    """iOS17 adds ``validate_indices``; negative indices are still wrapped."""
+    ax = _norm_axis(axis, jnp.ndim(x), "gather")
+    _validate(indices, jnp.shape(x)[ax], validate_indices, "gather")
+    return _gather(x, indices, axis, batch_dims)
+
+
+@register("gather_along_axis")
+def gather_along_axis(x, indices, *, axis=0):
+    """``np.take_along_axis``: output has the shape of ``indices``."""
+    x = jnp.asarray(x)
+    axis = _norm_axis(axis, x.ndim, "gather_along_axis")
+    if jnp.ndim(indices) != x.ndim:
+        raise OpError(f"gather_along_axis: indices must have the rank of x ({x.ndim}); "
+                      f"found shape {jnp.shape(indices)}")
+    return jnp.take_along_axis(x, _wrap(indices, x.shape[axis]), axis=axis, mode="clip")
+
+
+@register("gather_along_axis", "iOS17")
+def gather_along_axis_iOS17(x, indices, *, axis=0, validate_indices=False):
+    """iOS17 adds ``validate_indices``."""
+    ax = _norm_axis(axis, jnp.ndim(x), "gather_along_axis")
+    _validate(indices, jnp.shape(x)[ax], validate_indices, "gather_along_axis")
+    return gather_along_axis(x, indices, axis=axis)
+
+
+def _gather_nd(x, indices, batch_dims: int):
+    x, indices = jnp.asarray(x), jnp.asarray(indices)
+    depth = indices.shape[-1]
+    if depth + batch_dims > x.ndim or x.shape[:batch_dims] != indices.shape[:batch_dims]:
+        raise OpError(f"gather_nd: expected indices.shape[-1] + batch_dims <= rank(x) and matching "
+                      f"batch dims; found x {x.shape}, indices {indices.shape}, batch_dims={batch_dims}")
+
+    def take(xb, ib):
+        coords = tuple(_wrap(ib[..., i], xb.shape[i]) for i in range(depth))
+        return xb.at[coords].get(mode="clip")
+
+    for _ in range(batch_dims):
+        take = jax.vmap(take)
+    return take(x, indices)
+
+
+@register("gather_nd")
+def gather_nd(x, indices):
+    """``tf.gather_nd``: ``indices[..., :]`` address slices of ``x``."""
+    return _gather_nd(x, indices, 0)
+
+
+@register("gather_nd", "iOS16")
+def gather_nd_iOS16(x, indices, *, batch_dims=0):
+    """iOS16 adds ``batch_dims``."""
+    return _gather_nd(x, indices, batch_dims)
+
+
+@register("gather_nd", "iOS17")
+def gather_nd_iOS17(x, indices, *, batch_dims=0, validate_indices=False):
+    """iOS17 adds ``validate_indices``."""
+    depth = jnp.shape(indices)[-1]
+    _validate(indices, jnp.shape(x)[batch_dims:batch_dims + depth], validate_indices, "gather_nd")
+    return _gather_nd(x, indices, batch_dims)
+
+
+# --- scatter ----------------------------------------------------------------------------
+def _scatter_into(data, coords, updates, mode: str, op: str):
+    """``data`` with ``updates`` combined in at ``coords`` by ``mode``; duplicates accumulate."""
+    data = jnp.asarray(data)
+    updates = jnp.asarray(updates).astype(data.dtype)
+    ref = data.at[coords]
+    if mode == "update":
+        return ref.set(updates, mode="drop")
+    if mode == "add":
+        return ref.add(updates, mode="drop")
+    if mode == "sub":
+        return ref.add(-updates, mode="drop")
+    if mode == "mul":
+        return ref.multiply(updates, mode="drop")
+    if mode == "max":
+        return ref.max(updates, mode="drop")
+    if mode == "min":
+        return ref.min(updates, mode="drop")
+    if mode == "div":
+        # Divide once by the product of every update landing on an element.
+        denom = jnp.ones_like(data).at[coords].multiply(updates, mode="drop")
+        return lax.div(data, denom)
+    raise OpError(f"{op}: mode must be one of {_MODES}; found {mode!r}")
+
+
+def _scatter(data, indices, updates, axis: int, mode: str):
+    data = jnp.asarray(data)
+    axis = _norm_axis(axis, data.ndim, "scatter")
+    if jnp.ndim(indices) != 1:
+        raise OpError(f"scatter: indices must be 1-D; found shape {jnp.shape(indices)}")
+    moved = jnp.moveaxis(data, axis, 0)
+    upd = jnp.moveaxis(jnp.asarray(updates), axis, 0)
+    out = _scatter_into(moved, _wrap(indices, data.shape[axis]), upd, mode, "scatter")
+    return jnp.moveaxis(out, 0, axis)
+
+
+@register("scatter")
+def scatter(data, indices, updates, *, axis=0, mode="add"):
+    """Combine slices ``updates`` into ``data`` along ``axis`` at 1-D ``indices`` by ``mode``."""
+    return _scatter(data, indices, updates, axis, mode)
+
+
+@register("scatter", "iOS17")
+def scatter_iOS17(data, indices, updates, *, axis=0, mode="add", validate_indices=False):
+    """iOS17 adds ``validate_indices``."""
+    ax = _norm_axis(axis, jnp.ndim(data), "scatter")
+    _validate(indices, jnp.shape(data)[ax], validate_indices, "scatter")
+    return _scatter(data, indices, updates, axis, mode)
+
+
+def _scatter_along_axis(data, indices, updates, axis: int, mode: str):
+    data = jnp.asarray(data)
+    axis = _norm_axis(axis, data.ndim, "scatter_along_axis")
+    shape = jnp.shape(indices)
+    if len(shape) != data.ndim:
+        raise OpError(f"scatter_along_axis: indices must have the rank of data ({data.ndim}); "
+                      f"found shape {shape}")
+    coords = tuple(_wrap(indices, data.shape[axis]) if d == axis else
+                   lax.broadcasted_iota(jnp.int32, shape, d) for d in range(data.ndim))
+    return _scatter_into(data, coords, updates, mode, "scatter_along_axis")
+
+
+@register("scatter_along_axis")
+def scatter_along_axis(data, indices, updates, *, axis=0, mode="add"):
+    """The inverse of ``gather_along_axis``: ``updates[p]`` goes to ``data[p with axis -> indices[p]]``."""
+    return _scatter_along_axis(data, indices, updates, axis, mode)
+
+
+@register("scatter_along_axis", "iOS17")
+def scatter_along_axis_iOS17(data, indices, updates, *, axis=0, mode="add", validate_indices=False):
+    """iOS17 adds ``validate_indices``."""
+    ax = _norm_axis(axis, jnp.ndim(data), "scatter_along_axis")
+    _validate(indices, jnp.shape(data)[ax], validate_indices, "scatter_along_axis")
+    return _scatter_along_axis(data, indices, updates, axis, mode)
+
+
+def _scatter_nd(data, indices, updates, mode: str):
+    data = jnp.asarray(data)
+    depth = jnp.shape(indices)[-1]
+    if depth > data.ndim:
+        raise OpError(f"scatter_nd: indices.shape[-1] must be <= rank(data) {data.ndim}; found {depth}")
+    idx = jnp.asarray(indices)
+    coords = tuple(_wrap(idx[..., i], data.shape[i]) for i in range(depth))
+    return _scatter_into(data, coords, updates, mode, "scatter_nd")
+
+
+@register("scatter_nd")
+def scatter_nd(data, indices, updates, *, mode="add"):
+    """Combine ``updates`` into ``data`` at the slices addressed by ``indices[..., :]``."""
+    return _scatter_nd(data, indices, updates, mode)
+
+
+@register("scatter_nd", "iOS17")
+def scatter_nd_iOS17(data, indices, updates, *, mode="add", validate_indices=False):
+    """iOS17 adds ``validate_indices``."""
+    depth = jnp.shape(indices)[-1]
+    _validate(indices, jnp.shape(data)[:depth], validate_indices, "scatter_nd")
+    return _scatter_nd(data, indices, updates, mode)
