@@ -19,8 +19,8 @@ def _description_of(spec, function_name: str):
 
 
 @register_stage_builder("mlProgram")
-def build_mlprogram_stage(spec, weights_dir, *, function_name=None, compute_precision=None, **_):
-    program = program_from_proto(spec.mlProgram, weights_dir)
+def build_mlprogram_stage(spec, model_dir, *, function_name=None, compute_precision=None, **_):
+    program = program_from_proto(spec.mlProgram, model_dir)
     name = function_name or spec.description.defaultFunctionName or "main"
     if name not in program.functions:
         raise InputError(f"function_name {name!r} is not in this program; it has {sorted(program.functions)}")

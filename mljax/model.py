@@ -24,7 +24,8 @@ class MLModel:
       model: a path to an ``.mlpackage`` folder or ``.mlmodel`` file, serialized ``Model``
         bytes, a ``Model`` protobuf message (coremltools' ``get_spec()`` too), or a
         coremltools ``MLModel``.
-      weights_dir: the folder ``@model_path`` refers to, for specs given in memory.
+      weights_dir: for specs given in memory, the folder holding their weight files (as in
+        coremltools: a package's ``Data/com.apple.CoreML/weights``).
       function_name: which function of a multifunction ML program to run.
       compute_precision: ``None`` computes in the declared types (fp16 programs in fp16);
         ``"float32"`` raises fp16 computation to fp32.
@@ -34,15 +35,20 @@ class MLModel:
                  compute_precision: str | None = None, _stage: Stage | None = None, **_ignored):
         loaded = load_spec(model, weights_dir)
         self._spec = loaded.spec
-        self.weights_dir = loaded.weights_dir
+        self.model_dir = loaded.model_dir
         self.package_path = loaded.path
         self.function_name = function_name
         self.compute_precision = compute_precision
-        self._stage = _stage or build_stage(self._spec, self.weights_dir, function_name=function_name,
+        self._stage = _stage or build_stage(self._spec, self.model_dir, function_name=function_name,
                                             compute_precision=compute_precision)
         self._weights = jax.device_put(self._stage.weights)
         self._predict_fn = jax.jit(self._stage.fn)
         self._batched_fn = jax.jit(jax.vmap(self._stage.fn, in_axes=(None, 0, None)))
+
+    @property
+    def weights_dir(self) -> Path | None:
+        """The folder holding the weight files (coremltools' meaning), if any."""
+        return None if self.model_dir is None else self.model_dir / "weights"
 
     # --- descriptions ------------------------------------------------------------------
     @property

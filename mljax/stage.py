@@ -36,7 +36,7 @@ _BUILDER_MODULES = ("mljax.mlprogram", "mljax.neuralnetwork", "mljax.classic", "
 
 
 def register_stage_builder(*kinds: str):
-    """Decorator: ``builder(spec, weights_dir, **options) -> Stage`` for ``Model.Type`` kinds."""
+    """Decorator: ``builder(spec, model_dir, **options) -> Stage`` for ``Model.Type`` kinds."""
     def deco(fn):
         for kind in kinds:
             if kind in _BUILDERS:
@@ -55,11 +55,11 @@ def _load_builders() -> None:
                 raise
 
 
-def build_stage(spec, weights_dir, **options) -> Stage:
+def build_stage(spec, model_dir, **options) -> Stage:
     """The stage for any Core ML model spec."""
     kind = spec.WhichOneof("Type")
     if kind not in _BUILDERS:
         _load_builders()
     if kind not in _BUILDERS:
         raise UnsupportedError(f"Core ML model type {kind!r} is not supported; supported: {sorted(_BUILDERS)}")
-    return _BUILDERS[kind](spec, weights_dir, **options)
+    return _BUILDERS[kind](spec, model_dir, **options)

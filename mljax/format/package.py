@@ -31,7 +31,7 @@ MODEL_PATH_PREFIX = "@model_path/"
 @dataclass
 class LoadedSpec:
     spec: Model_pb2.Model
-    weights_dir: Path | None   # the folder that "@model_path/" refers to
+    model_dir: Path | None   # the folder "@model_path/" refers to (Data/com.apple.CoreML)
     path: Path | None = None   # where the model was read from, if a file
 
 
@@ -73,18 +73,23 @@ def _read_manifest(pkg: Path) -> Path:
 
 
 def load_spec(model, weights_dir=None) -> LoadedSpec:
-    """Any accepted model reference -> :class:`LoadedSpec`."""
+    """Any accepted model reference -> :class:`LoadedSpec`.
+
+    ``weights_dir`` follows coremltools: the folder holding the weight files (a package's
+    ``Data/com.apple.CoreML/weights``); blob references ``@model_path/weights/...`` resolve
+    against its parent.
+    """
     if isinstance(model, LoadedSpec):
         return model
     if isinstance(model, (bytes, bytearray, memoryview)):
-        return LoadedSpec(parse_spec(bytes(model), "model bytes"), _opt_path(weights_dir))
+        return LoadedSpec(parse_spec(bytes(model), "model bytes"), _model_dir(weights_dir))
     if isinstance(model, Message):
         if isinstance(model, Model_pb2.Model):
             spec = Model_pb2.Model()
             spec.CopyFrom(model)
         else:
             spec = parse_spec(model.SerializeToString(), type(model).__name__)
-        return LoadedSpec(spec, _opt_path(weights_dir))
+        return LoadedSpec(spec, _model_dir(weights_dir))
     if hasattr(model, "get_spec") and not isinstance(model, (str, os.PathLike)):
         # coremltools.models.MLModel (or mljax.MLModel): its spec and its weights folder.
         wd = weights_dir or getattr(model, "weights_dir", None)
@@ -101,25 +106,25 @@ def load_spec(model, weights_dir=None) -> LoadedSpec:
         if not spec_path.is_file():
             raise ModelFormatError(f"{path}: Manifest.json names {spec_path}, which does not exist")
         spec = parse_spec(spec_path.read_bytes(), str(spec_path))
-        return LoadedSpec(spec, _opt_path(weights_dir) or spec_path.parent, path)
+        return LoadedSpec(spec, _model_dir(weights_dir) or spec_path.parent, path)
     spec = parse_spec(path.read_bytes(), str(path))
-    return LoadedSpec(spec, _opt_path(weights_dir) or path.parent, path)
+    return LoadedSpec(spec, _model_dir(weights_dir) or path.parent, path)
 
 
-def _opt_path(p) -> Path | None:
-    return None if p is None else Path(p)
+def _model_dir(weights_dir) -> Path | None:
+    return None if weights_dir is None else Path(weights_dir).parent
 
 
-def resolve_blob_path(weights_dir: Path | None, file_name: str) -> Path:
+def resolve_blob_path(model_dir: Path | None, file_name: str) -> Path:
     """``@model_path/weights/weight.bin`` -> the file, refusing paths outside the package."""
     if not file_name.startswith(MODEL_PATH_PREFIX):
         raise ModelFormatError(
             f"weight reference {file_name!r}: expected a path starting with {MODEL_PATH_PREFIX!r}")
-    if weights_dir is None:
+    if model_dir is None:
         raise ModelFormatError(
             f"the program reads weights from {file_name!r} but no weights folder is known; "
-            f"pass weights_dir= (the package's Data/com.apple.CoreML folder)")
-    target = _inside(weights_dir, file_name[len(MODEL_PATH_PREFIX):], "weight reference")
+            f"pass weights_dir= (the package's Data/com.apple.CoreML/weights folder)")
+    target = _inside(model_dir, file_name[len(MODEL_PATH_PREFIX):], "weight reference")
     if not target.is_file():
         raise ModelFormatError(f"weight file {target} (from {file_name!r}) does not exist")
     return target

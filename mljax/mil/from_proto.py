@@ -46,13 +46,13 @@ def value_type_from_proto(vt) -> ValueType:
 class _Blobs:
     """Opens each blob file once, on first use."""
 
-    def __init__(self, weights_dir: Path | None):
-        self.weights_dir = weights_dir
+    def __init__(self, model_dir: Path | None):
+        self.model_dir = model_dir
         self._readers: dict[str, BlobReader] = {}
 
     def read(self, file_name: str, offset: int, t: TensorType) -> np.ndarray:
         if file_name not in self._readers:
-            self._readers[file_name] = BlobReader(resolve_blob_path(self.weights_dir, file_name))
+            self._readers[file_name] = BlobReader(resolve_blob_path(self.model_dir, file_name))
         if not t.is_static:
             raise ModelFormatError(f"blob value at {file_name}:{offset} has a non-static type {t}")
         return self._readers[file_name].read(offset, t.dtype, t.shape)
@@ -174,9 +174,9 @@ class _Builder:
         return Operation(pb.type, name, inputs, outputs, blocks, attrs)
 
 
-def program_from_proto(pb, weights_dir: Path | None) -> Program:
+def program_from_proto(pb, model_dir: Path | None) -> Program:
     """Build the IR of every function; each uses the block of its own opset."""
-    blobs = _Blobs(weights_dir)
+    blobs = _Blobs(model_dir)
     functions = {}
     for fname, fpb in pb.functions.items():
         opset = fpb.opset

@@ -1,0 +1,5 @@
+import sys
+
+from mljax.cli import main
+
+sys.exit(main())
