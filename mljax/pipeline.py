@@ -1,0 +1,67 @@
+"""Pipelines: stages of any model types, features flowing between them by name, jitted together."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from mljax.errors import InputError
+from mljax.features import feature_specs
+from mljax.stage import Stage, build_stage, register_stage_builder
+
+__all__ = ["build_pipeline_stage", "pipeline_of", "stage_names"]
+
+
+def pipeline_of(spec):
+    """The ``Pipeline`` message of a pipeline, pipeline classifier or pipeline regressor spec."""
+    kind = spec.WhichOneof("Type")
+    return spec.pipeline if kind == "pipeline" else getattr(spec, kind).pipeline
+
+
+def stage_names(pipe) -> list[str]:
+    """Each stage's name (the spec's ``names``, else its index), unique."""
+    names = [pipe.names[i] if i < len(pipe.names) and pipe.names[i] else f"stage{i}"
+             for i in range(len(pipe.models))]
+    return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+
+
+def _fit(value, spec):
+    """Reshape a feature to the next stage's declared fixed shape when only the layout differs."""
+    shape = getattr(spec, "shape", None)
+    if spec is None or spec.kind != "multiArray" or not shape or spec.ranges or spec.enumerated:
+        return value
+    if tuple(value.shape) != tuple(shape) and int(np.prod(value.shape)) == int(np.prod(shape)):
+        return jnp.reshape(value, shape)
+    return value
+
+
+@register_stage_builder("pipeline", "pipelineClassifier", "pipelineRegressor")
+def build_pipeline_stage(spec, model_dir, **options) -> Stage:
+    pipe = pipeline_of(spec)
+    names = stage_names(pipe)
+    stages = [build_stage(m, model_dir, **options) for m in pipe.models]
+    inputs = feature_specs(spec.description.input)
+    outputs = feature_specs(spec.description.output)
+    available = set(inputs)
+    for name, st in zip(names, stages):
+        needed = [k for k, s in st.inputs.items() if k not in available and not s.optional]
+        if needed:
+            raise InputError(f"pipeline stage {name!r} needs features {needed} that no earlier stage "
+                             f"or pipeline input provides (available: {sorted(available)})")
+        available |= set(st.outputs) | set(getattr(st.fn, "output_names", ()) or ())
+    out_names = list(outputs) or list(stages[-1].outputs)
+
+    def fn(weights, features, states):
+        feats = dict(features)
+        for name, st in zip(names, stages):
+            ins = {k: _fit(jnp.asarray(feats[k]), st.inputs.get(k)) for k in st.inputs if k in feats}
+            outs, _ = st.fn(weights[name], ins, {})
+            feats.update(outs)
+        return {k: feats[k] for k in out_names if k in feats}, states
+
+    return Stage(
+        fn=fn, weights={n: st.weights for n, st in zip(names, stages)},
+        inputs=inputs, outputs=outputs,
+        preprocess=stages[0].preprocess, postprocess=stages[-1].postprocess,
+        batchable=all(st.batchable for st in stages),
+        info={"stages": dict(zip(names, stages)), "names": names},
+    )
