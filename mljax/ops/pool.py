@@ -1,0 +1,99 @@
+"""MIL pool family: ``avg_pool``, ``max_pool``, ``l2_pool`` over 1-3 channel-first spatial dims.
+
+Padding follows :func:`mljax.ops.conv._spatial_pads` (``valid`` / ``same`` / ``same_lower`` /
+``custom``).  ``ceil_mode`` uses coremltools' output-size rule, which differs from PyTorch's
+only when a window would start past the input with no padding at all.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from mljax.errors import OpError
+from mljax.ops._registry import register
+from mljax.ops.conv import _accumulate_dtype, _ints, _spatial_pads
+
+__all__ = ["avg_pool", "max_pool", "l2_pool"]
+
+
+def _out_size(size: int, before: int, after: int, k: int, s: int, ceil_mode: bool) -> int:
+    total = before + after
+    if not ceil_mode:
+        return (size + total - k) // s + 1
+    out = (size + total - k + s - 1) // s + 1
+    # The last window must start inside the input or its leading padding.
+    if total > 0 and (out - 1) * s >= size + total / 2:
+        out -= 1
+    return out
+
+
+def _window(x, kernel_sizes, strides, pad_type, pad, ceil_mode):
+    """Per-dim kernel, strides, explicit pads and the extra trailing pad ``ceil_mode`` needs."""
+    n = x.ndim - 2
+    if not 1 <= n <= 3:
+        raise OpError(f"expected 1 to 3 spatial dimensions (x of rank 3 to 5), found {n}")
+    kernel = _ints(kernel_sizes, n, 1, "kernel_sizes")
+    strides = _ints(strides, n, 1, "strides")
+    pads = _spatial_pads(pad_type, pad, x.shape[2:], kernel, strides)
+    extra = []
+    for size, (b, a), k, s in zip(x.shape[2:], pads, kernel, strides):
+        out = _out_size(size, b, a, k, s, bool(ceil_mode))
+        if out <= 0:
+            raise OpError(f"kernel {k} with padding ({b}, {a}) does not fit an input of size {size}")
+        extra.append(max(0, (out - 1) * s + k - (size + b + a)))
+    return kernel, strides, pads, extra
+
+
+def _reduce(x, init, op, kernel, strides, pads, extra):
+    padding = ((0, 0), (0, 0)) + tuple((b, a + e) for (b, a), e in zip(pads, extra))
+    return lax.reduce_window(x, init, op, (1, 1) + kernel, (1, 1) + strides, padding)
+
+
+def _window_sum(x, kernel, strides, pads, extra):
+    acc = _accumulate_dtype(x.dtype) or x.dtype
+    return _reduce(x.astype(acc), jnp.array(0, acc), lax.add, kernel, strides, pads, extra)
+
+
+@register("avg_pool")
+def avg_pool(x, *, kernel_sizes, strides=None, pad_type="valid", pad=None,
+             exclude_padding_from_average=False, ceil_mode=False):
+    """Average pooling; fp16 sums are accumulated in fp32.
+
+    Padded zeros count in the denominator unless ``exclude_padding_from_average``; the extra
+    trailing cells that ``ceil_mode`` adds never count (PyTorch's ``count_include_pad`` rule).
+    """
+    x = jnp.asarray(x)
+    kernel, strides, pads, extra = _window(x, kernel_sizes, strides, pad_type, pad, ceil_mode)
+    total = _window_sum(x, kernel, strides, pads, extra)
+    spatial = x.shape[2:]
+    if exclude_padding_from_average:
+        ones = np.ones((1, 1) + spatial, np.float32)
+        count = _window_sum(ones, kernel, strides, pads, extra)
+    else:
+        padded = tuple(s + b + a for s, (b, a) in zip(spatial, pads))
+        ones = np.ones((1, 1) + padded, np.float32)
+        count = _window_sum(ones, kernel, strides, [(0, 0)] * len(kernel), extra)
+    # Windows entirely in the ceil_mode overhang have no cells; avoid 0/0.
+    return (total / jnp.maximum(count, 1).astype(total.dtype)).astype(x.dtype)
+
+
+@register("max_pool")
+def max_pool(x, *, kernel_sizes, strides=None, pad_type="valid", pad=None, ceil_mode=False):
+    """Max pooling; padding never wins (it is -inf)."""
+    x = jnp.asarray(x)
+    kernel, strides, pads, extra = _window(x, kernel_sizes, strides, pad_type, pad, ceil_mode)
+    init = jnp.array(-jnp.inf, x.dtype)
+    return _reduce(x, init, lax.max, kernel, strides, pads, extra)
+
+
+@register("l2_pool")
+def l2_pool(x, *, kernel_sizes, strides=None, pad_type="valid", pad=None, ceil_mode=False):
+    """L2 pooling ``sqrt(sum(x**2))`` over each window (MIL allows 1-D and 2-D only)."""
+    x = jnp.asarray(x)
+    if x.ndim - 2 > 2:
+        raise OpError(f"l2_pool supports 1 or 2 spatial dimensions, found {x.ndim - 2}")
+    kernel, strides, pads, extra = _window(x, kernel_sizes, strides, pad_type, pad, ceil_mode)
+    total = _window_sum(jnp.square(x.astype(_accumulate_dtype(x.dtype) or x.dtype)),
+                        kernel, strides, pads, extra)
+    return jnp.sqrt(total).astype(x.dtype)
