@@ -1,0 +1,84 @@
+"""MIL linear-algebra ops (coremltools ``defs/iOS15/linear.py``, ``defs/iOS17/linear.py``).
+
+iOS17 deltas: ``linear``'s weight/bias may have a dtype other than ``x``'s (the output keeps
+``x``'s, so they are cast to it in every opset); ``matmul``'s ``x`` and ``y`` may differ in
+dtype when one is const (the result takes the non-const one's dtype, which is the declared
+output dtype).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from mljax.errors import OpError
+from mljax.ops._elementwise_util import jax_dtype_of, like
+from mljax.ops._registry import register
+
+__all__ = ["linear", "matmul", "einsum"]
+
+
+@register("linear")
+def linear(x, weight, bias=None):
+    """``x @ weight.T + bias`` with ``weight: [D_out, D_in]`` and ``bias: [D_out]``."""
+    w = jnp.asarray(like(weight, x))
+    if w.ndim != 2 or w.shape[1] != jnp.shape(x)[-1]:
+        raise OpError(f"linear: weight must have shape [D_out, {jnp.shape(x)[-1]}] (x's last "
+                      f"dimension); found {tuple(w.shape)}")
+    y = jnp.matmul(x, w.T)
+    if bias is not None:
+        y = y + like(bias, x)
+    return y
+
+
+def _matmul_dtype(x, y, ctx):
+    """The dtype to multiply in: the declared output dtype when x and y differ (iOS17)."""
+    dx, dy = jnp.result_type(x), jnp.result_type(y)
+    if dx == dy:
+        return dx
+    if ctx is not None and ctx.output_types:
+        return jax_dtype_of(ctx.compute_dtype(ctx.output_types[0].dtype).numpy)
+    return jnp.promote_types(dx, dy)
+
+
+@register("matmul")
+def matmul(x, y, *, transpose_x=False, transpose_y=False, ctx=None):
+    """Batched matrix product with NumPy broadcasting of the batch axes (``np.matmul``).
+
+    ``transpose_x``/``transpose_y`` swap the last two axes first (no effect on rank 1).
+    """
+    dt = _matmul_dtype(x, y, ctx)
+    x, y = jnp.asarray(x).astype(dt), jnp.asarray(y).astype(dt)
+    if transpose_x and x.ndim >= 2:
+        x = jnp.swapaxes(x, -1, -2)
+    if transpose_y and y.ndim >= 2:
+        y = jnp.swapaxes(y, -1, -2)
+    if x.shape[-1] != y.shape[-2 if y.ndim >= 2 else -1]:
+        raise OpError(f"matmul: inner dimensions differ after transposes: x {tuple(x.shape)}, "
+                      f"y {tuple(y.shape)}")
+    return jnp.matmul(x, y)
+
+
+@register("einsum")
+def einsum(*values, equation):
+    """``np.einsum(equation, *values)``, broadcasting size-1 dims of shared labels.
+
+    MIL only guarantees ``"nchw,nwhu->nchu"`` and ``"chw,whr->chr"`` (and renamings) but
+    any explicit-output equation without ellipsis works here.
+    """
+    if "->" not in equation or "." in equation:
+        raise OpError(f"einsum: equation must be explicit ('ab,bc->ac') without '...'; "
+                      f"found {equation!r}")
+    lhs, _ = equation.replace(" ", "").split("->")
+    terms = lhs.split(",")
+    if len(terms) != len(values):
+        raise OpError(f"einsum: equation {equation!r} has {len(terms)} operands; "
+                      f"found {len(values)} values")
+    sizes: dict[str, int] = {}
+    for term, v in zip(terms, values):
+        if len(term) != jnp.ndim(v):
+            raise OpError(f"einsum: operand {term!r} has {len(term)} labels but rank {jnp.ndim(v)}")
+        for label, n in zip(term, jnp.shape(v)):
+            sizes[label] = max(sizes.get(label, 1), int(n))
+    dt = jnp.result_type(*values)
+    operands = [jnp.broadcast_to(jnp.asarray(v).astype(dt), [sizes[c] for c in term])
+                for term, v in zip(terms, values)]
+    return jnp.einsum(equation, *operands)

@@ -1,0 +1,119 @@
+"""MIL reduction ops (coremltools ``defs/iOS15/reduction.py``, ``defs/iOS17/reduction.py``).
+
+``axes=None`` reduces over every axis; ``keep_dims`` keeps reduced axes with length 1.
+Results keep ``x``'s dtype (int32 results of mean/norms are truncated towards zero, as
+MIL's ``astype``).  iOS17 delta: ``reduce_argmax``/``reduce_argmin`` take
+``output_dtype`` ("int32" or "uint16").
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mljax.errors import OpError
+from mljax.ops._elementwise_util import normalize_axes, normalize_axis
+from mljax.ops._registry import register
+
+__all__ = [
+    "reduce_sum", "reduce_mean", "reduce_prod", "reduce_max", "reduce_min", "reduce_l1_norm",
+    "reduce_l2_norm", "reduce_log_sum", "reduce_log_sum_exp", "reduce_sum_square",
+    "reduce_argmax", "reduce_argmin", "reduce_argmax_ios17", "reduce_argmin_ios17",
+]
+
+
+def _float_of(x):
+    """``x`` as a float array: int32 is reduced in fp32, floats in their own dtype."""
+    x = jnp.asarray(x)
+    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+
+
+def _sum_square(x, axis, keepdims):
+    return jnp.sum(x * x, axis=axis, keepdims=keepdims)
+
+
+def _l2_norm(x, axis, keepdims):
+    return jnp.sqrt(_sum_square(_float_of(x), axis, keepdims))
+
+
+def _log_sum(x, axis, keepdims):
+    return jnp.log(jnp.sum(_float_of(x), axis=axis, keepdims=keepdims))
+
+
+def _log_sum_exp(x, axis, keepdims):
+    return jax.nn.logsumexp(_float_of(x), axis=axis, keepdims=keepdims)
+
+
+def _l1_norm(x, axis, keepdims):
+    return jnp.sum(jnp.abs(x), axis=axis, keepdims=keepdims)
+
+
+_REDUCTIONS = {
+    "reduce_sum": (jnp.sum, "Sum."),
+    "reduce_mean": (jnp.mean, "Mean (int32: truncated towards zero)."),
+    "reduce_prod": (jnp.prod, "Product."),
+    "reduce_max": (jnp.max, "Maximum."),
+    "reduce_min": (jnp.min, "Minimum."),
+    "reduce_l1_norm": (_l1_norm, "Sum of absolute values."),
+    "reduce_l2_norm": (_l2_norm, "Square root of the sum of squares."),
+    "reduce_log_sum": (_log_sum, "Natural log of the sum."),
+    "reduce_log_sum_exp": (_log_sum_exp, "``log(sum(exp(x)))``, shifted by the max for stability."),
+    "reduce_sum_square": (_sum_square, "Sum of squares."),
+}
+
+
+def _make_reduction(name: str, fn, doc: str):
+    def op(x, *, axes=None, keep_dims=False):
+        rank = jnp.ndim(x)
+        axis = normalize_axes(axes, rank)
+        out = fn(x, axis=axis, keepdims=bool(keep_dims))
+        return jnp.asarray(out).astype(jnp.result_type(x))
+    op.__name__ = op.__qualname__ = name
+    op.__doc__ = f"{doc} Over ``axes`` (None = all axes)."
+    return register(name)(op)
+
+
+reduce_sum, reduce_mean, reduce_prod, reduce_max, reduce_min, reduce_l1_norm, reduce_l2_norm, \
+    reduce_log_sum, reduce_log_sum_exp, reduce_sum_square = (
+        _make_reduction(name, fn, doc) for name, (fn, doc) in _REDUCTIONS.items())
+
+
+def _arg(fn, x, axis, keep_dims, output_dtype):
+    if jnp.ndim(x) == 0:
+        raise OpError("reduce_arg*: x must have rank >= 1; found a scalar")
+    axis = normalize_axis(axis, jnp.ndim(x))
+    out = fn(x, axis=axis, keepdims=bool(keep_dims))
+    return out.astype(output_dtype)
+
+
+@register("reduce_argmax")
+def reduce_argmax(x, *, axis=-1, keep_dims=False):
+    """Index (int32) of the first maximum along ``axis``."""
+    return _arg(jnp.argmax, x, axis, keep_dims, jnp.int32)
+
+
+@register("reduce_argmin")
+def reduce_argmin(x, *, axis=-1, keep_dims=False):
+    """Index (int32) of the first minimum along ``axis``."""
+    return _arg(jnp.argmin, x, axis, keep_dims, jnp.int32)
+
+
+_ARG_DTYPES = {"int32": jnp.int32, "uint16": jnp.uint16}
+
+
+def _arg_dtype(output_dtype: str):
+    key = str(output_dtype).lower()
+    if key not in _ARG_DTYPES:
+        raise OpError(f"output_dtype must be one of {sorted(_ARG_DTYPES)}; found {output_dtype!r}")
+    return _ARG_DTYPES[key]
+
+
+@register("reduce_argmax", 17)
+def reduce_argmax_ios17(x, *, axis=-1, keep_dims=False, output_dtype="int32"):
+    """Index of the first maximum along ``axis``; iOS17 adds ``output_dtype`` (int32/uint16)."""
+    return _arg(jnp.argmax, x, axis, keep_dims, _arg_dtype(output_dtype))
+
+
+@register("reduce_argmin", 17)
+def reduce_argmin_ios17(x, *, axis=-1, keep_dims=False, output_dtype="int32"):
+    """Index of the first minimum along ``axis``; iOS17 adds ``output_dtype`` (int32/uint16)."""
+    return _arg(jnp.argmin, x, axis, keep_dims, _arg_dtype(output_dtype))
