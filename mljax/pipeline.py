@@ -51,12 +51,13 @@ def build_pipeline_stage(spec, model_dir, **options) -> Stage:
     out_names = list(outputs) or list(stages[-1].outputs)
 
     def fn(weights, features, states):
-        feats = dict(features)
+        feats, outs = dict(features), {}
         for name, st in zip(names, stages):
             ins = {k: _fit(jnp.asarray(feats[k]), st.inputs.get(k)) for k in st.inputs if k in feats}
             outs, _ = st.fn(weights[name], ins, {})
             feats.update(outs)
-        return {k: feats[k] for k in out_names if k in feats}, states
+        # the last stage's raw outputs feed its postprocess (e.g. class labels)
+        return {**outs, **{k: feats[k] for k in out_names if k in feats}}, states
 
     return Stage(
         fn=fn, weights={n: st.weights for n, st in zip(names, stages)},
