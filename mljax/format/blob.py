@@ -132,13 +132,15 @@ class BlobWriter:
             data, padding = _pack_bits(values, mil.bits)
         else:
             data, padding = np.ascontiguousarray(values.astype(mil.numpy)).tobytes(), 0
+        # Align each record (Apple's writer pads before a record, so the file ends right after
+        # the last data block).
+        self._f.write(b"\0" * ((-self._f.tell()) % _ALIGN))
         record_at = self._f.tell()
         data_at = record_at + _ALIGN
         rec = np.zeros(1, _RECORD)
         rec[0] = (_SENTINEL, _CODE_OF[name], len(data), data_at, padding)
         self._f.write(rec.tobytes().ljust(_ALIGN, b"\0"))
         self._f.write(data)
-        self._f.write(b"\0" * ((-len(data)) % _ALIGN))
         self._count += 1
         return record_at
 
