@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
+import numpy as np
+
 from mljax.format.package import save_spec
 
 __all__ = ["save_model"]
@@ -10,6 +13,29 @@ __all__ = ["save_model"]
 
 def save_model(model, path) -> Path:
     path = Path(path)
-    if model.package_path is not None and path.resolve() == Path(model.package_path).resolve():
-        pass  # overwriting the source: save_spec writes beside it and swaps atomically
+    # Overwriting the source is safe: both writers stage beside the target and swap atomically.
+    changed = _replaced_program_weights(model)
+    if changed is not None:
+        from mljax.mil.to_proto import write_mlprogram_package
+        info = model._stage.info
+        return write_mlprogram_package(model._spec, info["program"], path, weights=changed,
+                                       function_name=info.get("function"))
     return save_spec(model._spec, path, weights_from=model.model_dir)
+
+
+def _replaced_program_weights(model) -> dict | None:
+    """An ML program's current weights (NumPy, by var name) when they differ from the file's."""
+    if model._spec.WhichOneof("Type") != "mlProgram" or "program" not in model._stage.info:
+        return None
+    original, current = model._stage.weights, model._weights
+    if not isinstance(current, dict) or current is original:
+        return None
+    if current.keys() == original.keys() and all(
+            _same(current[k], original[k]) for k in current):
+        return None
+    return {k: np.asarray(jax.device_get(v)) for k, v in current.items()}
+
+
+def _same(a, b) -> bool:
+    a, b = np.asarray(jax.device_get(a)), np.asarray(b)
+    return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b)
