@@ -1,0 +1,10 @@
+"""NeuralNetwork models (plain, classifier, regressor) run as one JAX function.
+
+Layers are implemented in ``layers_*.py`` and registered by ``NeuralNetworkLayer`` oneof name;
+:mod:`mljax.neuralnetwork.builder` registers the stage builder.
+"""
+from mljax.neuralnetwork import layers_core, layers_recurrent  # noqa: F401 - registers layers
+from mljax.neuralnetwork._base import layer_kinds
+from mljax.neuralnetwork.builder import build_neuralnetwork_stage, network_function
+
+__all__ = ["build_neuralnetwork_stage", "network_function", "layer_kinds"]

@@ -1,0 +1,165 @@
+"""The NeuralNetwork / NeuralNetworkClassifier / NeuralNetworkRegressor stage."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax.numpy as jnp
+import numpy as np
+
+from mljax.errors import ModelFormatError
+from mljax.features import feature_specs
+from mljax.neuralnetwork import images
+from mljax.neuralnetwork.network import Network, map_array_input, map_output
+from mljax.stage import Stage, register_stage_builder
+
+__all__ = ["build_neuralnetwork_stage", "network_function"]
+
+_KINDS = ("neuralNetwork", "neuralNetworkClassifier", "neuralNetworkRegressor")
+
+
+def _nn_of(spec):
+    kind = spec.WhichOneof("Type")
+    if kind not in _KINDS:
+        raise ModelFormatError(f"expected a NeuralNetwork model ({', '.join(_KINDS)}); found {kind!r}")
+    return kind, getattr(spec, kind)
+
+
+def _class_labels(nn) -> list | None:
+    which = nn.WhichOneof("ClassLabels")
+    if which == "stringClassLabels":
+        return list(nn.stringClassLabels.vector)
+    if which == "int64ClassLabels":
+        return [int(v) for v in nn.int64ClassLabels.vector]
+    return None
+
+
+class _Plan:
+    """What the jitted function does around the network: input mappings and output selection."""
+
+    def __init__(self, spec, nn, kind: str):
+        self.network = Network(nn, rank5=nn.arrayInputShapeMapping == 0)
+        self.rank5 = self.network.rank5
+        self.image_rank5 = nn.imageInputShapeMapping == 0
+        self.inputs = feature_specs(spec.description.input)
+        self.outputs = feature_specs(spec.description.output)
+        n_images = sum(s.kind == "image" for s in self.inputs.values())
+        self.pre = {n: images.image_preprocessing(nn, n, s.color_space, n_images)
+                    for n, s in self.inputs.items() if s.kind == "image"}
+        self.labels = _class_labels(nn) if kind == "neuralNetworkClassifier" else None
+        desc = spec.description
+        self.label_name = desc.predictedFeatureName if self.labels is not None else ""
+        self.probs_name = desc.predictedProbabilitiesName if self.labels is not None else ""
+        self.prob_blob = self._probability_blob(nn) if self.labels is not None else ""
+        for name in self.outputs:
+            if name not in (self.label_name, self.probs_name) and name not in self.network.blobs \
+                    and name not in self.inputs:
+                raise ModelFormatError(f"output {name!r} is produced by no NeuralNetwork layer")
+
+    def _probability_blob(self, nn) -> str:
+        if nn.labelProbabilityLayerName:
+            return nn.labelProbabilityLayerName
+        if self.probs_name in self.network.blobs:
+            return self.probs_name
+        if not nn.layers or not nn.layers[-1].output:
+            raise ModelFormatError("classifier has no layers to produce class probabilities")
+        return nn.layers[-1].output[0]
+
+    def map_input(self, name: str, x):
+        spec = self.inputs[name]
+        if spec.kind == "image":
+            x = images.apply_preprocessing(jnp.asarray(x, jnp.float32), self.pre[name])
+            return x.reshape((1, 1) + x.shape) if self.image_rank5 else x[None]
+        if spec.kind in ("multiArray",):
+            return map_array_input(name, x, tuple(spec.shape or ()), self.rank5)
+        return x
+
+    def __call__(self, weights, inputs, states):
+        env = {n: self.map_input(n, v) for n, v in inputs.items()}
+        env = self.network.run(weights, env)
+        out = {}
+        for name, spec in self.outputs.items():
+            if name == self.label_name or name == self.probs_name:
+                continue
+            out[name] = self._output(env[name], spec)
+        if self.labels is not None:
+            probs = env[self.prob_blob].reshape(-1)
+            if probs.shape[0] != len(self.labels):
+                raise ModelFormatError(f"classifier probabilities {self.prob_blob!r} have {probs.shape[0]} "
+                                       f"values; expected one per class label ({len(self.labels)})")
+            if self.probs_name:
+                out[self.probs_name] = probs
+            if self.label_name:
+                out[self.label_name] = jnp.argmax(probs).astype(jnp.int32)
+        return out, states
+
+    def _output(self, y, spec):
+        if spec.kind == "image":
+            return y.reshape(y.shape[-3:])
+        return map_output(y, tuple(spec.shape or ()), self.rank5)
+
+
+def _input_specs(plan: _Plan) -> dict:
+    """Rank-5 mapped arrays accept [Seq, ...] forms too: their shapes are checked by the mapping."""
+    out = {}
+    for name, spec in plan.inputs.items():
+        if spec.kind == "multiArray" and plan.rank5 and not (spec.ranges or spec.enumerated):
+            spec = dataclasses.replace(spec, shape=None)
+        out[name] = spec
+    return out
+
+
+def _preprocess(plan: _Plan) -> Callable:
+    def pre(data: dict) -> dict:
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, spec in plan.inputs.items():
+            if spec.kind == "image" and name in out:
+                out[name] = images.image_to_array(out[name], spec)
+        return out
+    return pre
+
+
+def _postprocess(plan: _Plan) -> Callable:
+    def post(outputs: dict) -> dict:
+        out = dict(outputs)
+        for name, spec in plan.outputs.items():
+            if spec.kind == "image" and name in out:
+                out[name] = images.array_to_image(out[name], spec.color_space)
+        if plan.labels is not None:
+            if plan.label_name in out:
+                out[plan.label_name] = plan.labels[int(np.asarray(out[plan.label_name]))]
+            if plan.probs_name in out:
+                probs = np.asarray(out[plan.probs_name], np.float64).reshape(-1)
+                out[plan.probs_name] = {label: float(p) for label, p in zip(plan.labels, probs)}
+        return out
+    return post
+
+
+@register_stage_builder(*_KINDS)
+def build_neuralnetwork_stage(spec, weights_dir=None, **_options) -> Stage:
+    kind, nn = _nn_of(spec)
+    plan = _Plan(spec, nn, kind)
+    return Stage(
+        fn=plan, weights=dict(plan.network.weights),
+        inputs=_input_specs(plan), outputs=plan.outputs,
+        preprocess=_preprocess(plan), postprocess=_postprocess(plan), batchable=True,
+        info={"layers": plan.network.layers, "network": plan.network, "rank5": plan.rank5,
+              "class_labels": plan.labels, "probabilities_blob": plan.prob_blob or None},
+    )
+
+
+def network_function(spec) -> tuple[Callable, dict]:
+    """``(fn, weights)`` of a NeuralNetwork spec, for differentiation.
+
+    ``fn(weights, inputs) -> outputs`` is pure: ``inputs`` are arrays (images as float32
+    ``[C, H, W]`` in the model's channel order, before scale/bias); classifier outputs are the
+    probability vector and the predicted class index.  ``weights`` is keyed ``"<layer>/<param>"``.
+    """
+    kind, nn = _nn_of(spec)
+    plan = _Plan(spec, nn, kind)
+
+    def fn(weights, inputs):
+        return plan(weights, inputs, {})[0]
+    return fn, dict(plan.network.weights)

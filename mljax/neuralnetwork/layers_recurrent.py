@@ -1,0 +1,204 @@
+"""Recurrent layers on ``[Seq, Batch, C, 1, 1]`` sequences: LSTM (uni/bi), GRU, simple RNN.
+
+Each runs as one ``lax.scan``.  With ``reverseInput`` the sequence is processed last to
+first and the output sequence is in processing order (as Core ML and MIL ``lstm``
+direction="reverse" do); the backward half of a bidirectional LSTM is re-aligned with
+the input positions.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mljax.neuralnetwork._base import fail, layer
+from mljax.neuralnetwork.layers_core import apply_activation
+from mljax.neuralnetwork.weights import decode_weights
+
+_HIGHEST = lax.Precision.HIGHEST
+_LSTM_GATES = ("inputGate", "forgetGate", "blockInput", "outputGate")
+
+
+def _seq(x, ctx, c_in: int):
+    """``[S, B, C, 1, 1]`` (or ``[S, B, C]``) -> ``[S, B, C]``."""
+    if x.ndim == 5:
+        x = x.reshape(x.shape[:3])
+    elif x.ndim == 1:
+        x = x.reshape(1, 1, -1)
+    elif x.ndim == 2:
+        x = x[:, None, :]
+    if x.shape[-1] != c_in:
+        fail(ctx, f"expected {c_in} input channels; found input shape {tuple(x.shape)}")
+    return x
+
+
+def _state(xs, i: int, batch: int, size: int, dtype):
+    if len(xs) > i and xs[i] is not None:
+        return jnp.asarray(xs[i], dtype).reshape(batch, size)
+    return jnp.zeros((batch, size), dtype)
+
+
+def _out5(y):
+    """``[S, B, H]`` -> ``[S, B, H, 1, 1]``."""
+    return y.reshape(tuple(y.shape) + (1, 1))
+
+
+def _mm(x, w):
+    return jnp.matmul(x, w.T, precision=_HIGHEST)
+
+
+# --- LSTM -----------------------------------------------------------------------------------
+def _lstm_param_weights(wp, c_in: int, h: int, prefix: str = "") -> dict:
+    out = {}
+    for g in _LSTM_GATES:
+        out[f"{prefix}{g}WeightMatrix"] = decode_weights(getattr(wp, f"{g}WeightMatrix"), (h, c_in))
+        out[f"{prefix}{g}RecursionMatrix"] = decode_weights(getattr(wp, f"{g}RecursionMatrix"), (h, h))
+        out[f"{prefix}{g}BiasVector"] = decode_weights(getattr(wp, f"{g}BiasVector"), (h,))
+    for g in ("inputGate", "forgetGate", "outputGate"):
+        out[f"{prefix}{g}PeepholeVector"] = decode_weights(getattr(wp, f"{g}PeepholeVector"), (h,))
+    return out
+
+
+def _lstm_scan(x, h0, c0, w, prefix, params, acts, reverse):
+    """Run one LSTM direction; returns (outputs [S,B,H] in processing order, h_T, c_T)."""
+    f_act, g_act, h_act = (list(acts) + [None] * 3)[:3]
+    zeros = jnp.zeros(h0.shape[-1:], x.dtype)
+    get = lambda k: w.get(prefix + k, zeros)  # noqa: E731 - missing biases/peepholes are zero
+    wx = jnp.stack([w[f"{prefix}{g}WeightMatrix"] for g in _LSTM_GATES])      # [4, H, C]
+    wh = jnp.stack([w[f"{prefix}{g}RecursionMatrix"] for g in _LSTM_GATES])   # [4, H, H]
+    b = jnp.stack([get(f"{g}BiasVector") if params.hasBiasVectors else zeros for g in _LSTM_GATES])
+    if params.forgetBias:
+        b = b.at[1].add(1.0)
+    peep = [get(f"{g}PeepholeVector") if params.hasPeepholeVectors else zeros
+            for g in ("inputGate", "forgetGate", "outputGate")]
+    pre = jnp.einsum("sbc,ghc->sgbh", x, wx, precision=_HIGHEST) + b[None, :, None, :]
+    clip = params.cellClipThreshold
+
+    def act(a, v, default):
+        return default(v) if a is None else apply_activation(a, v)
+
+    def step(carry, px):
+        h, c = carry
+        rec = jnp.einsum("bh,gkh->gbk", h, wh, precision=_HIGHEST)
+        i = act(f_act, px[0] + rec[0] + peep[0] * c, jax.nn.sigmoid)
+        f = 1 - i if params.coupledInputAndForgetGate else act(f_act, px[1] + rec[1] + peep[1] * c,
+                                                                jax.nn.sigmoid)
+        z = act(g_act, px[2] + rec[2], jnp.tanh)
+        c_new = f * c + i * z
+        if clip:
+            c_new = jnp.clip(c_new, -clip, clip)
+        o = act(f_act, px[3] + rec[3] + peep[2] * c_new, jax.nn.sigmoid)
+        h_new = o * act(h_act, c_new, jnp.tanh)
+        return (h_new, c_new), h_new
+
+    (h, c), ys = lax.scan(step, (h0, c0), pre[::-1] if reverse else pre)
+    return ys, h, c
+
+
+def _uni_lstm_weights(p, _):
+    return _lstm_param_weights(p.weightParams, p.inputVectorSize, p.outputVectorSize)
+
+
+@layer("uniDirectionalLSTM", weights=_uni_lstm_weights)
+def uni_lstm(p, w, xs, ctx):
+    """Inputs ``x, [h0, c0]``; outputs ``y, h_T, c_T`` (``y`` all steps with sequenceOutput)."""
+    x = _seq(xs[0], ctx, p.inputVectorSize)
+    hsize, batch = p.outputVectorSize, x.shape[1]
+    h0, c0 = _state(xs, 1, batch, hsize, x.dtype), _state(xs, 2, batch, hsize, x.dtype)
+    ys, h, c = _lstm_scan(x, h0, c0, w, "", p.params, p.activations, p.reverseInput)
+    y = ys if p.params.sequenceOutput else ys[-1:]
+    return _out5(y), _out5(h[None]), _out5(c[None])
+
+
+def _bi_lstm_weights(p, _):
+    if len(p.weightParams) != 2:
+        return {}
+    out = _lstm_param_weights(p.weightParams[0], p.inputVectorSize, p.outputVectorSize)
+    out.update(_lstm_param_weights(p.weightParams[1], p.inputVectorSize, p.outputVectorSize, "backward_"))
+    return out
+
+
+@layer("biDirectionalLSTM", weights=_bi_lstm_weights)
+def bi_lstm(p, w, xs, ctx):
+    """Inputs ``x, [h0_f, c0_f, h0_b, c0_b]``; outputs ``y (forward ++ backward on C), h_f, c_f, h_b, c_b``."""
+    if len(p.weightParams) != 2:
+        fail(ctx, f"expected 2 weightParams (forward, backward); found {len(p.weightParams)}")
+    x = _seq(xs[0], ctx, p.inputVectorSize)
+    hsize, batch = p.outputVectorSize, x.shape[1]
+    states = [_state(xs, i, batch, hsize, x.dtype) for i in range(1, 5)]
+    yf, hf, cf = _lstm_scan(x, states[0], states[1], w, "", p.params, p.activationsForwardLSTM, False)
+    yb, hb, cb = _lstm_scan(x, states[2], states[3], w, "backward_", p.params,
+                            p.activationsBackwardLSTM, True)
+    yb = yb[::-1]
+    if p.params.sequenceOutput:
+        y = jnp.concatenate([yf, yb], axis=-1)
+    else:
+        y = jnp.concatenate([yf[-1:], yb[:1]], axis=-1)
+    return tuple([_out5(y)] + [_out5(v[None]) for v in (hf, cf, hb, cb)])
+
+
+# --- GRU, simple RNN -----------------------------------------------------------------------
+_GRU_GATES = ("updateGate", "resetGate", "outputGate")
+
+
+def _gru_weights(p, _):
+    c_in, h = p.inputVectorSize, p.outputVectorSize
+    out = {}
+    for g in _GRU_GATES:
+        out[f"{g}WeightMatrix"] = decode_weights(getattr(p, f"{g}WeightMatrix"), (h, c_in))
+        out[f"{g}RecursionMatrix"] = decode_weights(getattr(p, f"{g}RecursionMatrix"), (h, h))
+        if p.hasBiasVectors:
+            out[f"{g}BiasVector"] = decode_weights(getattr(p, f"{g}BiasVector"), (h,))
+    return out
+
+
+@layer("gru", weights=_gru_weights)
+def gru(p, w, xs, ctx):
+    """``z, r = f(Wx + Rh + b)``; ``o = g(W_o x + r * (R_o h) + b_o)``; ``h = (1-z) o + z h``."""
+    x = _seq(xs[0], ctx, p.inputVectorSize)
+    hsize, batch = p.outputVectorSize, x.shape[1]
+    h0 = _state(xs, 1, batch, hsize, x.dtype)
+    f_act, g_act = (list(p.activations) + [None, None])[:2]
+    zeros = jnp.zeros((hsize,), x.dtype)
+    pre = [_mm(x, w[f"{g}WeightMatrix"]) + w.get(f"{g}BiasVector", zeros) for g in _GRU_GATES]
+    rec = [w[f"{g}RecursionMatrix"] for g in _GRU_GATES]
+    fa = (lambda v: jax.nn.sigmoid(v)) if f_act is None else (lambda v: apply_activation(f_act, v))
+    ga = jnp.tanh if g_act is None else (lambda v: apply_activation(g_act, v))
+
+    def step(h, px):
+        z = fa(px[0] + _mm(h, rec[0]))
+        r = fa(px[1] + _mm(h, rec[1]))
+        o = ga(px[2] + r * _mm(h, rec[2]))
+        h_new = (1 - z) * o + z * h
+        return h_new, h_new
+
+    seq = jnp.stack(pre, axis=1)                       # [S, 3, B, H]
+    h, ys = lax.scan(step, h0, seq[::-1] if p.reverseInput else seq)
+    y = ys if p.sequenceOutput else ys[-1:]
+    return _out5(y), _out5(h[None])
+
+
+def _rnn_weights(p, _):
+    c_in, h = p.inputVectorSize, p.outputVectorSize
+    return {"weightMatrix": decode_weights(p.weightMatrix, (h, c_in)),
+            "recursionMatrix": decode_weights(p.recursionMatrix, (h, h)),
+            "biasVector": decode_weights(p.biasVector, (h,)) if p.hasBiasVector else None}
+
+
+@layer("simpleRecurrent", weights=_rnn_weights)
+def simple_recurrent(p, w, xs, ctx):
+    """``h_t = f(W x_t + R h_{t-1} + b)``; outputs ``y, h_T``."""
+    x = _seq(xs[0], ctx, p.inputVectorSize)
+    hsize, batch = p.outputVectorSize, x.shape[1]
+    h0 = _state(xs, 1, batch, hsize, x.dtype)
+    pre = _mm(x, w["weightMatrix"]) + w.get("biasVector", jnp.zeros((hsize,), x.dtype))
+    has_act = p.HasField("activation") and p.activation.WhichOneof("NonlinearityType")
+
+    def step(h, px):
+        v = px + _mm(h, w["recursionMatrix"])
+        h_new = apply_activation(p.activation, v) if has_act else jnp.tanh(v)
+        return h_new, h_new
+
+    h, ys = lax.scan(step, h0, pre[::-1] if p.reverseInput else pre)
+    y = ys if p.sequenceOutput else ys[-1:]
+    return _out5(y), _out5(h[None])

@@ -1,0 +1,151 @@
+"""A NeuralNetwork message as one JAX function over named blobs, plus the input/output shape mappings."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from mljax.errors import InputError, ModelFormatError, UnsupportedError
+from mljax.neuralnetwork._base import LayerContext, lookup_layer
+
+__all__ = ["Network", "map_array_input", "map_output", "STATIC_MAX"]
+
+#: loadConstant data of at most this many values stays a NumPy constant (so it may serve as a shape).
+STATIC_MAX = 64
+_NESTED = {"branch": ("ifBranch", "elseBranch"), "loop": ("conditionNetwork", "bodyNetwork")}
+
+
+def _walk(nn):
+    """Every layer of a network, nested branch/loop networks included."""
+    for lyr in nn.layers:
+        yield lyr
+        kind = lyr.WhichOneof("layer")
+        for field in _NESTED.get(kind, ()):
+            params = getattr(lyr, kind)
+            if params.HasField(field):
+                yield from _walk(getattr(params, field))
+
+
+class Network:
+    """Layers, decoded weights and the interpreter of one NeuralNetwork (and its nested networks).
+
+    ``weights`` maps ``"<layer name>/<param>"`` to arrays; ``layers`` describes each layer
+    (name, type, updatable, inputs, outputs) for on-device update.
+    """
+
+    def __init__(self, nn, *, rank5: bool):
+        self.nn = nn
+        self.rank5 = rank5
+        self.weights: dict[str, np.ndarray] = {}
+        self.static: dict[str, np.ndarray] = {}
+        self.layers: list[dict] = []
+        self._params: dict[str, list[tuple[str, str]]] = {}
+        self._check_supported()
+        for lyr in _walk(nn):
+            kind = lyr.WhichOneof("layer")
+            self.layers.append({"name": lyr.name, "type": kind, "updatable": bool(lyr.isUpdatable),
+                                "inputs": list(lyr.input), "outputs": list(lyr.output)})
+            self._decode(lyr, kind)
+        self.blobs = {o for lyr in _walk(nn) for o in lyr.output}
+
+    def _check_supported(self) -> None:
+        missing = []
+        for lyr in _walk(self.nn):
+            kind = lyr.WhichOneof("layer")
+            if kind == "custom":
+                raise UnsupportedError(
+                    f"NeuralNetwork layer {lyr.name!r} is a custom layer (class "
+                    f"{lyr.custom.className!r}); custom layers need their own implementation")
+            if kind is None:
+                raise ModelFormatError(f"NeuralNetwork layer {lyr.name!r} has no layer type set")
+            if lookup_layer(kind) is None:
+                missing.append(f"{lyr.name!r} ({kind})")
+        if missing:
+            raise UnsupportedError(f"NeuralNetwork uses {len(missing)} unsupported layer(s): "
+                                   + ", ".join(missing))
+
+    def _decode(self, lyr, kind: str) -> None:
+        impl = lookup_layer(kind)
+        if impl.weights is None:
+            return
+        try:
+            decoded = impl.weights(getattr(lyr, kind), lyr)
+        except ModelFormatError as e:
+            raise ModelFormatError(f"NeuralNetwork layer {lyr.name!r} ({kind}): {e}") from None
+        for param, value in decoded.items():
+            if value is None:
+                continue
+            key = f"{lyr.name}/{param}"
+            if key in self.weights or key in self.static:
+                raise ModelFormatError(f"two NeuralNetwork layers are named {lyr.name!r}")
+            self._params.setdefault(lyr.name, []).append((param, key))
+            if impl.static_weights and value.size <= STATIC_MAX:
+                self.static[key] = value
+            else:
+                self.weights[key] = value
+
+    # --- running --------------------------------------------------------------------------
+    def run(self, weights: dict, env: dict, nn=None) -> dict:
+        """Run the layers of ``nn`` (default: the whole network) over ``env``; returns the new env."""
+        env = dict(env)
+        for lyr in (nn or self.nn).layers:
+            self._run_layer(lyr, weights, env)
+        return env
+
+    def _run_layer(self, lyr, weights: dict, env: dict) -> None:
+        kind = lyr.WhichOneof("layer")
+        impl = lookup_layer(kind)
+        missing = [n for n in lyr.input if n not in env]
+        if missing:
+            raise ModelFormatError(f"NeuralNetwork layer {lyr.name!r} ({kind}) reads blob(s) {missing} "
+                                   "that no input or earlier layer produces")
+        w = {param: self.static[key] if key in self.static else weights[key]
+             for param, key in self._params.get(lyr.name, ())}
+        ctx = LayerContext(lyr.name, kind, lyr, self.rank5, env=env, run=self.run, weights=weights)
+        out = impl.fn(getattr(lyr, kind), w, [env[n] for n in lyr.input], ctx)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        skip = env.get("__skip__")
+        for name, value in zip(lyr.output, outs):
+            if skip is not None and name in env and not isinstance(skip, bool):
+                value = jnp.where(skip, env[name], value)   # after loopBreak/loopContinue
+            env[name] = value
+
+
+# --- input / output shape mappings ------------------------------------------------------------
+def map_array_input(name: str, x, declared: tuple, rank5: bool):
+    """A multi-array input as the network sees it.
+
+    RANK5_ARRAY_MAPPING: ``[C] -> [1,1,C,1,1]``, ``[C,H,W] -> [1,1,C,H,W]``; sequence inputs
+    ``[S,C] -> [S,1,C,1,1]``, ``[S,B,C] -> [S,B,C,1,1]`` (declared rank 1) and
+    ``[S,C,H,W] -> [S,1,C,H,W]`` (declared rank 3).  EXACT_ARRAY_MAPPING: unchanged.
+    """
+    if not rank5:
+        return x
+    r, d = x.ndim, len(declared)
+    if r == 5:
+        return x
+    s = tuple(x.shape)
+    if d in (0, 1) and r in (1, 2, 3):
+        lead = (1, 1) + s if r == 1 else (s[0], 1, s[1]) if r == 2 else s
+        return x.reshape(lead + (1, 1))
+    if d in (0, 3) and r in (3, 4):
+        return x.reshape((1, 1) + s if r == 3 else (s[0], 1) + s[1:])
+    if r < 5 and d not in (1, 3):
+        return x.reshape((1,) * (5 - r) + s)
+    raise InputError(f"input {name!r}: declared shape {declared} maps to [Seq, Batch, C, H, W]; "
+                     f"expected rank {d}, {d + 1 if d == 3 else '2, 3'} or 5; found shape {s}")
+
+
+def map_output(y, declared: tuple, rank5: bool):
+    """A blob as the model returns it: its declared shape when sizes agree, else the rank-5
+    blob without the leading ``[1, 1]`` (and trailing ``[1, 1]`` for vector blobs)."""
+    if not rank5 or not hasattr(y, "shape"):
+        return y
+    size = int(np.prod(y.shape))
+    if declared and all(d > 0 for d in declared) and int(np.prod(declared)) == size:
+        return y.reshape(declared)
+    if y.ndim != 5:
+        return y
+    s = tuple(y.shape)
+    lead = s[:2] if s[:2] != (1, 1) else ()
+    rest = s[2:3] if s[3:] == (1, 1) and len(declared) != 3 else s[2:]
+    return y.reshape(lead + rest)
