@@ -6,6 +6,8 @@ Inputs that decide an output shape (``fill``'s ``shape``, ``tile``'s ``reps``, `
 """
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -320,9 +322,15 @@ def _nms_one(boxes, scores, iou_threshold, score_threshold, max_boxes, per_class
 
 def _nms(boxes, scores, iou_threshold, score_threshold, max_boxes, per_class):
     """Batched NMS on ``boxes [n, B, 4]``, ``scores [n, B, K]``: (boxes, scores, indices, counts)."""
-    max_boxes = int(max_boxes)
-    run = lambda b, s: _nms_one(b, s, iou_threshold, score_threshold, max_boxes, bool(per_class))
-    indices, counts = jax.vmap(run)(jnp.asarray(boxes), jnp.asarray(scores))
+    return _nms_jit(jnp.asarray(boxes), jnp.asarray(scores), jnp.float32(iou_threshold),
+                    jnp.float32(score_threshold), int(max_boxes), bool(per_class))
+
+
+# Jitted as a unit so eager (constant-input) calls do not dispatch the greedy loop op by op.
+@partial(jax.jit, static_argnums=(4, 5))
+def _nms_jit(boxes, scores, iou_threshold, score_threshold, max_boxes, per_class):
+    run = lambda b, s: _nms_one(b, s, iou_threshold, score_threshold, max_boxes, per_class)
+    indices, counts = jax.vmap(run)(boxes, scores)
     valid = (indices >= 0)[..., None]
     safe = jnp.maximum(indices, 0)[..., None]
     out_boxes = jnp.where(valid, jnp.take_along_axis(boxes, safe, axis=1), 0).astype(boxes.dtype)
