@@ -1,0 +1,198 @@
+"""Tree ensembles: ``TreeEnsembleRegressor`` and ``TreeEnsembleClassifier``.
+
+All trees are padded into flat node tables and walked together, one level per step of a
+``lax.fori_loop`` (depth = the deepest tree); leaves point at themselves, so a tree that
+reaches a leaf early stays there.  No Python loop over nodes runs at predict time.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mljax.classic._common import (class_labels, classifier_stage, feature_vector, input_width,
+                                   regressor_stage)
+from mljax.errors import ModelFormatError, UnsupportedError
+from mljax.features import feature_specs
+from mljax.stage import register_stage_builder
+
+__all__ = ["build_tree_ensemble_regressor", "build_tree_ensemble_classifier", "pack_tree_ensemble"]
+
+_LEAF = 6
+_NO_TRANSFORM, _SOFTMAX, _LOGISTIC, _SOFTMAX_ZERO_REF = 0, 1, 2, 3
+
+
+def _f32_thresholds(values: np.ndarray, modes: np.ndarray) -> np.ndarray:
+    """float32 thresholds that compare float32 inputs exactly as the float64 ones would.
+
+    ``x <= t`` and ``x > t`` need the largest float32 not above ``t``; ``x < t`` and
+    ``x >= t`` the smallest not below it; ``==``/``!=`` an unrepresentable ``t`` never matches
+    (NaN compares unequal to everything).
+    """
+    t = values.astype(np.float32)
+    up = t.astype(np.float64) > values
+    down = t.astype(np.float64) < values
+    round_down = np.isin(modes, (0, 3)) & up
+    round_up = np.isin(modes, (1, 2)) & down
+    t = np.where(round_down, np.nextafter(t, np.float32(-np.inf)), t)
+    t = np.where(round_up, np.nextafter(t, np.float32(np.inf)), t)
+    return np.where(np.isin(modes, (4, 5)) & (up | down), np.float32(np.nan), t).astype(np.float32)
+
+
+def _tree_depth(root: int, children: dict) -> int:
+    depth, frontier, seen = 0, [root], {root}
+    while True:
+        nxt = [c for n in frontier for c in children.get(n, ()) if c not in seen]
+        if not nxt:
+            return depth
+        seen.update(nxt)
+        frontier, depth = nxt, depth + 1
+
+
+def _root_of(tree_id, ids: list, children: dict) -> int:
+    referenced = {c for cs in children.values() for c in cs}
+    roots = [i for i in ids if i not in referenced]
+    if len(roots) != 1:
+        raise ModelFormatError(f"tree {tree_id}: expected exactly one root node (a node no branch points "
+                               f"to); found {len(roots)}")
+    return roots[0]
+
+
+def pack_tree_ensemble(params, what: str):
+    """Node tables ``(T*N,)`` of all trees, their roots, the leaf values ``(T*N, D)`` and the depth."""
+    by_tree = defaultdict(list)
+    for node in params.nodes:
+        by_tree[node.treeId].append(node)
+    if not by_tree:
+        raise ModelFormatError(f"{what}: expected at least one tree node; found none")
+    dims = int(params.numPredictionDimensions) or 1 + max(
+        [e.evaluationIndex for n in params.nodes for e in n.evaluationInfo] + [len(params.basePredictionValue) - 1, 0])
+    width = max(len(nodes) for nodes in by_tree.values())
+    n_total = len(by_tree) * width
+    feat = np.zeros(n_total, np.int32)
+    thr = np.zeros(n_total, np.float64)
+    mode = np.full(n_total, _LEAF, np.int32)
+    true_child = np.arange(n_total, dtype=np.int32)
+    false_child = np.arange(n_total, dtype=np.int32)
+    nan_true = np.zeros(n_total, bool)
+    values = np.zeros((n_total, dims), np.float32)
+    roots, depth = [], 0
+    for t, (tree_id, nodes) in enumerate(sorted(by_tree.items())):
+        base = t * width
+        local = {n.nodeId: base + i for i, n in enumerate(nodes)}
+        if len(local) != len(nodes):
+            raise ModelFormatError(f"{what}: tree {tree_id} has duplicate node ids")
+        children = {n.nodeId: (n.trueChildNodeId, n.falseChildNodeId) for n in nodes if n.nodeBehavior != _LEAF}
+        root = _root_of(tree_id, list(local), children)
+        roots.append(local[root])
+        depth = max(depth, _tree_depth(root, children))
+        for n in nodes:
+            g = local[n.nodeId]
+            mode[g] = n.nodeBehavior
+            for e in n.evaluationInfo:
+                if e.evaluationIndex >= dims:
+                    raise ModelFormatError(f"{what}: tree {tree_id} node {n.nodeId} writes prediction "
+                                           f"dimension {e.evaluationIndex}; only {dims} declared")
+                values[g, e.evaluationIndex] += e.evaluationValue
+            if n.nodeBehavior == _LEAF:
+                continue
+            for cid in (n.trueChildNodeId, n.falseChildNodeId):
+                if cid not in local:
+                    raise ModelFormatError(f"{what}: tree {tree_id} node {n.nodeId} points to missing "
+                                           f"node {cid}")
+            feat[g], thr[g] = n.branchFeatureIndex, n.branchFeatureValue
+            true_child[g], false_child[g] = local[n.trueChildNodeId], local[n.falseChildNodeId]
+            nan_true[g] = n.missingValueTracksTrueChild
+    base_value = np.zeros(dims, np.float32)
+    bp = np.asarray(params.basePredictionValue, np.float32)
+    if bp.size:
+        base_value[:] = bp if bp.size == dims else bp[0]
+    tables = {"feature": feat, "threshold": _f32_thresholds(thr, mode), "mode": mode,
+              "true_child": true_child, "false_child": false_child, "nan_true": nan_true,
+              "root": np.asarray(roots, np.int32), "leaf_value": values, "base": base_value}
+    return tables, depth
+
+
+def _branch(mode, v, t):
+    """The branch condition of each node (``mode`` = TreeNodeBehavior)."""
+    conds = jnp.stack([v <= t, v < t, v >= t, v > t, v == t, v != t])
+    return jnp.take_along_axis(conds, jnp.clip(mode, 0, 5)[None], axis=0)[0]
+
+
+def evaluate_trees(w: dict, x, depth: int):
+    """Sum of the leaf values every tree reaches for input vector ``x``, plus the base value."""
+    def step(_, node):
+        v = x[w["feature"][node]]
+        go_true = jnp.where(jnp.isnan(v), w["nan_true"][node], _branch(w["mode"][node], v, w["threshold"][node]))
+        nxt = jnp.where(go_true, w["true_child"][node], w["false_child"][node])
+        return jnp.where(w["mode"][node] == _LEAF, node, nxt)
+
+    leaves = jax.lax.fori_loop(0, depth, step, w["root"]) if depth else w["root"]
+    return jnp.sum(w["leaf_value"][leaves], axis=0) + w["base"]
+
+
+def _check_width(spec, tables, what):
+    n_inputs = input_width(feature_specs(spec.description.input))
+    used = tables["feature"][tables["mode"] != _LEAF]
+    if n_inputs is not None and used.size and used.max() >= n_inputs:
+        raise ModelFormatError(f"{what}: a branch reads feature {int(used.max())}; the input has {n_inputs}")
+
+
+@register_stage_builder("treeEnsembleRegressor")
+def build_tree_ensemble_regressor(spec, weights_dir=None, **_):
+    """Sum of tree outputs plus base values; ``Regression_Logistic`` applies a sigmoid."""
+    params = spec.treeEnsembleRegressor
+    tables, depth = pack_tree_ensemble(params.treeEnsemble, "TreeEnsembleRegressor")
+    _check_width(spec, tables, "TreeEnsembleRegressor")
+    transform = params.postEvaluationTransform
+    names = [fd.name for fd in spec.description.input]
+
+    def predict(w, feats):
+        s = evaluate_trees(w, feature_vector(feats, names), depth)
+        if transform == _LOGISTIC:
+            return jax.nn.sigmoid(s)
+        if transform in (_SOFTMAX, _SOFTMAX_ZERO_REF):
+            return _class_probabilities(s, s.shape[0], transform)
+        return s
+
+    return regressor_stage(spec, predict, tables, info={"depth": depth})
+
+
+def _class_probabilities(s, n_classes: int, transform: int):
+    """Class probabilities from the ensemble's scores ``s`` (D = 1 for binary models)."""
+    if s.shape[0] == 1 and n_classes == 2:
+        p1 = s[0] if transform == _NO_TRANSFORM else jax.nn.sigmoid(s[0])
+        return jnp.stack([1.0 - p1, p1])
+    if transform == _SOFTMAX_ZERO_REF:
+        if s.shape[0] == n_classes - 1:
+            s = jnp.concatenate([jnp.zeros((1,), s.dtype), s])   # class 0 is the zero reference
+        return jax.nn.softmax(s)
+    if transform == _SOFTMAX:
+        return jax.nn.softmax(s)
+    if transform == _LOGISTIC:
+        return jax.nn.sigmoid(s)
+    return s
+
+
+@register_stage_builder("treeEnsembleClassifier")
+def build_tree_ensemble_classifier(spec, weights_dir=None, **_):
+    """Tree scores per class, then the post-evaluation transform; label = the most probable class."""
+    params = spec.treeEnsembleClassifier
+    labels = class_labels(params, "TreeEnsembleClassifier")
+    tables, depth = pack_tree_ensemble(params.treeEnsemble, "TreeEnsembleClassifier")
+    _check_width(spec, tables, "TreeEnsembleClassifier")
+    k, dims = len(labels), tables["leaf_value"].shape[1]
+    transform = params.postEvaluationTransform
+    if transform not in (0, 1, 2, 3):
+        raise UnsupportedError(f"TreeEnsembleClassifier: unknown postEvaluationTransform {transform}")
+    if not (dims == k or (dims == 1 and k == 2) or (dims == k - 1 and transform == _SOFTMAX_ZERO_REF)):
+        raise ModelFormatError(f"TreeEnsembleClassifier: {dims} prediction dimensions do not fit {k} classes")
+    names = [fd.name for fd in spec.description.input]
+
+    def predict(w, feats):
+        probs = _class_probabilities(evaluate_trees(w, feature_vector(feats, names), depth), k, transform)
+        return jnp.argmax(probs), probs
+
+    return classifier_stage(spec, predict, tables, labels, info={"depth": depth})
