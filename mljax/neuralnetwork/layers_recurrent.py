@@ -1,6 +1,6 @@
 """Recurrent layers on ``[Seq, Batch, C, 1, 1]`` sequences: LSTM (uni/bi), GRU, simple RNN.
 
-Each runs as one ``lax.scan``.  With ``reverseInput`` the sequence is processed last to
+Each runs as one ``lax.scan``.  Every pre-activation is clipped to [-50, 50] as Core ML does.  With ``reverseInput`` the sequence is processed last to
 first and the output sequence is in processing order (as Core ML and MIL ``lstm``
 direction="reverse" do); the backward half of a bidirectional LSTM is re-aligned with
 the input positions.
@@ -47,6 +47,10 @@ def _mm(x, w):
     return jnp.matmul(x, w.T, precision=_HIGHEST)
 
 
+def _clip(v):
+    return jnp.clip(v, -50.0, 50.0)
+
+
 # --- LSTM -----------------------------------------------------------------------------------
 def _lstm_param_weights(wp, c_in: int, h: int, prefix: str = "") -> dict:
     out = {}
@@ -75,6 +79,7 @@ def _lstm_scan(x, h0, c0, w, prefix, params, acts, reverse):
     clip = params.cellClipThreshold
 
     def act(a, v, default):
+        v = _clip(v)
         return default(v) if a is None else apply_activation(a, v)
 
     def step(carry, px):
@@ -154,7 +159,7 @@ def _gru_weights(p, _):
 
 @layer("gru", weights=_gru_weights)
 def gru(p, w, xs, ctx):
-    """``z, r = f(Wx + Rh + b)``; ``o = g(W_o x + r * (R_o h) + b_o)``; ``h = (1-z) o + z h``."""
+    """``z, r = f(Wx + Rh + b)``; ``o = g(W_o x + R_o (r * h) + b_o)``; ``h = (1-z) o + z h``."""
     x = _seq(xs[0], ctx, p.inputVectorSize)
     hsize, batch = p.outputVectorSize, x.shape[1]
     h0 = _state(xs, 1, batch, hsize, x.dtype)
@@ -166,9 +171,9 @@ def gru(p, w, xs, ctx):
     ga = jnp.tanh if g_act is None else (lambda v: apply_activation(g_act, v))
 
     def step(h, px):
-        z = fa(px[0] + _mm(h, rec[0]))
-        r = fa(px[1] + _mm(h, rec[1]))
-        o = ga(px[2] + r * _mm(h, rec[2]))
+        z = fa(_clip(px[0] + _mm(h, rec[0])))
+        r = fa(_clip(px[1] + _mm(h, rec[1])))
+        o = ga(_clip(px[2] + _mm(h * r, rec[2])))
         h_new = (1 - z) * o + z * h
         return h_new, h_new
 
@@ -195,7 +200,7 @@ def simple_recurrent(p, w, xs, ctx):
     has_act = p.HasField("activation") and p.activation.WhichOneof("NonlinearityType")
 
     def step(h, px):
-        v = px + _mm(h, w["recursionMatrix"])
+        v = _clip(px + _mm(h, w["recursionMatrix"]))
         h_new = apply_activation(p.activation, v) if has_act else jnp.tanh(v)
         return h_new, h_new
 
