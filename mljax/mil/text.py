@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from mljax.mil.ir import Block, Function, Operation, Program, Var
+from mljax.mil.to_proto import input_order_key
 
 __all__ = ["program_to_text", "function_to_text"]
 
@@ -57,20 +58,22 @@ def _arg(var: Var, defined: set) -> str:
     return _const_text(var)
 
 
-def _op_lines(op: Operation, defined: set, depth: int) -> list[str]:
+def _op_lines(op: Operation, defined: set, depth: int, opset: str) -> list[str]:
     pad = _INDENT * depth
     outs = ", ".join(f"%{v.name}: {v.type}" for v in op.outputs)
     args = []
-    for key, bound in op.inputs.items():
+    order = input_order_key(op.type, opset)
+    for key in sorted(op.inputs, key=order):
+        bound = op.inputs[key]
         if len(bound) == 1:
             args.append(f"{key}={_arg(bound[0], defined)}")
         else:
             args.append(f"{key}=(" + ", ".join(_arg(v, defined) for v in bound) + ")")
     if op.type == "const":
         args.append(f"val={_const_text(op.outputs[0])}")
-    for key, value in op.attributes.items():
+    for key in sorted(op.attributes, key=order):
         if key not in ("name", "val"):
-            args.append(f"{key}={_literal(value)}")
+            args.append(f"{key}={_literal(op.attributes[key])}")
     line = f"{pad}{outs} = {op.type}({', '.join(args)})"
     if op.outputs and op.name != op.outputs[0].name:
         line += f"  # name={_literal(op.name)}"
@@ -78,12 +81,12 @@ def _op_lines(op: Operation, defined: set, depth: int) -> list[str]:
         return [line]
     lines = [line + " {"]
     for b in op.blocks:
-        lines.extend(_block_lines(b, defined, depth + 1, header="block"))
+        lines.extend(_block_lines(b, defined, depth + 1, "block", opset))
     lines.append(pad + "}")
     return lines
 
 
-def _block_lines(block: Block, defined: set, depth: int, header: str | None) -> list[str]:
+def _block_lines(block: Block, defined: set, depth: int, header: str | None, opset: str) -> list[str]:
     defined = set(defined)
     pad = _INDENT * depth
     lines = []
@@ -93,7 +96,7 @@ def _block_lines(block: Block, defined: set, depth: int, header: str | None) -> 
         depth += 1
     defined.update(v.name for v in block.inputs)
     for op in block.operations:
-        lines.extend(_op_lines(op, defined, depth))
+        lines.extend(_op_lines(op, defined, depth, opset))
         defined.update(v.name for v in op.outputs)
     if header is not None:
         outs = ", ".join(f"%{v.name}" for v in block.outputs)
@@ -107,7 +110,7 @@ def function_to_text(name: str, fn: Function) -> str:
     head = f"func {name}<{fn.opset}>({ins})"
     if fn.attributes:
         head += " [" + ", ".join(f"{k}={_literal(v)}" for k, v in fn.attributes.items()) + "]"
-    body = _block_lines(fn.block, {v.name for v in fn.inputs}, 1, header=None)
+    body = _block_lines(fn.block, {v.name for v in fn.inputs}, 1, None, fn.opset)
     outs = ", ".join(f"%{v.name}" for v in fn.outputs)
     return "\n".join([head + " {", *body, f"}} -> ({outs})"])
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 import numpy as np
 
 from mljax.errors import ModelFormatError
@@ -20,11 +21,11 @@ from mljax.format.package import save_spec
 from mljax.mil.ir import Block, Function, Operation, Program, Var
 from mljax.mil.types import (DTYPES, DictType, DType, ListType, StateType, TensorType, TupleType,
                              ValueType, dtype_from_numpy)
-from mljax.ops._registry import opset_number
+from mljax.ops._registry import lookup, opset_number
 from mljax.proto import MIL_pb2, Model_pb2
 
 __all__ = ["program_to_proto", "write_mlprogram_package", "value_type_to_proto", "value_to_proto",
-           "SPEC_VERSION_OF_OPSET", "BLOB_FILE_NAME"]
+           "SPEC_VERSION_OF_OPSET", "BLOB_FILE_NAME", "input_order_key"]
 
 #: Where Apple's tools put the single weight file of a package (relative to ``@model_path``).
 BLOB_FILE_NAME = "@model_path/weights/weight.bin"
@@ -158,6 +159,18 @@ def value_to_proto(value, vtype: ValueType | None = None) -> MIL_pb2.Value:
 
 
 # --- program ----------------------------------------------------------------------------
+def input_order_key(op_type: str, opset) -> Callable[[str], int]:
+    """Sort key for an op's input names: its MIL input order (the registry signature).
+
+    Proto maps have no order; writing inline blob values in this order reproduces the
+    offsets Apple's tools choose, and the text printer shows inputs in it.
+    """
+    spec = lookup(op_type, opset)
+    names = [] if spec is None else [*spec.tensor_inputs, spec.variadic, *spec.static_inputs]
+    rank = {n: i for i, n in enumerate(names) if n}
+    return lambda key: rank.get(key, len(rank))
+
+
 class _Writer:
     """Writes one program; shares blob entries between the uses of one Var."""
 
@@ -167,10 +180,12 @@ class _Writer:
         self.function_name = function_name
         self._written: dict[int, MIL_pb2.Value] = {}
         self._blob_dtypes = _BLOB_DTYPES
+        self._opset = 15
         self._override = False
 
     def function(self, name: str, fn: Function) -> MIL_pb2.Function:
-        self._blob_dtypes = _BLOB_DTYPES_IOS18 if opset_number(fn.opset) >= 18 else _BLOB_DTYPES
+        self._opset = opset_number(fn.opset)
+        self._blob_dtypes = _BLOB_DTYPES_IOS18 if self._opset >= 18 else _BLOB_DTYPES
         self._override = self.function_name is None or self.function_name == name
         pb = MIL_pb2.Function()
         pb.opset = fn.opset
@@ -210,11 +225,13 @@ class _Writer:
         if op.type == "const":
             var = op.outputs[0]
             pb.attributes["val"].CopyFrom(self.const_value(var))
-        for k, v in op.attributes.items():
+        order = self._input_order(op.type)
+        for k in sorted(op.attributes, key=order):
             if k in ("name", "val") and (k == "name" or op.type == "const"):
                 continue
-            pb.attributes[k].CopyFrom(self.attribute_value(v))
-        for key, bound in op.inputs.items():
+            pb.attributes[k].CopyFrom(self.attribute_value(op.attributes[k]))
+        for key in sorted(op.inputs, key=order):
+            bound = op.inputs[key]
             arg = pb.inputs[key]
             for var in bound:
                 b = arg.arguments.add()
@@ -230,6 +247,9 @@ class _Writer:
             pb.outputs.add(name=v.name, type=value_type_to_proto(v.type))
         pb.blocks.extend(self.block(b, scope) for b in op.blocks)
         return pb
+
+    def _input_order(self, op_type: str):
+        return input_order_key(op_type, self._opset)
 
     def _value_of(self, var: Var):
         if self._override and var.name in self.weights:
