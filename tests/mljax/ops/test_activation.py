@@ -145,3 +145,44 @@ ALL_OPS = sorted(set(ELEMENTWISE) | {"softmax", "prelu", "softplus_parametric"})
 def test_one_implementation_serves_all_opsets(op):
     fns = {lookup(op, opset).fn for opset in (15, 16, 17, 18)}
     assert len(fns) == 1 and None not in fns
+
+
+# -------------------------------------------------------------------------- end to end
+def _e2e(prog, inputs, opset, fp16=False):
+    helpers = pytest.importorskip("helpers")
+    return helpers.run_mil(prog, inputs, opset=opset, fp16=fp16)
+
+
+E2E_OPS = ["relu", "relu6", "sigmoid", "silu", "softplus", "softsign", "leaky_relu", "elu",
+           "thresholded_relu", "clamped_relu", "linear_activation", "scaled_tanh", "sigmoid_hard",
+           "gelu"]
+
+
+@pytest.mark.parametrize("opset, fp16", [("iOS15", False), ("iOS17", True)])
+def test_e2e_all_activations_in_one_model(opset, fp16):
+    import coremltools as ct
+    from coremltools.converters.mil.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    x = sample((2, 3, 2, 2), np.float32, seed=7)  # prelu: rank 4 for per-channel alpha
+    alpha, beta = np.array([0.1, -0.5, 2.0], np.float32), np.array([1.0, 0.5, -1.0], np.float32)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape, dtype=types.fp32)],
+                opset_version=getattr(ct.target, opset))
+    def prog(x):
+        outs = [getattr(mb, op)(x=x, **ELEMENTWISE[op][0], name=op) for op in E2E_OPS]
+        outs.append(mb.softmax(x=x, axis=1, name="softmax"))
+        outs.append(mb.prelu(x=x, alpha=alpha, name="prelu"))
+        outs.append(mb.softplus_parametric(x=x, alpha=alpha, beta=beta, name="softplus_parametric"))
+        return tuple(outs)
+
+    out = _e2e(prog, {"x": x}, opset, fp16)
+    x64 = x.astype(np.float64)
+    a, b = alpha.reshape(1, 3, 1, 1), beta.reshape(1, 3, 1, 1)
+    refs = {op: ELEMENTWISE[op][1](x64) for op in E2E_OPS}
+    refs["softmax"] = torch.softmax(torch.from_numpy(x64), dim=1).numpy()
+    refs["prelu"] = np.where(x64 > 0, x64, a * x64)
+    refs["softplus_parametric"] = a * np.log1p(np.exp(b * x64))
+    tol = dict(rtol=2e-2, atol=2e-2) if fp16 else dict(rtol=1e-5, atol=1e-5)
+    for name, ref in refs.items():
+        np.testing.assert_allclose(np.asarray(out[name], np.float64), ref, **tol, err_msg=name)

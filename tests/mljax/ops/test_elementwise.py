@@ -242,3 +242,70 @@ def test_ios17_deltas_are_registered(op):
     assert lookup(op, 15).fn is lookup(op, 16).fn
     assert lookup(op, 17).fn is lookup(op, 18).fn
     assert lookup(op, 15).fn is not lookup(op, 17).fn
+
+
+# -------------------------------------------------------------------------- end to end
+def _e2e(prog, inputs, opset, fp16=False):
+    helpers = pytest.importorskip("helpers")
+    return helpers.run_mil(prog, inputs, opset=opset, fp16=fp16)
+
+
+def _mb():
+    import coremltools as ct
+    from coremltools.converters.mil.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+    return ct, mb, types
+
+
+@pytest.mark.parametrize("opset", ["iOS15", "iOS17"])
+def test_e2e_float_unary_and_binary(opset):
+    ct, mb, types = _mb()
+    x = sample((3, 4), np.float32, -0.9, 0.9, seed=5)   # inside every unary op's domain
+    y = _nonzero(sample((4,), np.float32, -2, 2, seed=6))
+    unary = [op for op in sorted(UNARY) if op != "sqrt"]
+    binary = sorted(ARITH) + ["real_div"]
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape, dtype=types.fp32),
+                             mb.TensorSpec(shape=y.shape, dtype=types.fp32)],
+                opset_version=getattr(ct.target, opset))
+    def prog(x, y):
+        outs = [getattr(mb, op)(x=x, name=op) for op in unary]
+        outs += [getattr(mb, op)(x=x, y=y, name=op) for op in binary]
+        outs.append(mb.rsqrt(x=mb.abs(x=x), epsilon=0.5, name="rsqrt"))
+        outs.append(mb.clip(x=x, alpha=-0.5, beta=0.25, name="clip"))
+        less = mb.less(x=x, y=y)
+        outs.append(mb.cast(x=mb.logical_not(x=less), dtype="fp32", name="not_less"))
+        return tuple(outs)
+
+    out = _e2e(prog, {"x": x, "y": y}, opset)
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    refs = {op: UNARY[op][0](x64) for op in unary}
+    refs.update({op: ARITH[op](x64, y64) for op in ARITH})
+    refs["real_div"] = x64 / y64
+    refs["rsqrt"] = 1 / np.sqrt(np.abs(x64) + 0.5)
+    refs["clip"] = np.clip(x64, -0.5, 0.25)
+    refs["not_less"] = (x64 >= y64).astype(np.float64)
+    for name, ref in refs.items():
+        np.testing.assert_allclose(np.asarray(out[name], np.float64), ref, rtol=1e-5, atol=1e-5,
+                                   err_msg=name)
+
+
+def test_e2e_int32_division_semantics():
+    ct, mb, types = _mb()
+    x = np.array([[-7, 7, -7, 7, 9, -1]], np.int32)
+    y = np.array([[2, -2, -2, 2, 4, 3]], np.int32)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape, dtype=types.int32),
+                             mb.TensorSpec(shape=y.shape, dtype=types.int32)],
+                opset_version=ct.target.iOS17)
+    def prog(x, y):
+        return (mb.floor_div(x=x, y=y, name="floor_div"), mb.mod(x=x, y=y, name="mod"),
+                mb.real_div(x=x, y=y, name="real_div"),
+                mb.cast(x=mb.cast(x=x, dtype="fp16"), dtype="fp32", name="as_float"))
+
+    out = _e2e(prog, {"x": x, "y": y}, "iOS17")
+    pairs = list(zip(x.ravel().tolist(), y.ravel().tolist()))
+    np.testing.assert_array_equal(out["floor_div"].ravel(), [a // b for a, b in pairs])
+    np.testing.assert_array_equal(out["mod"].ravel(), [a % b for a, b in pairs])
+    np.testing.assert_array_equal(out["real_div"].ravel(), [int(a / b) for a, b in pairs])
+    np.testing.assert_array_equal(out["as_float"], x.astype(np.float32))

@@ -134,3 +134,31 @@ def test_einsum_rejects_implicit_output():
 def test_one_implementation_serves_all_opsets(op):
     fns = {lookup(op, opset).fn for opset in (15, 16, 17, 18)}
     assert len(fns) == 1 and None not in fns
+
+
+# -------------------------------------------------------------------------- end to end
+@pytest.mark.parametrize("opset", ["iOS15", "iOS17"])
+def test_e2e_linear_matmul_einsum(opset):
+    helpers = pytest.importorskip("helpers")
+    import coremltools as ct
+    from coremltools.converters.mil.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    x, y = sample((2, 3, 5), np.float32), sample((2, 4, 5), np.float32, 1)
+    a, b = sample((2, 3, 4, 5), np.float32, 2), sample((2, 5, 4, 6), np.float32, 3)
+    w, bias = sample((6, 5), np.float32, 4), sample(6, np.float32, 5)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=s.shape, dtype=types.fp32) for s in (x, y, a, b)],
+                opset_version=getattr(ct.target, opset))
+    def prog(x, y, a, b):
+        return (mb.linear(x=x, weight=w, bias=bias, name="linear"),
+                mb.matmul(x=x, y=y, transpose_y=True, name="matmul"),
+                mb.einsum(values=(a, b), equation="nchw,nwhu->nchu", name="einsum"))
+
+    out = helpers.run_mil(prog, {"x": x, "y": y, "a": a, "b": b}, opset=opset)
+    f = lambda v: v.astype(np.float64)  # noqa: E731
+    refs = {"linear": f(x) @ f(w).T + f(bias), "matmul": f(x) @ np.swapaxes(f(y), -1, -2),
+            "einsum": np.einsum("nchw,nwhu->nchu", f(a), f(b))}
+    for name, ref in refs.items():
+        np.testing.assert_allclose(np.asarray(out[name], np.float64), ref, rtol=1e-5, atol=1e-5,
+                                   err_msg=name)

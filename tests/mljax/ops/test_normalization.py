@@ -153,3 +153,41 @@ def test_local_response_norm_rank5_uses_axis_minus_3():
 def test_one_implementation_serves_all_opsets(op):
     fns = {lookup(op, opset).fn for opset in (15, 16, 17, 18)}
     assert len(fns) == 1 and None not in fns
+
+
+# -------------------------------------------------------------------------- end to end
+@pytest.mark.parametrize("opset, fp16", [("iOS15", False), ("iOS17", True)])
+def test_e2e_all_normalizations_in_one_model(opset, fp16):
+    helpers = pytest.importorskip("helpers")
+    import coremltools as ct
+    from coremltools.converters.mil.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    x = sample((2, 3, 4, 5), np.float32)
+    mean, var = sample(3, np.float32, 1), np.abs(sample(3, np.float32, 2)) + 0.1
+    gamma, beta = sample(3, np.float32, 3), sample(3, np.float32, 4)
+    ln_gamma, ln_beta = sample((4, 5), np.float32, 5), sample((4, 5), np.float32, 6)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape, dtype=types.fp32)],
+                opset_version=getattr(ct.target, opset))
+    def prog(x):
+        return (mb.batch_norm(x=x, mean=mean, variance=var, gamma=gamma, beta=beta,
+                              epsilon=1e-3, name="bn"),
+                mb.instance_norm(x=x, gamma=gamma, beta=beta, name="inorm"),
+                mb.l2_norm(x=x, name="l2"),
+                mb.layer_norm(x=x, axes=[2, 3], gamma=ln_gamma, beta=ln_beta, name="ln"),
+                mb.local_response_norm(x=x, size=3, alpha=0.1, beta=0.75, k=2.0, name="lrn"))
+
+    out = helpers.run_mil(prog, {"x": x}, opset=opset, fp16=fp16)
+    F = torch.nn.functional
+    refs = {
+        "bn": F.batch_norm(t64(x), t64(mean), t64(var), t64(gamma), t64(beta), eps=1e-3),
+        "inorm": F.instance_norm(t64(x), weight=t64(gamma), bias=t64(beta)),
+        "l2": t64(_np_l2_norm(x.astype(np.float64), 1e-6)),
+        "ln": F.layer_norm(t64(x), (4, 5), t64(ln_gamma), t64(ln_beta)),
+        "lrn": torch.nn.LocalResponseNorm(3, alpha=0.1, beta=0.75, k=2.0)(t64(x)),
+    }
+    tol = dict(rtol=2e-2, atol=2e-2) if fp16 else dict(rtol=1e-4, atol=1e-5)
+    for name, ref in refs.items():
+        np.testing.assert_allclose(np.asarray(out[name], np.float64), ref.numpy(), **tol,
+                                   err_msg=name)

@@ -121,3 +121,33 @@ def test_ios17_output_dtype(op, ref):
 def test_one_implementation_serves_all_opsets(op):
     fns = {lookup(op, opset).fn for opset in (15, 16, 17, 18)}
     assert len(fns) == 1 and None not in fns
+
+
+# -------------------------------------------------------------------------- end to end
+@pytest.mark.parametrize("opset", ["iOS15", "iOS17"])
+def test_e2e_all_reductions_in_one_model(opset):
+    helpers = pytest.importorskip("helpers")
+    import coremltools as ct
+    from coremltools.converters.mil.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    x = np.random.default_rng(3).uniform(0.5, 1.5, (2, 3, 4)).astype(np.float32)
+    arg_kw = {"output_dtype": "int32"} if opset == "iOS17" else {}
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape, dtype=types.fp32)],
+                opset_version=getattr(ct.target, opset))
+    def prog(x):
+        outs = [getattr(mb, op)(x=x, axes=[0, 2], keep_dims=True, name=op) for op in sorted(REFS)]
+        outs.append(mb.reduce_sum(x=x, name="sum_all"))
+        outs.append(mb.reduce_argmax(x=x, axis=1, name="argmax", **arg_kw))
+        outs.append(mb.reduce_argmin(x=x, keep_dims=True, name="argmin", **arg_kw))
+        return tuple(outs)
+
+    out = helpers.run_mil(prog, {"x": x}, opset=opset)
+    x64 = x.astype(np.float64)
+    for op in sorted(REFS):
+        np.testing.assert_allclose(out[op], REFS[op](x64, axis=(0, 2), keepdims=True),
+                                   rtol=1e-5, atol=1e-5, err_msg=op)
+    np.testing.assert_allclose(out["sum_all"], x64.sum(), rtol=1e-5)
+    np.testing.assert_array_equal(out["argmax"], np.argmax(x, axis=1))
+    np.testing.assert_array_equal(out["argmin"], np.argmin(x, axis=-1, keepdims=True))
