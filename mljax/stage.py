@@ -31,8 +31,14 @@ class Stage:
 
 
 _BUILDERS: dict[str, Callable[..., Stage]] = {}
-# Modules that register builders, imported on first use (explicit, no import side effects elsewhere).
-_BUILDER_MODULES = ("mljax.mlprogram", "mljax.neuralnetwork", "mljax.classic", "mljax.pipeline")
+# The module that registers each model type's builder, imported on first use.
+_BUILDER_MODULES = {
+    "mlProgram": "mljax.mlprogram",
+    "neuralNetwork": "mljax.neuralnetwork", "neuralNetworkClassifier": "mljax.neuralnetwork",
+    "neuralNetworkRegressor": "mljax.neuralnetwork",
+    "pipeline": "mljax.pipeline", "pipelineClassifier": "mljax.pipeline", "pipelineRegressor": "mljax.pipeline",
+}
+_CLASSIC_MODULE = "mljax.classic"
 
 
 def register_stage_builder(*kinds: str):
@@ -46,20 +52,20 @@ def register_stage_builder(*kinds: str):
     return deco
 
 
-def _load_builders() -> None:
-    for name in _BUILDER_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
+def _load_builder(kind: str) -> None:
+    name = _BUILDER_MODULES.get(kind, _CLASSIC_MODULE)
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
 
 
 def build_stage(spec, model_dir, **options) -> Stage:
     """The stage for any Core ML model spec."""
     kind = spec.WhichOneof("Type")
     if kind not in _BUILDERS:
-        _load_builders()
+        _load_builder(kind)
     if kind not in _BUILDERS:
         raise UnsupportedError(f"Core ML model type {kind!r} is not supported; supported: {sorted(_BUILDERS)}")
     return _BUILDERS[kind](spec, model_dir, **options)
