@@ -362,3 +362,115 @@ def test_nms_jits():
         b, s, iou_threshold=0.3, score_threshold=0.1, max_boxes=4))
     ref = _ref_nms(boxes, scores, 0.3, 0.1, 4, False)
     np.testing.assert_array_equal(np.asarray(f(boxes, scores)[2]), ref[2])
+
+
+# ---------------------------------------------------------------- end to end (coremltools models)
+def _mb():
+    helpers = pytest.importorskip("helpers")
+    ct = pytest.importorskip("coremltools")
+    from coremltools.converters.mil.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+    return helpers, ct, mb, types
+
+
+def test_e2e_tensor_operation_ios17():
+    helpers, ct, mb, types = _mb()
+    x = rand((3, 4, 5), np.float32)
+    idx = np.array([[0, 3, 1], [2, 5, -1]], np.int32)
+    boxes, scores = _random_boxes(1, 8, 2)
+    boxes_t, scores_t = np.swapaxes(boxes, 1, 2).copy(), np.swapaxes(scores, 1, 2).copy()
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape, dtype=types.fp32),
+                             mb.TensorSpec(shape=idx.shape, dtype=types.int32),
+                             mb.TensorSpec(shape=boxes_t.shape, dtype=types.fp32),
+                             mb.TensorSpec(shape=scores_t.shape, dtype=types.fp32)],
+                opset_version=ct.target.iOS17)
+    def prog(x, idx, boxes, scores):
+        outs = [
+            mb.band_part(x=x, lower=1, upper=0, name="band"),
+            mb.cumsum(x=x, axis=1, exclusive=True, reverse=True, name="cumsum"),
+            mb.fill_like(ref_tensor=x, value=3.0, name="fill_like"),
+            mb.one_hot(indices=idx, one_hot_vector_size=4, axis=1, on_value=1.0, off_value=-1.0,
+                       name="one_hot"),
+            mb.pad(x=x, pad=[1, 1, 2, 0], mode="reflect", name="pad_reflect"),
+            mb.pad(x=x, pad=[0, 2], mode="constant", constant_val=-7.0, name="pad_const"),
+            mb.tile(x=x, reps=[1, 2, 1], name="tile"),
+            mb.argsort(x=x, axis=-1, ascending=True, name="argsort"),
+            mb.flatten2d(x=x, axis=2, name="flatten2d"),
+            mb.concat(values=[x, mb.mul(x=x, y=2.0)], axis=2, interleave=True, name="concat"),
+            mb.stack(values=[x, x], axis=1, name="stack"),
+            mb.range_1d(end=mb.gather(x=mb.shape(x=x), indices=2), start=0, step=1, name="range"),
+        ]
+        outs += list(mb.topk(x=x, k=2, axis=1, name="topk"))
+        outs += list(mb.split(x=x, num_splits=2, axis=1, name="split"))
+        outs += list(mb.non_maximum_suppression(boxes=boxes, scores=scores, iou_threshold=0.3,
+                                                max_boxes=5, name="nms"))
+        return tuple(outs)
+
+    got = helpers.run_mil(prog, {"x": x, "idx": idx, "boxes": boxes_t, "scores": scores_t})
+    m, n = np.arange(4)[:, None], np.arange(5)[None]
+    np.testing.assert_allclose(got["band"], np.where((m - n <= 1) & (n - m <= 0), x, 0))
+    rev = np.flip(x, 1)
+    excl = np.flip(np.cumsum(rev, 1) - rev, 1)
+    np.testing.assert_allclose(got["cumsum"], excl, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got["fill_like"], np.full(x.shape, 3.0))
+    ref_oh = np.moveaxis(np.where(idx[..., None] == np.arange(4), 1.0, -1.0), -1, 1)
+    np.testing.assert_array_equal(got["one_hot"], ref_oh)
+    np.testing.assert_array_equal(got["pad_reflect"],
+                                  np.pad(x, [(0, 0), (1, 1), (2, 0)], mode="reflect"))
+    np.testing.assert_array_equal(got["pad_const"],
+                                  np.pad(x, [(0, 0), (0, 0), (0, 2)], constant_values=-7.0))
+    np.testing.assert_array_equal(got["tile"], np.tile(x, [1, 2, 1]))
+    np.testing.assert_array_equal(got["argsort"], np.argsort(x, -1))
+    np.testing.assert_array_equal(got["flatten2d"], x.reshape(12, 5))
+    np.testing.assert_array_equal(got["concat"], np.stack([x, 2 * x], 3).reshape(3, 4, 10))
+    np.testing.assert_array_equal(got["stack"], np.stack([x, x], 1))
+    np.testing.assert_array_equal(got["range"], np.arange(5))
+    ref_v, ref_i = _ref_topk(x, 2, 1, False)
+    np.testing.assert_array_equal(got["topk_0"], ref_v)
+    np.testing.assert_array_equal(got["topk_1"], ref_i)
+    np.testing.assert_array_equal(got["split_0"], x[:, :2])
+    np.testing.assert_array_equal(got["split_1"], x[:, 2:])
+    ref = _ref_nms(boxes, scores, 0.3, -np.inf, 5, False)
+    np.testing.assert_allclose(got["nms_0"], np.swapaxes(ref[0], 1, 2), rtol=1e-6)
+    np.testing.assert_allclose(got["nms_1"], np.swapaxes(ref[1], 1, 2), rtol=1e-6)
+    np.testing.assert_array_equal(got["nms_2"], ref[2])
+
+
+def test_e2e_tensor_operation_ios15():
+    helpers, ct, mb, types = _mb()
+    x = rand((2, 6), np.float32)
+    boxes, scores = _random_boxes(2, 6, 3)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape, dtype=types.fp32),
+                             mb.TensorSpec(shape=boxes.shape, dtype=types.fp32),
+                             mb.TensorSpec(shape=scores.shape, dtype=types.fp32)],
+                opset_version=ct.target.iOS15)
+    def prog(x, boxes, scores):
+        outs = list(mb.topk(x=x, k=3, ascending=True, name="topk"))
+        outs += list(mb.non_maximum_suppression(
+            boxes=boxes, scores=scores, iou_threshold=0.2, score_threshold=0.3, max_boxes=4,
+            per_class_suppression=True, name="nms"))
+        outs.append(mb.fill(shape=mb.shape(x=x), value=1.5, name="fill"))
+        return tuple(outs)
+
+    got = helpers.run_mil(prog, {"x": x, "boxes": boxes, "scores": scores}, opset="iOS15")
+    ref_v, ref_i = _ref_topk(x, 3, -1, True)
+    np.testing.assert_array_equal(got["topk_0"], ref_v)
+    np.testing.assert_array_equal(got["topk_1"], ref_i)
+    ref = _ref_nms(boxes, scores, 0.2, 0.3, 4, True)
+    for i, r in enumerate(ref):
+        np.testing.assert_allclose(got[f"nms_{i}"], r, rtol=1e-6)
+    np.testing.assert_array_equal(got["fill"], np.full(x.shape, 1.5))
+
+
+def test_e2e_non_zero_of_a_model_input_is_data_dependent():
+    helpers, ct, mb, types = _mb()
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 3), dtype=types.fp32)],
+                opset_version=ct.target.iOS17)
+    def prog(x):
+        return mb.non_zero(x=x, name="nz")
+
+    with pytest.raises(OpError, match="data-dependent"):
+        helpers.run_mil(prog, {"x": np.eye(2, 3, dtype=np.float32)})

@@ -318,3 +318,91 @@ def test_sliding_windows(dtype, axis, size, stride):
     view = np.take(view, np.arange(0, view.shape[ax], stride), axis=ax)
     ref = np.moveaxis(view, -1, ax + 1)
     same(T.sliding_windows(x, axis=axis, size=size, stride=stride), ref)
+
+
+# ---------------------------------------------------------------- end to end (coremltools models)
+def _mb():
+    helpers = pytest.importorskip("helpers")
+    ct = pytest.importorskip("coremltools")
+    from coremltools.converters.mil.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+    return helpers, ct, mb, types
+
+
+def test_e2e_tensor_transformation_ios17():
+    helpers, ct, mb, types = _mb()
+    x4, v = rand((1, 8, 4, 6)), rand((3, 4, 5))
+    lengths = np.array([5, 0, 3], np.int32)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x4.shape, dtype=types.fp32),
+                             mb.TensorSpec(shape=v.shape, dtype=types.fp32),
+                             mb.TensorSpec(shape=lengths.shape, dtype=types.int32)],
+                opset_version=ct.target.iOS17)
+    def prog(x4, v, lengths):
+        r = mb.reshape(x=v, shape=[0, -1], name="reshape")
+        s2b = mb.space_to_batch(x=x4, block_shape=[2, 2], paddings=[[0, 0], [1, 1]], name="s2b")
+        return (
+            r,
+            mb.reshape_like(x=v, ref_tensors=(r,), begins=(0,), ends=(2,), end_masks=(False,),
+                            name="reshape_like"),
+            mb.expand_dims(x=v, axes=[0, -1], name="expand_dims"),
+            mb.squeeze(x=x4, axes=[0], name="squeeze"),
+            mb.transpose(x=v, perm=[2, 0, 1], name="transpose"),
+            mb.reverse(x=v, axes=[0, 2], name="reverse"),
+            mb.reverse_sequence(x=v, lengths=lengths, seq_axis=2, batch_axis=0, name="revseq"),
+            mb.slice_by_index(x=v, begin=[2, 0, -1], end=[0, 3, 0], stride=[-1, 2, -2],
+                              end_mask=[True, False, True], name="slice_by_index"),
+            mb.slice_by_size(x=v, begin=[1, 0, 2], size=[-1, 2, 3], name="slice_by_size"),
+            mb.sliding_windows(x=v, axis=2, size=3, stride=2, name="sliding"),
+            mb.depth_to_space(x=x4, block_size=2, name="d2s"),
+            mb.space_to_depth(x=x4, block_size=2, name="s2d"),
+            mb.pixel_shuffle(x=x4, upscale_factor=2, name="pshuf"),
+            mb.pixel_unshuffle(x=x4, downscale_factor=np.uint32(2), name="punshuf"),
+            s2b,
+            mb.batch_to_space(x=s2b, block_shape=[2, 2], crops=[[0, 0], [1, 1]], name="b2s"),
+        )
+
+    got = helpers.run_mil(prog, {"x4": x4, "v": v, "lengths": lengths})
+    tx = torch.from_numpy(x4)
+    np.testing.assert_array_equal(got["reshape"], v.reshape(4, 15))  # 0 copies dim 1, right-aligned
+    np.testing.assert_array_equal(got["reshape_like"], v.reshape(4, 15))
+    np.testing.assert_array_equal(got["expand_dims"], v[None, ..., None])
+    np.testing.assert_array_equal(got["squeeze"], x4[0])
+    np.testing.assert_array_equal(got["transpose"], v.transpose(2, 0, 1))
+    np.testing.assert_array_equal(got["reverse"], v[::-1, :, ::-1])
+    np.testing.assert_array_equal(got["revseq"], _ref_reverse_sequence(v, lengths, 2, 0))
+    np.testing.assert_array_equal(got["slice_by_index"], v[2::-1, 0:3:2, -1::-2])
+    np.testing.assert_array_equal(got["slice_by_size"], v[1:, 0:2, 2:5])
+    np.testing.assert_array_equal(got["sliding"], np.stack([v[..., 0:3], v[..., 2:5]], 2))
+    np.testing.assert_array_equal(got["d2s"], _ref_depth_to_space(x4, 2))
+    np.testing.assert_array_equal(T.depth_to_space(got["s2d"], block_size=2), x4)
+    np.testing.assert_array_equal(got["pshuf"], torch.nn.functional.pixel_shuffle(tx, 2).numpy())
+    np.testing.assert_array_equal(got["punshuf"],
+                                  torch.nn.functional.pixel_unshuffle(tx, 2).numpy())
+    np.testing.assert_array_equal(got["s2b"], _ref_space_to_batch(x4, [2, 2], [[0, 0], [1, 1]]))
+    np.testing.assert_array_equal(got["b2s"], x4)
+
+
+def test_e2e_reshape_ios15_and_slice_update_ios18():
+    helpers, ct, mb, types = _mb()
+    v, u = rand((3, 4, 5)), rand((2, 2, 3))
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=v.shape, dtype=types.fp32)],
+                opset_version=ct.target.iOS15)
+    def prog15(v):
+        return mb.reshape(x=v, shape=[0, -1, 5], name="r")
+
+    got = helpers.run_mil(prog15, {"v": v}, opset="iOS15")
+    np.testing.assert_array_equal(got["r"], v.reshape(3, 4, 5))
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=v.shape, dtype=types.fp32),
+                             mb.TensorSpec(shape=u.shape, dtype=types.fp32)],
+                opset_version=ct.target.iOS18)
+    def prog18(v, u):
+        return mb.slice_update(x=v, update=u, begin=[0, 1, 0], end=[3, 3, 5], stride=[2, 1, 2],
+                               name="su")
+
+    got = helpers.run_mil(prog18, {"v": v, "u": u}, opset="iOS18")
+    ref = v.copy()
+    ref[0:3:2, 1:3, 0:5:2] = u
+    np.testing.assert_array_equal(got["su"], ref)
