@@ -38,6 +38,20 @@ def _state(xs, i: int, batch: int, size: int, dtype):
     return jnp.zeros((batch, size), dtype)
 
 
+def recurrent_activation(a, v):
+    """An activation of a recurrent layer; parameterless hard sigmoid / linear / scaled tanh use
+    the MIL defaults (0.2, 0.5) / (1, 0) / (1, 1), as coremltools writes them without values."""
+    kind = a.WhichOneof("NonlinearityType")
+    if kind in ("sigmoidHard", "linear", "scaledTanh"):
+        q = getattr(a, kind)
+        if q.alpha == 0 and q.beta == 0:
+            alpha, beta = {"sigmoidHard": (0.2, 0.5), "linear": (1.0, 0.0), "scaledTanh": (1.0, 1.0)}[kind]
+            if kind == "sigmoidHard":
+                return jnp.clip(alpha * v + beta, 0, 1)
+            return alpha * v + beta if kind == "linear" else alpha * jnp.tanh(beta * v)
+    return apply_activation(a, v)
+
+
 def _out5(y):
     """``[S, B, H]`` -> ``[S, B, H, 1, 1]``."""
     return y.reshape(tuple(y.shape) + (1, 1))
@@ -80,7 +94,7 @@ def _lstm_scan(x, h0, c0, w, prefix, params, acts, reverse):
 
     def act(a, v, default):
         v = _clip(v)
-        return default(v) if a is None else apply_activation(a, v)
+        return default(v) if a is None else recurrent_activation(a, v)
 
     def step(carry, px):
         h, c = carry
@@ -167,8 +181,8 @@ def gru(p, w, xs, ctx):
     zeros = jnp.zeros((hsize,), x.dtype)
     pre = [_mm(x, w[f"{g}WeightMatrix"]) + w.get(f"{g}BiasVector", zeros) for g in _GRU_GATES]
     rec = [w[f"{g}RecursionMatrix"] for g in _GRU_GATES]
-    fa = (lambda v: jax.nn.sigmoid(v)) if f_act is None else (lambda v: apply_activation(f_act, v))
-    ga = jnp.tanh if g_act is None else (lambda v: apply_activation(g_act, v))
+    fa = jax.nn.sigmoid if f_act is None else (lambda v: recurrent_activation(f_act, v))
+    ga = jnp.tanh if g_act is None else (lambda v: recurrent_activation(g_act, v))
 
     def step(h, px):
         z = fa(_clip(px[0] + _mm(h, rec[0])))
@@ -201,7 +215,7 @@ def simple_recurrent(p, w, xs, ctx):
 
     def step(h, px):
         v = _clip(px + _mm(h, w["recursionMatrix"]))
-        h_new = apply_activation(p.activation, v) if has_act else jnp.tanh(v)
+        h_new = recurrent_activation(p.activation, v) if has_act else jnp.tanh(v)
         return h_new, h_new
 
     h, ys = lax.scan(step, h0, pre[::-1] if p.reverseInput else pre)
