@@ -1,0 +1,172 @@
+"""Run coremltools' ``MLModel.predict`` on mljax (Linux, or anywhere JAX runs).
+
+On Linux coremltools loads models without a Core ML engine (its ``__proxy__`` is ``None``)
+and ``predict`` / ``make_state`` refuse to run.  :func:`enable` routes both to mljax::
+
+    import coremltools as ct, mljax.coremltools
+    mljax.coremltools.enable()
+    model = ct.convert(program, convert_to="mlprogram")
+    model.predict({"x": x})          # runs on JAX
+
+The mljax model is built lazily from the coremltools model's spec and weights folder on
+the first ``predict`` / ``make_state`` and cached on the coremltools object.
+:func:`disable` restores coremltools' own methods.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+
+from mljax.errors import InputError
+
+__all__ = ["enable", "disable", "is_enabled", "mljax_model"]
+
+_CACHE_ATTR = "_mljax_bridge_model"
+_LOCK = threading.Lock()
+_ORIGINAL: dict[str, Any] = {}
+_OPTIONS: dict[str, Any] = {"compute_precision": None}
+
+
+def _ct_classes():
+    from coremltools.models import model as ct_model
+    return ct_model.MLModel, ct_model.MLState
+
+
+def is_enabled() -> bool:
+    """Whether coremltools' ``MLModel.predict`` currently runs on mljax."""
+    return bool(_ORIGINAL)
+
+
+def enable(*, compute_precision: str | None = None) -> None:
+    """Route ``coremltools.models.MLModel.predict`` and ``make_state`` to mljax.
+
+    Args:
+      compute_precision: passed to :class:`mljax.MLModel`; ``None`` computes in the declared
+        types, ``"float32"`` raises fp16 computation to fp32.
+    """
+    ct_mlmodel, _ = _ct_classes()
+    with _LOCK:
+        _OPTIONS["compute_precision"] = compute_precision
+        if _ORIGINAL:
+            return
+        for name in ("predict", "make_state"):
+            _ORIGINAL[name] = ct_mlmodel.__dict__[name]
+        ct_mlmodel.predict = _predict
+        ct_mlmodel.make_state = _make_state
+
+
+def disable() -> None:
+    """Restore coremltools' own ``predict`` and ``make_state``."""
+    ct_mlmodel, _ = _ct_classes()
+    with _LOCK:
+        for name, fn in _ORIGINAL.items():
+            setattr(ct_mlmodel, name, fn)
+        _ORIGINAL.clear()
+
+
+def mljax_model(ct_model):
+    """The :class:`mljax.MLModel` behind a coremltools ``MLModel`` (built once, then cached)."""
+    precision = _OPTIONS["compute_precision"]
+    cached = ct_model.__dict__.get(_CACHE_ATTR)
+    if cached is not None and cached.compute_precision == precision:
+        return cached
+    from mljax.model import MLModel
+    weights_dir = getattr(ct_model, "weights_dir", None) or getattr(ct_model, "_weights_dir", None)
+    model = MLModel(ct_model.get_spec(), weights_dir, function_name=_function_name(ct_model),
+                    compute_precision=precision)
+    ct_model.__dict__[_CACHE_ATTR] = model
+    return model
+
+
+def _function_name(ct_model) -> str | None:
+    name = getattr(ct_model, "function_name", None)
+    return name or None
+
+
+# --- the methods installed on coremltools' MLModel ----------------------------------------
+def _predict(self, data, state=None):
+    """coremltools' ``MLModel.predict``, computed by mljax (see :mod:`mljax.coremltools`)."""
+    if type(data) not in (list, dict):
+        raise TypeError(f'"data" parameter must be either a dict or list of dict, but got {type(data)}.')
+    if isinstance(data, list):
+        if not all(type(d) is dict for d in data):
+            raise TypeError('"data" list must contain only dictionaries')
+        if state is not None:
+            raise ValueError("State can only be used for unbatched predictions")
+    model = mljax_model(self)
+    items = data if isinstance(data, list) else [data]
+    prepared = [_ct_inputs(self, model, d) for d in items]
+    mj_state = None if state is None else _unwrap_state(state)
+    if isinstance(data, dict):
+        return model.predict(prepared[0], mj_state)
+    return model.predict(prepared)
+
+
+def _make_state(self):
+    """coremltools' ``MLModel.make_state``: fresh (zero) state buffers held by mljax."""
+    _, ct_state = _ct_classes()
+    return ct_state(_StateProxy(mljax_model(self).make_state()))
+
+
+# --- coremltools' input conventions -> mljax features --------------------------------------
+def _ct_inputs(ct_model, model, data: dict) -> dict:
+    """Check names the way coremltools does; tensors (torch, lists) -> NumPy; scalars -> arrays."""
+    verify = getattr(ct_model, "_verify_input_dict", None)
+    if verify is not None:
+        verify(data)
+    specs = model.input_description
+    out = {}
+    for name, value in data.items():
+        spec = specs.get(name)
+        out[name] = value if spec is None else _ct_value(spec, value)
+    return out
+
+
+def _ct_value(spec, value):
+    if spec.kind not in ("multiArray", "state"):
+        return value
+    if hasattr(value, "detach"):            # torch.Tensor
+        value = value.detach().cpu().numpy()
+    arr = np.asarray(value)
+    # Core ML takes a scalar for a one-element array feature.
+    if arr.ndim == 0 and spec.shape and int(np.prod(spec.shape)) == 1:
+        arr = arr.reshape(spec.shape)
+    return arr
+
+
+# --- state ---------------------------------------------------------------------------------
+class _StateProxy:
+    """What coremltools' ``MLState`` wraps: ``read_state`` / ``write_state`` on mljax state."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def read_state(self, name: str) -> np.ndarray:
+        self._check(name)
+        return np.array(self.state._values[name])
+
+    def write_state(self, name: str, value) -> None:
+        self._check(name)
+        old = self.state._values[name]
+        arr = np.asarray(value)
+        if tuple(arr.shape) != tuple(old.shape):
+            raise InputError(f"state {name!r}: expected shape {tuple(old.shape)}; found {tuple(arr.shape)}")
+        import jax.numpy as jnp
+        self.state._values[name] = jnp.asarray(arr, old.dtype)
+
+    def _check(self, name: str) -> None:
+        if name not in self.state._values:
+            raise InputError(f"expected a state name in {sorted(self.state._values)}; found {name!r}")
+
+
+def _unwrap_state(state):
+    from mljax.model import MLState
+    if isinstance(state, MLState):
+        return state
+    proxy = getattr(state, "__proxy__", None)
+    if isinstance(proxy, _StateProxy):
+        return proxy.state
+    raise InputError("state= must come from make_state() of a coremltools MLModel while "
+                     f"mljax.coremltools is enabled; found {type(state).__name__}")

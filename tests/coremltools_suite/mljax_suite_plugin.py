@@ -1,0 +1,269 @@
+"""pytest plugin: run coremltools' own MIL op tests with mljax as the prediction backend.
+
+Load it with ``-p mljax_suite_plugin`` (this folder on ``PYTHONPATH``), as
+``scripts/conformance.py`` does.  At configure time, before any coremltools test module
+is imported, it
+
+* makes coremltools believe it runs on macOS 15 (``_deps._IS_MACOS``,
+  ``models.utils._is_macos``, ``models.utils._macos_version``), so the tests call
+  ``MLModel.predict`` and compare its outputs with their expected values;
+* restricts the backends to ML programs (``PYMIL_TEST_TARGETS=mlprogram``; items
+  parametrized with the neuralnetwork backend are deselected as well);
+* enables :mod:`mljax.coremltools`, so ``predict`` / ``make_state`` run on mljax.
+
+Every test is recorded as one JSON line (``--mljax-results DIR``): whether it reached
+``predict``, its outcome, and for a failure its category, the op concerned and a message.
+Only tests that reach ``predict`` test mljax; the others are reported but not counted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+_REACHED: dict = {}
+_OUT: list = []        # [file handle]
+_TIMEOUT = [0.0]
+
+
+class SuiteTimeout(Exception):
+    """A test ran past --mljax-timeout seconds."""
+
+
+# --- configuration ----------------------------------------------------------------------
+def pytest_addoption(parser):
+    group = parser.getgroup("mljax", "coremltools suite on mljax")
+    group.addoption("--mljax-results", default=None,
+                    help="folder for per-process JSON-lines results (one line per test)")
+    group.addoption("--mljax-timeout", type=float, default=300.0,
+                    help="seconds per test before it is failed as a timeout (0: none)")
+    group.addoption("--mljax-fp32-compute", action="store_true",
+                    help="run fp16 programs with fp32 compute (Core ML CPU behaviour)")
+    group.addoption("--mljax-select", default=None,
+                    help="file of node ids (one a line, '#' comments): run only those")
+    group.addoption("--mljax-every", type=int, default=0,
+                    help="run a fixed 1-in-K sample (by a stable hash of the node id)")
+
+
+def _pretend_macos() -> None:
+    os.environ.setdefault("PYMIL_TEST_TARGETS", "mlprogram")
+    import coremltools._deps as deps
+    import coremltools.models.utils as ct_utils
+    deps._IS_MACOS = True
+    ct_utils._is_macos = lambda: True
+    ct_utils._macos_version = lambda: (15, 0)
+    loaded = [m for m in sys.modules if m.startswith("coremltools.converters.mil.testing_utils")]
+    if loaded:
+        raise RuntimeError(f"mljax_suite_plugin must load before coremltools' tests; found {loaded} imported")
+
+
+def pytest_configure(config):
+    _pretend_macos()
+    import mljax.coremltools as bridge
+    bridge.enable(compute_precision="float32" if config.getoption("--mljax-fp32-compute") else None)
+    _wrap_predict()
+    _TIMEOUT[0] = config.getoption("--mljax-timeout") or 0.0
+    folder = config.getoption("--mljax-results")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        _OUT.append(open(Path(folder) / f"results-{worker}-{os.getpid()}.jsonl", "a"))
+
+
+def pytest_unconfigure(config):
+    for f in _OUT:
+        f.close()
+    _OUT.clear()
+
+
+def stable_hash(nodeid: str) -> int:
+    """A hash of a node id that is the same in every process and on every machine."""
+    return int(hashlib.sha1(nodeid.encode()).hexdigest()[:12], 16)
+
+
+def in_sample(nodeid: str, every: int) -> bool:
+    """The fixed 1-in-``every`` sample of the suite."""
+    return every <= 1 or stable_hash(nodeid) % every == 0
+
+
+def read_nodeids(path) -> list[str]:
+    lines = (ln.strip() for ln in Path(path).read_text().splitlines())
+    return [ln for ln in lines if ln and not ln.startswith("#")]
+
+
+def pytest_collection_modifyitems(config, items):
+    wanted = config.getoption("--mljax-select")
+    wanted = set(read_nodeids(wanted)) if wanted else None
+    every = config.getoption("--mljax-every")
+    keep, drop = [], []
+    for item in items:
+        ok = ("neuralnetwork" not in item.nodeid and in_sample(item.nodeid, every)
+              and (wanted is None or item.nodeid in wanted))
+        (keep if ok else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+# --- recording predict --------------------------------------------------------------------
+def _program_ops(ct_model) -> list[str]:
+    """Op types of the model's ML program (all functions, nested blocks), consts left out."""
+    try:
+        spec = ct_model._spec
+    except AttributeError:
+        return []
+    if spec.WhichOneof("Type") != "mlProgram":
+        return [spec.WhichOneof("Type")]
+    seen: dict[str, None] = {}
+
+    def walk(block):
+        for op in block.operations:
+            if op.type != "const":
+                seen.setdefault(op.type)
+            for b in op.blocks:
+                walk(b)
+    for fn in spec.mlProgram.functions.values():
+        for block in fn.block_specializations.values():
+            walk(block)
+    return list(seen)
+
+
+def _recording(method):
+    """Wrap a bridge method: mark the test as having reached mljax, time it, keep its error."""
+    def wrapper(self, *args, **kwargs):
+        _REACHED["reached"] = True
+        _REACHED.setdefault("ops", _program_ops(self))
+        start = time.monotonic()
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException as e:   # noqa: BLE001 - recorded, then re-raised unchanged
+            _REACHED.setdefault("predict_error", e)
+            raise
+        finally:
+            _REACHED["predict_seconds"] = _REACHED.get("predict_seconds", 0.0) + time.monotonic() - start
+    wrapper._mljax_suite = True
+    wrapper.__doc__ = method.__doc__
+    return wrapper
+
+
+def _wrap_predict() -> None:
+    """Record every call of ``predict`` and ``make_state`` (both build and run the mljax model)."""
+    from coremltools.models import model as ct_model
+    for name in ("predict", "make_state"):
+        method = getattr(ct_model.MLModel, name)
+        if not getattr(method, "_mljax_suite", False):
+            setattr(ct_model.MLModel, name, _recording(method))
+
+
+# --- per-test bookkeeping -------------------------------------------------------------------
+def _alarm(signum, frame):
+    raise SuiteTimeout(f"test ran past {_TIMEOUT[0]:.0f} s")
+
+
+def pytest_runtest_setup(item):
+    _REACHED.clear()
+    _REACHED["start"] = time.monotonic()
+    if _TIMEOUT[0] > 0 and hasattr(signal, "SIGALRM"):
+        signal.signal(signal.SIGALRM, _alarm)
+        signal.setitimer(signal.ITIMER_REAL, _TIMEOUT[0])
+
+
+def pytest_runtest_teardown(item, nextitem):
+    if _TIMEOUT[0] > 0 and hasattr(signal, "SIGALRM"):
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+_OP_IN_LOWERING = re.compile(r"op '[^']*' \(([A-Za-z0-9_]+), iOS\d+\)")
+
+
+def _op_from_traceback(exc: BaseException) -> str | None:
+    """The MIL op type being lowered when ``exc`` was raised (mljax/lower.py's ``_call``)."""
+    tb, found = exc.__traceback__, None
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "_call" and "mljax" in frame.f_code.co_filename:
+            op = frame.f_locals.get("op")
+            found = getattr(op, "type", found)
+        tb = tb.tb_next
+    if found is None:
+        m = _OP_IN_LOWERING.search(str(exc))
+        found = m.group(1) if m else None
+    return found
+
+
+def _test_op(item) -> str:
+    """The op a test class is about: ``TestConvTranspose`` -> ``conv_transpose``."""
+    cls = getattr(item, "cls", None)
+    name = cls.__name__ if cls is not None else item.name.split("[")[0]
+    name = re.sub(r"^Test_?", "", name)
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
+    line = lines[0] if lines else ""
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def _classify(exc: BaseException | None, item) -> dict:
+    """Failure category, the op blamed, and a one-line message."""
+    from mljax.errors import MLJaxError, UnsupportedOpError
+    pred_exc = _REACHED.get("predict_error")
+    if exc is None:
+        return {"category": "unknown", "op": _test_op(item), "message": ""}
+    if isinstance(exc, SuiteTimeout):
+        return {"category": "timeout", "op": _test_op(item), "message": str(exc)}
+    if pred_exc is not None and exc is pred_exc:
+        if isinstance(exc, UnsupportedOpError):
+            ops = sorted({op for op, _ in exc.missing})
+            return {"category": "unsupported_op", "op": ",".join(ops), "message": _first_line(exc)}
+        op = _op_from_traceback(exc) or _test_op(item)
+        kind = "mljax_error" if isinstance(exc, MLJaxError) else "crash_in_predict"
+        return {"category": kind, "op": op,
+                "message": f"{type(exc).__name__}: {_first_line(exc)}"}
+    if isinstance(exc, AssertionError):
+        text = str(exc)
+        kind = "shape_mismatch" if "shape" in text and "Not equal to tolerance" not in text else "value_mismatch"
+        return {"category": kind, "op": _test_op(item), "message": _first_line(_assert_summary(text))}
+    return {"category": "error_after_predict", "op": _test_op(item),
+            "message": f"{type(exc).__name__}: {_first_line(exc)}"}
+
+
+def _assert_summary(text: str) -> str:
+    """numpy's assert_allclose text -> 'Mismatched elements ...; Max absolute difference ...'."""
+    parts = [ln.strip() for ln in text.splitlines()
+             if ln.strip().startswith(("Mismatched elements", "Max absolute", "Max relative"))]
+    return "; ".join(parts) if parts else text
+
+
+def pytest_runtest_makereport(item, call):
+    if call.when != "call" and not (call.when == "setup" and call.excinfo is not None):
+        return
+    reached = bool(_REACHED.get("reached"))
+    exc = call.excinfo.value if call.excinfo is not None else None
+    skipped = call.excinfo is not None and call.excinfo.typename in ("Skipped", "XFailed")
+    if call.excinfo is None:
+        outcome = "passed"
+    elif skipped:
+        outcome = "skipped"
+    else:
+        outcome = "failed"
+    rec = {"nodeid": item.nodeid, "file": item.nodeid.split("::")[0], "outcome": outcome,
+           "reached": reached, "seconds": round(time.monotonic() - _REACHED.get("start", time.monotonic()), 3),
+           "predict_seconds": round(_REACHED.get("predict_seconds", 0.0), 3),
+           "ops": _REACHED.get("ops", [])}
+    if outcome == "failed":
+        rec.update(_classify(exc, item))
+        if not reached:
+            rec["category"] = "before_predict"
+    elif outcome == "skipped":
+        rec["message"] = _first_line(getattr(exc, "msg", exc) if exc is not None else "")
+    if _OUT:
+        _OUT[0].write(json.dumps(rec) + "\n")
+        _OUT[0].flush()
+
