@@ -1,10 +1,12 @@
 """MIL ``tensor_transformation`` ops: reshapes, slices, transposes and block rearrangements.
 
-Shapes, axes and slice bounds are keyword-only: they must be known before tracing (MIL allows
-``reshape``'s ``shape`` and the slice ``begin``/``end`` to be tensors; mljax needs them static).
+Shapes and axes are keyword-only: they must be known before tracing (MIL allows ``reshape``'s
+``shape`` to be a tensor; mljax needs it static). Slice ``begin``/``end`` are tensor inputs: static
+values give NumPy slicing; values computed from the model's inputs work when the slice size is static.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -237,18 +239,20 @@ def reverse_sequence(x, lengths, *, seq_axis=0, batch_axis=0):
 
 
 # ---------------------------------------------------------------- slicing
+def _traced(*values) -> bool:
+    return any(isinstance(v, jax.core.Tracer) for v in values)
+
+
 def _index_slices(shape, begin, end, stride, begin_mask, end_mask, squeeze_mask, op: str):
-    """Python slices for ``slice_by_index``-style inputs, plus the dims to squeeze."""
+    """Python slices for ``slice_by_index``-style static inputs, plus the dims to squeeze."""
     rank = len(shape)
     begin = _ints(begin, op, "begin")
     end = _ints(end, op, "end")
-    stride = [1] * rank if stride is None else _ints(stride, op, "stride")
+    stride = _strides(stride, rank, op)
     bm, em, sm = (_bools(m, rank) for m in (begin_mask, end_mask, squeeze_mask))
-    if not len(begin) == len(end) == len(stride) == rank:
-        raise OpError(f"{op}: begin/end/stride must each have rank(x)={rank} entries, found "
-                      f"{len(begin)}/{len(end)}/{len(stride)}")
-    if 0 in stride:
-        raise OpError(f"{op}: stride entries must be non-zero, found {stride}")
+    if not len(begin) == len(end) == rank:
+        raise OpError(f"{op}: begin/end must each have rank(x)={rank} entries, found "
+                      f"{len(begin)}/{len(end)}")
     slices = []
     for i in range(rank):
         b = None if bm[i] else begin[i]
@@ -263,42 +267,104 @@ def _index_slices(shape, begin, end, stride, begin_mask, end_mask, squeeze_mask,
     return tuple(slices), tuple(i for i in range(rank) if sm[i])
 
 
+def _strides(stride, rank: int, op: str) -> list[int]:
+    stride = [1] * rank if stride is None else _ints(stride, op, "stride")
+    if len(stride) != rank or 0 in stride:
+        raise OpError(f"{op}: stride must have rank(x)={rank} non-zero entries, found {stride}")
+    return stride
+
+
+def _region_sizes(out_shape, rank: int, squeeze_mask, op: str) -> list[int]:
+    """Per-dim element counts of a slice whose (squeezed) result has static ``out_shape``."""
+    squeezed = _bools(squeeze_mask, rank)
+    if out_shape is None or not all(isinstance(d, (int, np.integer)) for d in out_shape):
+        raise OpError(f"{op}: with begin/end computed from the model's inputs the slice size must "
+                      f"be static, but the output shape is {out_shape}")
+    if len(out_shape) == rank:
+        return [int(d) for d in out_shape]
+    if len(out_shape) != rank - sum(squeezed):
+        raise OpError(f"{op}: slice of shape {tuple(out_shape)} does not match rank {rank} with "
+                      f"squeeze_mask {squeezed}")
+    dims = iter(out_shape)
+    return [1 if sq else int(next(dims)) for sq in squeezed]
+
+
+def _window_starts(shape, begin, sizes, stride, begin_mask):
+    """Traced ``begin`` -> the lowest index each strided window touches (wrapping negatives)."""
+    begin = jnp.asarray(begin).astype(jnp.int32).reshape(-1)
+    bm = _bools(begin_mask, len(shape))
+    starts = []
+    for i, (d, n, s) in enumerate(zip(shape, sizes, stride)):
+        b = jnp.int32(0 if s > 0 else d - 1) if bm[i] else begin[i]
+        b = jnp.clip(jnp.where(b < 0, b + d, b), 0, max(d - 1, 0))  # Python's clamping
+        starts.append(b if s > 0 else b - (max(n, 1) - 1) * -s)
+    return starts
+
+
 @register("slice_by_index")
-def slice_by_index(x, *, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
+def slice_by_index(x, begin, end, *, stride=None, begin_mask=None, end_mask=None,
+                   squeeze_mask=None, ctx=None):
     """NumPy ``x[begin:end:stride, ...]`` per dim (Python clamping and negative indices); masks make
     ``begin``/``end`` open, ``squeeze_mask`` indexes ``begin[i]`` and drops the dim.
 
-    ``begin``/``end`` may be tensors in MIL; mljax needs them known before tracing.
+    ``begin``/``end`` may be computed from the model's inputs when the declared output shape is
+    static (e.g. ``x[:, i]``): the slice then starts at the traced ``begin`` (``end`` is implied).
     """
     x = jnp.asarray(x)
-    slices, squeeze_dims = _index_slices(x.shape, begin, end, stride, begin_mask, end_mask,
-                                         squeeze_mask, "slice_by_index")
-    out = x[slices]
-    return jnp.squeeze(out, axis=squeeze_dims) if squeeze_dims else out
+    if not _traced(begin, end):
+        slices, squeeze_dims = _index_slices(x.shape, begin, end, stride, begin_mask, end_mask,
+                                             squeeze_mask, "slice_by_index")
+        out = x[slices]
+        return jnp.squeeze(out, axis=squeeze_dims) if squeeze_dims else out
+    out_shape = ctx.output_types[0].shape if ctx is not None and ctx.output_types else None
+    sizes = _region_sizes(out_shape, x.ndim, squeeze_mask, "slice_by_index")
+    stride = _strides(stride, x.ndim, "slice_by_index")
+    starts = _window_starts(x.shape, begin, sizes, stride, begin_mask)
+    window = lax.dynamic_slice(x, starts, [(n - 1) * abs(s) + 1 if n else 0
+                                           for n, s in zip(sizes, stride)])
+    return window[tuple(slice(None, None, s) for s in stride)].reshape(out_shape)
 
 
 @register("slice_update", "iOS18")
-def slice_update(x, update, *, begin, end, stride=None, begin_mask=None, end_mask=None,
+def slice_update(x, update, begin, end, *, stride=None, begin_mask=None, end_mask=None,
                  squeeze_mask=None):
-    """Return ``x`` with the ``slice_by_index`` region replaced by ``update`` (reshaped to the region)."""
-    x = jnp.asarray(x)
-    slices, _ = _index_slices(x.shape, begin, end, stride, begin_mask, end_mask, squeeze_mask,
-                              "slice_update")
-    region = tuple(len(range(d)[s]) for d, s in zip(x.shape, slices))
-    update = jnp.asarray(update)
-    if int(np.prod(region)) != update.size:
-        raise OpError(f"slice_update: update of shape {update.shape} does not fit the slice region "
-                      f"of shape {region}")
-    return x.at[slices].set(update.reshape(region).astype(x.dtype))
+    """Return ``x`` with the ``slice_by_index`` region replaced by ``update``.
+
+    ``begin``/``end`` may be computed from the model's inputs (e.g. a KV-cache position): the
+    region then starts at the traced ``begin`` and has ``update``'s shape.
+    """
+    x, update = jnp.asarray(x), jnp.asarray(update)
+    if not _traced(begin, end):
+        slices, _ = _index_slices(x.shape, begin, end, stride, begin_mask, end_mask, squeeze_mask,
+                                  "slice_update")
+        region = tuple(len(range(d)[s]) for d, s in zip(x.shape, slices))
+        if int(np.prod(region)) != update.size:
+            raise OpError(f"slice_update: update of shape {update.shape} does not fit the slice "
+                          f"region of shape {region}")
+        return x.at[slices].set(update.reshape(region).astype(x.dtype))
+    sizes = _region_sizes(update.shape, x.ndim, squeeze_mask, "slice_update")
+    stride = _strides(stride, x.ndim, "slice_update")
+    starts = _window_starts(x.shape, begin, sizes, stride, begin_mask)
+    update = update.reshape(sizes).astype(x.dtype)
+    if all(s == 1 for s in stride):
+        return lax.dynamic_update_slice(x, update, starts)
+    index = [(lo + jnp.arange((n - 1) * abs(s) + 1 if n else 0))[::s]
+             for lo, n, s in zip(starts, sizes, stride)]
+    return x.at[jnp.ix_(*index)].set(update)
 
 
 @register("slice_by_size")
-def slice_by_size(x, *, begin, size):
+def slice_by_size(x, begin, *, size):
     """``x[begin[i] : begin[i] + size[i]]`` per dim; ``size[i] == -1`` takes the rest, negative
-    ``begin`` counts from the end."""
+    ``begin`` counts from the end. A traced ``begin`` needs ``size`` without -1."""
     x = jnp.asarray(x)
-    begin = _ints(begin, "slice_by_size", "begin")
     size = _ints(size, "slice_by_size", "size")
+    if _traced(begin):
+        if -1 in size or len(size) != x.ndim:
+            raise OpError(f"slice_by_size: with a begin computed from the model's inputs, size must "
+                          f"list rank(x)={x.ndim} explicit sizes, found {size}")
+        return lax.dynamic_slice(x, _window_starts(x.shape, begin, size, [1] * x.ndim, None), size)
+    begin = _ints(begin, "slice_by_size", "begin")
     if not len(begin) == len(size) == x.ndim:
         raise OpError(f"slice_by_size: begin/size must have rank(x)={x.ndim} entries, found "
                       f"{len(begin)}/{len(size)}")

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from mljax.errors import OpError
+from mljax.mil.types import DTYPES, TensorType
 from mljax.ops import _registry
+from mljax.ops._registry import OpContext
 from mljax.ops import tensor_transformation as T
 
 RNG = np.random.default_rng(1)
@@ -305,8 +307,47 @@ def test_slice_errors():
         T.slice_by_size(X24, begin=[0, 0, 0], size=[3, 1, 1])
     with pytest.raises(OpError, match="rank"):
         T.slice_by_index(X24, begin=[0, 0], end=[1, 1])
-    with pytest.raises(OpError, match="before tracing"):
+    with pytest.raises(OpError, match="must be static"):  # traced begin, output shape unknown
         jax.jit(lambda b: T.slice_by_index(X24, begin=b, end=[1, 1, 1]))(np.zeros(3, np.int32))
+    with pytest.raises(OpError, match="explicit sizes"):
+        jax.jit(lambda b: T.slice_by_size(X24, b, size=[1, -1, 1]))(np.zeros(3, np.int32))
+
+
+def _ctx_with_output(shape, dtype="fp32"):
+    return OpContext("slice_by_index", "s", 17,
+                     output_types=(TensorType(DTYPES[dtype], tuple(shape)),))
+
+
+@pytest.mark.parametrize("case", range(len(SLICE_CASES)))
+def test_slice_by_index_traced_begin(case):
+    """begin/end computed from model inputs: the declared (static) output shape gives the size."""
+    kwargs, expr = SLICE_CASES[case]
+    x = X24.astype(np.float32)
+    expected = np.asarray(expr(x))
+    begin, end = (np.array(kwargs[k], np.int32) for k in ("begin", "end"))
+    rest = {k: np.array(v) for k, v in kwargs.items() if k not in ("begin", "end")}
+    ctx = _ctx_with_output(expected.shape)
+    out = jax.jit(lambda b, e: T.slice_by_index(x, b, e, ctx=ctx, **rest))(begin, end)
+    same(out, expected)
+
+
+@pytest.mark.parametrize("case", range(len(SLICE_CASES)))
+def test_slice_update_traced_begin(case):
+    kwargs, expr = SLICE_CASES[case]
+    x = X24.astype(np.float32)
+    region = np.asarray(expr(x))
+    update = rand(region.shape, np.float32)
+    begin, end = (np.array(kwargs[k], np.int32) for k in ("begin", "end"))
+    rest = {k: np.array(v) for k, v in kwargs.items() if k not in ("begin", "end")}
+    expected = T.slice_update(x, update, begin, end, **rest)  # the static path, tested above
+    out = jax.jit(lambda b, e: T.slice_update(x, update, b, e, **rest))(begin, end)
+    same(out, np.asarray(expected))
+
+
+def test_slice_by_size_traced_begin():
+    x = X24.astype(np.int32)
+    out = jax.jit(lambda b: T.slice_by_size(x, b, size=[1, 2, 3]))(np.array([1, -2, 1], np.int32))
+    same(out, x[1:2, 1:3, 1:4])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int32])
@@ -406,3 +447,32 @@ def test_e2e_reshape_ios15_and_slice_update_ios18():
     ref = v.copy()
     ref[0:3:2, 1:3, 0:5:2] = u
     np.testing.assert_array_equal(got["su"], ref)
+
+
+def test_e2e_slices_with_begin_from_a_model_input():
+    """KV-cache style: the slice position is a model input (iOS18 slice_update + slice_by_index)."""
+    helpers, ct, mb, types = _mb()
+    v, u = rand((3, 4, 5)), rand((3, 1, 5))
+    pos = np.array([2], np.int32)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=v.shape, dtype=types.fp32),
+                             mb.TensorSpec(shape=u.shape, dtype=types.fp32),
+                             mb.TensorSpec(shape=(1,), dtype=types.int32)],
+                opset_version=ct.target.iOS18)
+    def prog(v, u, pos):
+        zero = np.array([0], np.int32)
+        begin = mb.concat(values=[zero, pos, zero], axis=0)
+        end = mb.concat(values=[np.array([3], np.int32), mb.add(x=pos, y=1),
+                                np.array([5], np.int32)], axis=0)
+        updated = mb.slice_update(x=v, update=u, begin=begin, end=end, name="su")
+        row = mb.slice_by_index(x=updated, begin=begin, end=end, begin_mask=[True, False, True],
+                                end_mask=[True, False, True], squeeze_mask=[False, True, False],
+                                name="row")
+        return updated, row
+
+    got = helpers.run_mil(prog, {"v": v, "u": u, "pos": pos}, opset="iOS18")
+    ref = v.copy()
+    ref[:, 2:3, :] = u
+    np.testing.assert_array_equal(got["su"], ref)
+    np.testing.assert_array_equal(got["row"], u[:, 0, :])
+
