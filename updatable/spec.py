@@ -176,6 +176,7 @@ def read_update_spec(spec) -> UpdateSpec:
     return UpdateSpec(
         nn_path=path, nn_kind=kind, updatable_layers=layers, loss=loss, optimizer=opt[:-len("Optimizer")],
         params=params, training_inputs={f.name: f for f in desc.trainingInput},
-        class_labels=labels, predicted_feature=desc.predictedFeatureName or None,
+        class_labels=labels,
+        predicted_feature=desc.predictedFeatureName or model.description.predictedFeatureName or None,
         layer_types={l.name: l.WhichOneof("layer") for l in nn.layers},
     )
