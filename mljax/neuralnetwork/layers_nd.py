@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from mljax.neuralnetwork._base import fail, layer, static_value, xp
+from mljax.neuralnetwork._base import layer, static_value, xp
 from mljax.neuralnetwork.weights import decode_weights
 
 _HIGHEST = lax.Precision.HIGHEST
