@@ -94,7 +94,10 @@ class MLModel:
         if self._stage.postprocess is not None:
             outputs = self._stage.postprocess(outputs)
         specs = self._stage.outputs
-        return {k: convert_output(specs.get(k), v) for k, v in outputs.items() if not specs or k in specs}
+        if not specs:
+            return outputs
+        # in the model description's order (JAX returns dict pytrees sorted by key)
+        return {k: convert_output(specs[k], outputs[k]) for k in specs if k in outputs}
 
     def predict(self, data, state: "MLState | None" = None):
         """Predict one dict of features, or a list of dicts (batched in one call when shapes agree)."""
