@@ -49,8 +49,7 @@ def _mil_lstm_weights(m, suffix="", bias=True):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
-@pytest.mark.parametrize("output_sequence", [True, False])
-@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("output_sequence,bias", [(True, True), (False, False)])
 def test_lstm_vs_torch(dtype, direction, output_sequence, bias):
     seq, batch, inp, hidden = 5, 3, 4, 6
     m, x, h0, c0 = _torch_lstm(seq, batch, inp, hidden, False, bias)
@@ -67,8 +66,7 @@ def test_lstm_vs_torch(dtype, direction, output_sequence, bias):
     assert_close(c, _np(cn)[0], **TOL[dtype])
 
 
-@pytest.mark.parametrize("output_sequence", [True, False])
-@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("output_sequence,bias", [(True, True), (False, False)])
 def test_bidirectional_lstm_vs_torch(output_sequence, bias):
     seq, batch, inp, hidden = 4, 2, 3, 5
     m, x, h0, c0 = _torch_lstm(seq, batch, inp, hidden, True, bias)
@@ -109,9 +107,10 @@ def _np_lstm(x, h, c, w_ih, w_hh, b, p, acts, clip):
     return np.stack(hs), h, c
 
 
-@pytest.mark.parametrize("acts", [("sigmoid", "tanh", "tanh"), ("hard_sigmoid", "relu", "linear"),
-                                  ("sigmoid", "scaled_tanh", "relu"), ("tanh", "linear", "sigmoid")])
-@pytest.mark.parametrize("clip", [50.0, 0.2])
+@pytest.mark.parametrize("acts,clip", [(("sigmoid", "tanh", "tanh"), 50.0),
+                                       (("hard_sigmoid", "relu", "linear"), 0.2),
+                                       (("sigmoid", "scaled_tanh", "relu"), 0.2),
+                                       (("tanh", "linear", "sigmoid"), 50.0)])
 def test_lstm_peephole_clip_activations(acts, clip):
     s, b, i, hdim = 6, 2, 3, 4
     x = RNG.standard_normal((s, b, i)).astype(np.float32)
@@ -149,8 +148,7 @@ def _torch_gru(seq, batch, inp, hidden):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
-@pytest.mark.parametrize("output_sequence", [True, False])
+@pytest.mark.parametrize("direction,output_sequence", [("forward", True), ("reverse", False)])
 def test_gru_reset_after_vs_torch(dtype, direction, output_sequence):
     m, x, h0 = _torch_gru(5, 3, 4, 6)
     out, hn = m(torch.flip(x, [0]) if direction == "reverse" else x, h0)
@@ -179,8 +177,9 @@ def _np_gru(x, h, w_ih, w_hh, b, acts, in_bias=0.0):
     return np.stack(hs), h
 
 
-@pytest.mark.parametrize("acts", [("sigmoid", "tanh"), ("tanh", "sigmoid"), ("hard_sigmoid", "relu")])
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("acts,direction", [(("sigmoid", "tanh"), "forward"),
+                                            (("tanh", "sigmoid"), "reverse"),
+                                            (("hard_sigmoid", "relu"), "reverse")])
 def test_gru_reset_before(acts, direction):
     s, b, i, hdim = 4, 2, 3, 5
     x = RNG.standard_normal((s, b, i)).astype(np.float32)
@@ -204,9 +203,8 @@ def test_gru_reset_before(acts, direction):
 
 # --- rnn --------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
-@pytest.mark.parametrize("activation", ["tanh", "relu"])
-@pytest.mark.parametrize("output_sequence", [True, False])
+@pytest.mark.parametrize("direction,activation,output_sequence",
+                         [("forward", "tanh", True), ("reverse", "relu", False)])
 def test_rnn_vs_torch(dtype, direction, activation, output_sequence):
     torch.manual_seed(7)
     m = torch.nn.RNN(4, 5, 1, nonlinearity=activation)
