@@ -223,13 +223,15 @@ def resize(x, *, shape, resized_dims, interpolation_mode="LINEAR", sampling_mode
 
 @register("crop")
 def crop(x, *, crop_height, crop_width):
-    """Crop ``crop_height = [top, bottom]`` and ``crop_width = [left, right]`` off the last two axes."""
+    """Crop ``[top, bottom]`` (``crop_height``) and ``[left, right]`` (``crop_width``) off H, W."""
     x = jnp.asarray(x)
     _check_rank(x, "crop")
-    (top, bottom), (left, right) = (np.asarray(c, int).reshape(-1) for c in (crop_height, crop_width))
+    (top, bottom), (left, right) = (np.asarray(c, int).reshape(-1)
+                                    for c in (crop_height, crop_width))
     h, w = x.shape[-2:]
     if top + bottom >= h + 1 or left + right >= w + 1 or min(top, bottom, left, right) < 0:
-        raise OpError(f"crop amounts {[top, bottom]}, {[left, right]} do not fit spatial size {(h, w)}")
+        raise OpError(f"crop amounts {[top, bottom]}, {[left, right]} do not fit spatial size "
+                      f"{(h, w)}")
     return x[..., top:h - bottom, left:w - right]
 
 
@@ -252,7 +254,7 @@ def _box_corners(boxes, mode: str):
 
 
 def _bilinear_at(img, ys, xs, pad_value):
-    """Sample ``img [..., H, W]`` at the grid ``ys [h] x xs [w]``; outside points get ``pad_value``."""
+    """Sample ``img [..., H, W]`` on the grid ``ys [h] x xs [w]``; outside points: ``pad_value``."""
     h, w = img.shape[-2:]
     out = _lerp_axis(_lerp_axis(img, ys, img.ndim - 2), xs, img.ndim - 1)
     inside = (((ys >= 0) & (ys <= h - 1))[:, None]) & (((xs >= 0) & (xs <= w - 1))[None, :])

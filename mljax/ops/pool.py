@@ -40,7 +40,8 @@ def _window(x, kernel_sizes, strides, pad_type, pad, ceil_mode):
     for size, (b, a), k, s in zip(x.shape[2:], pads, kernel, strides):
         out = _out_size(size, b, a, k, s, bool(ceil_mode))
         if out <= 0:
-            raise OpError(f"kernel {k} with padding ({b}, {a}) does not fit an input of size {size}")
+            raise OpError(f"kernel {k} with padding ({b}, {a}) does not fit an input of size "
+                          f"{size}")
         extra.append(max(0, (out - 1) * s + k - (size + b + a)))
     return kernel, strides, pads, extra
 

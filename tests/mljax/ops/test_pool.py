@@ -1,9 +1,11 @@
 """avg_pool / max_pool / l2_pool against a loop-based NumPy reference and torch, plus e2e."""
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -19,6 +21,11 @@ TOL = {np.float32: 1e-5, np.float16: 1e-2}
 
 def rand(shape, dtype=np.float32):
     return RNG.uniform(-2, 2, size=shape).astype(dtype)
+
+
+def call(fn, *tensors, **static):
+    """Run an op as the runtime does: jitted, with the static inputs bound before tracing."""
+    return jax.jit(functools.partial(fn, **static))(*tensors)
 
 
 def check(actual, expected, dtype):
@@ -105,9 +112,9 @@ def test_pool_matches_reference(case, pad_type, kind):
     kw = dict(kernel_sizes=np.array(kernel), strides=np.array(strides), pad_type=pad_type,
               pad=np.array(pad))
     if kind.startswith("avg"):
-        y = avg_pool(x, exclude_padding_from_average=kind == "avg_exclude", **kw)
+        y = call(avg_pool, x, exclude_padding_from_average=kind == "avg_exclude", **kw)
     else:
-        y = (max_pool if kind == "max" else l2_pool)(x, **kw)
+        y = call(max_pool if kind == "max" else l2_pool, x, **kw)
     check(y, ref, np.float32)
 
 
@@ -120,9 +127,9 @@ def test_pool_fp16(case, kind):
     ref = ref_pool(x, kind.split("_")[0], kernel, strides, pads, exclude=kind == "avg_exclude")
     kw = dict(kernel_sizes=kernel, strides=strides, pad_type="custom", pad=pad)
     if kind.startswith("avg"):
-        y = avg_pool(x, exclude_padding_from_average=kind == "avg_exclude", **kw)
+        y = call(avg_pool, x, exclude_padding_from_average=kind == "avg_exclude", **kw)
     else:
-        y = (max_pool if kind == "max" else l2_pool)(x, **kw)
+        y = call(max_pool if kind == "max" else l2_pool, x, **kw)
     check(y, ref, np.float16)
 
 
@@ -142,20 +149,20 @@ def test_pool_matches_torch(sizes, kernel, strides, padding, exclude, ceil_mode)
     mx = {1: F.max_pool1d, 2: F.max_pool2d}[len(sizes)]
     ref = avg(xt, kernel, strides, padding, ceil_mode=ceil_mode,
               count_include_pad=not exclude).numpy()
-    y = avg_pool(x, kernel_sizes=kernel, strides=strides, pad_type="custom", pad=pad,
+    y = call(avg_pool, x, kernel_sizes=kernel, strides=strides, pad_type="custom", pad=pad,
                  exclude_padding_from_average=exclude, ceil_mode=ceil_mode)
     check(y, ref, np.float32)
     ref = mx(xt, kernel, strides, padding, ceil_mode=ceil_mode).numpy()
-    check(max_pool(x, kernel_sizes=kernel, strides=strides, pad_type="custom", pad=pad,
+    check(call(max_pool, x, kernel_sizes=kernel, strides=strides, pad_type="custom", pad=pad,
                    ceil_mode=ceil_mode), ref, np.float32)
 
 
 def test_ceil_mode_without_padding_and_global_pool():
     x = rand((1, 2, 7, 9))
-    check(max_pool(x, kernel_sizes=[2, 2], strides=[2, 2], pad_type="valid", ceil_mode=True),
+    check(call(max_pool, x, kernel_sizes=[2, 2], strides=[2, 2], pad_type="valid", ceil_mode=True),
           F.max_pool2d(torch.tensor(x, dtype=torch.float64), 2, 2, ceil_mode=True).numpy(),
           np.float32)
-    check(avg_pool(x, kernel_sizes=[7, 9], pad_type="valid"),
+    check(call(avg_pool, x, kernel_sizes=[7, 9], pad_type="valid"),
           x.astype(np.float64).mean(axis=(2, 3), keepdims=True), np.float32)
 
 
