@@ -1,6 +1,8 @@
 """The ML program stage: a MIL function of the program, lowered to JAX."""
 from __future__ import annotations
 
+import numpy as np
+
 from mljax.errors import InputError
 from mljax.features import feature_specs
 from mljax.lower import LoweredFunction
@@ -27,9 +29,44 @@ def build_mlprogram_stage(spec, model_dir, *, function_name=None, compute_precis
     lowered = LoweredFunction(program.functions[name], compute_precision)
     desc = _description_of(spec, name)
     states = feature_specs(desc.state)
+    inputs, outputs = feature_specs(desc.input), feature_specs(desc.output)
     return Stage(
         fn=lowered, weights=lowered.weights,
-        inputs=feature_specs(desc.input), outputs=feature_specs(desc.output), states=states,
+        inputs=inputs, outputs=outputs, states=states,
+        preprocess=_image_inputs(inputs), postprocess=_image_outputs(outputs),
         batchable=not states,
         info={"program": program, "function": name, "lowered": lowered},
     )
+
+
+def _image_inputs(specs):
+    """Image inputs (PIL images or H x W x C arrays) -> the program's ``[1, C, H, W]`` tensors."""
+    images = {n: s for n, s in specs.items() if s.kind == "image"}
+    if not images:
+        return None
+    from mljax.neuralnetwork.images import image_to_array
+
+    def preprocess(data: dict) -> dict:
+        data = dict(data)
+        for name, spec in images.items():
+            if name in data:
+                arr = image_to_array(data[name], spec)[None]
+                data[name] = arr.astype(np.float16) if spec.color_space == "GRAYSCALE_FLOAT16" else arr
+        return data
+    return preprocess
+
+
+def _image_outputs(specs):
+    """The program's ``[1, C, H, W]`` image outputs -> PIL images, as Core ML returns them."""
+    images = {n: s for n, s in specs.items() if s.kind == "image"}
+    if not images:
+        return None
+    from mljax.neuralnetwork.images import array_to_image
+
+    def postprocess(outputs: dict) -> dict:
+        outputs = dict(outputs)
+        for name, spec in images.items():
+            if name in outputs and spec.color_space != "GRAYSCALE_FLOAT16":
+                outputs[name] = array_to_image(outputs[name], spec.color_space)
+        return outputs
+    return postprocess
