@@ -22,6 +22,7 @@ from mljax.model import MLModel
 from updatable.losses import (categorical_cross_entropy, categorical_cross_entropy_from_probs,
                               mean_squared_error)
 from updatable.network import TrainableNetwork
+from updatable.knn import is_knn, update_knn
 from updatable.optimizers import from_parameters
 from updatable.spec import UpdateSpec, read_update_spec
 
@@ -99,10 +100,16 @@ class UpdateTask:
                  progress_handler: Callable | None = None, completion_handler: Callable | None = None,
                  progress_bar: bool = False):
         self.source = model if isinstance(model, MLModel) else MLModel(model)
-        self.uspec: UpdateSpec = read_update_spec(self.source._spec)
-        self.parameters = self.uspec.resolve(parameters)
         self.progress_handler = progress_handler
         self.completion_handler = completion_handler
+        if is_knn(self.source._spec):
+            # Core ML updates a k-NN classifier by adding the samples: no epochs, no loss.
+            self._knn = update_knn(self.source, training_data, parameters=parameters)
+            self.parameters = dict(parameters or {})
+            return
+        self._knn = None
+        self.uspec: UpdateSpec = read_update_spec(self.source._spec)
+        self.parameters = self.uspec.resolve(parameters)
         self.progress_bar = progress_bar
         self.network = TrainableNetwork(self.source, self.uspec)
         self._cancelled = False
@@ -181,6 +188,11 @@ class UpdateTask:
 
     def run(self) -> UpdateContext:
         """Train for the configured epochs; returns the final context with the updated model."""
+        if self._knn is not None:
+            final = UpdateContext(self, "completed", {}, dict(self.parameters), _model=self._knn)
+            if self.completion_handler is not None:
+                self.completion_handler(final)
+            return final
         p = self.parameters
         features, target = self._data
         n = len(target)
