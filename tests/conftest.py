@@ -1,6 +1,14 @@
+"""Test-wide setup: helper modules importable, JAX on the CPU unless told otherwise."""
 import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu") if os.environ.get("MLJAX_TEST_GPU") is None else None
-sys.path.insert(0, str(Path(__file__).parent))
+if os.environ.get("MLJAX_TEST_GPU") is None:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# Tests run with --import-mode=importlib; shared helper modules (helpers.py, and the
+# _util/models modules beside some test files) are imported by plain name.
+_ROOT = Path(__file__).parent
+for _dir in (_ROOT, _ROOT / "updatable", _ROOT / "mljax" / "classic"):
+    if str(_dir) not in sys.path:
+        sys.path.insert(0, str(_dir))
