@@ -4,10 +4,12 @@ Opset deltas: iOS16 adds ``batch_dims`` to ``gather`` and ``gather_nd``; iOS17 a
 ``validate_indices`` to every op here and declares negative indices out of bounds.
 Negative indices are wrapped (``i + dim``) in every opset: that is what iOS15/16 define and
 a memory-safe choice for iOS17's "undefined" behaviour.  Other out-of-bound indices are
-clamped by gathers and dropped by scatters.  ``validate_indices=True`` is checked when the
-indices are known at trace time (a const), otherwise it cannot be checked and is ignored.
+clamped by gathers and dropped by scatters.  ``validate_indices=True`` raises on out-of-bound
+indices: at load for const indices, at run time (a host check) for computed ones.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -34,15 +36,27 @@ def _wrap(indices, size):
     return jnp.where(idx < 0, idx + size, idx)
 
 
-def _validate(indices, upper, validate: bool, op: str) -> None:
-    """Raise when ``validate`` and const ``indices`` fall outside ``[0, upper)``."""
-    if not validate or isinstance(indices, jax.core.Tracer):
-        return
+def _check_bounds(indices, upper, op: str) -> None:
     idx = np.asarray(indices)
-    bad = (idx < 0) | (idx >= np.asarray(upper))
+    bad = (idx < 0) | (idx >= upper)
     if np.any(bad):
-        raise OpError(f"{op}: validate_indices=True expects indices in [0, {upper}); "
+        raise OpError(f"{op}: validate_indices=True expects indices in [0, {upper.tolist()}); "
                       f"found out-of-bound value(s) {np.unique(idx[bad]).tolist()}")
+
+
+def _validate(indices, upper, validate: bool, op: str) -> None:
+    """With ``validate``, fail when ``indices`` fall outside ``[0, upper)``.
+
+    Const indices fail at load; indices computed at run time are checked on the host when the
+    function runs, and the failure surfaces as a ``RuntimeError`` from ``predict``.
+    """
+    if not validate:
+        return
+    upper = np.asarray(upper)
+    if isinstance(indices, jax.core.Tracer):
+        jax.debug.callback(functools.partial(_check_bounds, upper=upper, op=op), indices)
+    else:
+        _check_bounds(indices, upper, op)
 
 
 # --- gather -----------------------------------------------------------------------------

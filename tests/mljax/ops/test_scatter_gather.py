@@ -101,6 +101,17 @@ def test_validate_indices_rejects_out_of_bounds():
     assert_close(sg.gather_iOS17(x, np.array([0, 2]), validate_indices=True), x[[0, 2]])
 
 
+def test_validate_indices_at_run_time():
+    import jax
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    f = jax.jit(lambda x, i: sg.scatter_along_axis_iOS17(x, i, x, axis=1, mode="add",
+                                                         validate_indices=True))
+    ok = np.tile(np.array([3, 2, 1, 0], np.int32), (3, 1))
+    assert_close(f(x, ok), x + x[:, ::-1])
+    with pytest.raises(RuntimeError, match="validate_indices"):
+        np.asarray(f(x, np.where(ok == 0, -1, ok)))
+
+
 def test_opset_lookup():
     assert lookup("gather", "iOS15").fn is sg.gather
     assert lookup("gather", "iOS16").fn is sg.gather_iOS16
