@@ -2,9 +2,9 @@
 
 Opset deltas: iOS16 adds ``batch_dims`` to ``gather`` and ``gather_nd``; iOS17 adds
 ``validate_indices`` to every op here and declares negative indices out of bounds.
-Negative indices are wrapped (``i + dim``) in every opset: that is what iOS15/16 define and
-a memory-safe choice for iOS17's "undefined" behaviour.  Other out-of-bound indices are
-clamped by gathers and dropped by scatters.  ``validate_indices=True`` raises on out-of-bound
+Negative indices are wrapped (``i + dim``) by every gather and by iOS15/16 scatters; iOS17+
+scatters treat them as out of bounds, as Core ML does.  Out-of-bound indices are clamped by
+gathers and dropped by scatters (iOS17 calls both "undefined but memory safe").  ``validate_indices=True`` raises on out-of-bound
 indices: at load for const indices, at run time (a host check) for computed ones.
 """
 from __future__ import annotations
@@ -30,10 +30,11 @@ def _norm_axis(axis: int, rank: int, op: str) -> int:
     return axis % rank
 
 
-def _wrap(indices, size):
-    """int32 indices with negative values counted from the end (``-1`` -> ``size - 1``)."""
+def _wrap(indices, size, negative_from_end: bool = True):
+    """int32 indices with negative values counted from the end (``-1`` -> ``size - 1``), or,
+    with ``negative_from_end=False`` (iOS17+ scatters), made out of bounds (``size``)."""
     idx = jnp.asarray(indices).astype(jnp.int32)
-    return jnp.where(idx < 0, idx + size, idx)
+    return jnp.where(idx < 0, idx + size if negative_from_end else size, idx)
 
 
 def _check_bounds(indices, upper, op: str) -> None:
@@ -182,14 +183,14 @@ def _scatter_into(data, coords, updates, mode: str, op: str):
     raise OpError(f"{op}: mode must be one of {_MODES}; found {mode!r}")
 
 
-def _scatter(data, indices, updates, axis: int, mode: str):
+def _scatter(data, indices, updates, axis: int, mode: str, wrap: bool = True):
     data = jnp.asarray(data)
     axis = _norm_axis(axis, data.ndim, "scatter")
     if jnp.ndim(indices) != 1:
         raise OpError(f"scatter: indices must be 1-D; found shape {jnp.shape(indices)}")
     moved = jnp.moveaxis(data, axis, 0)
     upd = jnp.moveaxis(jnp.asarray(updates), axis, 0)
-    out = _scatter_into(moved, _wrap(indices, data.shape[axis]), upd, mode, "scatter")
+    out = _scatter_into(moved, _wrap(indices, data.shape[axis], wrap), upd, mode, "scatter")
     return jnp.moveaxis(out, 0, axis)
 
 
@@ -201,20 +202,20 @@ def scatter(data, indices, updates, *, axis=0, mode="add"):
 
 @register("scatter", "iOS17")
 def scatter_iOS17(data, indices, updates, *, axis=0, mode="add", validate_indices=False):
-    """iOS17 adds ``validate_indices``."""
+    """iOS17 adds ``validate_indices``; negative indices are out of bounds (dropped)."""
     ax = _norm_axis(axis, jnp.ndim(data), "scatter")
     _validate(indices, jnp.shape(data)[ax], validate_indices, "scatter")
-    return _scatter(data, indices, updates, axis, mode)
+    return _scatter(data, indices, updates, axis, mode, wrap=False)
 
 
-def _scatter_along_axis(data, indices, updates, axis: int, mode: str):
+def _scatter_along_axis(data, indices, updates, axis: int, mode: str, wrap: bool = True):
     data = jnp.asarray(data)
     axis = _norm_axis(axis, data.ndim, "scatter_along_axis")
     shape = jnp.shape(indices)
     if len(shape) != data.ndim:
         raise OpError(f"scatter_along_axis: indices must have the rank of data ({data.ndim}); "
                       f"found shape {shape}")
-    coords = tuple(_wrap(indices, data.shape[axis]) if d == axis else
+    coords = tuple(_wrap(indices, data.shape[axis], wrap) if d == axis else
                    lax.broadcasted_iota(jnp.int32, shape, d) for d in range(data.ndim))
     return _scatter_into(data, coords, updates, mode, "scatter_along_axis")
 
@@ -230,16 +231,16 @@ def scatter_along_axis_iOS17(data, indices, updates, *, axis=0, mode="add", vali
     """iOS17 adds ``validate_indices``."""
     ax = _norm_axis(axis, jnp.ndim(data), "scatter_along_axis")
     _validate(indices, jnp.shape(data)[ax], validate_indices, "scatter_along_axis")
-    return _scatter_along_axis(data, indices, updates, axis, mode)
+    return _scatter_along_axis(data, indices, updates, axis, mode, wrap=False)
 
 
-def _scatter_nd(data, indices, updates, mode: str):
+def _scatter_nd(data, indices, updates, mode: str, wrap: bool = True):
     data = jnp.asarray(data)
     depth = jnp.shape(indices)[-1]
     if depth > data.ndim:
         raise OpError(f"scatter_nd: indices.shape[-1] must be <= rank(data) {data.ndim}; found {depth}")
     idx = jnp.asarray(indices)
-    coords = tuple(_wrap(idx[..., i], data.shape[i]) for i in range(depth))
+    coords = tuple(_wrap(idx[..., i], data.shape[i], wrap) for i in range(depth))
     return _scatter_into(data, coords, updates, mode, "scatter_nd")
 
 
@@ -254,4 +255,4 @@ def scatter_nd_iOS17(data, indices, updates, *, mode="add", validate_indices=Fal
     """iOS17 adds ``validate_indices``."""
     depth = jnp.shape(indices)[-1]
     _validate(indices, jnp.shape(data)[:depth], validate_indices, "scatter_nd")
-    return _scatter_nd(data, indices, updates, mode)
+    return _scatter_nd(data, indices, updates, mode, wrap=False)

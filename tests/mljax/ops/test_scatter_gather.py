@@ -150,12 +150,14 @@ def test_scatter(mode, dtype, axis):
     ushape = list(data.shape)
     ushape[axis] = idx.size
     upd = _updates(tuple(ushape), dtype, mode)
-    expected = np.moveaxis(data.astype(np.float64), axis, 0).copy()
     moved = np.moveaxis(upd.astype(np.float64), axis, 0)
-    for i, j in enumerate(idx):
-        _apply(expected, j, moved[i], mode)
-    expected = np.moveaxis(expected, 0, axis)
-    for fn in (sg.scatter, sg.scatter_iOS17):
+    # iOS15/16 count negative indices from the end; iOS17 drops them (out of bounds)
+    for fn, wrap in ((sg.scatter, True), (sg.scatter_iOS17, False)):
+        expected = np.moveaxis(data.astype(np.float64), axis, 0).copy()
+        for i, j in enumerate(idx):
+            if wrap or j >= 0:
+                _apply(expected, j, moved[i], mode)
+        expected = np.moveaxis(expected, 0, axis)
         out = np.asarray(fn(data, idx, upd, axis=axis, mode=mode))
         assert out.dtype == dtype
         assert_close(out, expected, dtype=dtype)
@@ -180,14 +182,15 @@ def test_scatter_along_axis(mode, axis):
     else:
         idx = _indices(tuple(shape), data.shape[axis])
     upd = _updates(tuple(shape), np.float32, mode)
-    expected = data.astype(np.float64).copy()
     ax = axis % 3
-    for p in np.ndindex(*shape):
-        target = list(p)
-        target[ax] = idx[p] % data.shape[axis]
-        _apply(expected, tuple(target), upd[p], mode)
-    assert_close(sg.scatter_along_axis(data, idx, upd, axis=axis, mode=mode), expected)
-    assert_close(sg.scatter_along_axis_iOS17(data, idx, upd, axis=axis, mode=mode), expected)
+    for fn, wrap in ((sg.scatter_along_axis, True), (sg.scatter_along_axis_iOS17, False)):
+        expected = data.astype(np.float64).copy()
+        for p in np.ndindex(*shape):
+            target = list(p)
+            target[ax] = idx[p] % data.shape[axis]
+            if wrap or idx[p] >= 0:
+                _apply(expected, tuple(target), upd[p], mode)
+        assert_close(fn(data, idx, upd, axis=axis, mode=mode), expected)
 
 
 @pytest.mark.parametrize("mode,ishape", [(m, [(3, 1), (2, 2, 2), (4, 3)][i % 3])
@@ -202,12 +205,13 @@ def test_scatter_nd(mode, ishape):
         idx = np.stack([_indices(ishape[:-1], data.shape[d]) for d in range(depth)], axis=-1)
     idx = idx.astype(np.int32)
     upd = _updates(ishape[:-1] + data.shape[depth:], np.float32, mode)
-    expected = data.astype(np.float64).copy()
-    for i in np.ndindex(*ishape[:-1]):
-        target = tuple(int(v) % data.shape[d] for d, v in enumerate(idx[i]))
-        _apply(expected, target, upd[i], mode)
-    assert_close(sg.scatter_nd(data, idx, upd, mode=mode), expected)
-    assert_close(sg.scatter_nd_iOS17(data, idx, upd, mode=mode), expected)
+    for fn, wrap in ((sg.scatter_nd, True), (sg.scatter_nd_iOS17, False)):
+        expected = data.astype(np.float64).copy()
+        for i in np.ndindex(*ishape[:-1]):
+            target = tuple(int(v) % data.shape[d] for d, v in enumerate(idx[i]))
+            if wrap or (idx[i] >= 0).all():
+                _apply(expected, target, upd[i], mode)
+        assert_close(fn(data, idx, upd, mode=mode), expected)
 
 
 def test_bad_mode():
