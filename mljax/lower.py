@@ -24,6 +24,7 @@ from mljax.ops._registry import OpContext, lookup, opset_number
 __all__ = ["LoweredFunction", "compute_dtype_fn", "is_weight", "jax_dtype"]
 
 _NON_INPUT_ATTRIBUTES = {"name"}
+_SHAPE_ONLY_OPS = {"shape"}   # their outputs depend on static shapes only, never on values
 
 
 def compute_dtype_fn(compute_precision: str | None) -> Callable[[DType], DType]:
@@ -78,6 +79,7 @@ class LoweredFunction:
         self.input_names = [v.name for v in fn.inputs if not isinstance(v.type, StateType)]
         self.state_names = [v.name for v in fn.inputs if isinstance(v.type, StateType)]
         self.output_names = [v.name for v in fn.outputs]
+        self.value_inputs = self._find_value_inputs()
         self.trace_count = 0
 
     # --- load-time passes -------------------------------------------------------------
@@ -96,6 +98,28 @@ class LoweredFunction:
                     var.value = np.asarray(val)
             for b in op.blocks:
                 self._materialize_constexpr(b)
+
+    def _find_value_inputs(self) -> list[str]:
+        """Inputs whose *values* an op needs before tracing (a shape, begin or reps fed by the
+        model's inputs).  The caller must pass them concrete: ``MLModel`` jits once per value."""
+        producer = {v.name: op for op in self.fn.block.walk() for v in op.outputs}
+        stack = []
+        for op in self.fn.block.walk():
+            spec = lookup(op.type, self.opset)
+            for name in (spec.static_inputs if spec is not None else ()):
+                stack.extend(v for v in op.inputs.get(name, ()) if v.value is None)
+        found, seen = set(), set()
+        while stack:
+            var = stack.pop()
+            if var.name in seen or var.value is not None:
+                continue
+            seen.add(var.name)
+            op = producer.get(var.name)
+            if op is None:
+                found.add(var.name)
+            elif op.type not in _SHAPE_ONLY_OPS:
+                stack.extend(v for bound in op.inputs.values() for v in bound)
+        return [n for n in self.input_names if n in found]
 
     def _collect_weights(self, block: Block) -> None:
         for op in block.walk():
@@ -119,7 +143,11 @@ class LoweredFunction:
             elif v.name in inputs:
                 val = inputs[v.name]
                 if isinstance(v.type, TensorType):
-                    val = jnp.asarray(val, jax_dtype(self.compute_dtype(v.type.dtype)))
+                    want = jax_dtype(self.compute_dtype(v.type.dtype))
+                    if v.name in self.value_inputs and _is_concrete(val):
+                        val = np.asarray(val).astype(want)   # stays concrete for static uses
+                    else:
+                        val = jnp.asarray(val, want)
                 env[v.name] = val
         state = {k: env[k] for k in self.state_names}
         outs = self._run_block(self.fn.block, env, state)

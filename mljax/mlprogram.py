@@ -34,7 +34,8 @@ def build_mlprogram_stage(spec, model_dir, *, function_name=None, compute_precis
         fn=lowered, weights=lowered.weights,
         inputs=inputs, outputs=outputs, states=states,
         preprocess=_image_inputs(inputs), postprocess=_image_outputs(outputs),
-        batchable=not states,
+        batchable=not states and not lowered.value_inputs,
+        static_inputs=tuple(lowered.value_inputs),
         info={"program": program, "function": name, "lowered": lowered},
     )
 

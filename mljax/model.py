@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ class MLModel:
         self._stage = _stage or build_stage(self._spec, self.model_dir, function_name=function_name,
                                             compute_precision=compute_precision)
         self._weights = jax.device_put(self._stage.weights)
-        self._predict_fn = jax.jit(self._stage.fn)
+        self._predict_fn = _jit_stage(self._stage)
         self._batched_fn = jax.jit(jax.vmap(self._stage.fn, in_axes=(None, 0, None)))
 
     @property
@@ -151,6 +152,24 @@ class MLModel:
         ins = ", ".join(f"{n}: {s}" for n, s in self._stage.inputs.items())
         outs = ", ".join(f"{n}: {s}" for n, s in self._stage.outputs.items())
         return f"mljax.MLModel({kind}; inputs: {ins}; outputs: {outs})"
+
+
+def _jit_stage(stage: Stage):
+    """``jax.jit(stage.fn)``; inputs in ``stage.static_inputs`` are passed by value (one trace per value)."""
+    if not stage.static_inputs:
+        return jax.jit(stage.fn)
+    names = frozenset(stage.static_inputs)
+
+    @functools.partial(jax.jit, static_argnums=3)
+    def run(weights, inputs, states, static_key):
+        static = {n: np.frombuffer(raw, dt).reshape(shape) for n, dt, shape, raw in static_key}
+        return stage.fn(weights, {**inputs, **static}, states)
+
+    def call(weights, inputs, states):
+        key = tuple((n, np.asarray(v).dtype.str, np.shape(v), np.asarray(v).tobytes())
+                    for n, v in sorted(inputs.items()) if n in names)
+        return run(weights, {n: v for n, v in inputs.items() if n not in names}, states, key)
+    return call
 
 
 class MLState:

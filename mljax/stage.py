@@ -27,6 +27,7 @@ class Stage:
     preprocess: Callable[[dict], dict] | None = None    # user features -> arrays (host)
     postprocess: Callable[[dict], dict] | None = None   # arrays -> user features (host)
     batchable: bool = True                # fn may be vmapped over a leading batch axis
+    static_inputs: tuple = ()             # inputs fn needs concrete (jit once per their value)
     info: dict[str, Any] = field(default_factory=dict)  # model-type specific (program, layers ...)
 
 
