@@ -178,3 +178,17 @@ def test_pil_image_input_and_output(enabled):
     np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=1)
     with pytest.raises(TypeError):   # coremltools' own check: image inputs must be PIL images
         model.predict({"x": rgb})
+
+
+def test_input_used_as_tile_reps_is_specialized_by_value(enabled):
+    """An input that an op needs as a static value (here tile's reps) is passed by value."""
+    @mb.program(input_specs=[mb.TensorSpec((2, 3)), mb.TensorSpec((2,), dtype=types.int32)],
+                opset_version=ct.target.iOS17)
+    def prog(x, reps):
+        return mb.tile(x=x, reps=reps, name="out")
+    model = _convert(prog)
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    for reps in ([1, 1], [2, 3], [3, 1], [2, 3]):
+        out = model.predict({"x": x, "reps": np.array(reps, np.float32)})["out"]
+        np.testing.assert_array_equal(out, np.tile(x, reps))
+    assert bridge.mljax_model(model).stage.static_inputs == ("reps",)
