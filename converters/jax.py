@@ -1,0 +1,317 @@
+"""JAX functions and Flax NNX modules -> Core ML ML programs.
+
+``convert`` traces the function with :func:`jax.make_jaxpr`, translates each primitive
+into MIL ops (rules in :mod:`converters._jax_rules`), runs the passes (dead code,
+constant folding, optional fp16 casts) and writes an ``.mlpackage`` that
+:class:`mljax.MLModel` (and Core ML) loads.  Nested ``jit``/``pjit``, ``custom_jvp_call``
+and ``custom_vjp_call`` are inlined; equations whose inputs are all known are evaluated
+with JAX at conversion time.
+"""
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.extend.core import ClosedJaxpr, Literal
+
+import mljax
+from converters._builder import Builder, mil_dtype, tensor_type
+from converters._jax_rules import RULES, Unsupported
+from converters.passes import run_passes
+from mljax.errors import ConversionError
+from mljax.mil.ir import Block, Function, Program, Var
+from mljax.mil.to_proto import SPEC_VERSION_OF_OPSET, write_mlprogram_package
+from mljax.mil.types import TensorType
+from mljax.proto import FeatureTypes_pb2, Model_pb2
+
+__all__ = ["convert", "to_program", "TARGETS"]
+
+#: minimum_deployment_target -> opset of the written program.
+TARGETS = {"iOS15": "CoreML5", "iOS16": "CoreML6", "iOS17": "CoreML7", "iOS18": "CoreML8"}
+_CALL_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+_NO_FOLD = {"broadcast_in_dim"}          # folding would materialize the broadcast
+# Layout changes of a weight are left to the MIL constant folding, which keeps the weight's name.
+_LAYOUT = {"reshape", "transpose", "squeeze", "expand_dims", "convert_element_type"}
+_FOLD_LIMIT = 1 << 22                    # largest folded result (elements)
+_ARRAY_TYPES = {"fp32": FeatureTypes_pb2.ArrayFeatureType.FLOAT32,
+                "fp16": FeatureTypes_pb2.ArrayFeatureType.FLOAT16,
+                "int32": FeatureTypes_pb2.ArrayFeatureType.INT32}
+
+
+class Translator:
+    """Walks a jaxpr, filling a :class:`Builder`; ``env`` maps jaxpr vars to MIL Vars.
+
+    A MIL Var may hold a *lazily broadcast* value: a ``broadcast_in_dim`` is emitted as a
+    rank-expanding reshape, and only materialized (``tile``) when a consumer needs the
+    full shape; elementwise ops broadcast on their own.
+    """
+
+    def __init__(self, builder: Builder):
+        self.b = builder
+        self.env: dict = {}
+        self.unsupported: dict[str, str] = {}
+        self._literals: dict = {}
+
+    # --- values -----------------------------------------------------------------------
+    def known(self, atom):
+        """The NumPy value of a literal or constant atom, else None."""
+        if isinstance(atom, Literal):
+            return np.asarray(atom.val, dtype=atom.aval.dtype)
+        var = self.env.get(atom)
+        if var is not None and var.value is not None and isinstance(var.value, np.ndarray) \
+                and tuple(var.value.shape) == tuple(atom.aval.shape):
+            return var.value
+        return None
+
+    def lazy(self, atom) -> Var:
+        """The MIL Var of an atom, possibly smaller than its aval (to be broadcast)."""
+        if isinstance(atom, Literal):
+            val = np.asarray(atom.val, dtype=atom.aval.dtype)
+            key = (val.dtype.str, val.shape, val.tobytes())
+            if key not in self._literals:
+                self._literals[key] = self.b.const(val, name="literal", dtype=mil_dtype(val.dtype))
+            return self._literals[key]
+        return self.env[atom]
+
+    def read(self, atom) -> Var:
+        """The MIL Var of an atom with exactly its aval's shape."""
+        return self.materialize(self.lazy(atom), tuple(atom.aval.shape))
+
+    def materialize(self, var: Var, shape: tuple) -> Var:
+        have = var.type.shape
+        if have == shape:
+            return var
+        if len(have) < len(shape):
+            have = (1,) * (len(shape) - len(have)) + tuple(have)
+            var = self.b.op("reshape", TensorType(var.type.dtype, have), x=var, shape=list(have))
+        reps = [s // h if h else 1 for s, h in zip(shape, have)]
+        return self.b.op("tile", TensorType(var.type.dtype, shape), x=var, reps=reps)
+
+    def fit(self, vars_: list[Var], shape: tuple) -> list[Var]:
+        """Lazily broadcast inputs of an elementwise op, materialized when broadcasting alone
+        would not reach the op's output shape."""
+        try:
+            ok = np.broadcast_shapes(*(v.type.shape for v in vars_)) == tuple(shape)
+        except ValueError:
+            ok = False
+        return vars_ if ok else [self.materialize(v, tuple(shape)) for v in vars_]
+
+    @staticmethod
+    def out_type(eqn, i: int = 0) -> TensorType:
+        aval = eqn.outvars[i].aval
+        return tensor_type(aval.shape, aval.dtype)
+
+    # --- walking ------------------------------------------------------------------------
+    def run(self, jaxpr, consts, args) -> list[Var]:
+        for v, c in zip(jaxpr.constvars, consts):
+            self.env[v] = c if isinstance(c, Var) else self.b.const(np.asarray(c), name="const")
+        for v, a in zip(jaxpr.invars, args):
+            self.env[v] = a
+        for eqn in jaxpr.eqns:
+            self.equation(eqn)
+        return [self.lazy(v) for v in jaxpr.outvars]
+
+    def equation(self, eqn) -> None:
+        prim = eqn.primitive.name
+        sub = next((eqn.params[k] for k in _CALL_PARAMS if k in eqn.params), None)
+        if sub is not None:
+            jaxpr, consts = (sub.jaxpr, sub.consts) if isinstance(sub, ClosedJaxpr) else (sub, ())
+            args = [self.lazy(a) for a in eqn.invars[len(eqn.invars) - len(jaxpr.invars):]]
+            outs = self.run(jaxpr, list(consts), args)
+        elif self._foldable(eqn):
+            vals = eqn.primitive.bind(*(self.known(a) for a in eqn.invars), **eqn.params)
+            vals = vals if eqn.primitive.multiple_results else [vals]
+            outs = [self.b.const(np.asarray(v), name=prim, dtype=mil_dtype(np.asarray(v).dtype))
+                    for v in vals]
+        elif prim not in RULES:
+            self.unsupported.setdefault(prim, "no translation rule")
+            outs = [self._placeholder(eqn, i) for i in range(len(eqn.outvars))]
+        else:
+            try:
+                outs = RULES[prim](self, eqn)
+            except Unsupported as e:
+                self.unsupported.setdefault(prim, str(e))
+                outs = [self._placeholder(eqn, i) for i in range(len(eqn.outvars))]
+        for v, out in zip(eqn.outvars, outs):
+            self.env[v] = out
+
+    def _foldable(self, eqn) -> bool:
+        if eqn.primitive.name in _NO_FOLD or eqn.effects:
+            return False
+        if any(self.known(a) is None for a in eqn.invars):
+            return False
+        if eqn.primitive.name in _LAYOUT and is_weight_value(self.known(eqn.invars[0])):
+            return False
+        return all(np.prod(v.aval.shape, dtype=np.int64) <= _FOLD_LIMIT for v in eqn.outvars)
+
+    def _placeholder(self, eqn, i: int) -> Var:
+        return Var(self.b.fresh("unsupported"), self.out_type(eqn, i))
+
+
+def is_weight_value(value) -> bool:
+    """A float constant of more than one element (what mljax treats as a trainable weight)."""
+    return isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.size > 1
+
+
+# --- tracing --------------------------------------------------------------------------
+def _path_name(path) -> str:
+    parts = []
+    for key in path:
+        part = getattr(key, "key", getattr(key, "name", getattr(key, "idx", None)))
+        if part is not None and str(part) != "value":
+            parts.append(str(part))
+    return "_".join(parts) or "param"
+
+
+def _trace(fn, example_inputs: dict):
+    """(closed jaxpr, parameter names, parameter values, number of parameters)."""
+    args = [np.asarray(v) for v in example_inputs.values()]
+    try:
+        from flax import nnx
+        is_module = isinstance(fn, nnx.Module)
+    except ImportError:
+        is_module = False
+    if is_module:
+        graphdef, state = nnx.split(fn)
+        leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+        names = [_path_name(p) for p, _ in leaves]
+        closed = jax.make_jaxpr(lambda st, *xs: nnx.merge(graphdef, st)(*xs))(state, *args)
+        return closed, names, [np.asarray(v) for _, v in leaves]
+    return jax.make_jaxpr(fn)(*args), [], []
+
+
+def _flatten_outputs(closed, output_names):
+    n = len(closed.jaxpr.outvars)
+    if output_names is None:
+        output_names = ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
+    output_names = list(output_names)
+    if len(output_names) != n:
+        raise ConversionError(f"output_names has {len(output_names)} names; the function returns {n} arrays")
+    return output_names
+
+
+def _check_names(names, what: str) -> None:
+    for n in names:
+        if not (isinstance(n, str) and n.isidentifier()):
+            raise ConversionError(f"{what} name {n!r} is not a valid identifier (letters, digits, '_')")
+    if len(set(names)) != len(names):
+        raise ConversionError(f"{what} names repeat: {list(names)}")
+
+
+def _bind_outputs(b: Builder, translator: Translator, outvars, results, names) -> list[Var]:
+    """Name the function outputs; bool outputs become int32 (Core ML arrays have no bool)."""
+    outs, seen = [], set()
+    for atom, var, name in zip(outvars, results, names):
+        var = translator.materialize(var, tuple(atom.aval.shape))
+        if var.type.dtype.name == "bool":
+            var = b.op("cast", TensorType(_dt("int32"), var.type.shape), x=var, dtype="int32")
+        produced = any(var is o for op in b.operations if op.type != "const" for o in op.outputs)
+        if produced and id(var) not in seen:
+            var.name = name
+            for op in b.operations:
+                if op.outputs and op.outputs[0] is var:
+                    op.name = name
+        else:
+            var = b.op("identity", var.type, name="identity", x=var)
+            var.name = b.operations[-1].name = name
+        seen.add(id(var))
+        outs.append(var)
+    return outs
+
+
+def _dt(name):
+    from mljax.mil.types import DTYPES
+    return DTYPES[name]
+
+
+def to_program(fn, example_inputs: dict, *, output_names=None, compute_precision: str = "float32",
+               minimum_deployment_target: str = "iOS17") -> Program:
+    """Trace ``fn`` on ``example_inputs`` and translate it into a MIL :class:`Program`."""
+    if minimum_deployment_target not in TARGETS:
+        raise ConversionError(f"minimum_deployment_target must be one of {sorted(TARGETS)}; "
+                              f"found {minimum_deployment_target!r}")
+    if compute_precision not in ("float32", "float16"):
+        raise ConversionError(f"compute_precision must be 'float32' or 'float16'; found {compute_precision!r}")
+    if not isinstance(example_inputs, dict) or not example_inputs:
+        raise ConversionError("example_inputs must be a non-empty dict of input name -> example array")
+    _check_names(list(example_inputs), "input")
+    closed, param_names, param_values = _trace(fn, example_inputs)
+    output_names = _flatten_outputs(closed, output_names)
+    _check_names(output_names, "output")
+    b = Builder(reserved=[*example_inputs, *output_names])
+    inputs = []
+    for name, value in example_inputs.items():
+        arr = np.asarray(value)
+        t = tensor_type(arr.shape, arr.dtype)
+        if t.dtype.name not in _ARRAY_TYPES:
+            raise ConversionError(f"input {name!r} has dtype {arr.dtype}; Core ML inputs must be "
+                                  f"float32, float16 or int32")
+        inputs.append(Var(name, t))
+    translator = Translator(b)
+    params = [b.const(v, name=n, keep_name=True) for n, v in zip(param_names, param_values)]
+    jaxpr = closed.jaxpr
+    results = translator.run(jaxpr, list(closed.consts), [*params, *inputs])
+    if translator.unsupported:
+        listed = "; ".join(f"{p} ({why})" for p, why in sorted(translator.unsupported.items()))
+        raise ConversionError(f"cannot convert {len(translator.unsupported)} JAX primitive(s): {listed}")
+    outputs = _bind_outputs(b, translator, jaxpr.outvars, results, output_names)
+    opset = TARGETS[minimum_deployment_target]
+    function = Function("main", inputs, opset, Block([], b.operations, outputs))
+    program = Program(1, {"main": function},
+                      {"buildInfo": {"mljax-version": mljax.__version__, "mljax-source": "jax"}})
+    run_passes(program, compute_precision=compute_precision)
+    return program
+
+
+def _description(function: Function) -> Model_pb2.ModelDescription:
+    desc = Model_pb2.ModelDescription()
+    for src, dst in ((function.inputs, desc.input), (function.outputs, desc.output)):
+        for v in src:
+            f = dst.add(name=v.name)
+            f.type.multiArrayType.shape.extend(int(d) for d in v.type.shape)
+            f.type.multiArrayType.dataType = _ARRAY_TYPES[v.type.dtype.name]
+    desc.metadata.userDefined["com.github.mljax.version"] = mljax.__version__
+    desc.metadata.userDefined["com.github.mljax.source"] = "jax"
+    return desc
+
+
+_TEMP_DIRS: list[str] = []
+
+
+@atexit.register
+def _cleanup() -> None:
+    for d in _TEMP_DIRS:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def convert(fn, example_inputs: dict, *, output_names=None, compute_precision: str = "float32",
+            minimum_deployment_target: str = "iOS17") -> "mljax.MLModel":
+    """Convert a JAX function or Flax NNX module into a Core ML ML program.
+
+    Args:
+      fn: a JAX-traceable function, or an ``nnx.Module`` (called; its state becomes constants).
+      example_inputs: input name -> example array; ``fn`` is called positionally with the
+        values in order; shapes and dtypes are fixed from them.
+      output_names: names of the flattened outputs (default ``output`` / ``output_i``).
+      compute_precision: ``"float16"`` casts fp32 inputs to fp16 at the start and the
+        outputs back (as Apple's converter does); ``"float32"`` keeps fp32.
+      minimum_deployment_target: ``"iOS15"`` .. ``"iOS18"`` (opset and spec version).
+    Returns:
+      an :class:`mljax.MLModel` backed by a temporary ``.mlpackage``; ``.save(path)`` copies it.
+    Raises:
+      ConversionError: naming every primitive that has no translation.
+    """
+    program = to_program(fn, example_inputs, output_names=output_names,
+                         compute_precision=compute_precision,
+                         minimum_deployment_target=minimum_deployment_target)
+    spec = Model_pb2.Model()
+    spec.specificationVersion = SPEC_VERSION_OF_OPSET[program.functions["main"].opset]
+    spec.description.CopyFrom(_description(program.functions["main"]))
+    folder = tempfile.mkdtemp(prefix="mljax-convert-")
+    _TEMP_DIRS.append(folder)
+    path = write_mlprogram_package(spec, program, Path(folder) / "model.mlpackage")
+    return mljax.MLModel(path)
