@@ -6,6 +6,7 @@
     python scripts/conformance.py --sample        # CI's fixed list (tests/coremltools_suite/sample_nodeids.txt)
     python scripts/conformance.py --files iOS17/test_conv.py iOS18   # some files or folders
     python scripts/conformance.py --report build/conformance/full     # regenerate the doc only
+    python scripts/conformance.py --rerun-failures build/conformance/full   # re-run its failures (new code)
 
 The tests come from the installed coremltools wheel
 (``coremltools/converters/mil/mil/ops/tests/iOS14..iOS18``) and run under pytest with the plugin
@@ -74,6 +75,7 @@ def run_pytest(targets, results: Path, args, extra=(), scope: str = "") -> int:
     if args.fp32:
         env["INCLUDE_MIL_FP32_UNIT_TESTS"] = "1"
     cmd = pytest_command(targets, results, args, extra)
+    commit = _git_head()
     log = results / "pytest.log"
     print("running:", " ".join(cmd), f"\n(log: {log})", flush=True)
     with open(log, "w") as out:
@@ -82,7 +84,7 @@ def run_pytest(targets, results: Path, args, extra=(), scope: str = "") -> int:
     print("\n".join(tail))
     (results / "meta.json").write_text(json.dumps(
         {"command": " ".join(["python", "scripts/conformance.py", *sys.argv[1:]]), "scope": scope,
-         "pytest_exit": rc, "fp32": args.fp32,
+         "commit": commit, "pytest_exit": rc, "fp32": args.fp32,
          "fp32_compute": args.fp32_compute, "date": _now()}))
     return rc
 
@@ -93,7 +95,7 @@ def _now() -> str:
 
 def load_records(results: Path) -> list[dict]:
     by_id: dict[str, dict] = {}
-    for f in sorted(results.glob("results-*.jsonl")):
+    for f in [*sorted(results.glob("results-*.jsonl")), *sorted(results.glob("rerun/results-*.jsonl"))]:
         for line in f.read_text().splitlines():
             if line.strip():
                 rec = json.loads(line)
@@ -103,7 +105,7 @@ def load_records(results: Path) -> list[dict]:
 
 # --- summaries ------------------------------------------------------------------------------
 def summarize(records: list[dict]) -> dict:
-    reached = [r for r in records if r["reached"]]
+    reached = [r for r in records if r["reached"] and r["outcome"] in ("passed", "failed")]
     passed = sum(r["outcome"] == "passed" for r in reached)
     return {"collected": len(records), "reached": len(reached), "passed": passed,
             "failed": len(reached) - passed,
@@ -153,7 +155,9 @@ def render(records: list[dict], meta: dict, scope: str) -> str:
         (" and fp32" if meta.get("fp32") else "") + "); the neuralnetwork backend parametrizations are deselected" +
         " (mljax runs NeuralNetwork models separately; they are not in this table).", "",
         f"- run: `{meta.get('command', '?')}` ({scope}), {meta.get('date', '?')}, "
-        f"coremltools {_ct_version()}, mljax commit `{_git_head()}`",
+        f"coremltools {_ct_version()}, mljax commit `{meta.get('commit', '?')}`"
+        + (f"; its {meta['rerun']['count']} failures re-run at commit `{meta['rerun']['commit']}`"
+           if meta.get("rerun") else ""),
         f"- tests run: {total['collected']}; reached predict: **{total['reached']}**; passed: **{total['passed']}**; "
         f"failed: **{total['failed']}**; pass rate among those reaching predict: **{_rate(total)}**",
         f"- not reached: {total['collected'] - total['reached']} ({total['skipped']} skipped, "
@@ -251,6 +255,9 @@ def main(argv=None) -> int:
     mode.add_argument("--files", nargs="+", metavar="PATH", help="test files/folders relative to the tests dir")
     mode.add_argument("--report", metavar="RESULTS_DIR", help="only regenerate the doc from earlier results")
     mode.add_argument("--make-sample", action="store_true", help="regenerate the CI list")
+    mode.add_argument("--rerun-failures", metavar="RESULTS_DIR",
+                      help="run again the tests that failed after reaching predict in RESULTS_DIR; "
+                           "their new results replace the old ones in its report")
     p.add_argument("--every", type=int, default=0, metavar="K",
                    help="run only a fixed 1-in-K sample (stable hash of the node id)")
     p.add_argument("-n", "--workers", type=int, default=min(os.cpu_count() or 1, 8), help="pytest-xdist workers")
@@ -259,7 +266,7 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per test")
     p.add_argument("--results", help="results folder (default build/conformance/<mode>)")
     p.add_argument("--doc", default=None, help="write the markdown report here (default: docs/conformance.md "
-                   "for --full/--every/--report; none for --sample/--files)")
+                   "for --full/--report/--rerun-failures; none for --sample/--files)")
     p.add_argument("--min-pass-rate", type=float, default=0.0,
                    help="--sample: fail below this pass rate (0..1) among tests reaching predict")
     p.add_argument("--min-reached", type=int, default=1,
@@ -275,6 +282,19 @@ def main(argv=None) -> int:
     rc = 0
     if args.report:
         results = Path(args.report)
+    elif args.rerun_failures:
+        results = Path(args.rerun_failures)
+        failed = sorted({r["nodeid"] for r in load_records(results) if r["reached"] and r["outcome"] == "failed"})
+        select = results / "rerun-nodeids.txt"
+        select.write_text("\n".join(failed) + "\n")
+        for old in results.glob("rerun/results-*.jsonl"):
+            old.unlink()
+        meta_file = results / "meta.json"
+        meta = json.loads(meta_file.read_text())
+        files = sorted({i.split("::")[0] for i in failed})
+        rc = run_pytest(files, results / "rerun", args, ["--mljax-select", str(select)], "rerun")
+        meta["rerun"] = {"count": len(failed), "commit": _git_head(), "date": _now()}
+        meta_file.write_text(json.dumps(meta))
     else:
         extra = []
         if args.sample:

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 _REACHED: dict = {}
 _OUT: list = []        # [file handle]
 _TIMEOUT = [0.0]
@@ -165,9 +167,13 @@ def _alarm(signum, frame):
     raise SuiteTimeout(f"test ran past {_TIMEOUT[0]:.0f} s")
 
 
-def pytest_runtest_setup(item):
+def pytest_runtest_logstart(nodeid, location):
     _REACHED.clear()
     _REACHED["start"] = time.monotonic()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
     if _TIMEOUT[0] > 0 and hasattr(signal, "SIGALRM"):
         signal.signal(signal.SIGALRM, _alarm)
         signal.setitimer(signal.ITIMER_REAL, _TIMEOUT[0])
