@@ -25,7 +25,7 @@ from converters.passes import run_passes
 from mljax.errors import ConversionError
 from mljax.mil.ir import Block, Function, Program, Var
 from mljax.mil.to_proto import SPEC_VERSION_OF_OPSET, write_mlprogram_package
-from mljax.mil.types import TensorType
+from mljax.mil.types import DTYPES, TensorType
 from mljax.proto import FeatureTypes_pb2, Model_pb2
 
 __all__ = ["convert", "to_program", "TARGETS"]
@@ -168,30 +168,47 @@ def _path_name(path) -> str:
 
 
 def _trace(fn, example_inputs: dict):
-    """(closed jaxpr, parameter names, parameter values, number of parameters)."""
+    """(closed jaxpr, output pytree, parameter names, parameter values).
+
+    An NNX module is split into its graph and state; the state leaves become leading
+    arguments of the traced function, bound later to named constants.
+    """
     args = [np.asarray(v) for v in example_inputs.values()]
     try:
         from flax import nnx
         is_module = isinstance(fn, nnx.Module)
     except ImportError:
         is_module = False
-    if is_module:
-        graphdef, state = nnx.split(fn)
-        leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-        names = [_path_name(p) for p, _ in leaves]
-        closed = jax.make_jaxpr(lambda st, *xs: nnx.merge(graphdef, st)(*xs))(state, *args)
-        return closed, names, [np.asarray(v) for _, v in leaves]
-    return jax.make_jaxpr(fn)(*args), [], []
+    if not is_module:
+        closed, out_tree = jax.make_jaxpr(fn, return_shape=True)(*args)
+        return closed, out_tree, [], []
+    graphdef, state = nnx.split(fn)
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    closed, out_tree = jax.make_jaxpr(lambda st, *xs: nnx.merge(graphdef, st)(*xs),
+                                      return_shape=True)(state, *args)
+    return closed, out_tree, [_path_name(p) for p, _ in leaves], [v for _, v in leaves]
 
 
-def _flatten_outputs(closed, output_names):
+def _output_names(closed, out_tree, output_names) -> list[str]:
+    """``output_names``, else a dict result's keys, else ``output`` / ``output_i``."""
     n = len(closed.jaxpr.outvars)
     if output_names is None:
-        output_names = ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
+        if isinstance(out_tree, dict) and all(isinstance(k, str) for k in out_tree) and \
+                all(not isinstance(v, (dict, list, tuple)) for v in out_tree.values()):
+            output_names = sorted(out_tree)        # the order jax flattens a dict in
+        else:
+            output_names = ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
     output_names = list(output_names)
     if len(output_names) != n:
         raise ConversionError(f"output_names has {len(output_names)} names; the function returns {n} arrays")
     return output_names
+
+
+def _param_var(b: Builder, name: str, value) -> Var:
+    """A module state leaf as a named constant; PRNG keys (unused when deterministic) stay opaque."""
+    if jax.dtypes.issubdtype(getattr(value, "dtype", np.float32), jax.dtypes.prng_key):
+        return Var(b.fresh(name), None)
+    return b.const(np.asarray(value), name=name, keep_name=True)
 
 
 def _check_names(names, what: str) -> None:
@@ -208,7 +225,7 @@ def _bind_outputs(b: Builder, translator: Translator, outvars, results, names) -
     for atom, var, name in zip(outvars, results, names):
         var = translator.materialize(var, tuple(atom.aval.shape))
         if var.type.dtype.name == "bool":
-            var = b.op("cast", TensorType(_dt("int32"), var.type.shape), x=var, dtype="int32")
+            var = b.op("cast", TensorType(DTYPES["int32"], var.type.shape), x=var, dtype="int32")
         produced = any(var is o for op in b.operations if op.type != "const" for o in op.outputs)
         if produced and id(var) not in seen:
             var.name = name
@@ -223,11 +240,6 @@ def _bind_outputs(b: Builder, translator: Translator, outvars, results, names) -
     return outs
 
 
-def _dt(name):
-    from mljax.mil.types import DTYPES
-    return DTYPES[name]
-
-
 def to_program(fn, example_inputs: dict, *, output_names=None, compute_precision: str = "float32",
                minimum_deployment_target: str = "iOS17") -> Program:
     """Trace ``fn`` on ``example_inputs`` and translate it into a MIL :class:`Program`."""
@@ -239,8 +251,8 @@ def to_program(fn, example_inputs: dict, *, output_names=None, compute_precision
     if not isinstance(example_inputs, dict) or not example_inputs:
         raise ConversionError("example_inputs must be a non-empty dict of input name -> example array")
     _check_names(list(example_inputs), "input")
-    closed, param_names, param_values = _trace(fn, example_inputs)
-    output_names = _flatten_outputs(closed, output_names)
+    closed, out_tree, param_names, param_values = _trace(fn, example_inputs)
+    output_names = _output_names(closed, out_tree, output_names)
     _check_names(output_names, "output")
     b = Builder(reserved=[*example_inputs, *output_names])
     inputs = []
@@ -252,7 +264,7 @@ def to_program(fn, example_inputs: dict, *, output_names=None, compute_precision
                                   f"float32, float16 or int32")
         inputs.append(Var(name, t))
     translator = Translator(b)
-    params = [b.const(v, name=n, keep_name=True) for n, v in zip(param_names, param_values)]
+    params = [_param_var(b, n, v) for n, v in zip(param_names, param_values)]
     jaxpr = closed.jaxpr
     results = translator.run(jaxpr, list(closed.consts), [*params, *inputs])
     if translator.unsupported:

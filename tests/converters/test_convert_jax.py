@@ -34,7 +34,7 @@ def check(fn, inputs: dict, *, precision="float32", tol=1e-4, output_names=None)
     model = converters.convert(fn, inputs, compute_precision=precision, output_names=output_names)
     ct_accepts(model)
     want = jax.jit(lambda *args: fn(*args))(*inputs.values())   # eager dispatch is slow
-    want = list(want) if isinstance(want, (tuple, list)) else [want]
+    want = jax.tree_util.tree_leaves(want)
     got = model.predict(inputs)
     names = output_names or (["output"] if len(want) == 1 else [f"output_{i}" for i in range(len(want))])
     assert sorted(got) == sorted(names)
@@ -240,3 +240,23 @@ def test_trained_weights_round_trip_through_save():
     model._weights = {**model._weights, "l1_kernel": new_kernel}
     saved = mljax.MLModel(model.save(tmp_path_for("trained.mlpackage")))
     np.testing.assert_array_equal(np.asarray(saved.weights["l1_kernel"]), new_kernel)
+
+
+class NormHead(nnx.Module):
+    """Eval-mode BatchNorm and Dropout: running statistics become constants, PRNG keys are unused."""
+
+    def __init__(self, rngs):
+        self.dense = nnx.Linear(3, 2, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, deterministic=True, rngs=rngs)
+        self.norm = nnx.BatchNorm(2, use_running_average=True, rngs=rngs)
+
+    def __call__(self, x):
+        return {"scores": self.norm(self.drop(self.dense(x))), "total": x.sum(axis=1)}
+
+
+def test_dict_outputs_batchnorm_and_dropout():
+    model = check(NormHead(nnx.Rngs(3)), {"x": _randn(4, 3)}, output_names=["scores", "total"])
+    default = converters.convert(NormHead(nnx.Rngs(3)), {"x": _randn(4, 3)})
+    assert [o.name for o in default.get_spec().description.output] == ["scores", "total"]
+    assert "norm_mean" in model.weights or "norm_mean" in {
+        op.outputs[0].name for op in model.stage.info["program"].functions["main"].block.operations}
