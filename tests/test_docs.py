@@ -1,6 +1,12 @@
 """docs/ops.md is generated from the registries and must be up to date."""
 import importlib.util
+import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,3 +49,42 @@ def test_input_rendering():
     assert gen._per_opset({15: spec, 17: spec}, gen.tensor_inputs_text) == "`x`, `weight`, `bias?`"
     assert gen._per_opset({15: spec, 17: variadic}, gen.tensor_inputs_text) == \
         "iOS15: `x`, `weight`, `bias?`<br>iOS17: `*values`"
+
+
+def _blocks(markdown: str):
+    """(language, code) of each fenced block, in document order."""
+    blocks, lang, lines = [], None, []
+    for line in markdown.splitlines():
+        if lang is None and line.startswith("```") and len(line) > 3:
+            lang, lines = line[3:].strip(), []
+        elif lang is not None and line.startswith("```"):
+            blocks.append((lang, "\n".join(lines)))
+            lang = None
+        elif lang is not None:
+            lines.append(line)
+    return blocks
+
+
+@pytest.mark.slow
+def test_guide_snippets_run(tmp_path, monkeypatch):
+    """docs/guide.md's Python snippets run in order as one session; its `mljax` commands succeed."""
+    monkeypatch.chdir(tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "MPLBACKEND": "Agg"}
+    namespace = {"__name__": "guide"}
+    blocks = _blocks((ROOT / "docs" / "guide.md").read_text())
+    assert sum(lang == "python" for lang, _ in blocks) >= 15
+    commands = 0
+    for i, (lang, code) in enumerate(blocks):
+        if lang == "python":
+            exec(compile(code, f"docs/guide.md (python block {i})", "exec"), namespace)
+        elif lang == "bash":
+            for line in code.splitlines():
+                argv = shlex.split(line, comments=True)
+                if argv[:1] != ["mljax"]:
+                    continue          # pip install lines
+                run = subprocess.run([sys.executable, "-m", "mljax", *argv[1:]], env=env,
+                                     capture_output=True, text=True, timeout=300)
+                assert run.returncode == 0, f"`{line}` failed:\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}"
+                commands += 1
+    assert commands >= 5
