@@ -43,6 +43,7 @@ class MLModel:
         self._stage = _stage or build_stage(self._spec, self.model_dir, function_name=function_name,
                                             compute_precision=compute_precision)
         self._weights = jax.device_put(self._stage.weights)
+        self._loaded_weights = self._weights   # replaced weights (training) differ by identity
         self._predict_fn = _jit_stage(self._stage)
         self._batched_fn = jax.jit(jax.vmap(self._stage.fn, in_axes=(None, 0, None)))
 

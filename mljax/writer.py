@@ -6,6 +6,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from mljax.errors import UnsupportedError
 from mljax.format.package import save_spec
 
 __all__ = ["save_model"]
@@ -13,6 +14,11 @@ __all__ = ["save_model"]
 
 def save_model(model, path) -> Path:
     path = Path(path)
+    if _pipeline_weights_changed(model):
+        raise UnsupportedError(
+            "this pipeline's weights were replaced (e.g. by updatable.Pipeline), and writing trained "
+            "weights back into pipeline stages is not supported yet; save the trained ML-program "
+            "stage on its own, or update the network stage with updatable.UpdateTask")
     # Overwriting the source is safe: both writers stage beside the target and swap atomically.
     changed = _replaced_program_weights(model)
     if changed is not None:
@@ -21,6 +27,14 @@ def save_model(model, path) -> Path:
         return write_mlprogram_package(model._spec, info["program"], path, weights=changed,
                                        function_name=info.get("function"))
     return save_spec(model._spec, path, weights_from=model.model_dir)
+
+
+def _pipeline_weights_changed(model) -> bool:
+    if "stages" not in model._stage.info or model._weights is model._loaded_weights:
+        return False
+    current = jax.tree_util.tree_leaves(model._weights)
+    original = jax.tree_util.tree_leaves(model._stage.weights)
+    return len(current) != len(original) or not all(_same(a, b) for a, b in zip(current, original))
 
 
 def _replaced_program_weights(model) -> dict | None:

@@ -231,6 +231,8 @@ class UpdateTask:
             if self._cancelled:
                 break
             self._emit("epoch_end", metrics)
+            if self._cancelled:   # cancelled from the epoch_end handler: stop before the next batch
+                break
         if bar is not None:
             bar.close()
         final = UpdateContext(self, "cancelled" if self._cancelled else "completed", metrics, dict(p))

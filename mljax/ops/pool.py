@@ -53,7 +53,8 @@ def _reduce(x, init, op, kernel, strides, pads, extra):
 
 def _window_sum(x, kernel, strides, pads, extra):
     acc = _accumulate_dtype(x.dtype) or x.dtype
-    return _reduce(x.astype(acc), jnp.array(0, acc), lax.add, kernel, strides, pads, extra)
+    # a NumPy init value keeps reduce_window differentiable under jit (a jnp one does not)
+    return _reduce(x.astype(acc), np.array(0, acc), lax.add, kernel, strides, pads, extra)
 
 
 @register("avg_pool")
@@ -84,7 +85,7 @@ def max_pool(x, *, kernel_sizes, strides=None, pad_type="valid", pad=None, ceil_
     """Max pooling; padding never wins (it is -inf)."""
     x = jnp.asarray(x)
     kernel, strides, pads, extra = _window(x, kernel_sizes, strides, pad_type, pad, ceil_mode)
-    init = jnp.array(-jnp.inf, x.dtype)
+    init = np.array(-np.inf, x.dtype)
     return _reduce(x, init, lax.max, kernel, strides, pads, extra)
 
 

@@ -70,3 +70,25 @@ def test_flax_head_after_frozen_model_exports_updatable_pipeline():
     # and Core ML's own update continues from there
     ctx = updatable.UpdateTask(path, {"x": x, "label": y.astype(str)}, parameters={"epochs": 2}).run()
     assert ctx.event == "completed"
+
+
+def test_saving_a_pipeline_with_trained_stage_weights_is_refused_not_silently_wrong(tmp_path):
+    from converters.neuralnetwork import Dense, Softmax, head_to_neuralnetwork, updatable_pipeline
+    from mljax.errors import UnsupportedError
+    rng = np.random.default_rng(2)
+    proj = rng.normal(size=(4, 5)).astype(np.float32)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(4,), dtype=types.fp32)], opset_version=ct.target.iOS17)
+    def feats(x):
+        return mb.tanh(x=mb.matmul(x=x, y=proj), name="emb")
+
+    head = head_to_neuralnetwork([Dense(rng.normal(size=(2, 5)).astype(np.float32)), Softmax()],
+                                 input_name="emb", input_shape=(5,), class_labels=["a", "b"])
+    pipe = mljax.MLModel(updatable_pipeline(mljax.MLModel(convert_mil(feats)), head, tmp_path / "p.mlpackage"))
+    x = rng.normal(size=(20, 4)).astype(np.float32)
+    p = Pipeline(pipe, trainable="features/*", loss="cross_entropy_from_probs", output="probs")
+    p.fit({"x": x}, (x[:, 0] > 0).astype(np.int32), epochs=2, batch_size=10)
+    with pytest.raises(UnsupportedError, match="pipeline"):
+        p.trained_model().save(tmp_path / "trained.mlpackage")
+    assert not (tmp_path / "trained.mlpackage").exists()
+    pipe.save(tmp_path / "untrained.mlpackage")   # an untouched pipeline still saves

@@ -198,3 +198,22 @@ def test_e2e_pools(opset):
     check(out["mx"], ref_pool(x, "max", (3, 2), (2, 2), [(1, 1), (1, 1)], ceil_mode=True),
           np.float32)
     check(out["l2"], ref_pool(x, "l2", (2, 2), (1, 1), [(0, 0), (0, 0)]), np.float32)
+
+
+def test_pooling_is_differentiable_under_jit():
+    """Gradients through pooling inside jit (as updatable.Pipeline trains) match torch autograd."""
+    import jax
+    import torch
+    from mljax.ops.pool import avg_pool, max_pool
+
+    x = np.random.default_rng(5).normal(size=(1, 2, 6, 6)).astype(np.float32)
+
+    def f(v):
+        return (max_pool(v, kernel_sizes=[2, 2], strides=[2, 2]) ** 2).sum() + \
+            avg_pool(v, kernel_sizes=[3, 3], strides=[1, 1]).sum()
+
+    got = np.asarray(jax.jit(jax.grad(f))(x))
+    t = torch.from_numpy(x).requires_grad_()
+    ref = (torch.nn.functional.max_pool2d(t, 2, 2) ** 2).sum() + torch.nn.functional.avg_pool2d(t, 3, 1).sum()
+    ref.backward()
+    np.testing.assert_allclose(got, t.grad.numpy(), rtol=1e-5, atol=1e-6)
