@@ -139,9 +139,7 @@ def test_make_state_read_write_and_predict_with_state(enabled):
 
 
 def test_state_updates_accumulate_across_predictions(enabled):
-    if lookup("write_state", 18) is None:
-        pytest.skip("mljax has no write_state op yet (coremltools writes coreml_update_state as write_state)")
-
+    assert lookup("write_state", 18) is not None
     @mb.program(input_specs=[mb.StateTensorSpec((3,), dtype=types.fp16), mb.TensorSpec((3,), dtype=types.fp16)],
                 opset_version=ct.target.iOS18)
     def prog(acc, x):

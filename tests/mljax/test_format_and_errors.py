@@ -217,3 +217,21 @@ def test_cli_info_and_predict(package):
     bad = subprocess.run([sys.executable, "-m", "mljax", "predict", str(package), "--input", "x=nope.npy"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_stateful_model_accumulates_with_mljax_state():
+    @mb.program(input_specs=[mb.StateTensorSpec((3,), dtype=types.fp16), mb.TensorSpec((3,), dtype=types.fp16)],
+                opset_version=ct.target.iOS18)
+    def prog(acc, x):
+        y = mb.add(x=mb.read_state(input=acc), y=x)
+        mb.coreml_update_state(state=acc, value=y)
+        return mb.identity(x=y, name="out")
+
+    model = mljax.MLModel(convert_mil(prog, opset="iOS18", fp16=True))
+    state = model.make_state()
+    x = np.array([1, 2, 3], np.float32)
+    for i in range(1, 4):
+        np.testing.assert_allclose(model.predict({"x": x}, state=state)["out"], i * x)
+    np.testing.assert_allclose(state.read("acc"), 3 * x)
+    with pytest.raises(InputError, match="stateful"):
+        model.predict({"x": x})
