@@ -33,3 +33,15 @@ def test_cli_update_and_errors(tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "learning_rate" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "x.mlpackage").exists()
+
+
+def test_cli_bench_and_help():
+    run = subprocess.run([sys.executable, "-m", "mljax", "bench", str(demo_model_path()), "--repeats", "5",
+                          "--batch", "4"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "latency (batch 1)" in run.stdout and "samples/s" in run.stdout
+    helps = subprocess.run([sys.executable, "-m", "mljax", "--help"], capture_output=True, text=True).stdout
+    for command in ("info", "predict", "update", "demo", "bench"):
+        assert command in helps
+    missing = subprocess.run([sys.executable, "-m", "mljax", "bench", "nope.mlpackage"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
