@@ -222,19 +222,22 @@ class Report:
                        f"{_ms(ort)} | {_ms(pt)} | {ex / ort:.2f}x |")
         out.append(
             f"\nThe compiled XLA executable accounts for {min(shares):.0%}-{max(shares):.0%} of mljax's predict "
-            "time in these rows; mljax's own host work (input checks, stacking the 32 dicts, outputs back "
-            "to per-sample dicts) is the rest.  The lowering adds nothing measurable on top of XLA (see "
-            "*Lowering overhead*: the cnn runs as fast as the same network written by hand in JAX, with the "
-            "same convolution/fusion count in the optimized HLO), so the gap to ONNX Runtime is XLA:CPU's "
-            "kernels against ONNX Runtime's MLAS: convolutions (XLA:CPU runs them through Eigen's "
-            "spatial convolution; MLAS uses hand-tuned im2col + SGEMM / depthwise kernels) and, at batch 1, "
-            "the fixed per-thunk cost of XLA's CPU runtime on many small ops.  XLA flags tried on this "
-            "machine (`--xla_cpu_use_thunk_runtime=false`, `--xla_cpu_use_xnnpack`, "
+            "time in these rows (parts over 100% are within the noise); mljax's own host work (input checks, "
+            "stacking the 32 dicts, outputs back to per-sample dicts) is the rest.  The lowering adds "
+            "nothing measurable on top of XLA (see *Lowering overhead*: the cnn runs as fast as the same "
+            "network written by hand in JAX, with the same convolution/fusion counts in the optimized HLO), "
+            "so the gap to ONNX Runtime is in XLA:CPU's generated code against ONNX Runtime's MLAS kernels: "
+            "convolutions (cnn; XLA:CPU runs them through Eigen's spatial convolution, MLAS through tuned "
+            "im2col + SGEMM), grouped/depthwise convolutions (dwcnn: the only op kind it adds to the cnn, "
+            "and its ratio is about 4x worse), and the per-step cost of `while` loops of small matrix "
+            "products (lstm, gru; at batch 1 every step is a handful of tiny ops, each a separate thunk of "
+            "XLA's CPU runtime).  Every `linear` layer also copies its transposed weight on each call (see "
+            "*Peak memory*), which costs the transformer and the recurrent models' heads.  XLA flags tried "
+            "on this machine (`--xla_cpu_use_thunk_runtime=false`, `--xla_cpu_use_xnnpack`, "
             "`--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY`, "
             "`--xla_cpu_use_onednn`, `--xla_cpu_enable_fast_math`) moved the executable time by less than "
-            "the run-to-run noise, and NHWC in a hand-written variant gained about 25% on the cnn at batch 32, "
-            "not the 2.5x needed.  Against torch eager, mljax wins where per-op dispatch dominates (batch 1) "
-            "and is even where both spend their time in convolution/GEMM kernels (batch 32).")
+            "the run-to-run noise; an NHWC variant of the hand-written cnn was about 25% faster at batch 32 "
+            "in one (noisy) experiment, not the 2.5x needed.")
         return out
 
     def _load_misses(self) -> list[str]:
@@ -289,8 +292,9 @@ class Report:
         ]
         tgt = ["## Targets\n", "| target | measured | met |", "|---|---|---|"]
         tgt += [f"| {name} | {val} | {_ok(ok)} |" for name, val, ok in self.targets]
-        parts = head + ["\n".join(tgt)] + self.sections
+        parts = ["\n".join(head)] + ["\n".join(tgt)] + self.sections
         misses = self._predict_misses() + self._load_misses() + self._rss_misses() + self.misses
         if misses:
-            parts.append("## Misses and where the time goes\n\n" + "\n".join(misses))
+            parts.append("## Misses and where the time goes\n\n" + "\n".join(
+                ("\n" + m) if m.startswith("###") else m for m in misses))
         return "\n\n".join(parts) + "\n"
