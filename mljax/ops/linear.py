@@ -8,6 +8,7 @@ output dtype).
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
 
 from mljax.errors import OpError
 from mljax.ops._elementwise_util import jax_dtype_of, like
@@ -23,7 +24,9 @@ def linear(x, weight, bias=None):
     if w.ndim != 2 or w.shape[1] != jnp.shape(x)[-1]:
         raise OpError(f"linear: weight must have shape [D_out, {jnp.shape(x)[-1]}] (x's last "
                       f"dimension); found {tuple(w.shape)}")
-    y = jnp.matmul(x, w.T)
+    # contract x's last axis with weight's second directly: no transposed copy of the weight
+    x = jnp.asarray(x)
+    y = lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
     if bias is not None:
         y = y + like(bias, x)
     return y
