@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mljax.errors import InputError
+from mljax.errors import InputError, OpError
 from mljax.features import FeatureSpec, convert_inputs, convert_output
 from mljax.format.package import load_spec, save_spec
 from mljax.stage import Stage, build_stage
@@ -44,6 +44,7 @@ class MLModel:
                                             compute_precision=compute_precision)
         self._weights = jax.device_put(self._stage.weights)
         self._loaded_weights = self._weights   # replaced weights (training) differ by identity
+        self._eager = False                     # set when the model's shapes depend on input values
         self._predict_fn = _jit_stage(self._stage)
         self._batched_fn = jax.jit(jax.vmap(self._stage.fn, in_axes=(None, 0, None)))
 
@@ -107,7 +108,7 @@ class MLModel:
             return self._predict_batch(list(data), state)
         inputs = self._prepare(data)
         states = self._state_values(state)
-        outputs, new_states = self._predict_fn(self._weights, inputs, states)
+        outputs, new_states = self._run(inputs, states)
         if state is not None:
             state._values = new_states
         return self._finish(outputs)
@@ -121,9 +122,25 @@ class MLModel:
         if not (self._stage.batchable and state is None and same and len(items) > 1):
             return [self.predict(d, state) for d in items]
         stacked = {k: np.stack([p[k] for p in prepared]) for k in prepared[0]}
-        outputs, _ = self._batched_fn(self._weights, stacked, {})
+        if self._eager:
+            return [self.predict(d, state) for d in items]
+        try:
+            outputs, _ = self._batched_fn(self._weights, stacked, {})
+        except _NEEDS_CONCRETE:
+            return [self.predict(d, state) for d in items]
         outputs = {k: np.asarray(v) for k, v in outputs.items()}
         return [self._finish({k: v[i] for k, v in outputs.items()}) for i in range(len(items))]
+
+    def _run(self, inputs: dict, states: dict):
+        """The jitted function; op by op on concrete values when a shape depends on the data."""
+        if not self._eager:
+            try:
+                return self._predict_fn(self._weights, inputs, states)
+            except _NEEDS_CONCRETE:
+                # e.g. non_zero, or a slice whose bounds are model inputs: XLA needs static shapes,
+                # so this model runs un-jitted from now on (each op still a compiled kernel)
+                self._eager = True
+        return self._stage.fn(self._weights, {k: jnp.asarray(v) for k, v in inputs.items()}, states)
 
     # --- state ---------------------------------------------------------------------------
     def make_state(self) -> "MLState":
@@ -171,6 +188,11 @@ def _jit_stage(stage: Stage):
                     for n, v in sorted(inputs.items()) if n in names)
         return run(weights, {n: v for n, v in inputs.items() if n not in names}, states, key)
     return call
+
+
+# Errors that mean "this needs concrete input values" when raised while tracing.
+_NEEDS_CONCRETE = (OpError, jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError,
+                   jax.errors.TracerBoolConversionError, jax.errors.TracerArrayConversionError)
 
 
 class MLState:

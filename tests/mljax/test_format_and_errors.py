@@ -235,3 +235,15 @@ def test_stateful_model_accumulates_with_mljax_state():
     np.testing.assert_allclose(state.read("acc"), 3 * x)
     with pytest.raises(InputError, match="stateful"):
         model.predict({"x": x})
+
+
+def test_data_dependent_output_shape_runs_op_by_op():
+    @mb.program(input_specs=[mb.TensorSpec(shape=(6,), dtype=types.fp32)], opset_version=ct.target.iOS17)
+    def prog(x):
+        return mb.non_zero(x=x, name="nz")
+
+    model = mljax.MLModel(convert_mil(prog))
+    for x in (np.array([0, 1, 0, 2, 3, 0], np.float32), np.array([5, 0, 0, 0, 0, 1], np.float32)):
+        np.testing.assert_array_equal(model.predict({"x": x})["nz"], np.argwhere(x))
+    outs = model.predict([{"x": np.eye(6, dtype=np.float32)[i]} for i in range(3)])
+    assert [o["nz"].tolist() for o in outs] == [[[0]], [[1]], [[2]]]
