@@ -100,8 +100,8 @@ def _predict(self, data, state=None):
     prepared = [_ct_inputs(self, model, d) for d in items]
     mj_state = None if state is None else _unwrap_state(state)
     if isinstance(data, dict):
-        return model.predict(prepared[0], mj_state)
-    return model.predict(prepared)
+        return _ct_outputs(model, model.predict(prepared[0], mj_state))
+    return [_ct_outputs(model, out) for out in model.predict(prepared)]
 
 
 def _make_state(self):
@@ -117,14 +117,20 @@ def _ct_inputs(ct_model, model, data: dict) -> dict:
     if verify is not None:
         verify(data)
     specs = model.input_description
+    lenient = _model_type(ct_model) != "mlProgram"
     out = {}
     for name, value in data.items():
         spec = specs.get(name)
-        out[name] = value if spec is None else _ct_value(spec, value)
+        out[name] = value if spec is None else _ct_value(spec, value, lenient)
     return out
 
 
-def _ct_value(spec, value):
+def _model_type(ct_model) -> str | None:
+    spec = getattr(ct_model, "_spec", None)
+    return spec.WhichOneof("Type") if spec is not None else None
+
+
+def _ct_value(spec, value, lenient_shape: bool = False):
     if spec.kind not in ("multiArray", "state"):
         return value
     if hasattr(value, "detach"):            # torch.Tensor
@@ -133,7 +139,38 @@ def _ct_value(spec, value):
     # Core ML takes a scalar for a one-element array feature.
     if arr.ndim == 0 and spec.shape and int(np.prod(spec.shape)) == 1:
         arr = arr.reshape(spec.shape)
+    elif lenient_shape and _differs_by_leading_ones(spec, arr.shape):
+        # Core ML takes (1, 13) for a classic model's fixed (13,) feature (coremltools' test_io_types)
+        arr = arr.reshape(spec.shape)
     return arr
+
+
+def _differs_by_leading_ones(spec, shape) -> bool:
+    """Whether ``shape`` is the fixed feature shape with unit dimensions added or dropped in front."""
+    if spec.kind != "multiArray" or not spec.shape or spec.ranges or spec.enumerated:
+        return False
+    want = tuple(int(d) for d in spec.shape)
+    if tuple(shape) == want:
+        return False
+
+    def strip(s):
+        s = tuple(s)
+        while s and s[0] == 1:
+            s = s[1:]
+        return s
+    return strip(shape) == strip(want)
+
+
+# --- mljax outputs -> coremltools' output conventions --------------------------------------
+def _ct_outputs(model, out: dict) -> dict:
+    """Core ML hands colour image outputs back as RGBA PIL images (alpha 255), as coremltools
+    does on macOS; everything else is passed through."""
+    specs = model.output_description
+    for name, value in list(out.items()):
+        spec = specs.get(name)
+        if spec is not None and spec.kind == "image" and getattr(value, "mode", None) == "RGB":
+            out[name] = value.convert("RGBA")
+    return out
 
 
 # --- state ---------------------------------------------------------------------------------

@@ -7,6 +7,9 @@
     python scripts/conformance.py --files iOS17/test_conv.py iOS18   # some files or folders
     python scripts/conformance.py --report build/conformance/full     # regenerate the doc only
     python scripts/conformance.py --rerun-failures build/conformance/full   # re-run its failures (new code)
+    python scripts/conformance.py --suite sklearn --full     # coremltools/test/sklearn_tests -> docs/conformance_sklearn.md
+    python scripts/conformance.py --suite pipeline --full    # coremltools/test/pipeline -> docs/conformance_pipeline.md
+    python scripts/conformance.py --suite nn-ops --full --every 20   # op tests, neuralnetwork backend
 
 The tests come from the installed coremltools wheel
 (``coremltools/converters/mil/mil/ops/tests/iOS14..iOS18``) and run under pytest with the plugin
@@ -36,11 +39,27 @@ SUITE = ROOT / "tests" / "coremltools_suite"
 SAMPLE_FILE = SUITE / "sample_nodeids.txt"
 DOC = ROOT / "docs" / "conformance.md"
 OPSETS = ("iOS14", "iOS15", "iOS16", "iOS17", "iOS18")
+# --suite: (tests folder under coremltools' package, default targets, PYMIL_TEST_TARGETS, extra plugin
+# options, doc, title).  The sklearn and pipeline tests load the Boston housing data from the network;
+# the plugin serves a seeded synthetic stand-in instead.
+SUITES = {
+    "ops": ("converters/mil/mil/ops/tests", OPSETS, "mlprogram", (), "conformance.md",
+            "coremltools' own op tests on mljax"),
+    "nn-ops": ("converters/mil/mil/ops/tests", OPSETS, "neuralnetwork", ("--mljax-allow-neuralnetwork",),
+               "conformance_nn_ops.md", "coremltools' op tests, neuralnetwork backend, on mljax"),
+    "sklearn": ("test", ("sklearn_tests",), "mlprogram,neuralnetwork",
+                ("--mljax-allow-neuralnetwork", "--mljax-synthetic-boston"), "conformance_sklearn.md",
+                "coremltools' scikit-learn converter tests on mljax"),
+    "pipeline": ("test", ("pipeline",), "mlprogram,neuralnetwork",
+                 ("--mljax-allow-neuralnetwork", "--mljax-synthetic-boston"), "conformance_pipeline.md",
+                 "coremltools' pipeline tests on mljax"),
+}
+_SUITE = ["ops"]
 
 
-def test_dir() -> Path:
+def test_dir(suite: str | None = None) -> Path:
     import coremltools
-    return Path(coremltools.__file__).parent / "converters" / "mil" / "mil" / "ops" / "tests"
+    return Path(coremltools.__file__).parent / SUITES[suite or _SUITE[0]][0]
 
 
 def _has_xdist() -> bool:
@@ -53,8 +72,9 @@ def _has_xdist() -> bool:
 
 def pytest_command(targets, results: Path, args, extra=()) -> list[str]:
     tdir = test_dir()
+    confcut = tdir.parent.parent.parent if _SUITE[0] in ("ops", "nn-ops") else tdir
     cmd = [sys.executable, "-m", "pytest", "-c", str(SUITE / "suite.ini"), "--rootdir", str(tdir),
-           "--confcutdir", str(tdir.parent.parent.parent), "-p", "mljax_suite_plugin",
+           "--confcutdir", str(confcut), "-p", "mljax_suite_plugin", *SUITES[_SUITE[0]][3],
            "--mljax-results", str(results), "--mljax-timeout", str(args.timeout), "-q", "-rN",
            "--no-header", "-o", "console_output_style=count"]
     if args.fp32_compute:
@@ -71,7 +91,7 @@ def run_pytest(targets, results: Path, args, extra=(), scope: str = "") -> int:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(SUITE), str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("JAX_PLATFORMS", "cpu")
-    env["PYMIL_TEST_TARGETS"] = "mlprogram"
+    env["PYMIL_TEST_TARGETS"] = SUITES[_SUITE[0]][2]
     if args.fp32:
         env["INCLUDE_MIL_FP32_UNIT_TESTS"] = "1"
     cmd = pytest_command(targets, results, args, extra)
@@ -85,7 +105,7 @@ def run_pytest(targets, results: Path, args, extra=(), scope: str = "") -> int:
     (results / "meta.json").write_text(json.dumps(
         {"command": " ".join(["python", "scripts/conformance.py", *sys.argv[1:]]), "scope": scope,
          "commit": commit, "pytest_exit": rc, "fp32": args.fp32,
-         "fp32_compute": args.fp32_compute, "date": _now()}))
+         "fp32_compute": args.fp32_compute, "date": _now(), "suite": _SUITE[0]}))
     return rc
 
 
@@ -138,6 +158,8 @@ def failures_by_op(records) -> list[tuple[str, int, collections.Counter]]:
 
 
 def render(records: list[dict], meta: dict, scope: str) -> str:
+    if meta.get("suite", "ops") != "ops":
+        return render_other(records, meta, scope)
     total = summarize(records)
     files = collections.defaultdict(list)
     for r in records:
@@ -196,6 +218,59 @@ def render(records: list[dict], meta: dict, scope: str) -> str:
         for (fn, msg), k in sorted(grp.items()):
             out.append(f"- `{fn}`" + (f" ×{k}" if k > 1 else "") + (f": `{msg}`" if msg else ""))
     return "\n".join(out) + "\n"
+
+
+def render_other(records: list[dict], meta: dict, scope: str) -> str:
+    """The report for --suite sklearn / pipeline / nn-ops: per file, then every failure."""
+    suite = meta["suite"]
+    folder, _, targets, opts, _, title = SUITES[suite]
+    total = summarize(records)
+    out = [f"<!-- Generated by scripts/conformance.py; do not edit. Regenerate: {meta.get('command', '?')} -->",
+           f"# Conformance: {title}", "",
+           f"coremltools' tests in `coremltools/{folder}` run under pytest with",
+           "`tests/coremltools_suite/mljax_suite_plugin.py` (macOS code paths faked, `MLModel.predict` routed to",
+           f"mljax), backends `PYMIL_TEST_TARGETS={targets}`, plugin options `{' '.join(opts)}`.",
+           "**Only tests that reach `predict` count.**"]
+    if "--mljax-synthetic-boston" in opts:
+        out += ["", "The tests' `load_boston()` downloads the Boston housing data; offline, the plugin serves a",
+                "seeded synthetic data set of the same shape and column kinds instead, so the converted models",
+                "differ from those trained on the real data (the comparison, mljax vs scikit-learn, is the same)."]
+    out += ["",
+            f"- run: `{meta.get('command', '?')}` ({scope}), {meta.get('date', '?')}, "
+            f"coremltools {_ct_version()}, mljax commit `{meta.get('commit', '?')}`",
+            f"- tests run: {total['collected']}; reached predict: **{total['reached']}**; passed: "
+            f"**{total['passed']}**; failed: **{total['failed']}**; pass rate among those reaching predict: "
+            f"**{_rate(total)}**",
+            f"- not reached: {total['collected'] - total['reached']} ({total['skipped']} skipped, "
+            f"{total['not_reached_failed']} failed before predict)", "",
+            "## Per test file", "",
+            "| file | run | reached predict | passed | failed | pass rate | failed before predict | skipped |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    files = collections.defaultdict(list)
+    for r in records:
+        files[r["file"]].append(r)
+    for f in sorted(files):
+        s = summarize(files[f])
+        out.append(f"| {f} | {s['collected']} | {s['reached']} | {s['passed']} | {s['failed']} | "
+                   f"{_rate(s)} | {s['not_reached_failed']} | {s['skipped']} |")
+    out += ["", "## Failures after reaching predict", "",
+            "Model types are named by the test; `value_mismatch` means predict returned and the test's",
+            "comparison with scikit-learn / its expected values failed.", ""]
+    for r in sorted(records, key=lambda r: r["nodeid"]):
+        if r["reached"] and r["outcome"] == "failed":
+            out.append(f"- `{r['nodeid']}` — {r.get('category', '?')} ({', '.join(r.get('ops') or [])}): "
+                       f"`{_first(r.get('message', ''))}`")
+    before = [r for r in records if not r["reached"] and r["outcome"] == "failed"]
+    if before:
+        out += ["", "## Failed before predict (not counted)", ""]
+        for r in sorted(before, key=lambda r: r["nodeid"]):
+            out.append(f"- `{r['nodeid']}`: `{_first(r.get('message', ''))}`")
+    return "\n".join(out) + "\n"
+
+
+def _first(msg: str, limit: int = 200) -> str:
+    msg = msg.replace("`", "'").replace("\n", " ")
+    return msg if len(msg) <= limit else msg[:limit] + "..."
 
 
 def _ct_version() -> str:
@@ -258,6 +333,9 @@ def main(argv=None) -> int:
     mode.add_argument("--rerun-failures", metavar="RESULTS_DIR",
                       help="run again the tests that failed after reaching predict in RESULTS_DIR; "
                            "their new results replace the old ones in its report")
+    p.add_argument("--suite", choices=sorted(SUITES), default="ops",
+                   help="which coremltools tests: MIL op tests (ops, nn-ops: neuralnetwork backend), "
+                        "sklearn_tests or pipeline; each writes its own doc")
     p.add_argument("--every", type=int, default=0, metavar="K",
                    help="run only a fixed 1-in-K sample (stable hash of the node id)")
     p.add_argument("-n", "--workers", type=int, default=min(os.cpu_count() or 1, 8), help="pytest-xdist workers")
@@ -272,12 +350,15 @@ def main(argv=None) -> int:
     p.add_argument("--min-reached", type=int, default=1,
                    help="--sample: fail when fewer tests reach predict")
     args = p.parse_args(argv)
+    _SUITE[0] = args.suite
     sys.path.insert(0, str(SUITE))
     if args.make_sample:
         return make_sample(args)
 
     name = ("sample" if args.sample else "files" if args.files else "report" if args.report
             else f"every{args.every}" if args.every else "full")
+    if args.suite != "ops":
+        name = f"{args.suite}-{name}"
     results = Path(args.results or ROOT / "build" / "conformance" / name)
     rc = 0
     if args.report:
@@ -301,7 +382,7 @@ def main(argv=None) -> int:
             extra = ["--mljax-select", str(SAMPLE_FILE)]
         if args.every:
             extra = extra + ["--mljax-every", str(args.every)]
-        targets = args.files if args.files else OPSETS
+        targets = args.files if args.files else SUITES[args.suite][1]
         scope = ("CI's fixed sample list" if args.sample else "files " + " ".join(args.files) if args.files
                  else "full suite")
         if args.every:
@@ -311,7 +392,8 @@ def main(argv=None) -> int:
     print_summary(records)
     meta_file = results / "meta.json"
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
-    doc = args.doc or (None if (args.sample or args.files) else str(DOC))
+    suite_doc = ROOT / "docs" / SUITES[meta.get("suite", args.suite)][4]
+    doc = args.doc or (None if (args.sample or args.files) else str(suite_doc))
     if doc:
         scope = meta.get("scope", name)
         Path(doc).parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,11 @@ is imported, it
   ``models.utils._is_macos``, ``models.utils._macos_version``), so the tests call
   ``MLModel.predict`` and compare its outputs with their expected values;
 * restricts the backends to ML programs (``PYMIL_TEST_TARGETS=mlprogram``; items
-  parametrized with the neuralnetwork backend are deselected as well);
+  parametrized with the neuralnetwork backend are deselected as well), unless
+  ``--mljax-allow-neuralnetwork`` is given (then ``PYMIL_TEST_TARGETS`` is left as set);
+* with ``--mljax-synthetic-boston``, replaces ``coremltools.test.utils.load_boston`` (which
+  downloads the Boston housing data) with a seeded synthetic data set of the same shape and
+  column character, so the scikit-learn and pipeline tests run offline;
 * enables :mod:`mljax.coremltools`, so ``predict`` / ``make_state`` run on mljax.
 
 Every test is recorded as one JSON line (``--mljax-results DIR``): whether it reached
@@ -26,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 _REACHED: dict = {}
@@ -50,10 +55,15 @@ def pytest_addoption(parser):
                     help="file of node ids (one a line, '#' comments): run only those")
     group.addoption("--mljax-every", type=int, default=0,
                     help="run a fixed 1-in-K sample (by a stable hash of the node id)")
+    group.addoption("--mljax-allow-neuralnetwork", action="store_true",
+                    help="keep neuralnetwork-backend tests (PYMIL_TEST_TARGETS is not forced)")
+    group.addoption("--mljax-synthetic-boston", action="store_true",
+                    help="serve coremltools.test.utils.load_boston from a seeded synthetic data set")
 
 
-def _pretend_macos() -> None:
-    os.environ.setdefault("PYMIL_TEST_TARGETS", "mlprogram")
+def _pretend_macos(allow_nn: bool = False) -> None:
+    if not allow_nn:
+        os.environ.setdefault("PYMIL_TEST_TARGETS", "mlprogram")
     import coremltools._deps as deps
     import coremltools.models.utils as ct_utils
     deps._IS_MACOS = True
@@ -64,8 +74,43 @@ def _pretend_macos() -> None:
         raise RuntimeError(f"mljax_suite_plugin must load before coremltools' tests; found {loaded} imported")
 
 
+def synthetic_boston(seed: int = 0) -> dict:
+    """A stand-in for the Boston housing data: 506 rows, 13 features with the real columns'
+    ranges and kinds (CHAS binary, RAD and TAX integer-valued), a target in [5, 50]."""
+    rng = np.random.default_rng(seed)
+    n = 506
+    cols = [
+        rng.exponential(3.6, n),                                       # CRIM
+        np.where(rng.random(n) < 0.7, 0.0, rng.choice([12.5, 20.0, 25.0, 80.0], n)),  # ZN
+        rng.uniform(0.5, 27.7, n),                                     # INDUS
+        (rng.random(n) < 0.07).astype(float),                          # CHAS
+        rng.uniform(0.385, 0.871, n),                                  # NOX
+        rng.normal(6.28, 0.7, n).clip(3.56, 8.78),                     # RM
+        rng.uniform(2.9, 100.0, n),                                    # AGE
+        rng.uniform(1.13, 12.1, n),                                    # DIS
+        rng.choice([1.0, 2, 3, 4, 5, 6, 7, 8, 24], n),                 # RAD
+        rng.integers(187, 712, n).astype(float),                       # TAX
+        rng.uniform(12.6, 22.0, n).round(1),                           # PTRATIO
+        rng.uniform(0.32, 396.9, n),                                   # B
+        rng.uniform(1.73, 37.97, n),                                   # LSTAT
+    ]
+    data = np.ascontiguousarray(np.stack(cols, axis=1))
+    target = (22.5 + 6.0 * (data[:, 5] - 6.28) - 0.5 * (data[:, 12] - 12.6)
+              - 0.1 * data[:, 0] + rng.normal(0, 3.0, n)).clip(5.0, 50.0)
+    names = np.array(["CRIM", "ZN", "INDUS", "CHAS", "NOX", "RM", "AGE", "DIS", "RAD",
+                      "TAX", "PTRATIO", "B", "LSTAT"], dtype="<U7")
+    return {"data": data, "target": target, "feature_names": names}
+
+
+def _patch_boston() -> None:
+    import coremltools.test.utils as ct_test_utils
+    ct_test_utils.load_boston = synthetic_boston
+
+
 def pytest_configure(config):
-    _pretend_macos()
+    _pretend_macos(config.getoption("--mljax-allow-neuralnetwork"))
+    if config.getoption("--mljax-synthetic-boston"):
+        _patch_boston()
     import mljax.coremltools as bridge
     bridge.enable(compute_precision="float32" if config.getoption("--mljax-fp32-compute") else None)
     _wrap_predict()
@@ -102,9 +147,10 @@ def pytest_collection_modifyitems(config, items):
     wanted = config.getoption("--mljax-select")
     wanted = set(read_nodeids(wanted)) if wanted else None
     every = config.getoption("--mljax-every")
+    allow_nn = config.getoption("--mljax-allow-neuralnetwork")
     keep, drop = [], []
     for item in items:
-        ok = ("neuralnetwork" not in item.nodeid and in_sample(item.nodeid, every)
+        ok = ((allow_nn or "neuralnetwork" not in item.nodeid) and in_sample(item.nodeid, every)
               and (wanted is None or item.nodeid in wanted))
         (keep if ok else drop).append(item)
     if drop:

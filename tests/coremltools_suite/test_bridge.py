@@ -170,12 +170,30 @@ def test_pil_image_input_and_output(enabled):
     model = ct.models.MLModel(spec, weights_dir=model.weights_dir)
     rgb = (np.arange(60).reshape(4, 5, 3) * 4).astype(np.uint8)
     out = model.predict({"x": Image.fromarray(rgb, "RGB")})["out"]
-    assert isinstance(out, Image.Image) and out.size == (5, 4)
+    # Core ML hands RGB image outputs back as RGBA (coremltools' test_io_types checks this)
+    assert isinstance(out, Image.Image) and out.size == (5, 4) and out.mode == "RGBA"
     # the program sees BGR channels; its RGB output image therefore holds them swapped
     expected = np.rint(rgb[:, :, ::-1].astype(np.float32) * 0.5)
-    np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=1)
+    pixels = np.asarray(out, np.float32)
+    np.testing.assert_allclose(pixels[:, :, :3], expected, atol=1)
+    np.testing.assert_array_equal(pixels[:, :, 3], 255)
     with pytest.raises(TypeError):   # coremltools' own check: image inputs must be PIL images
         model.predict({"x": rgb})
+
+
+def test_input_with_extra_leading_unit_dims_is_reshaped(enabled):
+    """Core ML takes a (1, 3) array for a classic model's fixed (3,) feature (coremltools'
+    test_io_types relies on it)."""
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    from coremltools.converters import sklearn as sk_convert
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(20, 3)), rng.normal(size=20)
+    reg = linear_model.LinearRegression().fit(X, y)
+    model = sk_convert.convert(reg, "data", "target")
+    x = np.array([[1.0, -2.0, 3.5]])
+    np.testing.assert_allclose(model.predict({"data": x})["target"], reg.predict(x)[0], rtol=1e-5)
+    with pytest.raises(Exception):   # a different element count is still refused
+        model.predict({"data": np.ones((2, 3))})
 
 
 def test_input_used_as_tile_reps_is_specialized_by_value(enabled):
