@@ -67,8 +67,13 @@ def _pretend_macos(allow_nn: bool = False) -> None:
     import coremltools._deps as deps
     import coremltools.models.utils as ct_utils
     deps._IS_MACOS = True
-    ct_utils._is_macos = lambda: True
-    ct_utils._macos_version = lambda: (15, 0)
+    originals = {"_is_macos": ct_utils._is_macos, "_macos_version": ct_utils._macos_version}
+    fakes = {"_is_macos": lambda: True, "_macos_version": lambda: (15, 0)}
+    # also where they were imported by name (e.g. neural_network.quantization_utils)
+    for mod in [m for name, m in list(sys.modules.items()) if name.startswith("coremltools") and m]:
+        for attr, fn in originals.items():
+            if getattr(mod, attr, None) is fn:
+                setattr(mod, attr, fakes[attr])
     loaded = [m for m in sys.modules if m.startswith("coremltools.converters.mil.testing_utils")]
     if loaded:
         raise RuntimeError(f"mljax_suite_plugin must load before coremltools' tests; found {loaded} imported")
