@@ -392,6 +392,7 @@ def main(argv=None) -> int:
     print_summary(records)
     meta_file = results / "meta.json"
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    meta.setdefault("suite", args.suite)   # results of an interrupted run carry no meta.json
     suite_doc = ROOT / "docs" / SUITES[meta.get("suite", args.suite)][4]
     doc = args.doc or (None if (args.sample or args.files) else str(suite_doc))
     if doc:
