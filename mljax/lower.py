@@ -47,8 +47,8 @@ def jax_dtype(dt: DType) -> np.dtype:
 def is_weight(var: Var) -> bool:
     """Trainable constants: floating-point tensors of more than one element."""
     v = var.value
-    return isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.size > 1 or \
-        isinstance(v, np.ndarray) and v.dtype.name in ("bfloat16", "float16") and v.size > 1
+    # bfloat16 (ml_dtypes) is not NumPy kind "f"
+    return isinstance(v, np.ndarray) and v.size > 1 and (v.dtype.kind == "f" or v.dtype.name == "bfloat16")
 
 
 def _is_concrete(x) -> bool:
