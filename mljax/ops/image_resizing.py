@@ -254,11 +254,22 @@ def _box_corners(boxes, mode: str):
 
 
 def _bilinear_at(img, ys, xs, pad_value):
-    """Sample ``img [..., H, W]`` on the grid ``ys [h] x xs [w]``; outside points: ``pad_value``."""
+    """Sample ``img [..., H, W]`` on the grid ``ys [h] x xs [w]``; outside points: ``pad_value``
+    (``None``: mirrored back into the image at its edges)."""
     h, w = img.shape[-2:]
+    if pad_value is None:
+        ys, xs = _mirror(ys, h), _mirror(xs, w)
     out = _lerp_axis(_lerp_axis(img, ys, img.ndim - 2), xs, img.ndim - 1)
+    if pad_value is None:
+        return out
     inside = (((ys >= 0) & (ys <= h - 1))[:, None]) & (((xs >= 0) & (xs <= w - 1))[None, :])
     return jnp.where(inside, out, jnp.asarray(pad_value, img.dtype))
+
+
+def _mirror(pos, size: int):
+    """Pixel-centre positions reflected at the image's edges (``-0.5`` and ``size - 0.5``)."""
+    edge = jnp.mod(pos + 0.5, 2 * size)
+    return jnp.clip(jnp.where(edge > size, 2 * size - edge, edge) - 0.5, 0, size - 1)
 
 
 def _crop_resize_boxes(x, boxes, target_height, target_width, normalized_coordinates,
@@ -270,9 +281,16 @@ def _crop_resize_boxes(x, boxes, target_height, target_width, normalized_coordin
     h, w = x.shape[-2:]
     boxes = _float(boxes).astype(jnp.float32)
     h0, w0, h1, w1 = _box_corners(boxes, str(box_coordinate_mode).upper())
-    sh = np.float32(spatial_scale) * (np.float32(h - 1) if normalized_coordinates else 1)
-    sw = np.float32(spatial_scale) * (np.float32(w - 1) if normalized_coordinates else 1)
     mode = str(sampling_mode).upper()
+    scale = np.float32(spatial_scale)
+    if normalized_coordinates and mode == "UNALIGN_CORNERS":
+        # half-pixel sampling: a normalized box spans pixel edges ([0, 1] is the whole image,
+        # pixel centres 0 .. H-1), so it scales by H and its end is one pixel before that edge
+        ys = _box_grid(h0 * scale * h, h1 * scale * h - 1, int(target_height), mode, jnp)
+        xs = _box_grid(w0 * scale * w, w1 * scale * w - 1, int(target_width), mode, jnp)
+        return ys, xs
+    sh = scale * (np.float32(h - 1) if normalized_coordinates else 1)
+    sw = scale * (np.float32(w - 1) if normalized_coordinates else 1)
     ys = _box_grid(h0 * sh, h1 * sh, int(target_height), mode, jnp)
     xs = _box_grid(w0 * sw, w1 * sw, int(target_width), mode, jnp)
     return ys, xs
@@ -286,19 +304,29 @@ def crop_resize(x, roi, *, target_height=1, target_width=1, normalized_coordinat
 
     With 4 coordinates every box is cut from every image: ``[N, B, C, th, tw]``; with 5 the
     first is the image index: ``[N, 1, C, th, tw]``.  Normalized boxes are scaled by
-    ``(H-1, W-1)``; sample points outside the image read 0.
+    ``(H-1, W-1)`` (by ``(H, W)`` as pixel edges under ``UNALIGN_CORNERS``).  Sample points
+    outside the image read 0, except under ``UNALIGN_CORNERS``, where they are mirrored back
+    at the image's edges (what Core ML returns for coremltools' iOS15 test of a box outside the
+    image; iOS16 replaced out-of-image behaviour by ``pad_value``).
     """
-    return crop_resize_ios16(x, roi, target_height=target_height, target_width=target_width,
-                             normalized_coordinates=normalized_coordinates,
-                             spatial_scale=spatial_scale, box_coordinate_mode=box_coordinate_mode,
-                             sampling_mode=sampling_mode, pad_value=0.0)
+    mirror = str(sampling_mode).upper() == "UNALIGN_CORNERS"
+    return _crop_resize_roi(x, roi, target_height, target_width, normalized_coordinates,
+                            spatial_scale, box_coordinate_mode, sampling_mode,
+                            None if mirror else 0.0)
 
 
 @register("crop_resize", "iOS16")
 def crop_resize_ios16(x, roi, *, target_height=1, target_width=1, normalized_coordinates=False,
                       spatial_scale=1.0, box_coordinate_mode="CORNERS_HEIGHT_FIRST",
                       sampling_mode="DEFAULT", pad_value=0.0):
-    """iOS16 ``crop_resize``: as iOS15, plus ``pad_value`` for sample points outside the image."""
+    """iOS16 ``crop_resize``: as iOS15, plus ``pad_value`` for sample points outside the image
+    (every sampling mode)."""
+    return _crop_resize_roi(x, roi, target_height, target_width, normalized_coordinates,
+                            spatial_scale, box_coordinate_mode, sampling_mode, pad_value)
+
+
+def _crop_resize_roi(x, roi, target_height, target_width, normalized_coordinates, spatial_scale,
+                     box_coordinate_mode, sampling_mode, pad_value):
     x, roi = jnp.asarray(x), _float(roi)
     if roi.ndim != 5 or roi.shape[2] not in (4, 5):
         raise OpError(f"crop_resize: roi must have shape [N, 1, 4|5, 1, 1], found {roi.shape}")
@@ -306,12 +334,12 @@ def crop_resize_ios16(x, roi, *, target_height=1, target_width=1, normalized_coo
     ys, xs = _crop_resize_boxes(x, roi[:, -4:], target_height, target_width,
                                 normalized_coordinates, spatial_scale, box_coordinate_mode,
                                 sampling_mode)
-    sample = jax.vmap(_bilinear_at, in_axes=(0, 0, 0, None))
     if roi.shape[1] == 5:
         index = jnp.clip(roi[:, 0].astype(jnp.int32), 0, x.shape[0] - 1)
-        return sample(x[index], ys, xs, pad_value)[:, None]
-    sample_all = jax.vmap(_bilinear_at, in_axes=(None, 0, 0, None))
-    return sample_all(x, ys, xs, pad_value)
+        sample = jax.vmap(lambda img, y, x_: _bilinear_at(img, y, x_, pad_value))
+        return sample(x[index], ys, xs)[:, None]
+    sample_all = jax.vmap(lambda y, x_: _bilinear_at(x, y, x_, pad_value))
+    return sample_all(ys, xs)
 
 
 @register("crop_resize", "iOS17")

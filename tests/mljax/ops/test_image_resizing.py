@@ -349,6 +349,36 @@ def test_crop_resize_box_modes_scale_and_batch_layout():
     check(y, np.stack([np.asarray(other), np.asarray(ref)], axis=1), tol=1e-5)
 
 
+
+def test_crop_resize_unalign_normalized_box_spans_pixel_edges():
+    """UNALIGN_CORNERS (half-pixel) with normalized boxes: [0, 1] is the whole image, so the crop
+    equals torch's align_corners=False resize; a partial box samples a*H + (i+0.5)*(b-a)*H/n - 0.5."""
+    x = rand((1, 2, 6, 8))
+    kw = dict(normalized_coordinates=True, sampling_mode="UNALIGN_CORNERS")
+    y = call(R.crop_resize_ios17, x, np.array([[0, 0, 1, 1]], np.float32), target_height=4,
+             target_width=3, **kw)
+    check(y, torch_interp(x, size=(4, 3), align_corners=False), tol=1e-5)
+    box = (0.25, 0.125, 0.75, 0.875)
+    y = call(R.crop_resize_ios17, x, np.array([box], np.float32), target_height=3,
+             target_width=5, **kw)
+    gy = [box[0] * 6 + (i + 0.5) * (box[2] - box[0]) * 6 / 3 - 0.5 for i in range(3)]
+    gx = [box[1] * 8 + (j + 0.5) * (box[3] - box[1]) * 8 / 5 - 0.5 for j in range(5)]
+    check(y, ref_bilinear(x[0], gy, gx)[None], tol=1e-5)
+
+
+def test_crop_resize_ios15_unalign_outside_image_mirrors():
+    """coremltools' iOS15 op test: a normalized box beyond the image under UNALIGN_CORNERS reads
+    the points mirrored back at the image's edges; iOS16 reads pad_value there instead."""
+    roi = _roi([2, 2, 1, 1])
+    kw = dict(target_height=2, target_width=2, normalized_coordinates=True,
+              sampling_mode="UNALIGN_CORNERS")
+    check(call(R.crop_resize, X44, roi, **kw), np.reshape([3.5, 5.5, 11.5, 13.5], (1, 1, 1, 2, 2)))
+    check(call(R.crop_resize_ios16, X44, roi, pad_value=-1.0, **kw), np.full((1, 1, 1, 2, 2), -1.0))
+    # rows 6.5, 4.5 mirror to 0.5, 2.5 about the edge at 3.5; columns likewise
+    x = rand((1, 1, 4, 4))
+    ref = ref_bilinear(x[0], [0.5, 2.5], [0.5, 2.5])
+    check(call(R.crop_resize, x, roi, **kw), ref[None, None], tol=1e-5)
+
 def test_crop_resize_fp16():
     x = rand((1, 2, 5, 5), np.float16)
     boxes = np.array([[0.5, 0.5, 3.5, 4.0]], np.float16)
