@@ -52,7 +52,10 @@ def is_weight(var: Var) -> bool:
 
 
 def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+    if isinstance(x, (jax.Array, np.ndarray, np.generic, str, int, float)) or x is None:
+        return not isinstance(x, jax.core.Tracer)
+    # containers of arrays (a MIL list value): concrete when none of their leaves is traced
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(x))
 
 
 def _as_static(x):
