@@ -5,7 +5,8 @@ import numpy as np
 
 from mljax.errors import InputError
 from mljax.features import feature_specs
-from mljax.lower import LoweredFunction
+from mljax.cache import program_digest
+from mljax.lower import LoweredFunction, is_weight
 from mljax.mil.from_proto import program_from_proto
 from mljax.stage import Stage, register_stage_builder
 
@@ -37,7 +38,17 @@ def build_mlprogram_stage(spec, model_dir, *, function_name=None, compute_precis
         batchable=not states and not lowered.value_inputs,
         static_inputs=tuple(lowered.value_inputs),
         info={"program": program, "function": name, "lowered": lowered},
+        digest=program_digest(spec.mlProgram.SerializeToString(deterministic=True), _baked(lowered),
+                              ("mlProgram", name, compute_precision)),
     )
+
+
+def _baked(lowered: LoweredFunction):
+    """The constants the trace bakes in (everything constant but the weights), in program order."""
+    for op in lowered.fn.block.walk():
+        for var in op.outputs:
+            if var.value is not None and not is_weight(var):
+                yield var.name, var.value
 
 
 def _image_inputs(specs):

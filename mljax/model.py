@@ -1,7 +1,9 @@
 """``mljax.MLModel``: load any Core ML model and predict, shaped like coremltools' MLModel."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import functools
 from pathlib import Path
 from typing import Any
@@ -10,10 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mljax.errors import InputError, OpError
+from mljax.cache import CachedJit
+from mljax.errors import InputError, OpError, PredictionError
 from mljax.features import FeatureSpec, convert_inputs, convert_output
 from mljax.format.package import load_spec, save_spec
-from mljax.stage import Stage, build_stage
+from mljax.ops.random import CALL_KEY_INPUT
+from mljax.stage import Stage, build_stage, shared_fn
 
 __all__ = ["MLModel"]
 
@@ -42,11 +46,16 @@ class MLModel:
         self.compute_precision = compute_precision
         self._stage = _stage or build_stage(self._spec, self.model_dir, function_name=function_name,
                                             compute_precision=compute_precision)
-        self._weights = jax.device_put(self._stage.weights)
+        self._stage = _per_call(self._stage)
+        with self._x64_scope():
+            self._weights = jax.device_put(self._stage.weights)
         self._loaded_weights = self._weights   # replaced weights (training) differ by identity
         self._eager = False                     # set when the model's shapes depend on input values
+        self._call_keys = _CallKeys()           # fresh random keys, for programs with seed=-1 random ops
         self._predict_fn = _jit_stage(self._stage)
-        self._batched_fn = jax.jit(jax.vmap(self._stage.fn, in_axes=(None, 0, None)))
+        self._cached_fn = (CachedJit(self._stage.fn, self._stage.digest)
+                           if self._stage.digest is not None and not self._stage.static_inputs else None)
+        self._batched_fn = _jit_batched(self._stage)
 
     @property
     def weights_dir(self) -> Path | None:
@@ -87,10 +96,17 @@ class MLModel:
         return None if self.package_path is None else str(self.package_path)
 
     # --- prediction ----------------------------------------------------------------------
+    def _x64_scope(self):
+        """``jax.enable_x64`` for stages that compute in float64 (classic models), else nothing."""
+        return jax.enable_x64(True) if self._stage.x64 else contextlib.nullcontext()
+
     def _prepare(self, data: dict) -> dict:
         if self._stage.preprocess is not None:
             data = self._stage.preprocess(data)
-        return convert_inputs(self._stage.inputs, data)
+        inputs = convert_inputs(self._stage.inputs, data)
+        if self._stage.info.get("call_key"):
+            inputs[CALL_KEY_INPUT] = self._call_keys.next()
+        return inputs
 
     def _finish(self, outputs: dict) -> dict:
         outputs = {k: np.asarray(v) for k, v in outputs.items()}
@@ -109,6 +125,7 @@ class MLModel:
         inputs = self._prepare(data)
         states = self._state_values(state)
         outputs, new_states = self._run(inputs, states)
+        outputs = _raise_failed_checks(outputs)
         if state is not None:
             state._values = new_states
         return self._finish(outputs)
@@ -125,7 +142,9 @@ class MLModel:
         if self._eager:
             return [self.predict(d, state) for d in items]
         try:
-            outputs, _ = self._batched_fn(self._weights, stacked, {})
+            with self._x64_scope():
+                outputs, _ = self._batched_fn(self._weights, stacked, {})
+            outputs = _raise_failed_checks(outputs)
         except _NEEDS_CONCRETE:
             return [self.predict(d, state) for d in items]
         outputs = {k: np.asarray(v) for k, v in outputs.items()}
@@ -133,14 +152,17 @@ class MLModel:
 
     def _run(self, inputs: dict, states: dict):
         """The jitted function; op by op on concrete values when a shape depends on the data."""
-        if not self._eager:
-            try:
-                return self._predict_fn(self._weights, inputs, states)
-            except _NEEDS_CONCRETE:
-                # e.g. non_zero, or a slice whose bounds are model inputs: XLA needs static shapes,
-                # so this model runs un-jitted from now on (each op still a compiled kernel)
-                self._eager = True
-        return self._stage.fn(self._weights, {k: jnp.asarray(v) for k, v in inputs.items()}, states)
+        with self._x64_scope():
+            if not self._eager:
+                try:
+                    if self._cached_fn is not None and self._weights is self._loaded_weights:
+                        return self._cached_fn(self._weights, inputs, states)
+                    return self._predict_fn(self._weights, inputs, states)
+                except _NEEDS_CONCRETE:
+                    # e.g. non_zero, or a slice whose bounds are model inputs: XLA needs static shapes,
+                    # so this model runs un-jitted from now on (each op still a compiled kernel)
+                    self._eager = True
+            return self._stage.fn(self._weights, {k: jnp.asarray(v) for k, v in inputs.items()}, states)
 
     # --- state ---------------------------------------------------------------------------
     def make_state(self) -> "MLState":
@@ -190,9 +212,71 @@ def _jit_stage(stage: Stage):
     return call
 
 
+def _jit_batched(stage: Stage):
+    """``jax.jit(jax.vmap(stage.fn))`` over inputs; shared by stages with the same ``fn_key``."""
+    make = lambda: jax.jit(jax.vmap(stage.fn, in_axes=(None, 0, None)))   # noqa: E731
+    return make() if stage.fn_key is None else shared_fn(("vmap", stage.fn_key), make)
+
+
 # Errors that mean "this needs concrete input values" when raised while tracing.
 _NEEDS_CONCRETE = (OpError, jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError,
                    jax.errors.TracerBoolConversionError, jax.errors.TracerArrayConversionError)
+
+
+# --- what a call needs beyond its inputs -----------------------------------------------------
+_CHECKS = "__mljax_checks__"   # the output holding the checkify error of traced run-time checks
+
+
+def _per_call(stage: Stage) -> Stage:
+    """``stage`` with a fresh random key per call (ML programs with ``seed=-1`` random ops, input
+    ``CALL_KEY_INPUT``) and run-time checks returned as an output (``validate_indices`` on
+    computed indices: ``checkify``), so one jitted function serves every call."""
+    lowered = stage.info.get("lowered")
+    if lowered is None or stage.info.get("per_call"):
+        return stage
+    from mljax.ops import random, scatter_gather
+    keyed, checked = random.uses_call_key(lowered.fn), scatter_gather.has_runtime_checks(lowered.fn)
+    if not (keyed or checked):
+        return stage
+    fn = random.with_call_key(stage.fn) if keyed else stage.fn
+    return dataclasses.replace(stage, fn=_with_checks(fn) if checked else fn,
+                               info={**stage.info, "per_call": True, "call_key": keyed})
+
+
+def _with_checks(fn):
+    """Traced calls of ``fn`` run under ``checkify.checkify``; the error is output ``_CHECKS``.
+    Op by op (concrete inputs) the checks raise at once and ``fn`` runs as it is."""
+    from jax.experimental import checkify
+
+    def run(weights, inputs, states):
+        if not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(inputs)):
+            return fn(weights, inputs, states)
+        err, (outputs, new_states) = checkify.checkify(fn)(weights, inputs, states)
+        return {**outputs, _CHECKS: err}, new_states
+    return run
+
+
+def _raise_failed_checks(outputs: dict) -> dict:
+    """``outputs`` without ``_CHECKS``; a failed check raises :class:`PredictionError`."""
+    if _CHECKS not in outputs:
+        return outputs
+    outputs = dict(outputs)
+    message = outputs.pop(_CHECKS).get()
+    if message:
+        raise PredictionError(message.replace(" (`check` failed)", ""))
+    return outputs
+
+
+class _CallKeys:
+    """Raw uint32[2] PRNG keys, a new one per call: a random base per model, then a counter."""
+
+    def __init__(self):
+        self._base = np.uint32(np.random.SeedSequence().entropy % (2**32))
+        self._count = 0
+
+    def next(self) -> np.ndarray:
+        self._count += 1
+        return np.array([self._base, self._count % (2**32)], np.uint32)
 
 
 class MLState:

@@ -8,13 +8,15 @@ Builders are registered per ``Model.Type`` oneof name.
 from __future__ import annotations
 
 import importlib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 from mljax.errors import UnsupportedError
 from mljax.features import FeatureSpec
 
-__all__ = ["Stage", "register_stage_builder", "build_stage"]
+__all__ = ["Stage", "register_stage_builder", "build_stage", "shared_fn"]
 
 
 @dataclass
@@ -29,6 +31,32 @@ class Stage:
     batchable: bool = True                # fn may be vmapped over a leading batch axis
     static_inputs: tuple = ()             # inputs fn needs concrete (jit once per their value)
     info: dict[str, Any] = field(default_factory=dict)  # model-type specific (program, layers ...)
+    x64: bool = False                     # fn computes in float64: run it under jax.enable_x64
+    fn_key: Hashable | None = None        # fn is shared_fn(fn_key, ...): equal keys, same function
+    digest: bytes | None = None           # fully determines fn given argument shapes (mljax.cache)
+
+
+_SHARED: OrderedDict = OrderedDict()
+_SHARED_MAX = 256
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_fn(key: Hashable, make: Callable[[], Callable]) -> Callable:
+    """The one function object for ``key`` (``make()`` on first use; the 256 latest are kept).
+
+    JAX's jit caches traces and compiled code by function identity, so stages whose
+    functions are fully determined by a hashable key (weights being arguments) share
+    compiled code across models of the same structure and shapes.
+    """
+    with _SHARED_LOCK:
+        fn = _SHARED.get(key)
+        if fn is None:
+            fn = _SHARED[key] = make()
+            if len(_SHARED) > _SHARED_MAX:
+                _SHARED.popitem(last=False)
+        else:
+            _SHARED.move_to_end(key)
+        return fn
 
 
 _BUILDERS: dict[str, Callable[..., Stage]] = {}
