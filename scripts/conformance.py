@@ -86,8 +86,20 @@ def pytest_command(targets, results: Path, args, extra=()) -> list[str]:
 
 def run_pytest(targets, results: Path, args, extra=(), scope: str = "") -> int:
     results.mkdir(parents=True, exist_ok=True)
-    for old in results.glob("results-*.jsonl"):
-        old.unlink()
+    resumed = []
+    if getattr(args, "resume", False):
+        done = sorted({r["nodeid"] for r in load_records(results)})
+        skip = results / "done-nodeids.txt"
+        skip.write_text("\n".join(done) + "\n")
+        extra = [*extra, "--mljax-skip", str(skip)]
+        old_meta = results / "meta.json"
+        if old_meta.exists():
+            old = json.loads(old_meta.read_text())
+            resumed = old.get("segments", [{"commit": old.get("commit"), "date": old.get("date")}])
+        print(f"resuming: {len(done)} tests already recorded in {results}")
+    else:
+        for old in results.glob("results-*.jsonl"):
+            old.unlink()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(SUITE), str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("JAX_PLATFORMS", "cpu")
@@ -98,14 +110,18 @@ def run_pytest(targets, results: Path, args, extra=(), scope: str = "") -> int:
     commit = _git_head()
     log = results / "pytest.log"
     print("running:", " ".join(cmd), f"\n(log: {log})", flush=True)
-    with open(log, "w") as out:
+    command = [a for a in sys.argv[1:] if a != "--resume"]
+    meta = {"command": " ".join(["python", "scripts/conformance.py", *command]), "scope": scope,
+            "commit": commit, "pytest_exit": None, "fp32": args.fp32,
+            "fp32_compute": args.fp32_compute, "date": _now(), "suite": _SUITE[0],
+            "segments": [*resumed, {"commit": commit, "date": _now()}]}
+    (results / "meta.json").write_text(json.dumps(meta))   # kept if the run is interrupted
+    with open(log, "a" if resumed else "w") as out:
         rc = subprocess.call(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     tail = log.read_text(errors="replace").strip().splitlines()[-3:]
     print("\n".join(tail))
-    (results / "meta.json").write_text(json.dumps(
-        {"command": " ".join(["python", "scripts/conformance.py", *sys.argv[1:]]), "scope": scope,
-         "commit": commit, "pytest_exit": rc, "fp32": args.fp32,
-         "fp32_compute": args.fp32_compute, "date": _now(), "suite": _SUITE[0]}))
+    meta["pytest_exit"] = rc
+    (results / "meta.json").write_text(json.dumps(meta))
     return rc
 
 
@@ -178,6 +194,9 @@ def render(records: list[dict], meta: dict, scope: str) -> str:
         " (mljax runs NeuralNetwork models separately; they are not in this table).", "",
         f"- run: `{meta.get('command', '?')}` ({scope}), {meta.get('date', '?')}, "
         f"coremltools {_ct_version()}, mljax commit `{meta.get('commit', '?')}`"
+        + (" (run in " + str(len(meta["segments"])) + " sittings with `--resume`, at commits "
+           + ", ".join(f"`{g['commit']}`" for g in meta["segments"]) + ")"
+           if len(meta.get("segments", ())) > 1 else "")
         + (f"; its {meta['rerun']['count']} failures re-run at commit `{meta['rerun']['commit']}`"
            if meta.get("rerun") else ""),
         f"- tests run: {total['collected']}; reached predict: **{total['reached']}**; passed: **{total['passed']}**; "
@@ -336,6 +355,9 @@ def main(argv=None) -> int:
     p.add_argument("--suite", choices=sorted(SUITES), default="ops",
                    help="which coremltools tests: MIL op tests (ops, nn-ops: neuralnetwork backend), "
                         "sklearn_tests or pipeline; each writes its own doc")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the results already in the results folder and run only the tests not yet "
+                        "recorded there (a long --full run done in several sittings)")
     p.add_argument("--every", type=int, default=0, metavar="K",
                    help="run only a fixed 1-in-K sample (stable hash of the node id)")
     p.add_argument("-n", "--workers", type=int, default=min(os.cpu_count() or 1, 8), help="pytest-xdist workers")

@@ -53,6 +53,8 @@ def pytest_addoption(parser):
                     help="run fp16 programs with fp32 compute (Core ML CPU behaviour)")
     group.addoption("--mljax-select", default=None,
                     help="file of node ids (one a line, '#' comments): run only those")
+    group.addoption("--mljax-skip", default=None,
+                    help="file of node ids already run (one a line): deselect them (resuming a run)")
     group.addoption("--mljax-every", type=int, default=0,
                     help="run a fixed 1-in-K sample (by a stable hash of the node id)")
     group.addoption("--mljax-allow-neuralnetwork", action="store_true",
@@ -151,12 +153,14 @@ def read_nodeids(path) -> list[str]:
 def pytest_collection_modifyitems(config, items):
     wanted = config.getoption("--mljax-select")
     wanted = set(read_nodeids(wanted)) if wanted else None
+    skip = config.getoption("--mljax-skip")
+    skip = set(read_nodeids(skip)) if skip else set()
     every = config.getoption("--mljax-every")
     allow_nn = config.getoption("--mljax-allow-neuralnetwork")
     keep, drop = [], []
     for item in items:
         ok = ((allow_nn or "neuralnetwork" not in item.nodeid) and in_sample(item.nodeid, every)
-              and (wanted is None or item.nodeid in wanted))
+              and (wanted is None or item.nodeid in wanted) and item.nodeid not in skip)
         (keep if ok else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
