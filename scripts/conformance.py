@@ -301,6 +301,9 @@ def _ct_version() -> str:
 
 
 def _git_head() -> str:
+    """The commit tested (``MLJAX_CONFORMANCE_COMMIT`` names it for a run from a copied tree)."""
+    if os.environ.get("MLJAX_CONFORMANCE_COMMIT"):
+        return os.environ["MLJAX_CONFORMANCE_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
     except (OSError, subprocess.CalledProcessError):
