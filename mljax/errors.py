@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __all__ = [
     "MLJaxError", "ModelFormatError", "UnsupportedError", "UnsupportedOpError",
-    "InputError", "OpError", "UpdateError", "ConversionError",
+    "InputError", "OpError", "PredictionError", "UpdateError", "ConversionError",
 ]
 
 
@@ -41,6 +41,11 @@ class InputError(MLJaxError, ValueError):
 
 class OpError(MLJaxError, ValueError):
     """An op's inputs or attributes are invalid (e.g. a must-be-const input is dynamic)."""
+
+
+class PredictionError(MLJaxError, RuntimeError):
+    """A check inside the model failed on the given inputs while predicting (e.g. an index out
+    of bounds for an op with ``validate_indices=True``)."""
 
 
 class UpdateError(MLJaxError):
