@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from mljax.errors import InputError
+from mljax.errors import InputError, PredictionError
 
 __all__ = ["enable", "disable", "is_enabled", "mljax_model"]
 
@@ -99,9 +99,15 @@ def _predict(self, data, state=None):
     items = data if isinstance(data, list) else [data]
     prepared = [_ct_inputs(self, model, d) for d in items]
     mj_state = None if state is None else _unwrap_state(state)
-    if isinstance(data, dict):
-        return _ct_outputs(model, model.predict(prepared[0], mj_state))
-    return [_ct_outputs(model, out) for out in model.predict(prepared)]
+    try:
+        if isinstance(data, dict):
+            return _ct_outputs(model, model.predict(prepared[0], mj_state))
+        return [_ct_outputs(model, out) for out in model.predict(prepared)]
+    except PredictionError as e:
+        # Core ML's words when a prediction fails at run time (coremltools' tests match them)
+        kind = "ML Program" if _model_type(self) == "mlProgram" else "a neural network model"
+        raise PredictionError(f"Unable to compute the prediction using {kind}. It can be an "
+                              f"invalid input data or broken/unsupported model ({e})") from e
 
 
 def _make_state(self):

@@ -2,12 +2,16 @@
 
 Samples come from ``jax.random`` (threefry), so they follow the same distributions as Core ML's
 but are not bit-identical to it.  ``seed >= 0`` gives the same values on every call;
-``seed == -1`` (the default) uses the per-call key the lowering puts in ``ctx.rng``, or, when
-there is none, a key fixed per op at trace time (so values repeat across calls of one
-compiled function).  ``shape`` must be known before tracing.
+``seed == -1`` (the default) draws fresh values per call, as Core ML does: from ``ctx.rng``
+when the lowering sets it, else from the call key of :func:`call_key_scope` (``MLModel``
+passes one per prediction as an argument of the jitted function, see :func:`with_call_key`),
+else from a key fixed per op at trace time (values then repeat across calls of one compiled
+function).  ``shape`` must be known before tracing.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import zlib
 
 import jax
@@ -17,7 +21,49 @@ import numpy as np
 from mljax.errors import OpError
 from mljax.ops._registry import register
 
-__all__ = ["random_bernoulli", "random_categorical", "random_normal", "random_uniform"]
+__all__ = ["random_bernoulli", "random_categorical", "random_normal", "random_uniform",
+           "CALL_KEY_INPUT", "call_key_scope", "uses_call_key", "with_call_key"]
+
+#: The name under which a stage function wrapped by :func:`with_call_key` takes its call key.
+CALL_KEY_INPUT = "__mljax_random_call_key__"
+_CALL_KEY: contextvars.ContextVar = contextvars.ContextVar("mljax_random_call_key", default=None)
+_RANDOM_OPS = frozenset(("random_bernoulli", "random_categorical", "random_normal", "random_uniform"))
+
+
+@contextlib.contextmanager
+def call_key_scope(key):
+    """Inside this scope, random ops with ``seed=-1`` draw from ``key`` (a raw uint32[2] PRNG
+    key, possibly a tracer) folded with the op's name."""
+    token = _CALL_KEY.set(key)
+    try:
+        yield
+    finally:
+        _CALL_KEY.reset(token)
+
+
+def with_call_key(fn):
+    """A stage function ``(weights, inputs, states)`` that takes its call key as the input
+    ``CALL_KEY_INPUT`` (so a jitted caller passes a fresh key per call without retracing);
+    called without one, it runs as ``fn``."""
+    def run(weights, inputs, states):
+        inputs = dict(inputs)
+        key = inputs.pop(CALL_KEY_INPUT, None)
+        if key is None:
+            return fn(weights, inputs, states)
+        with call_key_scope(key):
+            return fn(weights, inputs, states)
+    return run
+
+
+def uses_call_key(function) -> bool:
+    """Whether a MIL function has random ops that draw fresh values per call (``seed == -1``)."""
+    for op in function.block.walk():
+        if op.type in _RANDOM_OPS:
+            seed = op.input("seed")
+            value = op.attributes.get("seed", -1) if seed is None else seed.value
+            if value is None or int(np.asarray(value)) < 0:
+                return True
+    return False
 
 
 def _key(seed, ctx):
@@ -28,6 +74,8 @@ def _key(seed, ctx):
     name = getattr(ctx, "name", "") or ""
     salt = zlib.crc32(name.encode())
     rng = getattr(ctx, "rng", None)
+    if rng is None:
+        rng = _CALL_KEY.get()
     if rng is not None:
         return jax.random.fold_in(rng, salt)
     return jax.random.fold_in(jax.random.PRNGKey(np.random.SeedSequence().entropy % (2**31)), salt)

@@ -4,24 +4,26 @@ Opset deltas: iOS16 adds ``batch_dims`` to ``gather`` and ``gather_nd``; iOS17 a
 ``validate_indices`` to every op here and declares negative indices out of bounds.
 Negative indices are wrapped (``i + dim``) by every gather and by iOS15/16 scatters; iOS17+
 scatters treat them as out of bounds, as Core ML does.  Out-of-bound indices are clamped by
-gathers and dropped by scatters (iOS17 calls both "undefined but memory safe").  ``validate_indices=True`` raises on out-of-bound
-indices: at load for const indices, at run time (a host check) for computed ones.
+gathers and dropped by scatters (iOS17 calls both "undefined but memory safe").
+``validate_indices=True`` raises :class:`~mljax.errors.PredictionError` on out-of-bound
+indices: at once for concrete indices, after the call (a ``checkify`` flag) for computed ones.
 """
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import checkify
 
-from mljax.errors import OpError
+from mljax.errors import OpError, PredictionError
 from mljax.ops._registry import register
 
-__all__ = ["gather", "gather_along_axis", "gather_nd", "scatter", "scatter_along_axis", "scatter_nd"]
+__all__ = ["gather", "gather_along_axis", "gather_nd", "scatter", "scatter_along_axis", "scatter_nd",
+           "has_runtime_checks"]
 
 _MODES = ("update", "add", "sub", "mul", "div", "max", "min")
+_OPS = frozenset(__all__[:6])
 
 
 def _norm_axis(axis: int, rank: int, op: str) -> int:
@@ -41,23 +43,40 @@ def _check_bounds(indices, upper, op: str) -> None:
     idx = np.asarray(indices)
     bad = (idx < 0) | (idx >= upper)
     if np.any(bad):
-        raise OpError(f"{op}: validate_indices=True expects indices in [0, {upper.tolist()}); "
-                      f"found out-of-bound value(s) {np.unique(idx[bad]).tolist()}")
+        raise PredictionError(f"{op}: validate_indices=True expects indices in [0, {upper.tolist()}); "
+                              f"found out-of-bound value(s) {np.unique(idx[bad]).tolist()}")
 
 
 def _validate(indices, upper, validate: bool, op: str) -> None:
     """With ``validate``, fail when ``indices`` fall outside ``[0, upper)``.
 
-    Const indices fail at load; indices computed at run time are checked on the host when the
-    function runs, and the failure surfaces as a ``RuntimeError`` from ``predict``.
+    Concrete indices fail at once (:class:`PredictionError`); traced ones add a
+    ``checkify.check``: the flag is an extra output that ``MLModel`` checks after the call
+    (it runs such programs through ``checkify.checkify``) and raises as ``PredictionError``.
     """
     if not validate:
         return
     upper = np.asarray(upper)
-    if isinstance(indices, jax.core.Tracer):
-        jax.debug.callback(functools.partial(_check_bounds, upper=upper, op=op), indices)
-    else:
+    if not isinstance(indices, jax.core.Tracer):
         _check_bounds(indices, upper, op)
+        return
+    idx = jnp.asarray(indices)
+    bad = (idx < 0) | (idx >= upper)
+    first = jnp.broadcast_to(idx, bad.shape).reshape(-1)[jnp.argmax(bad.reshape(-1))]
+    checkify.check(~jnp.any(bad), f"{op}: validate_indices=True expects indices in "
+                   f"[0, {upper.tolist()}); found out-of-bound value {{}}", first)
+
+
+def has_runtime_checks(function) -> bool:
+    """Whether a MIL function validates indices it computes at run time (``validate_indices=True``
+    on non-constant indices): it then needs ``checkify.checkify`` around its traced calls."""
+    for op in function.block.walk():
+        if op.type in _OPS:
+            flag, indices = op.input("validate_indices"), op.input("indices")
+            validate = op.attributes.get("validate_indices", False) if flag is None else flag.value
+            if indices is not None and indices.value is None and bool(np.asarray(validate)):
+                return True
+    return False
 
 
 # --- gather -----------------------------------------------------------------------------

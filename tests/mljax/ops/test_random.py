@@ -100,3 +100,29 @@ def test_e2e_random_uniform():
     assert out.shape == (1000, 10)
     assert out.min() >= 1.0 and out.max() < 3.0
     assert abs(out.mean() - 2.0) < 0.03
+
+
+def test_call_key_scope_draws_per_key_and_seeds_ignore_it():
+    import jax
+
+    def with_key(k, seed=-1, name="op"):
+        with rnd.call_key_scope(np.array([5, k], np.uint32)):
+            return np.asarray(jax.jit(lambda: rnd.random_uniform(
+                shape=np.array([64]), seed=seed, ctx=_ctx(name=name)))())
+    a, b, a2 = with_key(1), with_key(2), with_key(1)
+    assert not np.array_equal(a, b)
+    np.testing.assert_array_equal(a, a2)
+    assert not np.array_equal(a, with_key(1, name="other"))    # each op its own stream
+    np.testing.assert_array_equal(with_key(1, seed=4), with_key(2, seed=4))
+
+
+def test_with_call_key_takes_the_key_as_an_input():
+    import jax
+
+    def stage_fn(weights, inputs, states):
+        return {"u": rnd.random_normal(shape=np.array([8]), seed=-1, ctx=_ctx())}, states
+
+    run = jax.jit(rnd.with_call_key(stage_fn))
+    one = run({}, {rnd.CALL_KEY_INPUT: np.array([0, 1], np.uint32)}, {})[0]["u"]
+    two = run({}, {rnd.CALL_KEY_INPUT: np.array([0, 2], np.uint32)}, {})[0]["u"]
+    assert not np.array_equal(np.asarray(one), np.asarray(two))

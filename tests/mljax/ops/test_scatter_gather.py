@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from mljax.errors import OpError
+from mljax.errors import OpError, PredictionError
 from mljax.ops import scatter_gather as sg
 from mljax.ops._registry import lookup
 from tests.helpers import assert_close
@@ -93,23 +93,51 @@ def test_gather_nd_batch_dims():
 
 def test_validate_indices_rejects_out_of_bounds():
     x = np.zeros((3, 4), np.float32)
-    with pytest.raises(OpError, match="validate_indices"):
+    with pytest.raises(PredictionError, match="validate_indices"):
         sg.gather_iOS17(x, np.array([0, 3]), axis=0, validate_indices=True)
-    with pytest.raises(OpError, match="validate_indices"):
+    with pytest.raises(PredictionError, match="validate_indices"):
         sg.scatter_nd_iOS17(x, np.array([[0, 4]]), np.ones(1, np.float32), validate_indices=True)
     # in range: no error, same result as without validation
     assert_close(sg.gather_iOS17(x, np.array([0, 2]), validate_indices=True), x[[0, 2]])
 
 
 def test_validate_indices_at_run_time():
+    """Traced indices: a checkify check (the flag comes back with the outputs)."""
     import jax
+    from jax.experimental import checkify
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
-    f = jax.jit(lambda x, i: sg.scatter_along_axis_iOS17(x, i, x, axis=1, mode="add",
-                                                         validate_indices=True))
+    f = jax.jit(checkify.checkify(lambda x, i: sg.scatter_along_axis_iOS17(
+        x, i, x, axis=1, mode="add", validate_indices=True)))
     ok = np.tile(np.array([3, 2, 1, 0], np.int32), (3, 1))
-    assert_close(f(x, ok), x + x[:, ::-1])
-    with pytest.raises(RuntimeError, match="validate_indices"):
-        np.asarray(f(x, np.where(ok == 0, -1, ok)))
+    err, out = f(x, ok)
+    assert err.get() is None
+    assert_close(out, x + x[:, ::-1])
+    err, _ = f(x, np.where(ok == 0, -1, ok))
+    assert "found out-of-bound value -1" in err.get()
+    g = jax.jit(checkify.checkify(lambda x, i: sg.gather_nd_iOS17(x, i, validate_indices=True)))
+    assert g(x, np.array([[2, 3]], np.int32))[0].get() is None
+    assert "value 4" in g(x, np.array([[0, 1], [2, 4]], np.int32))[0].get()
+
+
+def test_has_runtime_checks():
+    """Only validate_indices=True on indices computed at run time needs a traced check."""
+    from coremltools.converters.mil.mil import Builder as mb, types
+    import mljax
+    from tests.helpers import convert_mil, target
+
+    def function(indices_from_input: bool, validate: bool):
+        specs = [mb.TensorSpec((3, 4), types.fp32), mb.TensorSpec((2,), types.int32)]
+
+        @mb.program(input_specs=specs, opset_version=target("iOS17"))
+        def prog(x, i):
+            idx = i if indices_from_input else np.array([0, 2], np.int32)
+            return mb.add(x=mb.gather(x=x, indices=idx, validate_indices=validate),
+                          y=mb.cast(x=mb.reduce_sum(x=i), dtype="fp32"))
+        return mljax.MLModel(convert_mil(prog)).stage.info["lowered"].fn
+
+    assert sg.has_runtime_checks(function(True, True))
+    assert not sg.has_runtime_checks(function(True, False))
+    assert not sg.has_runtime_checks(function(False, True))
 
 
 def test_opset_lookup():
