@@ -12,6 +12,7 @@ from jax import lax
 
 from mljax.neuralnetwork._base import as_rank5, fail, flat_lead, from_rank5, layer, xp
 from mljax.neuralnetwork.weights import decode_weights
+from mljax.ops.conv import _depthwise, _is_depthwise
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -174,9 +175,12 @@ def convolution(p, w, xs, ctx):
             pads = [same_pads(xb.shape[2 + i], k[i], s[i], d[i], tl) for i in range(2)]
         else:
             pads = _border(p.valid.paddingAmounts)
-        y = lax.conv_general_dilated(xb, wt.astype(xb.dtype), s, pads, rhs_dilation=d,
-                                     dimension_numbers=("NCHW", "OIHW", "NCHW"),
-                                     feature_group_count=groups, precision=_HIGHEST)
+        if _is_depthwise(xb.shape, wt.shape, groups, pads, s, d):   # fused taps, not a grouped conv
+            y = _depthwise(xb, wt.astype(xb.dtype), tuple(s), pads, d)
+        else:
+            y = lax.conv_general_dilated(xb, wt.astype(xb.dtype), s, pads, rhs_dilation=d,
+                                         dimension_numbers=("NCHW", "OIHW", "NCHW"),
+                                         feature_group_count=groups, precision=_HIGHEST)
     if "bias" in w:
         y = y + w["bias"].reshape(-1, 1, 1)
     return y.reshape(lead + tuple(y.shape[1:]))

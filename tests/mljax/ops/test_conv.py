@@ -63,6 +63,9 @@ CONV_CASES = [
     (2, (9, 10), (3, 3), (1, 1), (1, 1), 1, 3, 5),
     (2, (9, 10), (3, 2), (2, 3), (1, 2), 2, 4, 6),
     (2, (8, 7), (3, 3), (2, 2), (1, 1), 4, 4, 8),  # depthwise, multiplier 2
+    (2, (9, 8), (3, 3), (2, 1), (2, 2), 5, 5, 5),  # depthwise, dilated and strided
+    (1, (13,), (5,), (3,), (1,), 3, 3, 3),         # depthwise 1-D
+    (3, (4, 5, 6), (2, 2, 3), (1, 1, 2), (1, 2, 1), 3, 3, 6),  # depthwise 3-D, multiplier 2
     (2, (6, 6), (1, 1), (1, 1), (1, 1), 1, 5, 3),  # pointwise
     (3, (5, 6, 7), (2, 3, 3), (1, 2, 1), (2, 1, 1), 2, 4, 2),
 ]
@@ -205,3 +208,15 @@ def test_e2e_conv_transpose_fp16_model():
     ref = F.conv_transpose2d(t64(x), t64(w), t64(b), stride=2, padding=1).numpy()
     out = _e2e(prog, {"x": x}, "iOS16", fp16=True)
     np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_depthwise_conv_avoids_grouped_convolution():
+    """Depthwise layers run as fused shifted products (no grouped conv for XLA:CPU), same values."""
+    import jax
+    x, w = rand((2, 6, 10, 10)), rand((6, 1, 3, 3))
+    kw = dict(strides=np.array([2, 2]), pad_type="same", groups=6)
+    jaxpr = str(jax.make_jaxpr(lambda a, b: conv(a, b, **kw))(x, w))
+    assert "conv_general_dilated" not in jaxpr
+    ref = F.conv2d(torch_pad(t64(x), same_pads((10, 10), (3, 3), (2, 2), (1, 1))), t64(w), stride=2,
+                   groups=6).numpy()
+    check(conv(x, w, **kw), ref, np.float32)
