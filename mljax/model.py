@@ -239,7 +239,9 @@ def _per_call(stage: Stage) -> Stage:
     if not (keyed or checked):
         return stage
     fn = random.with_call_key(stage.fn) if keyed else stage.fn
+    # checkify's error output holds tracebacks, which mljax.cache cannot store: no digest then
     return dataclasses.replace(stage, fn=_with_checks(fn) if checked else fn,
+                               digest=None if checked else stage.digest,
                                info={**stage.info, "per_call": True, "call_key": keyed})
 
 
