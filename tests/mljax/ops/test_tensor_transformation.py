@@ -476,3 +476,26 @@ def test_e2e_slices_with_begin_from_a_model_input():
     np.testing.assert_array_equal(got["su"], ref)
     np.testing.assert_array_equal(got["row"], u[:, 0, :])
 
+
+
+def test_e2e_slices_sized_by_model_inputs_run_op_by_op():
+    """slice_by_index / slice_by_size whose output size depends on begin/end values fed by the
+    model's inputs: each predict gets the slice NumPy takes for those values."""
+    import mljax
+    helpers, ct, mb, types = _mb()
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(4, 6), dtype=types.fp32),
+                             mb.TensorSpec(shape=(2,), dtype=types.int32),
+                             mb.TensorSpec(shape=(2,), dtype=types.int32)],
+                opset_version=ct.target.iOS17)
+    def prog(x, begin, end):
+        return (mb.slice_by_index(x=x, begin=begin, end=end, stride=[1, 2], name="by_index"),
+                mb.slice_by_size(x=x, begin=begin, size=[-1, 2], name="by_size"))
+
+    model = mljax.MLModel(helpers.convert_mil(prog))
+    x = np.arange(24, dtype=np.float32).reshape(4, 6)
+    for b, e in [([0, 1], [3, 6]), ([1, -4], [4, 5]), ([2, 0], [3, 2])]:
+        got = model.predict({"x": x, "begin": np.array(b, np.int32), "end": np.array(e, np.int32)})
+        np.testing.assert_array_equal(got["by_index"], x[b[0]:e[0], b[1]:e[1]:2])
+        c = b[1] % 6
+        np.testing.assert_array_equal(got["by_size"], x[b[0]:, c:c + 2])
