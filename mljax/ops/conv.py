@@ -104,6 +104,8 @@ def conv(x, weight, bias=None, *, strides=None, pad_type="valid", pad=None, dila
     pads = _spatial_pads(pad_type, pad, x.shape[2:], kernel, strides, dilations)
     if _is_depthwise(x.shape, weight.shape, groups, pads, strides, dilations):
         y = _depthwise(x, weight, strides, pads, dilations)
+    elif _is_pointwise(weight.shape, groups, pads):
+        y = _pointwise(x, weight, strides)
     else:
         y = lax.conv_general_dilated(
             x, weight.astype(x.dtype), window_strides=strides, padding=pads,
@@ -113,6 +115,25 @@ def conv(x, weight, bias=None, *, strides=None, pad_type="valid", pad=None, dila
 
 
 _DEPTHWISE_MAX_TAPS = 64
+
+
+def _is_pointwise(w_shape, groups, pads) -> bool:
+    return groups == 1 and all(k == 1 for k in w_shape[2:]) and all(p == (0, 0) for p in map(tuple, pads))
+
+
+def _pointwise(x, weight, strides):
+    """A 1x1 convolution as one batched matrix product over the flattened spatial positions.
+
+    XLA:CPU runs it as a GEMM instead of a spatial convolution: 1.5-2.7x faster for the
+    MobileNet-style pointwise layers of docs/performance.md.
+    """
+    if any(s != 1 for s in strides):
+        x = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)]
+    n, c, *spatial = x.shape
+    w = jnp.broadcast_to(weight.reshape(weight.shape[:2]).astype(x.dtype), (n,) + tuple(weight.shape[:2]))
+    y = lax.dot_general(w, x.reshape(n, c, -1), (((2,), (1,)), ((0,), (0,))),
+                        preferred_element_type=_accumulate_dtype(x.dtype))
+    return y.reshape((n, weight.shape[0], *spatial))
 
 
 def _out_sizes(in_sizes, kernel, strides, pads, dilations):

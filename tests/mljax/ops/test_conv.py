@@ -67,6 +67,8 @@ CONV_CASES = [
     (1, (13,), (5,), (3,), (1,), 3, 3, 3),         # depthwise 1-D
     (3, (4, 5, 6), (2, 2, 3), (1, 1, 2), (1, 2, 1), 3, 3, 6),  # depthwise 3-D, multiplier 2
     (2, (6, 6), (1, 1), (1, 1), (1, 1), 1, 5, 3),  # pointwise
+    (2, (7, 6), (1, 1), (2, 3), (1, 1), 1, 4, 6),  # pointwise, strided
+    (1, (9,), (1,), (1,), (1,), 1, 3, 2),          # pointwise 1-D
     (3, (5, 6, 7), (2, 3, 3), (1, 2, 1), (2, 1, 1), 2, 4, 2),
 ]
 
@@ -208,6 +210,14 @@ def test_e2e_conv_transpose_fp16_model():
     ref = F.conv_transpose2d(t64(x), t64(w), t64(b), stride=2, padding=1).numpy()
     out = _e2e(prog, {"x": x}, "iOS16", fp16=True)
     np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_pointwise_conv_is_a_matrix_product():
+    import jax
+    x, w = rand((3, 5, 4, 6)), rand((7, 5, 1, 1))
+    jaxpr = str(jax.make_jaxpr(lambda a, b: conv(a, b, strides=np.array([2, 1])))(x, w))
+    assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
+    check(conv(x, w, strides=np.array([2, 1])), F.conv2d(t64(x), t64(w), stride=(2, 1)).numpy(), np.float32)
 
 
 def test_depthwise_conv_avoids_grouped_convolution():
