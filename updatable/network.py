@@ -15,6 +15,7 @@ import numpy as np
 from mljax.errors import UpdateError
 from mljax.model import MLModel
 from mljax.pipeline import _fit, pipeline_of, stage_names
+from mljax.stage import shared_fn
 from updatable.spec import UpdateSpec
 
 __all__ = ["TrainableNetwork"]
@@ -88,7 +89,9 @@ class TrainableNetwork:
                 raise UpdateError("the frozen stages before the network use random ops; mljax "
                                   "caches frozen features and needs deterministic stages")
             for name, st, w in self.prefix:
-                run = jax.jit(jax.vmap(lambda w, x, st=st: st.fn(w, x, {})[0], in_axes=(None, 0)))
+                # one compiled function per frozen stage, reused by every task on this model
+                run = shared_fn(("frozen-prefix", id(st.fn)), lambda st=st: jax.jit(
+                    jax.vmap(lambda w, x: st.fn(w, x, {})[0], in_axes=(None, 0))))
                 ins = {k: feats[k] for k in st.inputs if k in feats}
                 n = len(next(iter(ins.values())))
                 outs = [run(w, {k: v[i:i + _CHUNK] for k, v in ins.items()}) for i in range(0, n, _CHUNK)]

@@ -19,6 +19,7 @@ import optax
 
 from mljax.errors import InputError, MLJaxError, UpdateError
 from mljax.model import MLModel
+from mljax.stage import shared_fn
 from updatable.losses import (categorical_cross_entropy, categorical_cross_entropy_from_probs,
                               mean_squared_error)
 from updatable.network import TrainableNetwork
@@ -172,15 +173,25 @@ class UpdateTask:
         return loss_of
 
     def _make_step(self, optimizer: optax.GradientTransformation):
+        """The jitted training step, shared by every task on the same network with the same
+        loss, updatable layers and optimizer settings (a second personalization skips compiling)."""
         loss_of = self._loss_fn()
+        net = self.network
+        not_optimizer = ("epochs", "shuffle", "seed", "mini_batch_size")
+        key = ("update-step", id(net.stage.fn), self.uspec.loss, net.logits_blob,
+               tuple((k, tuple(v)) for k, v in sorted(net._keys.items())),
+               self.uspec.optimizer,
+               tuple(sorted((k, repr(v)) for k, v in self.parameters.items() if k not in not_optimizer)))
 
-        @jax.jit
-        def step(trainable, opt_state, frozen, features, target):
-            loss, grads = jax.value_and_grad(loss_of)(trainable, frozen, features, target)
-            updates, opt_state = optimizer.update(grads, opt_state, trainable)
-            return optax.apply_updates(trainable, updates), opt_state, loss
+        def make():
+            @jax.jit
+            def step(trainable, opt_state, frozen, features, target):
+                loss, grads = jax.value_and_grad(loss_of)(trainable, frozen, features, target)
+                updates, opt_state = optimizer.update(grads, opt_state, trainable)
+                return optax.apply_updates(trainable, updates), opt_state, loss
+            return step
 
-        return step
+        return shared_fn(key, make)
 
     def _emit(self, event: str, metrics: dict) -> None:
         if self.progress_handler is not None:

@@ -194,3 +194,21 @@ def test_saved_model_stays_updatable_and_reloads_identically(tmp_path):
     # a second update continues from the saved model
     again = updatable.UpdateTask(out, {"features": x, "label": np.array(["abc"[i] for i in y])}).run()
     assert again.event == "completed"
+
+
+def test_tasks_on_one_model_share_the_compiled_step_but_not_settings():
+    """A second task on the same model reuses the jitted step; a new learning rate gets its own."""
+    path, w0 = dense_classifier(lr=0.05, batch=4, epochs=1)
+    model = mljax.MLModel(path)
+    x, y = _data()
+    data = {"features": x, "label": np.array(["abc"[i] for i in y])}
+    steps = []
+    for lr in (0.05, 0.5, 0.05):
+        task = updatable.UpdateTask(model, data, parameters={"learning_rate": lr, "seed": 1, "shuffle": False})
+        task.run()
+        batches = [np.arange(i, min(i + 4, len(x))) for i in range(0, len(x), 4)]
+        ref_w, _ = _reference(w0, x, y, batches, optimizer="sgd", lr=lr)
+        np.testing.assert_allclose(np.asarray(task._trainable["dense2/weight"]), ref_w["w2"], rtol=1e-3, atol=1e-5)
+        steps.append(task._make_step(updatable.optimizers.from_parameters("sgd", task.parameters)))
+    assert steps[2] is steps[0]          # shared across tasks with the same settings
+    assert steps[1] is not steps[0]      # a new learning rate is a new step
