@@ -10,7 +10,7 @@ import numpy as np
 from measure import Timing, ratio
 
 TARGETS = {"b32_vs_ort": 1.0, "b1_vs_ort": 1.5, "vs_torch": 0.5, "lowering": 1.05,
-           "cold_s": 2.0, "warm_s": 0.3, "rss_x": 1.3}
+           "cold_s": 2.0, "warm_s": 0.3, "rss_x": 1.3, "personalize_s": 1.0}
 
 
 def _cpu_model() -> str:
@@ -137,9 +137,11 @@ class Report:
                 "Each line is a new Python process.  *import* = importing the runtime (jax + mljax, "
                 "onnxruntime, torch); *load + first* = from a loaded interpreter to the first prediction's "
                 "result: mljax's `MLModel(path)` + `predict`, ONNX Runtime's `InferenceSession` + `run`, "
-                "`torch.jit.load` + call.  *cold*: an empty JAX persistent compilation cache; *warm*: the "
-                "cache filled by the cold process (`jax_compilation_cache_dir`, "
-                "`jax_persistent_cache_min_compile_time_secs=0`).  CPU s = user + system time of the "
+                "`torch.jit.load` + call.  *cold*: empty caches; *warm*: the caches filled by the cold "
+                "process: JAX's persistent compilation cache (`jax_compilation_cache_dir`, "
+                "`jax_persistent_cache_min_compile_time_secs=0`) and, beside it, mljax's executable cache "
+                "(`mljax.cache`: the compiled executable serialized per program and input signature, so a "
+                "warm load neither traces, lowers nor compiles).  CPU s = user + system time of the "
                 "process during that phase (less sensitive to other workers' load than wall time).  "
                 "Peak RSS = the process's maximum resident set; + load = above the RSS after import.\n\n"
                 "| model | runtime | import s | load + first s | CPU s | vs ONNX Runtime | peak RSS MB | + load MB |\n"
@@ -192,6 +194,23 @@ class Report:
             out.append(f"| {k} | {o:,.0f} | {s:,.0f} | {o / base[0]:.2f}x | {s / base[1]:.2f}x |")
         self.sections.append("\n".join(out))
 
+    def personalize(self, res: dict, *, samples: int, epochs: int) -> None:
+        first = float(np.median([r["first_s"] for r in res]))
+        again = float(np.median([r["again_s"] for r in res]))
+        steady = float(np.median([r["steady_s"] for r in res]))
+        self.sections.append("\n".join([
+            "## Personalizing the demo pipeline\n",
+            f"`mljax demo`'s updatable pipeline (frozen ML-program feature extractor -> updatable neural-network "
+            f"classifier), {samples} personal digits x {epochs} epochs, `updatable.UpdateTask` in one process.  "
+            "*First task*: includes computing the frozen features and compiling the training step; *second task*: "
+            "a new task on the same model (tasks share the compiled step); *epochs only*: the second task's "
+            "epochs, from its `training_begin` event to its last `epoch_end`.\n",
+            "| first task s | second task s | epochs only s |", "|---:|---:|---:|",
+            f"| {first:.3f} | {again:.3f} | {steady:.3f} |"]))
+        self.targets.append((f"personalize demo ({samples} x {epochs} epochs) after compilation < "
+                             f"{TARGETS['personalize_s']} s", f"{again:.3f} s (first task, compiling: {first:.2f} s)",
+                             again < TARGETS["personalize_s"]))
+
     def note(self, text: str) -> None:
         self.misses.append(text)
 
@@ -226,42 +245,45 @@ class Report:
             "stacking the 32 dicts, outputs back to per-sample dicts) is the rest.  The lowering adds "
             "nothing measurable on top of XLA (see *Lowering overhead*: the cnn runs as fast as the same "
             "network written by hand in JAX, with the same convolution/fusion counts in the optimized HLO), "
-            "so the gap to ONNX Runtime is in XLA:CPU's generated code against ONNX Runtime's MLAS kernels: "
-            "convolutions (cnn; XLA:CPU runs them through Eigen's spatial convolution, MLAS through tuned "
-            "im2col + SGEMM), grouped/depthwise convolutions (dwcnn: the only op kind it adds to the cnn, "
-            "and its ratio is about 4x worse), and the per-step cost of `while` loops of small matrix "
-            "products (lstm, gru; at batch 1 every step is a handful of tiny ops, each a separate thunk of "
-            "XLA's CPU runtime).  Every `linear` layer also copies its transposed weight on each call (see "
-            "*Peak memory*), which costs the transformer and the recurrent models' heads.  XLA flags tried "
-            "on this machine (`--xla_cpu_use_thunk_runtime=false`, `--xla_cpu_use_xnnpack`, "
+            "so the gap to ONNX Runtime is in XLA:CPU's generated code against ONNX Runtime's MLAS kernels.  "
+            "Already rewritten where XLA:CPU was the bottleneck: `linear` contracts the weight in place "
+            "(no transposed copy per call), depthwise convolutions run as fused shifted products instead of "
+            "grouped convolutions (15-25x faster per layer), 1x1 convolutions as one batched GEMM (1.5-2.7x).  "
+            "What remains: dense 3x3 convolutions, which XLA:CPU runs through Eigen's spatial convolution "
+            "(on this machine im2col + GEMM and per-tap GEMMs were 1.1-8x *slower* than Eigen, and an NHWC "
+            "layout within noise), and single-threaded GEMMs about 2-3x below MLAS's tuned kernels; and the "
+            "per-step cost of `while` loops of small matrix products (lstm, gru: each step is a handful of tiny "
+            "ops, each a separate thunk of XLA's CPU runtime).  XLA flags tried on this machine "
+            "(`--xla_cpu_use_thunk_runtime=false`, `--xla_cpu_use_xnnpack`, "
             "`--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY`, "
             "`--xla_cpu_use_onednn`, `--xla_cpu_enable_fast_math`) moved the executable time by less than "
-            "the run-to-run noise; an NHWC variant of the hand-written cnn was about 25% faster at batch 32 "
-            "in one (noisy) experiment, not the 2.5x needed.")
+            "the run-to-run noise.")
         return out
 
     def _load_misses(self) -> list[str]:
-        missed = [t for t in self.targets if "load + first" in t[0] and not t[2]]
-        if not missed or not self.phases:
+        if not self.phases:
             return []
+        missed = [t for t in self.targets if "load + first" in t[0] and not t[2]]
         name, (cold, warm) = next(iter(self.phases.items()))
         out = ["### Load + first prediction\n",
-               f"Missed: {'; '.join(t[0] + ' (' + t[1] + ')' for t in missed)}.  Where a fresh process spends "
-               f"it ({name}, the steps of `MLModel(path)` + `predict` run one at a time; wall s / CPU s):\n",
+               (f"Missed: {'; '.join(t[0] + ' (' + t[1] + ')' for t in missed)}.  " if missed else "All met.  ")
+               + f"Where a fresh process spends it ({name}, the steps of `MLModel(path)` + `predict` run one at "
+               "a time; wall s / CPU s; a step a process did not take is blank):\n",
                "| step | cold wall | cold CPU | warm wall | warm CPU |", "|---|---:|---:|---:|---:|"]
-        for step in cold:
-            c, w = cold[step], warm.get(step, (float("nan"),) * 2)
-            out.append(f"| {step} | {c[0]:.3f} | {c[1]:.3f} | {w[0]:.3f} | {w[1]:.3f} |")
+        last = [k for k in cold if k == "first execution"]
+        steps = [k for k in cold if k not in last] + [k for k in warm if k not in cold] + last
+        cell = lambda ph, k, i: f"{ph[k][i]:.3f}" if k in ph else ""   # noqa: E731
+        for step in steps:
+            out.append(f"| {step} | {cell(cold, step, 0)} | {cell(cold, step, 1)} | {cell(warm, step, 0)} | "
+                       f"{cell(warm, step, 1)} |")
         tot = lambda ph: sum(v[1] for k, v in ph.items() if not k.startswith("import"))  # noqa: E731
         out.append(
-            f"\nExcluding the import, the CPU time is {tot(cold):.2f} s cold and {tot(warm):.2f} s warm; wall time "
-            "is several times larger only because other workers hold the cores (the load average above).  "
-            "Cold, XLA's compilation dominates.  Warm, the persistent cache removes the compilation, but "
-            "JAX still traces the function and lowers it to StableHLO to compute the cache key, and the "
-            "first lowering in a process pays one-time MLIR set-up (loading the dialects); building the MIL "
-            "program imports the op modules.  Reaching 0.3 s warm on a loaded machine needs skipping trace + "
-            "lowering altogether (serializing the compiled executable per model and input signature, "
-            "`jax.experimental.serialize_executable`), which is a design change left to the runtime's owner.")
+            f"\nExcluding the import, the CPU time is {tot(cold):.2f} s cold and {tot(warm):.2f} s warm.  Cold, "
+            "XLA's compilation dominates.  Warm, mljax's executable cache replaces tracing, lowering to StableHLO "
+            "(whose first use in a process also pays MLIR's one-time set-up) and the compile-cache read by one "
+            "deserialization; what is left is building the MIL program from the spec (which imports the op "
+            "modules) and the first execution.  Wall time above CPU time is other processes holding the cores "
+            "(see the load average).")
         return out
 
     def _rss_misses(self) -> list[str]:

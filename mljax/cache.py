@@ -15,6 +15,7 @@ nothing here can change a result, only how fast the first call comes.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -26,7 +27,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-__all__ = ["enable", "disable", "cache_dir", "CachedJit"]
+__all__ = ["enable", "using", "disable", "cache_dir", "CachedJit", "load", "store"]
 
 _FORMAT = b"mljax-executable-v1"
 _DIR: list = [None]       # [explicit folder | False (disabled) | None (from env / JAX)]
@@ -44,6 +45,19 @@ def enable(path: str | os.PathLike | None = None) -> Path:
         jax.config.update("jax_compilation_cache_dir", str(folder / "xla"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return folder
+
+
+@contextlib.contextmanager
+def using(path: str | os.PathLike | None = None):
+    """Keep executables in ``path`` (default ``$MLJAX_CACHE_DIR`` or ``~/.cache/mljax``) inside the
+    ``with`` block only; JAX's own configuration is left alone.  The ``mljax predict`` command uses it."""
+    folder = Path(path or os.environ.get("MLJAX_CACHE_DIR") or Path.home() / ".cache" / "mljax")
+    before = _DIR[0]
+    _DIR[0] = folder / "executables"
+    try:
+        yield _DIR[0]
+    finally:
+        _DIR[0] = before
 
 
 def disable() -> None:
@@ -111,27 +125,39 @@ class CachedJit:
             compiled = self._compiled[sig] = self._load_or_compile(folder, sig, weights, args)
         return compiled(weights, *args)
 
-    def _load_or_compile(self, folder: Path, sig, weights, args):
+    def entry(self, folder: Path, weights, *args) -> Path:
+        """The file the executable for these arguments is kept in (it may not exist yet)."""
         if self._weights_key is None:
             self._weights_key = _aval_key(weights)
+        sig = tuple(_aval_key(a) for a in args)
         key = hashlib.sha256(b"\0".join([_FORMAT, _environment(), self._digest,
                                          repr((self._weights_key, sig)).encode()])).hexdigest()
-        path = folder / f"{key}.bin"
-        if path.exists():
-            try:
-                from jax.experimental.serialize_executable import deserialize_and_load
-                payload, in_tree, out_tree = pickle.loads(path.read_bytes())
-                compiled = deserialize_and_load(payload, in_tree, out_tree)
-                self.loaded_from_disk += 1
-                return compiled
-            except Exception:   # noqa: BLE001 - a stale or damaged entry: compile and replace it
-                pass
+        return folder / f"{key}.bin"
+
+    def _load_or_compile(self, folder: Path, sig, weights, args):
+        path = self.entry(folder, weights, *args)
+        compiled = load(path)
+        if compiled is not None:
+            self.loaded_from_disk += 1
+            return compiled
         compiled = self.jit.lower(weights, *args).compile()
-        _store(path, compiled)
+        store(path, compiled)
         return compiled
 
 
-def _store(path: Path, compiled) -> None:
+def load(path: Path):
+    """The executable stored in ``path``, or None when it is missing, stale or damaged."""
+    if not path.exists():
+        return None
+    try:
+        from jax.experimental.serialize_executable import deserialize_and_load
+        payload, in_tree, out_tree = pickle.loads(path.read_bytes())
+        return deserialize_and_load(payload, in_tree, out_tree)
+    except Exception:   # noqa: BLE001 - a stale or damaged entry: the caller compiles and replaces it
+        return None
+
+
+def store(path: Path, compiled) -> None:
     """Serialize ``compiled`` into ``path`` atomically; a failure only costs the next load."""
     try:
         from jax.experimental.serialize_executable import serialize

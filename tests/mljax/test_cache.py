@@ -133,3 +133,22 @@ def test_fresh_process_loads_from_disk(package):
     assert runs[1]["traces"] == 0
     ref = _reference(np.full((1, 3, 8, 8), 0.5, np.float32), w, idx)
     np.testing.assert_allclose(np.reshape(runs[1]["y"], ref.shape), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_predict_keeps_executables_unless_told_not_to(package, monkeypatch, capsys):
+    from mljax import cli
+    path, w, idx = package
+    folder = tmp_path_for("cli-cache")
+    monkeypatch.setenv("MLJAX_CACHE_DIR", str(folder))
+    monkeypatch.setattr(mljax.cache, "_DIR", [False])     # off outside the command
+    x = np.random.default_rng(3).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    npy, out = tmp_path_for("x.npy"), tmp_path_for("out.npz")
+    np.save(npy, x)
+    assert cli.main(["predict", str(path), "-i", f"x={npy}", "--no-cache"]) == 0
+    assert not folder.exists()
+    for _ in range(2):
+        assert cli.main(["predict", str(path), "-i", f"x={npy}", "-o", str(out)]) == 0
+        got = np.load(out)
+        np.testing.assert_allclose(got[got.files[0]], _reference(x, w, idx), rtol=1e-4, atol=1e-4)
+    assert len(list((folder / "executables").glob("*.bin"))) == 1
+    assert mljax.cache._DIR[0] is False                 # restored after the command
