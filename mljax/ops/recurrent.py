@@ -53,6 +53,11 @@ def _vec(v, size, dtype):
     return jnp.zeros((size,), dtype) if v is None else jnp.asarray(v).astype(dtype)
 
 
+def _mv(h, w):
+    """``h @ w.T`` contracting ``w``'s second axis in place (no transposed copy of ``w`` per step)."""
+    return lax.dot_general(h, w, (((h.ndim - 1,), (1,)), ((), ())))
+
+
 def _scan(step, carry, xs, reverse_processing: bool, time_aligned: bool):
     """Run ``step`` over ``xs``; returns (final carry, per-step h).
 
@@ -74,18 +79,19 @@ def _lstm_direction(x, h0, c0, w_ih, w_hh, bias, peephole, acts, clip, reverse, 
     hidden = w_hh.shape[1]
     w_ih, w_hh = jnp.asarray(w_ih).astype(dtype), jnp.asarray(w_hh).astype(dtype)
     xw = jnp.einsum("sbi,gi->sbg", x, w_ih) + _vec(bias, 4 * hidden, dtype)
-    p_i, p_f, p_o = jnp.split(_vec(peephole, 3 * hidden, dtype), 3)
+    p_i, p_f, p_o = jnp.split(_vec(peephole, 3 * hidden, dtype), 3) if peephole is not None else (0, 0, 0)
     rec_act, cell_act, out_act = acts
 
     def step(carry, xw_t):
         h, c = carry
-        g_i, g_f, g_o, g_z = jnp.split(xw_t + h @ w_hh.T, 4, axis=-1)
-        i = rec_act(g_i + c * p_i)
-        f = rec_act(g_f + c * p_f)
+        g_i, g_f, g_o, g_z = jnp.split(xw_t + _mv(h, w_hh), 4, axis=-1)
+        if peephole is not None:
+            g_i, g_f = g_i + c * p_i, g_f + c * p_f
+        i, f = rec_act(g_i), rec_act(g_f)
         c = f * c + i * cell_act(g_z)
         if clip is not None:  # Core ML clips the cell state, before the output peephole
             c = jnp.clip(c, -clip, clip)
-        h = rec_act(g_o + c * p_o) * out_act(c)
+        h = rec_act(g_o + c * p_o if peephole is not None else g_o) * out_act(c)
         return (h, c), h
 
     (h, c), ys = _scan(step, (h0.astype(dtype), c0.astype(dtype)), xw, reverse, time_aligned)
@@ -146,12 +152,12 @@ def _gru(x, initial_h, weight_ih, weight_hh, bias, input_bias, direction, output
 
     def step(h, xw_t):
         x_r, x_o, x_z = jnp.split(xw_t, 3, axis=-1)
-        r = rec_act(x_r + h @ w_hr.T + b_r)
-        z = rec_act(x_z + h @ w_hz.T + b_z)
+        r = rec_act(x_r + _mv(h, w_hr) + b_r)
+        z = rec_act(x_z + _mv(h, w_hz) + b_z)
         if reset_after:  # torch style: the reset gate scales the recurrent term
-            o = out_act(x_o + r * (h @ w_ho.T + b_o))
+            o = out_act(x_o + r * (_mv(h, w_ho) + b_o))
         else:  # the reset gate scales h before the recurrent matmul
-            o = out_act(x_o + (r * h) @ w_ho.T + b_o)
+            o = out_act(x_o + _mv(r * h, w_ho) + b_o)
         h = (1 - z) * o + z * h
         return h, h
 
@@ -192,7 +198,7 @@ def rnn(x, initial_h, weight_ih, weight_hh, bias=None, *, direction="forward",
     xw = jnp.einsum("sbi,hi->sbh", x, jnp.asarray(weight_ih).astype(dtype)) + _vec(bias, hidden, dtype)
 
     def step(h, xw_t):
-        h = act(xw_t + h @ w_hh.T)
+        h = act(xw_t + _mv(h, w_hh))
         return h, h
 
     h, ys = _scan(step, jnp.asarray(initial_h).astype(dtype), xw, direction == "reverse", False)
