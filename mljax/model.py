@@ -196,6 +196,8 @@ class MLModel:
 
 def _jit_stage(stage: Stage):
     """``jax.jit(stage.fn)``; inputs in ``stage.static_inputs`` are passed by value (one trace per value)."""
+    if stage.fn_key is not None and not stage.static_inputs:
+        return shared_fn(("packed", stage.fn_key), lambda: _jit_packing_scalars(stage.fn))
     if not stage.static_inputs:
         return jax.jit(stage.fn)
     names = frozenset(stage.static_inputs)
@@ -209,6 +211,21 @@ def _jit_stage(stage: Stage):
         key = tuple((n, np.asarray(v).dtype.str, np.shape(v), np.asarray(v).tobytes())
                     for n, v in sorted(inputs.items()) if n in names)
         return run(weights, {n: v for n, v in inputs.items() if n not in names}, states, key)
+    return call
+
+
+def _jit_packing_scalars(fn):
+    """``jax.jit(fn)`` whose 0-d float64 inputs travel as one array: one host-to-device transfer
+    instead of one per input (classic models often take a dozen ``double`` features)."""
+    @functools.partial(jax.jit, static_argnums=4)
+    def run(weights, inputs, packed, states, names):
+        return fn(weights, {**inputs, **{n: packed[i] for i, n in enumerate(names)}}, states)
+
+    def call(weights, inputs, states):
+        names = tuple(n for n, v in inputs.items()
+                      if isinstance(v, np.ndarray) and v.ndim == 0 and v.dtype == np.float64)
+        packed = np.array([inputs[n] for n in names], np.float64)
+        return run(weights, {n: v for n, v in inputs.items() if n not in names}, packed, states, names)
     return call
 
 

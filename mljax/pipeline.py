@@ -6,7 +6,7 @@ import numpy as np
 
 from mljax.errors import InputError
 from mljax.features import feature_specs
-from mljax.stage import Stage, build_stage, register_stage_builder
+from mljax.stage import Stage, build_stage, register_stage_builder, shared_fn
 
 __all__ = ["build_pipeline_stage", "pipeline_of", "stage_names"]
 
@@ -49,20 +49,31 @@ def build_pipeline_stage(spec, model_dir, **options) -> Stage:
                              f"or pipeline input provides (available: {sorted(available)})")
         available |= set(st.outputs) | set(getattr(st.fn, "output_names", ()) or ())
     out_names = list(outputs) or list(stages[-1].outputs)
-
-    def fn(weights, features, states):
-        feats, outs = dict(features), {}
-        for name, st in zip(names, stages):
-            ins = {k: _fit(jnp.asarray(feats[k]), st.inputs.get(k)) for k in st.inputs if k in feats}
-            outs, _ = st.fn(weights[name], ins, {})
-            feats.update(outs)
-        # the last stage's raw outputs feed its postprocess (e.g. class labels)
-        return {**outs, **{k: feats[k] for k in out_names if k in feats}}, states
-
+    plan = tuple((name, st.fn, tuple(st.inputs.items())) for name, st in zip(names, stages))
+    keys = [st.fn_key for st in stages]
+    fn_key = None if None in keys else ("pipeline", tuple(names), tuple(keys),
+                                        tuple(p[2] for p in plan), tuple(out_names))
+    make = lambda: _pipeline_fn(plan, out_names)   # noqa: E731
     return Stage(
-        fn=fn, weights={n: st.weights for n, st in zip(names, stages)},
+        fn=make() if fn_key is None else shared_fn(fn_key, make),
+        weights={n: st.weights for n, st in zip(names, stages)},
         inputs=inputs, outputs=outputs,
         preprocess=stages[0].preprocess, postprocess=stages[-1].postprocess,
         batchable=all(st.batchable for st in stages),
         info={"stages": dict(zip(names, stages)), "names": names},
+        x64=all(st.x64 for st in stages), fn_key=fn_key,
     )
+
+
+def _pipeline_fn(plan: tuple, out_names: list):
+    """The stages' functions in sequence, features flowing by name."""
+    def fn(weights, features, states):
+        feats, outs = dict(features), {}
+        for name, stage_fn, stage_inputs in plan:
+            specs = dict(stage_inputs)
+            ins = {k: _fit(jnp.asarray(feats[k]), specs.get(k)) for k in specs if k in feats}
+            outs, _ = stage_fn(weights[name], ins, {})
+            feats.update(outs)
+        # the last stage's raw outputs feed its postprocess (e.g. class labels)
+        return {**outs, **{k: feats[k] for k in out_names if k in feats}}, states
+    return fn
