@@ -1,5 +1,20 @@
 """Shared pieces of the classic (non-neural) model stages.
 
+Precision: Core ML evaluates GLMs, SVMs, tree ensembles and their featurizers in double
+precision, so these stages compute in float64: their weights are float64 NumPy arrays and
+their stages set ``Stage.x64``, which makes ``MLModel`` put the weights and run the jitted
+function under ``jax.enable_x64`` (a scoped, thread-local setting; ML programs and neural
+networks, and JAX code elsewhere, are unaffected).  The functions read the float type at
+trace time (:func:`float_dtype`), so inside a pipeline that also holds a neural network
+(which runs without x64) they compute in float32 instead.  Host NumPy evaluation would have
+given float64 too, but stages must stay JAX functions to compose with neural-network stages
+in one jitted pipeline and to batch a list of dicts as one vectorized call.
+
+Compile once per structure: every stage function is determined by a hashable key (its
+configuration; weights are arguments) and shared between models through
+:func:`mljax.stage.shared_fn`, so models of the same structure and weight shapes (tree
+tables are padded to powers of two) reuse JAX's traces and compiled code.
+
 Conventions inside the jitted functions (so stages compose in pipelines):
 - ``double``/``int64`` features are 0-d arrays, ``multiArray`` features arrays;
 - a ``dictionary`` feature with int64 keys is a dense float vector indexed by key;
@@ -17,10 +32,10 @@ import numpy as np
 
 from mljax.errors import InputError, ModelFormatError
 from mljax.features import FeatureSpec, feature_specs
-from mljax.stage import Stage
+from mljax.stage import Stage, shared_fn
 
-__all__ = ["class_labels", "feature_vector", "input_width", "probit", "classifier_stage",
-           "regressor_stage", "dense_dict_input", "dict_output"]
+__all__ = ["class_labels", "feature_vector", "float_dtype", "input_width", "probit", "classifier_stage",
+           "regressor_stage", "classic_stage", "dense_dict_input", "dict_output"]
 
 
 def class_labels(params, what: str) -> list:
@@ -46,9 +61,14 @@ def input_width(specs: dict[str, FeatureSpec]) -> int | None:
     return total
 
 
+def float_dtype():
+    """The float type classic stages compute in: float64 under ``jax.enable_x64``, else float32."""
+    return jax.dtypes.canonicalize_dtype(np.float64)
+
+
 def feature_vector(inputs: dict, names) -> jax.Array:
-    """Inputs in description order, flattened and concatenated into one float32 vector."""
-    parts = [jnp.ravel(jnp.asarray(inputs[n])).astype(jnp.float32) for n in names]
+    """Inputs in description order, flattened and concatenated into one float vector."""
+    parts = [jnp.ravel(jnp.asarray(inputs[n])).astype(float_dtype()) for n in names]
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
@@ -94,13 +114,22 @@ def _label_output_fn(labels: list):
     return lambda idx: idx.astype(jnp.int32), lambda v: labels[int(v)]
 
 
-def classifier_stage(spec, predict: Callable, weights: dict, labels: list, *, batchable=True,
+def classic_stage(key, make_fn: Callable, **fields) -> Stage:
+    """A float64 (``x64``) stage whose function ``make_fn()`` is shared by every stage with ``key``.
+
+    ``key`` must hold everything the function closes over (weights are arguments).
+    """
+    return Stage(fn=shared_fn(key, make_fn), x64=True, fn_key=key, **fields)
+
+
+def classifier_stage(spec, predict: Callable, weights: dict, labels: list, *, key, batchable=True,
                      preprocess=None, info=None) -> Stage:
     """A classifier stage from ``predict(weights, inputs) -> (label_index, probabilities)``.
 
     ``labels`` are the class labels in probability order; the stage's outputs are the
     description's ``predictedFeatureName`` (the label) and ``predictedProbabilitiesName``
-    (a ``{label: probability}`` dict after ``postprocess``).
+    (a ``{label: probability}`` dict after ``postprocess``).  ``key``: everything ``predict``
+    closes over (see :func:`classic_stage`).
     """
     desc = spec.description
     inputs, outputs = feature_specs(desc.input), feature_specs(desc.output)
@@ -109,15 +138,18 @@ def classifier_stage(spec, predict: Callable, weights: dict, labels: list, *, ba
     prob_name = desc.predictedProbabilitiesName or next(
         (n for n, s in outputs.items() if s.kind == "dictionary"), None)
     to_value, to_user = _label_output_fn(labels)
+    with_probs = bool(prob_name) and prob_name in outputs
 
-    def fn(w, feats, states):
-        idx, probs = predict(w, feats)
-        out = {}
-        if label_name:
-            out[label_name] = to_value(idx)
-        if prob_name and prob_name in outputs:
-            out[prob_name] = probs
-        return out, states
+    def make_fn():
+        def fn(w, feats, states):
+            idx, probs = predict(w, feats)
+            out = {}
+            if label_name:
+                out[label_name] = to_value(idx)
+            if with_probs:
+                out[prob_name] = probs
+            return out, states
+        return fn
 
     def postprocess(values: dict) -> dict:
         values = dict(values)
@@ -128,20 +160,32 @@ def classifier_stage(spec, predict: Callable, weights: dict, labels: list, *, ba
             values[prob_name] = {lab: float(p[i]) for i, lab in enumerate(labels)}
         return values
 
-    return Stage(fn=fn, weights=weights, inputs=inputs, outputs=outputs, preprocess=preprocess,
-                 postprocess=postprocess, batchable=batchable,
-                 info=dict(info or {}, class_labels=labels, label_name=label_name, prob_name=prob_name))
+    fn_key = ("classifier", key, label_name, prob_name, with_probs, _labels_key(labels))
+    return classic_stage(fn_key, make_fn, weights=weights, inputs=inputs, outputs=outputs,
+                         preprocess=preprocess, postprocess=postprocess, batchable=batchable,
+                         info=dict(info or {}, class_labels=labels, label_name=label_name,
+                                   prob_name=prob_name))
 
 
-def regressor_stage(spec, predict: Callable, weights: dict, *, info=None) -> Stage:
+def _labels_key(labels: list) -> tuple:
+    """What the label output function depends on: the int label values, or only their count."""
+    if all(isinstance(v, int) for v in labels):
+        return ("int", tuple(labels))
+    return ("index", len(labels))
+
+
+def regressor_stage(spec, predict: Callable, weights: dict, *, key, info=None) -> Stage:
     """A regressor stage from ``predict(weights, inputs) -> vector``; a ``double`` output takes element 0."""
     desc = spec.description
     inputs, outputs = feature_specs(desc.input), feature_specs(desc.output)
     name = desc.predictedFeatureName or next(iter(outputs))
     kind = outputs[name].kind if name in outputs else "multiArray"
 
-    def fn(w, feats, states):
-        y = predict(w, feats)
-        return {name: y[0] if kind == "double" else y}, states
+    def make_fn():
+        def fn(w, feats, states):
+            y = predict(w, feats)
+            return {name: y[0] if kind == "double" else y}, states
+        return fn
 
-    return Stage(fn=fn, weights=weights, inputs=inputs, outputs=outputs, info=dict(info or {}))
+    return classic_stage(("regressor", key, name, kind), make_fn, weights=weights, inputs=inputs,
+                         outputs=outputs, info=dict(info or {}))

@@ -3,17 +3,18 @@ FeatureVectorizer, DictVectorizer, CategoricalMapping, Identity.
 
 Strings never enter JAX: ``preprocess`` maps a string input to an index (or, for a
 string-keyed CategoricalMapping, to its int64 value) and ``postprocess`` maps indices back.
-Dictionaries are dense vectors inside JAX (see ``mljax.classic._common``).
+Dictionaries are dense vectors inside JAX (see ``mljax.classic._common``).  Numbers are
+float64 (Core ML's featurizers compute in double precision; see ``_common``).
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
 
-from mljax.classic._common import dense_dict_input, dict_output
+from mljax.classic._common import classic_stage, dense_dict_input, dict_output, float_dtype
 from mljax.errors import InputError, ModelFormatError, UnsupportedError
 from mljax.features import feature_specs
-from mljax.stage import Stage, register_stage_builder
+from mljax.stage import register_stage_builder
 
 __all__ = ["build_scaler", "build_normalizer", "build_one_hot_encoder", "build_imputer",
            "build_array_feature_extractor", "build_feature_vectorizer", "build_dict_vectorizer",
@@ -34,23 +35,26 @@ def _as_output(value, spec):
     """Cast a computed value to the declared output kind (int64 truncates; strings are indices)."""
     if spec.kind in ("int64", "string"):
         return jnp.asarray(value).astype(jnp.int32)
-    return jnp.asarray(value).astype(jnp.float32)
+    return jnp.asarray(value).astype(float_dtype())
 
 
-def _unary_stage(spec, what, compute, weights=None, *, input_kinds=_NUMERIC, preprocess=None,
-                 postprocess=None, info=None) -> Stage:
-    """A one-input, one-output stage ``out = compute(w, x)``."""
+def _unary_stage(spec, what, compute, weights=None, *, key, input_kinds=_NUMERIC, preprocess=None,
+                 postprocess=None, info=None):
+    """A one-input, one-output stage ``out = compute(w, x)``; ``key``: all ``compute`` closes over."""
     inputs, outputs = _io(spec, what)
     (in_name, in_spec), (out_name, out_spec) = next(iter(inputs.items())), next(iter(outputs.items()))
     if in_spec.kind not in input_kinds:
         raise UnsupportedError(f"{what}: input {in_name!r} of type {in_spec.kind} is not supported; "
                                f"expected one of {list(input_kinds)}")
 
-    def fn(w, feats, states):
-        return {out_name: _as_output(compute(w, feats[in_name]), out_spec)}, states
+    def make_fn():
+        def fn(w, feats, states):
+            return {out_name: _as_output(compute(w, feats[in_name]), out_spec)}, states
+        return fn
 
-    return Stage(fn=fn, weights=weights or {}, inputs=inputs, outputs=outputs, preprocess=preprocess,
-                 postprocess=postprocess, info=info or {})
+    return classic_stage((what, key, in_name, out_name, out_spec.kind), make_fn, weights=weights or {},
+                         inputs=inputs, outputs=outputs, preprocess=preprocess, postprocess=postprocess,
+                         info=info or {})
 
 
 def _dict_postprocess(name, spec, keys=None):
@@ -63,9 +67,10 @@ def _dict_postprocess(name, spec, keys=None):
 def build_scaler(spec, weights_dir=None, **_):
     """``(x + shift) * scale``, element-wise (a single shift/scale value broadcasts)."""
     p = spec.scaler
-    w = {"shift": np.asarray(p.shiftValue or [0.0], np.float32),
-         "scale": np.asarray(p.scaleValue or [1.0], np.float32)}
-    return _unary_stage(spec, "Scaler", lambda w, x: (x.astype(jnp.float32) + w["shift"]) * w["scale"], w)
+    w = {"shift": np.asarray(p.shiftValue or [0.0], np.float64),
+         "scale": np.asarray(p.scaleValue or [1.0], np.float64)}
+    return _unary_stage(spec, "Scaler", lambda w, x: (x.astype(float_dtype()) + w["shift"]) * w["scale"], w,
+                        key=())
 
 
 @register_stage_builder("normalizer")
@@ -78,11 +83,11 @@ def build_normalizer(spec, weights_dir=None, **_):
         raise UnsupportedError(f"Normalizer: unknown normType {norm_type}")
 
     def compute(w, x):
-        x = x.astype(jnp.float32)
+        x = x.astype(float_dtype())
         n = norms[norm_type](x)
         return x / jnp.where(n == 0, 1.0, n)
 
-    return _unary_stage(spec, "Normalizer", compute)
+    return _unary_stage(spec, "Normalizer", compute, key=norm_type)
 
 
 def _string_index_preprocess(name: str, vocab: list, what: str, *, error_on_unknown: bool,
@@ -110,7 +115,8 @@ def build_one_hot_encoder(spec, weights_dir=None, **_):
     in_name, in_spec = next(iter(inputs.items()))
     out_name, out_spec = next(iter(outputs.items()))
     error_on_unknown = p.handleUnknown == 0
-    if p.WhichOneof("CategoryType") == "stringCategories":
+    kind = p.WhichOneof("CategoryType")
+    if kind == "stringCategories":
         cats = list(p.stringCategories.vector)
         pre = _string_index_preprocess(in_name, cats, "OneHotEncoder", error_on_unknown=error_on_unknown,
                                        default=-1)
@@ -131,7 +137,7 @@ def build_one_hot_encoder(spec, weights_dir=None, **_):
         weights = {"categories": np.asarray(cats, np.int32)}
     return _unary_stage(spec, "OneHotEncoder", compute, weights, input_kinds=("int64", "string", "multiArray",
                         "double"), preprocess=pre, postprocess=_dict_postprocess(out_name, out_spec),
-                        info={"categories": cats})
+                        info={"categories": cats}, key=(kind, len(cats)))
 
 
 def _replace_value(p):
@@ -151,24 +157,24 @@ def build_imputer(spec, weights_dir=None, **_):
     p = spec.imputer
     which = p.WhichOneof("ImputedValue")
     if which == "imputedDoubleArray":
-        imputed = np.asarray(p.imputedDoubleArray.vector, np.float32)
+        imputed = np.asarray(p.imputedDoubleArray.vector, np.float64)
     elif which == "imputedInt64Array":
-        imputed = np.asarray(p.imputedInt64Array.vector, np.float32)
+        imputed = np.asarray(p.imputedInt64Array.vector, np.float64)
     elif which == "imputedDoubleValue":
-        imputed = np.asarray(p.imputedDoubleValue, np.float32)
+        imputed = np.asarray(p.imputedDoubleValue, np.float64)
     elif which == "imputedInt64Value":
-        imputed = np.asarray(p.imputedInt64Value, np.float32)
+        imputed = np.asarray(p.imputedInt64Value, np.float64)
     else:
         raise UnsupportedError(f"Imputer: imputed value of kind {which!r} is not supported; "
                                "numeric values and arrays are")
     replace = _replace_value(p)
 
     def compute(w, x):
-        x = x.astype(jnp.float32)
+        x = x.astype(float_dtype())
         missing = jnp.isnan(x) if np.isnan(replace) else x == replace
         return jnp.where(missing, jnp.broadcast_to(w["imputed"], x.shape), x)
 
-    return _unary_stage(spec, "Imputer", compute, {"imputed": imputed})
+    return _unary_stage(spec, "Imputer", compute, {"imputed": imputed}, key=repr(replace))
 
 
 @register_stage_builder("arrayFeatureExtractor")
@@ -188,7 +194,8 @@ def build_array_feature_extractor(spec, weights_dir=None, **_):
         values = jnp.ravel(x)[index]
         return values[0] if scalar else values
 
-    return _unary_stage(spec, "ArrayFeatureExtractor", compute, input_kinds=("multiArray",))
+    return _unary_stage(spec, "ArrayFeatureExtractor", compute, input_kinds=("multiArray",),
+                        key=(tuple(index.tolist()), scalar))
 
 
 @register_stage_builder("featureVectorizer")
@@ -207,14 +214,17 @@ def build_feature_vectorizer(spec, weights_dir=None, **_):
             return data
         return {k: dense_dict_input(v, dict_cols[k], k) if k in dict_cols else v for k, v in data.items()}
 
-    def fn(w, feats, states):
-        parts = []
-        for name, dims in columns:
-            v = jnp.ravel(jnp.asarray(feats[name])).astype(jnp.float32)
-            parts.append(v[:dims] if v.shape[0] >= dims else jnp.pad(v, (0, dims - v.shape[0])))
-        return {out_name: jnp.concatenate(parts)}, states
+    def make_fn():
+        def fn(w, feats, states):
+            parts = []
+            for name, dims in columns:
+                v = jnp.ravel(jnp.asarray(feats[name])).astype(float_dtype())
+                parts.append(v[:dims] if v.shape[0] >= dims else jnp.pad(v, (0, dims - v.shape[0])))
+            return {out_name: jnp.concatenate(parts)}, states
+        return fn
 
-    return Stage(fn=fn, weights={}, inputs=inputs, outputs=outputs, preprocess=preprocess)
+    return classic_stage(("FeatureVectorizer", tuple(columns), out_name), make_fn, weights={}, inputs=inputs,
+                         outputs=outputs, preprocess=preprocess)
 
 
 @register_stage_builder("dictVectorizer")
@@ -235,7 +245,7 @@ def build_dict_vectorizer(spec, weights_dir=None, **_):
 
     return _unary_stage(spec, "DictVectorizer", lambda w, x: x, input_kinds=("dictionary",),
                         preprocess=preprocess, postprocess=_dict_postprocess(out_name, out_spec),
-                        info={"keys": keys})
+                        info={"keys": keys}, key=())
 
 
 @register_stage_builder("categoricalMapping")
@@ -258,7 +268,7 @@ def build_categorical_mapping(spec, weights_dir=None, **_):
                                  "and the model has no value for unknown inputs")
             return {**data, in_name: np.asarray(mapping.get(value, default), np.int64)}
         return _unary_stage(spec, "CategoricalMapping", lambda w, x: x, input_kinds=("string", "int64"),
-                            preprocess=preprocess)
+                            preprocess=preprocess, key="stringToInt64")
     items = sorted(p.int64ToStringMap.map.items())
     strings = [v for _, v in items] + [p.strValue]     # index len(items) = unknown
 
@@ -272,7 +282,7 @@ def build_categorical_mapping(spec, weights_dir=None, **_):
         return {**values, out_name: strings[int(np.asarray(values[out_name]).reshape(-1)[0])]}
 
     return _unary_stage(spec, "CategoricalMapping", compute, {"keys": np.asarray([k for k, _ in items], np.int32)},
-                        input_kinds=("int64", "double"), postprocess=postprocess)
+                        input_kinds=("int64", "double"), postprocess=postprocess, key=("int64ToString", len(items)))
 
 
 @register_stage_builder("identity")
@@ -286,7 +296,9 @@ def build_identity(spec, weights_dir=None, **_):
         raise UnsupportedError(f"Identity: inputs {bad} are not numeric; only numeric features run in JAX")
     pairs = list(zip(inputs, outputs))
 
-    def fn(w, feats, states):
-        return {o: feats[i] for i, o in pairs}, states
+    def make_fn():
+        def fn(w, feats, states):
+            return {o: feats[i] for i, o in pairs}, states
+        return fn
 
-    return Stage(fn=fn, weights={}, inputs=inputs, outputs=outputs)
+    return classic_stage(("Identity", tuple(pairs)), make_fn, weights={}, inputs=inputs, outputs=outputs)

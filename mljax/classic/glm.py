@@ -1,4 +1,4 @@
-"""Generalized linear models: ``GLMRegressor`` and ``GLMClassifier``."""
+"""Generalized linear models: ``GLMRegressor`` and ``GLMClassifier`` (float64, see ``_common``)."""
 from __future__ import annotations
 
 import jax
@@ -13,12 +13,12 @@ __all__ = ["build_glm_regressor", "build_glm_classifier"]
 
 
 def _weights_of(params, what: str) -> dict:
-    w = np.asarray([list(r.value) for r in params.weights], np.float32)
+    w = np.asarray([list(r.value) for r in params.weights], np.float64)
     if w.ndim != 2 or w.size == 0:
         raise ModelFormatError(f"{what}: expected a non-empty weights matrix (rows of equal length)")
-    b = np.asarray(params.offset, np.float32)
+    b = np.asarray(params.offset, np.float64)
     if b.size == 0:
-        b = np.zeros(w.shape[0], np.float32)
+        b = np.zeros(w.shape[0], np.float64)
     if b.shape != (w.shape[0],):
         raise ModelFormatError(f"{what}: expected {w.shape[0]} offsets (one per weight row); found {b.size}")
     return {"weight": w, "offset": b}
@@ -29,7 +29,8 @@ def build_glm_regressor(spec, weights_dir=None, **_):
     """``y = f(W x + b)`` with ``f`` the post-evaluation transform (none, logit, probit)."""
     params = spec.glmRegressor
     weights = _weights_of(params, "GLMRegressor")
-    transform = {0: lambda z: z, 1: jax.nn.sigmoid, 2: probit}.get(params.postEvaluationTransform)
+    which = params.postEvaluationTransform
+    transform = {0: lambda z: z, 1: jax.nn.sigmoid, 2: probit}.get(which)
     if transform is None:
         raise UnsupportedError(f"GLMRegressor: unknown postEvaluationTransform {params.postEvaluationTransform}")
     names = [fd.name for fd in spec.description.input]
@@ -38,7 +39,7 @@ def build_glm_regressor(spec, weights_dir=None, **_):
         x = feature_vector(feats, names)
         return transform(w["weight"] @ x + w["offset"])
 
-    return regressor_stage(spec, predict, weights)
+    return regressor_stage(spec, predict, weights, key=("glmRegressor", which, tuple(names)))
 
 
 def _glm_probabilities(z, n_classes: int, probit_transform: bool, reference: bool):
@@ -76,4 +77,5 @@ def build_glm_classifier(spec, weights_dir=None, **_):
         probs = _glm_probabilities(z, k, is_probit, reference)
         return jnp.argmax(probs), probs
 
-    return classifier_stage(spec, predict, weights, labels)
+    return classifier_stage(spec, predict, weights, labels,
+                            key=("glmClassifier", k, is_probit, reference, tuple(names)))

@@ -1,6 +1,7 @@
 """``KNearestNeighborsClassifier``: brute-force k nearest neighbours (linear and kd-tree indexes alike).
 
-Distances are squared Euclidean.  Uniform weighting counts votes; inverse-distance
+Distances are squared Euclidean, computed in float64 (see ``_common``) between the stored
+float32 samples and the input.  Uniform weighting counts votes; inverse-distance
 weighting sums ``1 / distance`` (the squared Euclidean distance, per the Core ML spec),
 and exact matches (distance 0) outvote everything else.  Ties go to the first label in
 sorted order.  The probabilities are the normalized vote weights over all labels.
@@ -11,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mljax.classic._common import class_labels, classifier_stage, feature_vector
+from mljax.classic._common import class_labels, classifier_stage, feature_vector, float_dtype
 from mljax.errors import ModelFormatError, UnsupportedError
 from mljax.stage import register_stage_builder
 
@@ -35,7 +36,7 @@ def build_knn_classifier(spec, weights_dir=None, **_):
     index = p.nearestNeighborsIndex
     if index.WhichOneof("DistanceFunction") not in (None, "squaredEuclideanDistance"):
         raise UnsupportedError(f"{what}: distance {index.WhichOneof('DistanceFunction')!r} is not supported")
-    samples = np.asarray([list(v.vector) for v in index.floatSamples], np.float32)
+    samples = np.asarray([list(v.vector) for v in index.floatSamples], np.float32).astype(np.float64)
     per_sample = class_labels(p, what) if p.WhichOneof("ClassLabels") else []
     if len(per_sample) != len(samples):
         raise ModelFormatError(f"{what}: expected one label per sample ({len(samples)}); found {len(per_sample)}")
@@ -44,7 +45,8 @@ def build_knn_classifier(spec, weights_dir=None, **_):
         default = _default_label(p)
         if default is None:
             raise ModelFormatError(f"{what}: the model has no samples and no default label")
-        return classifier_stage(spec, lambda w, f: (jnp.int32(0), jnp.ones((1,), jnp.float32)), {}, [default])
+        return classifier_stage(spec, lambda w, f: (jnp.int32(0), jnp.ones((1,), float_dtype())), {}, [default],
+                                key=("kNearestNeighborsClassifier", "default"))
     labels = sorted(set(per_sample))
     sample_class = np.asarray([labels.index(v) for v in per_sample], np.int32)
     n_classes = len(labels)
@@ -59,10 +61,11 @@ def build_knn_classifier(spec, weights_dir=None, **_):
         dist = -neg
         if inverse:
             exact = dist == 0
-            vote = jnp.where(jnp.any(exact), exact.astype(jnp.float32), 1.0 / jnp.where(exact, 1.0, dist))
+            vote = jnp.where(jnp.any(exact), exact.astype(dist.dtype), 1.0 / jnp.where(exact, 1.0, dist))
         else:
-            vote = jnp.ones((k,), jnp.float32)
-        votes = jnp.zeros((n_classes,), jnp.float32).at[w["sample_class"][nearest]].add(vote)
+            vote = jnp.ones((k,), dist.dtype)
+        votes = jnp.zeros((n_classes,), dist.dtype).at[w["sample_class"][nearest]].add(vote)
         return jnp.argmax(votes), votes / jnp.sum(votes)
 
-    return classifier_stage(spec, predict, weights, labels, info={"k": k, "inverse_distance": inverse})
+    return classifier_stage(spec, predict, weights, labels, info={"k": k, "inverse_distance": inverse},
+                            key=("kNearestNeighborsClassifier", k, inverse, n_classes, tuple(names)))

@@ -13,47 +13,81 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mljax.classic._common import (class_labels, classifier_stage, feature_vector, input_width,
-                                   regressor_stage)
+from mljax.classic._common import (class_labels, classifier_stage, feature_vector, float_dtype,
+                                   input_width, regressor_stage)
 from mljax.errors import ModelFormatError, UnsupportedError
 from mljax.features import feature_specs
 from mljax.stage import register_stage_builder
 
-__all__ = ["build_support_vector_regressor", "build_support_vector_classifier", "kernel_fn",
-           "couple_probabilities"]
+__all__ = ["build_support_vector_regressor", "build_support_vector_classifier", "kernel_config",
+           "kernel_fn", "couple_probabilities"]
 
 _MIN_PROB = 1e-7
 
 
-def kernel_fn(kernel):
-    """``k(sv, x) -> (L,)``: the kernel between every support vector row and ``x``."""
+def kernel_config(kernel) -> tuple:
+    """The kernel message as a hashable ``(kind, gamma, c, degree)``."""
     which = kernel.WhichOneof("kernel")
     if which in (None, "linearKernel"):
-        return lambda sv, x: sv @ x
+        return ("linear",)
     if which == "rbfKernel":
-        g = kernel.rbfKernel.gamma
-        return lambda sv, x: jnp.exp(-g * jnp.sum(jnp.square(sv - x), axis=-1))
+        return ("rbf", float(kernel.rbfKernel.gamma))
     if which == "polyKernel":
-        g, c, d = kernel.polyKernel.gamma, kernel.polyKernel.c, int(kernel.polyKernel.degree)
-        return lambda sv, x: (g * (sv @ x) + c) ** d
+        p = kernel.polyKernel
+        return ("poly", float(p.gamma), float(p.c), int(p.degree))
     if which == "sigmoidKernel":
-        g, c = kernel.sigmoidKernel.gamma, kernel.sigmoidKernel.c
-        return lambda sv, x: jnp.tanh(g * (sv @ x) + c)
+        return ("sigmoid", float(kernel.sigmoidKernel.gamma), float(kernel.sigmoidKernel.c))
     raise UnsupportedError(f"support vector machine: unknown kernel {which!r}")
+
+
+def kernel_fn(config: tuple):
+    """``k(sv, x) -> (L,)``: the kernel (a :func:`kernel_config`) between every support vector row and ``x``."""
+    kind, *args = config
+    if kind == "linear":
+        return lambda sv, x: sv @ x
+    if kind == "rbf":
+        (g,) = args
+        return lambda sv, x: jnp.exp(_rbf_exponent(g, sv, x))
+    if kind == "poly":
+        g, c, d = args
+        return lambda sv, x: (g * (sv @ x) + c) ** d
+    g, c = args
+    return lambda sv, x: jnp.tanh(g * (sv @ x) + c)
+
+
+def _rbf_exponent(g: float, sv, x):
+    """``-gamma * ||sv_i - x||^2``: the log of each RBF kernel value."""
+    return -g * jnp.sum(jnp.square(sv - x), axis=-1)
+
+
+_SQRT_SUBNORMAL_SCALE = 2.0 ** 537             # squared: 2^1074, one over the smallest subnormal double
+_LOG_MIN_NORMAL = float(np.log(np.finfo(np.float64).tiny))
+
+
+def _subnormal_decisions(coef, log_k):
+    """``coef @ exp(log_k)`` in units of the smallest subnormal double, over subnormal kernel values.
+
+    XLA on CPU flushes subnormal results to zero; libsvm keeps them (gradual underflow), so for
+    an input far from every support vector its decision value can be a tiny non-zero number whose
+    sign picks the class.  Each subnormal value is counted as libsvm's rounding gives it.
+    """
+    units = jnp.square(jnp.exp(log_k / 2) * _SQRT_SUBNORMAL_SCALE)
+    units = jnp.where(log_k < _LOG_MIN_NORMAL, jnp.rint(units), 0.0)
+    return jnp.sum(jnp.rint(coef * units), axis=-1)
 
 
 def _support_vectors(params, width: int | None, what: str) -> np.ndarray:
     which = params.WhichOneof("supportVectors")
     if which == "denseSupportVectors":
         rows = [list(v.values) for v in params.denseSupportVectors.vectors]
-        sv = np.asarray(rows, np.float32)
+        sv = np.asarray(rows, np.float64)
         if sv.ndim != 2:
             raise ModelFormatError(f"{what}: dense support vectors must all have the same length")
         return sv
     if which == "sparseSupportVectors":
         vectors = params.sparseSupportVectors.vectors
         top = max((n.index for v in vectors for n in v.nodes), default=0)
-        sv = np.zeros((len(vectors), max(width or 0, top)), np.float32)
+        sv = np.zeros((len(vectors), max(width or 0, top)), np.float64)
         for i, v in enumerate(vectors):
             for n in v.nodes:               # libsvm indices start at 1
                 if n.index < 1:
@@ -68,18 +102,19 @@ def build_support_vector_regressor(spec, weights_dir=None, **_):
     """``sum_i alpha_i k(sv_i, x) - rho``."""
     params = spec.supportVectorRegressor
     sv = _support_vectors(params, input_width(feature_specs(spec.description.input)), "SupportVectorRegressor")
-    alpha = np.asarray(params.coefficients.alpha, np.float32)
+    alpha = np.asarray(params.coefficients.alpha, np.float64)
     if alpha.shape != (sv.shape[0],):
         raise ModelFormatError(f"SupportVectorRegressor: expected {sv.shape[0]} coefficients; found {alpha.size}")
-    kernel = kernel_fn(params.kernel)
+    config = kernel_config(params.kernel)
+    kernel = kernel_fn(config)
     names = [fd.name for fd in spec.description.input]
-    weights = {"support_vectors": sv, "alpha": alpha, "rho": np.float32(params.rho)}
+    weights = {"support_vectors": sv, "alpha": alpha, "rho": np.float64(params.rho)}
 
     def predict(w, feats):
         x = feature_vector(feats, names)
         return (w["alpha"] @ kernel(w["support_vectors"], x) - w["rho"])[None]
 
-    return regressor_stage(spec, predict, weights)
+    return regressor_stage(spec, predict, weights, key=("supportVectorRegressor", config, tuple(names)))
 
 
 def _pair_coefficients(params, k: int, n_sv: int, what: str) -> np.ndarray:
@@ -92,7 +127,7 @@ def _pair_coefficients(params, k: int, n_sv: int, what: str) -> np.ndarray:
     if coef.shape != (k - 1, n_sv):
         raise ModelFormatError(f"{what}: expected {k - 1} coefficient rows of {n_sv}; found shape {coef.shape}")
     start = np.concatenate([[0], np.cumsum(counts)])
-    pairs = np.zeros((k * (k - 1) // 2, n_sv), np.float32)
+    pairs = np.zeros((k * (k - 1) // 2, n_sv), np.float64)
     for p, (i, j) in enumerate(itertools.combinations(range(k), 2)):
         pairs[p, start[i]:start[i + 1]] = coef[j - 1, start[i]:start[i + 1]]
         pairs[p, start[j]:start[j + 1]] = coef[i, start[j]:start[j + 1]]
@@ -149,7 +184,7 @@ def build_support_vector_classifier(spec, weights_dir=None, **_):
         raise ModelFormatError(f"{what}: expected at least 2 class labels; found {k}")
     sv = _support_vectors(params, input_width(feature_specs(spec.description.input)), what)
     n_pairs = k * (k - 1) // 2
-    rho = np.asarray(params.rho, np.float32)
+    rho = np.asarray(params.rho, np.float64)
     if rho.shape != (n_pairs,):
         raise ModelFormatError(f"{what}: expected {n_pairs} rho values for {k} classes; found {rho.size}")
     weights = {"support_vectors": sv, "pair_coef": _pair_coefficients(params, k, sv.shape[0], what), "rho": rho}
@@ -158,20 +193,27 @@ def build_support_vector_classifier(spec, weights_dir=None, **_):
         if len(params.probA) != n_pairs or len(params.probB) != n_pairs:
             raise ModelFormatError(f"{what}: expected {n_pairs} probA and probB values; found "
                                    f"{len(params.probA)} and {len(params.probB)}")
-        weights["prob_a"] = np.asarray(params.probA, np.float32)
-        weights["prob_b"] = np.asarray(params.probB, np.float32)
-    kernel = kernel_fn(params.kernel)
+        weights["prob_a"] = np.asarray(params.probA, np.float64)
+        weights["prob_b"] = np.asarray(params.probB, np.float64)
+    config = kernel_config(params.kernel)
+    kernel = kernel_fn(config)
     names = [fd.name for fd in spec.description.input]
     ii, jj = np.triu_indices(k, 1)
 
     def predict(w, feats):
-        dec = w["pair_coef"] @ kernel(w["support_vectors"], feature_vector(feats, names)) - w["rho"]
-        winners = jnp.where(dec > 0, ii, jj)
+        x = feature_vector(feats, names)
+        dec = w["pair_coef"] @ kernel(w["support_vectors"], x) - w["rho"]
+        first = dec > 0
+        if config[0] == "rbf" and x.dtype == jnp.float64:     # recover what flush-to-zero lost
+            tiny = _subnormal_decisions(w["pair_coef"], _rbf_exponent(config[1], w["support_vectors"], x))
+            first = first | ((dec == 0) & (w["rho"] == 0) & (tiny > 0))
+        winners = jnp.where(first, ii, jj)
         votes = jnp.zeros((k,), jnp.int32).at[winners].add(1)
         if not with_prob:
-            return jnp.argmax(votes), votes.astype(jnp.float32) / n_pairs
+            return jnp.argmax(votes), votes.astype(float_dtype()) / n_pairs
         r = jnp.clip(_platt(dec, w["prob_a"], w["prob_b"]), _MIN_PROB, 1.0 - _MIN_PROB)
         probs = jnp.stack([r[0], 1.0 - r[0]]) if k == 2 else couple_probabilities(_pairwise_matrix(r, k), k)
         return jnp.argmax(probs), probs
 
-    return classifier_stage(spec, predict, weights, labels, info={"probability": with_prob})
+    return classifier_stage(spec, predict, weights, labels, info={"probability": with_prob},
+                            key=("supportVectorClassifier", k, with_prob, config, tuple(names)))

@@ -1,8 +1,12 @@
 """Tree ensembles: ``TreeEnsembleRegressor`` and ``TreeEnsembleClassifier``.
 
-All trees are padded into flat node tables and walked together, one level per step of a
-``lax.fori_loop`` (depth = the deepest tree); leaves point at themselves, so a tree that
-reaches a leaf early stays there.  No Python loop over nodes runs at predict time.
+All trees are packed into flat node tables and walked together, one level per step of a
+``lax.fori_loop`` (its trip count, the deepest tree's depth, is a weight); leaves point at
+themselves, so a tree that reaches a leaf early stays there.  No Python loop over nodes runs
+at predict time.  The tables are padded to power-of-two lengths with zero-valued leaves (and
+padded roots point at one), so ensembles of similar size share compiled code (``_common``).
+Thresholds and leaf values are float64; a float32 copy of the thresholds, rounded so float32
+inputs compare as they would against the float64 ones, serves pipelines that run in float32.
 """
 from __future__ import annotations
 
@@ -12,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mljax.classic._common import (class_labels, classifier_stage, feature_vector, input_width,
-                                   regressor_stage)
+from mljax.classic._common import (class_labels, classifier_stage, feature_vector, float_dtype,
+                                   input_width, regressor_stage)
 from mljax.errors import ModelFormatError, UnsupportedError
 from mljax.features import feature_specs
 from mljax.stage import register_stage_builder
@@ -60,59 +64,76 @@ def _root_of(tree_id, ids: list, children: dict) -> int:
     return roots[0]
 
 
-def pack_tree_ensemble(params, what: str):
-    """Node tables ``(T*N,)`` of all trees, their roots, the leaf values ``(T*N, D)`` and the depth."""
+def _bucket(n: int) -> int:
+    """The power of two (at least 8) that a table of ``n`` entries is padded to."""
+    return max(8, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _dimensions(params) -> int:
+    declared = int(params.numPredictionDimensions)
+    if declared:
+        return declared
+    used = [e.evaluationIndex for n in params.nodes for e in n.evaluationInfo]
+    return 1 + max(used + [len(params.basePredictionValue) - 1, 0])
+
+
+def pack_tree_ensemble(params, what: str) -> dict:
+    """Node tables of all trees (padded), their roots, leaf values ``(N, D)``, base values and depth."""
     by_tree = defaultdict(list)
     for node in params.nodes:
         by_tree[node.treeId].append(node)
     if not by_tree:
         raise ModelFormatError(f"{what}: expected at least one tree node; found none")
-    dims = int(params.numPredictionDimensions) or 1 + max(
-        [e.evaluationIndex for n in params.nodes for e in n.evaluationInfo] + [len(params.basePredictionValue) - 1, 0])
-    width = max(len(nodes) for nodes in by_tree.values())
-    n_total = len(by_tree) * width
+    dims = _dimensions(params)
+    n_real = len(params.nodes)
+    n_total = _bucket(n_real + 1)           # at least one padding leaf, for the padded roots
     feat = np.zeros(n_total, np.int32)
     thr = np.zeros(n_total, np.float64)
     mode = np.full(n_total, _LEAF, np.int32)
     true_child = np.arange(n_total, dtype=np.int32)
     false_child = np.arange(n_total, dtype=np.int32)
     nan_true = np.zeros(n_total, bool)
-    values = np.zeros((n_total, dims), np.float32)
-    roots, depth = [], 0
+    values = np.zeros((n_total, dims), np.float64)
+    roots = np.full(_bucket(len(by_tree)), n_real, np.int32)
+    depth, offset = 0, 0
     for t, (tree_id, nodes) in enumerate(sorted(by_tree.items())):
-        base = t * width
-        local = {n.nodeId: base + i for i, n in enumerate(nodes)}
+        local = {n.nodeId: offset + i for i, n in enumerate(nodes)}
         if len(local) != len(nodes):
             raise ModelFormatError(f"{what}: tree {tree_id} has duplicate node ids")
         children = {n.nodeId: (n.trueChildNodeId, n.falseChildNodeId) for n in nodes if n.nodeBehavior != _LEAF}
         root = _root_of(tree_id, list(local), children)
-        roots.append(local[root])
+        roots[t] = local[root]
         depth = max(depth, _tree_depth(root, children))
         for n in nodes:
-            g = local[n.nodeId]
-            mode[g] = n.nodeBehavior
-            for e in n.evaluationInfo:
-                if e.evaluationIndex >= dims:
-                    raise ModelFormatError(f"{what}: tree {tree_id} node {n.nodeId} writes prediction "
-                                           f"dimension {e.evaluationIndex}; only {dims} declared")
-                values[g, e.evaluationIndex] += e.evaluationValue
-            if n.nodeBehavior == _LEAF:
-                continue
-            for cid in (n.trueChildNodeId, n.falseChildNodeId):
-                if cid not in local:
-                    raise ModelFormatError(f"{what}: tree {tree_id} node {n.nodeId} points to missing "
-                                           f"node {cid}")
-            feat[g], thr[g] = n.branchFeatureIndex, n.branchFeatureValue
-            true_child[g], false_child[g] = local[n.trueChildNodeId], local[n.falseChildNodeId]
-            nan_true[g] = n.missingValueTracksTrueChild
-    base_value = np.zeros(dims, np.float32)
-    bp = np.asarray(params.basePredictionValue, np.float32)
+            _pack_node(n, local[n.nodeId], local, (feat, thr, mode, true_child, false_child, nan_true, values),
+                       dims, f"{what}: tree {tree_id} node {n.nodeId}")
+        offset += len(nodes)
+    base_value = np.zeros(dims, np.float64)
+    bp = np.asarray(params.basePredictionValue, np.float64)
     if bp.size:
         base_value[:] = bp if bp.size == dims else bp[0]
-    tables = {"feature": feat, "threshold": _f32_thresholds(thr, mode), "mode": mode,
-              "true_child": true_child, "false_child": false_child, "nan_true": nan_true,
-              "root": np.asarray(roots, np.int32), "leaf_value": values, "base": base_value}
-    return tables, depth
+    return {"feature": feat, "threshold": thr, "threshold_f32": _f32_thresholds(thr, mode), "mode": mode,
+            "true_child": true_child, "false_child": false_child, "nan_true": nan_true,
+            "root": roots, "leaf_value": values, "base": base_value, "depth": np.int32(depth)}
+
+
+def _pack_node(n, g: int, local: dict, tables, dims: int, where: str) -> None:
+    """Write node ``n`` at row ``g`` of the tables."""
+    feat, thr, mode, true_child, false_child, nan_true, values = tables
+    mode[g] = n.nodeBehavior
+    for e in n.evaluationInfo:
+        if e.evaluationIndex >= dims:
+            raise ModelFormatError(f"{where} writes prediction dimension {e.evaluationIndex}; "
+                                   f"only {dims} declared")
+        values[g, e.evaluationIndex] += e.evaluationValue
+    if n.nodeBehavior == _LEAF:
+        return
+    for cid in (n.trueChildNodeId, n.falseChildNodeId):
+        if cid not in local:
+            raise ModelFormatError(f"{where} points to missing node {cid}")
+    feat[g], thr[g] = n.branchFeatureIndex, n.branchFeatureValue
+    true_child[g], false_child[g] = local[n.trueChildNodeId], local[n.falseChildNodeId]
+    nan_true[g] = n.missingValueTracksTrueChild
 
 
 def _branch(mode, v, t):
@@ -121,16 +142,17 @@ def _branch(mode, v, t):
     return jnp.take_along_axis(conds, jnp.clip(mode, 0, 5)[None], axis=0)[0]
 
 
-def evaluate_trees(w: dict, x, depth: int):
+def evaluate_trees(w: dict, x):
     """Sum of the leaf values every tree reaches for input vector ``x``, plus the base value."""
-    def step(_, node):
-        v = x[w["feature"][node]]
-        go_true = jnp.where(jnp.isnan(v), w["nan_true"][node], _branch(w["mode"][node], v, w["threshold"][node]))
-        nxt = jnp.where(go_true, w["true_child"][node], w["false_child"][node])
-        return jnp.where(w["mode"][node] == _LEAF, node, nxt)
+    threshold = w["threshold"] if x.dtype == jnp.float64 else w["threshold_f32"]
 
-    leaves = jax.lax.fori_loop(0, depth, step, w["root"]) if depth else w["root"]
-    return jnp.sum(w["leaf_value"][leaves], axis=0) + w["base"]
+    def step(_, node):         # a leaf's children are the leaf itself
+        v = x[w["feature"][node]]
+        go_true = jnp.where(jnp.isnan(v), w["nan_true"][node], _branch(w["mode"][node], v, threshold[node]))
+        return jnp.where(go_true, w["true_child"][node], w["false_child"][node])
+
+    leaves = jax.lax.fori_loop(0, w["depth"], step, w["root"])
+    return jnp.sum(w["leaf_value"][leaves].astype(x.dtype), axis=0) + w["base"].astype(x.dtype)
 
 
 def _check_width(spec, tables, what):
@@ -144,20 +166,21 @@ def _check_width(spec, tables, what):
 def build_tree_ensemble_regressor(spec, weights_dir=None, **_):
     """Sum of tree outputs plus base values; ``Regression_Logistic`` applies a sigmoid."""
     params = spec.treeEnsembleRegressor
-    tables, depth = pack_tree_ensemble(params.treeEnsemble, "TreeEnsembleRegressor")
+    tables = pack_tree_ensemble(params.treeEnsemble, "TreeEnsembleRegressor")
     _check_width(spec, tables, "TreeEnsembleRegressor")
     transform = params.postEvaluationTransform
     names = [fd.name for fd in spec.description.input]
 
     def predict(w, feats):
-        s = evaluate_trees(w, feature_vector(feats, names), depth)
+        s = evaluate_trees(w, feature_vector(feats, names))
         if transform == _LOGISTIC:
             return jax.nn.sigmoid(s)
         if transform in (_SOFTMAX, _SOFTMAX_ZERO_REF):
             return _class_probabilities(s, s.shape[0], transform)
         return s
 
-    return regressor_stage(spec, predict, tables, info={"depth": depth})
+    return regressor_stage(spec, predict, tables, info={"depth": int(tables["depth"])},
+                           key=("treeEnsembleRegressor", transform, tuple(names)))
 
 
 def _class_probabilities(s, n_classes: int, transform: int):
@@ -181,7 +204,7 @@ def build_tree_ensemble_classifier(spec, weights_dir=None, **_):
     """Tree scores per class, then the post-evaluation transform; label = the most probable class."""
     params = spec.treeEnsembleClassifier
     labels = class_labels(params, "TreeEnsembleClassifier")
-    tables, depth = pack_tree_ensemble(params.treeEnsemble, "TreeEnsembleClassifier")
+    tables = pack_tree_ensemble(params.treeEnsemble, "TreeEnsembleClassifier")
     _check_width(spec, tables, "TreeEnsembleClassifier")
     k, dims = len(labels), tables["leaf_value"].shape[1]
     transform = params.postEvaluationTransform
@@ -192,7 +215,8 @@ def build_tree_ensemble_classifier(spec, weights_dir=None, **_):
     names = [fd.name for fd in spec.description.input]
 
     def predict(w, feats):
-        probs = _class_probabilities(evaluate_trees(w, feature_vector(feats, names), depth), k, transform)
+        probs = _class_probabilities(evaluate_trees(w, feature_vector(feats, names)), k, transform)
         return jnp.argmax(probs), probs
 
-    return classifier_stage(spec, predict, tables, labels, info={"depth": depth})
+    return classifier_stage(spec, predict, tables, labels, info={"depth": int(tables["depth"])},
+                            key=("treeEnsembleClassifier", k, transform, tuple(names)))

@@ -47,8 +47,10 @@ def test_vmapped_batch_equals_single(name):
                 assert b[k] == pytest.approx(s[k], rel=1e-5, abs=1e-6)
             else:
                 np.testing.assert_allclose(np.asarray(b[k], float), np.asarray(s[k], float), rtol=1e-5, atol=1e-6)
-    # the stage function itself under vmap (what MLModel.predict(list) jits)
+    # the stage function itself under vmap (what MLModel.predict(list) jits, in float64)
     feats = [model._prepare(f) for f in rows(spec, Xt)]
     stacked = {k: np.stack([f[k] for f in feats]) for k in feats[0]}
-    outs, _ = jax.jit(jax.vmap(model.stage.fn, in_axes=(None, 0, None)))(model.weights, stacked, {})
+    assert model.stage.x64
+    with jax.enable_x64(True):
+        outs, _ = jax.jit(jax.vmap(model.stage.fn, in_axes=(None, 0, None)))(model.weights, stacked, {})
     assert all(np.shape(v)[0] == len(Xt) for v in outs.values())
