@@ -116,28 +116,11 @@ def _patch_boston() -> None:
     ct_test_utils.load_boston = synthetic_boston
 
 
-def _skip_full_gc_per_convert() -> None:
-    """``ct.convert`` ends with a full ``gc.collect()``: 0.75 s per test in a process holding
-    coremltools, torch and jax, about 60% of the suite's time.  It only frees memory (Python's
-    generational collector still runs), so the suite lets it collect the young generation only."""
-    import gc
-
-    import coremltools.converters._converters_entry as entry
-
-    class _YoungOnly:
-        def __getattr__(self, name):
-            return getattr(gc, name)
-
-        @staticmethod
-        def collect(generation: int = 0) -> int:
-            return gc.collect(min(generation, 0))
-    entry.gc = _YoungOnly()
-
-
 def pytest_configure(config):
     _pretend_macos(config.getoption("--mljax-allow-neuralnetwork"))
     if not config.getoption("--mljax-full-gc"):
-        _skip_full_gc_per_convert()
+        from ct_speed import skip_full_gc_per_convert
+        skip_full_gc_per_convert()
     if config.getoption("--mljax-synthetic-boston"):
         _patch_boston()
     import mljax.coremltools as bridge
