@@ -7,6 +7,9 @@ at predict time.  The tables are padded to power-of-two lengths with zero-valued
 padded roots point at one), so ensembles of similar size share compiled code (``_common``).
 Thresholds and leaf values are float64; a float32 copy of the thresholds, rounded so float32
 inputs compare as they would against the float64 ones, serves pipelines that run in float32.
+When every threshold is a float32 value (XGBoost models; coremltools' converter rounds them so
+on purpose), Core ML compares the inputs as float32 too: an input is rounded to float32 before
+its comparisons (what XGBoost and scikit-learn, whose trees take float32 features, do).
 """
 from __future__ import annotations
 
@@ -112,9 +115,12 @@ def pack_tree_ensemble(params, what: str) -> dict:
     bp = np.asarray(params.basePredictionValue, np.float64)
     if bp.size:
         base_value[:] = bp if bp.size == dims else bp[0]
+    branch = thr[mode != _LEAF]
+    float32_thresholds = bool(np.all(branch.astype(np.float32).astype(np.float64) == branch))
     return {"feature": feat, "threshold": thr, "threshold_f32": _f32_thresholds(thr, mode), "mode": mode,
             "true_child": true_child, "false_child": false_child, "nan_true": nan_true,
-            "root": roots, "leaf_value": values, "base": base_value, "depth": np.int32(depth)}
+            "root": roots, "leaf_value": values, "base": base_value, "depth": np.int32(depth),
+            "float32_inputs": np.bool_(float32_thresholds)}
 
 
 def _pack_node(n, g: int, local: dict, tables, dims: int, where: str) -> None:
@@ -144,7 +150,11 @@ def _branch(mode, v, t):
 
 def evaluate_trees(w: dict, x):
     """Sum of the leaf values every tree reaches for input vector ``x``, plus the base value."""
-    threshold = w["threshold"] if x.dtype == jnp.float64 else w["threshold_f32"]
+    if x.dtype == jnp.float64:
+        threshold = w["threshold"]
+        x = jnp.where(w["float32_inputs"], x.astype(jnp.float32).astype(x.dtype), x)
+    else:
+        threshold = w["threshold_f32"]
 
     def step(_, node):         # a leaf's children are the leaf itself
         v = x[w["feature"][node]]
