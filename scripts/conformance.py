@@ -53,6 +53,10 @@ SUITES = {
     "pipeline": ("test", ("pipeline",), "mlprogram,neuralnetwork",
                  ("--mljax-allow-neuralnetwork", "--mljax-synthetic-boston"), "conformance_pipeline.md",
                  "coremltools' pipeline tests on mljax"),
+    "xgboost": ("test", ("xgboost_tests",), "mlprogram,neuralnetwork",
+                ("--mljax-allow-neuralnetwork", "--mljax-synthetic-boston", "--mljax-macos-version=10.15"),
+                "conformance_xgboost.md",
+                "coremltools' XGBoost and decision-tree converter tests on mljax"),
 }
 _SUITE = ["ops"]
 

@@ -4,7 +4,7 @@ Load it with ``-p mljax_suite_plugin`` (this folder on ``PYTHONPATH``), as
 ``scripts/conformance.py`` does.  At configure time, before any coremltools test module
 is imported, it
 
-* makes coremltools believe it runs on macOS 15 (``_deps._IS_MACOS``,
+* makes coremltools believe it runs on macOS 15 (``--mljax-macos-version``; ``_deps._IS_MACOS``,
   ``models.utils._is_macos``, ``models.utils._macos_version``), so the tests call
   ``MLModel.predict`` and compare its outputs with their expected values;
 * restricts the backends to ML programs (``PYMIL_TEST_TARGETS=mlprogram``; items
@@ -63,16 +63,19 @@ def pytest_addoption(parser):
                     help="keep ct.convert's full gc.collect() per conversion (slow; off by default)")
     group.addoption("--mljax-synthetic-boston", action="store_true",
                     help="serve coremltools.test.utils.load_boston from a seeded synthetic data set")
+    group.addoption("--mljax-macos-version", default="15.0",
+                    help="the macOS version coremltools is told it runs on (10.15 runs the XGBoost tests "
+                         "that coremltools skips on macOS >= 10.16 for a Core ML bug, rdar://84898245)")
 
 
-def _pretend_macos(allow_nn: bool = False) -> None:
+def _pretend_macos(allow_nn: bool = False, version: tuple = (15, 0)) -> None:
     if not allow_nn:
         os.environ.setdefault("PYMIL_TEST_TARGETS", "mlprogram")
     import coremltools._deps as deps
     import coremltools.models.utils as ct_utils
     deps._IS_MACOS = True
     originals = {"_is_macos": ct_utils._is_macos, "_macos_version": ct_utils._macos_version}
-    fakes = {"_is_macos": lambda: True, "_macos_version": lambda: (15, 0)}
+    fakes = {"_is_macos": lambda: True, "_macos_version": lambda: version}
     # also where they were imported by name (e.g. neural_network.quantization_utils)
     for mod in [m for name, m in list(sys.modules.items()) if name.startswith("coremltools") and m]:
         for attr, fn in originals.items():
@@ -117,7 +120,8 @@ def _patch_boston() -> None:
 
 
 def pytest_configure(config):
-    _pretend_macos(config.getoption("--mljax-allow-neuralnetwork"))
+    _pretend_macos(config.getoption("--mljax-allow-neuralnetwork"),
+                   tuple(int(v) for v in config.getoption("--mljax-macos-version").split(".")))
     if not config.getoption("--mljax-full-gc"):
         from ct_speed import skip_full_gc_per_convert
         skip_full_gc_per_convert()
