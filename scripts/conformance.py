@@ -9,6 +9,7 @@
     python scripts/conformance.py --rerun-failures build/conformance/full   # re-run its failures (new code)
     python scripts/conformance.py --suite sklearn --full     # coremltools/test/sklearn_tests -> docs/conformance_sklearn.md
     python scripts/conformance.py --suite pipeline --full    # coremltools/test/pipeline -> docs/conformance_pipeline.md
+    python scripts/conformance.py --suite xgboost --full     # coremltools/test/xgboost_tests -> docs/conformance_xgboost.md
     python scripts/conformance.py --suite nn-ops --full --every 20   # op tests, neuralnetwork backend
 
 The tests come from the installed coremltools wheel
@@ -361,7 +362,7 @@ def main(argv=None) -> int:
                            "their new results replace the old ones in its report")
     p.add_argument("--suite", choices=sorted(SUITES), default="ops",
                    help="which coremltools tests: MIL op tests (ops, nn-ops: neuralnetwork backend), "
-                        "sklearn_tests or pipeline; each writes its own doc")
+                        "sklearn_tests, xgboost_tests or pipeline; each writes its own doc")
     p.add_argument("--resume", action="store_true",
                    help="keep the results already in the results folder and run only the tests not yet "
                         "recorded there (a long --full run done in several sittings)")
