@@ -216,6 +216,14 @@ def _weight_copies_note(path, nbytes) -> str:
             "on CPU), so the peak is the mapped file plus those copies.")
 
 
+# --- per-layer profile ----------------------------------------------------------------------------
+def bench_layers(rep: Report, work, args, batch: int = 32):
+    import layers
+    log(f"  per-layer profile at batch {batch}: convolutions of cnn, dwcnn; matrix products")
+    convs = layers.conv_rows([n for n in ("cnn", "dwcnn") if n in args.names], batch, args, log=log)
+    rep.layers(convs + layers.gemm_rows(args, log=log), batch=batch)
+
+
 # --- personalizing the demo pipeline --------------------------------------------------------------
 def bench_personalize(rep: Report, work, args, samples: int = 100, epochs: int = 10):
     """The demo's personalization in a fresh process: first task (compiles) and a second one."""
@@ -288,7 +296,7 @@ def parse(argv):
                         "call measures work even on a loaded machine)")
     p.add_argument("--models", default=None, help="comma-separated zoo models (default: all; quick: cnn,transformer)")
     p.add_argument("--rebuild", action="store_true", help="convert the zoo again")
-    p.add_argument("--only", default=None, help="comma-separated sections: predict,lowering,load,big,update,personalize")
+    p.add_argument("--only", default=None, help="comma-separated sections: predict,lowering,load,big,update,personalize,layers")
     a = p.parse_args(argv)
     a.variants = ("fp16",)
     names = a.models.split(",") if a.models else (["cnn", "transformer"] if a.quick else list(zoo.ZOO))
@@ -299,7 +307,7 @@ def parse(argv):
     else:
         a.rounds, a.budget, a.load_repeats, a.big_mb = 15, 0.05, 3, 500
         a.update_samples, a.update_epochs, a.update_repeats = 4096, 5, 3
-    a.sections = a.only.split(",") if a.only else ["predict", "lowering", "load", "big", "update", "personalize"]
+    a.sections = a.only.split(",") if a.only else ["predict", "layers", "lowering", "load", "big", "update", "personalize"]
     return a
 
 
@@ -329,7 +337,8 @@ def main(argv=None):
                 "load": lambda: bench_load(rep, args.names, work, args),
                 "big": lambda: bench_big(rep, work, args),
                 "update": lambda: bench_update(rep, work, args),
-                "personalize": lambda: bench_personalize(rep, work, args)}
+                "personalize": lambda: bench_personalize(rep, work, args),
+                "layers": lambda: bench_layers(rep, work, args)}
     for s in args.sections:
         log(f"[{time.perf_counter() - t0:6.1f}s] {s}")
         sections[s]()
