@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-MIN_PASS_RATE = 0.90   # among the sampled tests that reach predict / make_state
+MIN_PASS_RATE = 0.97   # (the full suite passes 100%) among the sampled tests that reach predict / make_state
 MIN_REACHED = 130      # of 168 sampled tests; ~20 never call predict (builder / type checks)
 
 
