@@ -201,10 +201,26 @@ _FP16_DATA_IN_FP32_BACKEND = (
     "(fp16, as Core ML's GPU and Neural Engine do); `--fp32-compute` (`MLModel(compute_precision="
     "\"float32\")`) gives the CPU's semantics.")
 _PASSES_WITH_FP32_COMPUTE: set = set()   # node ids that passed in RESULTS/rerun-fp32compute
+_FP16_PARAM = re.compile(r"float16|fp16")
+
+
+def _fp16_in_fp32_backend(r) -> bool:
+    """An fp32-backend variant whose parametrization declares fp16 data (x / weights / LUT / dtype)."""
+    params = r["nodeid"].split("opset_version", 1)[-1]
+    return _precision(r["nodeid"]) == "fp32" and bool(_FP16_PARAM.search(params))
+
+
 EXPLANATIONS = [
     (lambda rs: all(_precision(r["nodeid"]) == "fp32" and r["nodeid"] in _PASSES_WITH_FP32_COMPUTE for r in rs),
      _FP16_DATA_IN_FP32_BACKEND + " Every test of this group passes when re-run that way "
-     "(`--rerun-failures RESULTS --fp32-compute`)."),
+     "(`--rerun-failures RESULTS --fp32 --fp32-compute`)."),
+    (lambda rs: all(_fp16_in_fp32_backend(r) for r in rs),
+     "an fp32-precision backend variant of a test parametrized with fp16 data (fp16 inputs, weights, LUT or "
+     "dtype): the differences are at fp16 resolution (an fp16 step is ~1e-3 relative), below the fp32 "
+     "tolerance the test applies. mljax keeps the program's fp16 types (also with fp16 ops computed in fp32, "
+     "which fixes only some of them); Core ML's CPU evidently returns more precision for these programs. Not "
+     "resolved: the fp32 variants are opt-in in coremltools (`INCLUDE_MIL_FP32_UNIT_TESTS`), outside the default "
+     "suite of docs/conformance.md."),
 ]
 
 
