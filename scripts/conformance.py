@@ -246,7 +246,9 @@ def render(records: list[dict], meta: dict, scope: str) -> str:
         "skipped for the target) exercise coremltools alone and are listed only as 'not reached'.",
         "Scope: ML program backends only (coremltools' default precision fp16" +
         (" and fp32" if meta.get("fp32") else "") + "); the neuralnetwork backend parametrizations are deselected" +
-        " (mljax runs NeuralNetwork models separately; they are not in this table).", "",
+        " (mljax runs NeuralNetwork models separately; they are not in this table)." +
+        ("" if meta.get("fp32") else " coremltools' opt-in fp32 backend variants (`--fp32`) are reported in"
+         " docs/conformance_fp32.md."), "",
         f"- run: `{meta.get('command', '?')}` ({scope}), {meta.get('date', '?')}, "
         f"coremltools {_ct_version()}, mljax commit `{meta.get('commit', '?')}`"
         + (" (run in " + str(len(meta["segments"])) + " sittings with `--resume`, at commits "
