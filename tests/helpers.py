@@ -62,3 +62,28 @@ def assert_close(actual, expected, *, dtype=np.float32, rtol=None, atol=None):
         atol = 2e-2 if dt == np.float16 else 1e-5 if dt.kind == "f" else 0
     np.testing.assert_allclose(np.asarray(actual, np.float64), np.asarray(expected, np.float64),
                                rtol=rtol, atol=atol)
+
+
+def accumulator_program():
+    """An iOS18 stateful program: ``out = acc + x`` and the state ``acc`` becomes ``out`` (fp16)."""
+    import coremltools as ct
+    from coremltools.converters.mil.mil import Builder as mb, types
+
+    @mb.program(input_specs=[mb.StateTensorSpec((3,), dtype=types.fp16), mb.TensorSpec((3,), dtype=types.fp16)],
+                opset_version=ct.target.iOS18)
+    def prog(acc, x):
+        y = mb.add(x=mb.read_state(input=acc), y=x)
+        mb.coreml_update_state(state=acc, value=y)
+        return mb.identity(x=y, name="out")
+    return prog
+
+
+def tanh_projection_program(proj: np.ndarray):
+    """An iOS17 feature extractor ``emb = tanh(x @ proj)`` for a 1-D input of ``proj.shape[0]`` values."""
+    import coremltools as ct
+    from coremltools.converters.mil.mil import Builder as mb, types
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(proj.shape[0],), dtype=types.fp32)], opset_version=ct.target.iOS17)
+    def features(x):
+        return mb.tanh(x=mb.matmul(x=x, y=proj), name="emb")
+    return features

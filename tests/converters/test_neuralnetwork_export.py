@@ -5,7 +5,7 @@ import pytest
 import mljax
 import updatable
 from converters.neuralnetwork import Activation, Dense, Softmax, head_to_neuralnetwork, updatable_pipeline
-from helpers import convert_mil, tmp_path_for
+from helpers import convert_mil, tanh_projection_program, tmp_path_for
 
 ct = pytest.importorskip("coremltools")
 
@@ -45,13 +45,9 @@ def test_head_spec_predicts_and_trains():
 
 
 def test_updatable_pipeline_package_round_trip(tmp_path):
-    from coremltools.converters.mil.mil import Builder as mb, types
     rng = np.random.default_rng(1)
     proj = rng.normal(size=(4, 5)).astype(np.float32)
-
-    @mb.program(input_specs=[mb.TensorSpec(shape=(4,), dtype=types.fp32)], opset_version=ct.target.iOS17)
-    def features(x):
-        return mb.tanh(x=mb.matmul(x=x, y=proj), name="emb")
+    features = tanh_projection_program(proj)
 
     feature_model = mljax.MLModel(convert_mil(features))
     layers, ref = _head(rng)

@@ -9,7 +9,7 @@ from coremltools.converters.mil.mil import Builder as mb  # noqa: E402
 from coremltools.converters.mil.mil import types  # noqa: E402
 
 import mljax.coremltools as bridge  # noqa: E402
-from helpers import tmp_path_for  # noqa: E402
+from helpers import accumulator_program, tmp_path_for  # noqa: E402
 from mljax.ops._registry import lookup  # noqa: E402
 
 
@@ -140,13 +140,7 @@ def test_make_state_read_write_and_predict_with_state(enabled):
 
 def test_state_updates_accumulate_across_predictions(enabled):
     assert lookup("write_state", 18) is not None
-    @mb.program(input_specs=[mb.StateTensorSpec((3,), dtype=types.fp16), mb.TensorSpec((3,), dtype=types.fp16)],
-                opset_version=ct.target.iOS18)
-    def prog(acc, x):
-        y = mb.add(x=mb.read_state(input=acc), y=x)
-        mb.coreml_update_state(state=acc, value=y)
-        return mb.identity(x=y, name="out")
-    model = _convert(prog, opset=ct.target.iOS18, fp16=True)
+    model = _convert(accumulator_program(), opset=ct.target.iOS18, fp16=True)
     state = model.make_state()
     x = np.array([1, 2, 3], np.float32)
     for i in range(1, 4):

@@ -12,7 +12,7 @@ from mljax.errors import InputError, ModelFormatError, UnsupportedOpError
 from mljax.format.blob import BlobReader, BlobWriter
 from mljax.mil.types import DTYPES
 
-from helpers import convert_mil, tmp_path_for
+from helpers import accumulator_program, convert_mil, tmp_path_for
 
 ct = pytest.importorskip("coremltools")
 from coremltools.converters.mil.mil import Builder as mb, types  # noqa: E402
@@ -220,14 +220,7 @@ def test_cli_info_and_predict(package):
 
 
 def test_stateful_model_accumulates_with_mljax_state():
-    @mb.program(input_specs=[mb.StateTensorSpec((3,), dtype=types.fp16), mb.TensorSpec((3,), dtype=types.fp16)],
-                opset_version=ct.target.iOS18)
-    def prog(acc, x):
-        y = mb.add(x=mb.read_state(input=acc), y=x)
-        mb.coreml_update_state(state=acc, value=y)
-        return mb.identity(x=y, name="out")
-
-    model = mljax.MLModel(convert_mil(prog, opset="iOS18", fp16=True))
+    model = mljax.MLModel(convert_mil(accumulator_program(), opset="iOS18", fp16=True))
     state = model.make_state()
     x = np.array([1, 2, 3], np.float32)
     for i in range(1, 4):

@@ -6,7 +6,7 @@ import pytest
 import mljax
 import updatable
 from updatable.pipeline import Pipeline, weight_names
-from helpers import convert_mil
+from helpers import convert_mil, tanh_projection_program
 
 ct = pytest.importorskip("coremltools")
 from coremltools.converters.mil.mil import Builder as mb, types  # noqa: E402
@@ -49,10 +49,7 @@ def test_flax_head_after_frozen_model_exports_updatable_pipeline():
     import jax
     rng = np.random.default_rng(1)
     proj = rng.normal(size=(4, 6)).astype(np.float32)
-
-    @mb.program(input_specs=[mb.TensorSpec(shape=(4,), dtype=types.fp32)], opset_version=ct.target.iOS17)
-    def feats(x):
-        return mb.tanh(x=mb.matmul(x=x, y=proj), name="emb")
+    feats = tanh_projection_program(proj)
 
     frozen = mljax.MLModel(convert_mil(feats))
     x = rng.normal(size=(90, 4)).astype(np.float32)
@@ -77,10 +74,7 @@ def test_saving_a_pipeline_with_trained_stage_weights_is_refused_not_silently_wr
     from mljax.errors import UnsupportedError
     rng = np.random.default_rng(2)
     proj = rng.normal(size=(4, 5)).astype(np.float32)
-
-    @mb.program(input_specs=[mb.TensorSpec(shape=(4,), dtype=types.fp32)], opset_version=ct.target.iOS17)
-    def feats(x):
-        return mb.tanh(x=mb.matmul(x=x, y=proj), name="emb")
+    feats = tanh_projection_program(proj)
 
     head = head_to_neuralnetwork([Dense(rng.normal(size=(2, 5)).astype(np.float32)), Softmax()],
                                  input_name="emb", input_shape=(5,), class_labels=["a", "b"])
