@@ -84,7 +84,7 @@ def _phases(path, x, cache):
     weights = jax.device_put(stage.weights)
     mark("weights to device")
     from mljax import cache as exec_cache
-    cached = exec_cache.CachedJit(stage.fn, stage.digest)
+    cached = exec_cache.CachedJit(jax.jit(stage.fn), stage.digest)
     folder = exec_cache.cache_dir()
     entry = cached.entry(folder, weights, {"x": x}, {}) if folder is not None else None
     compiled = exec_cache.load(entry) if entry is not None else None

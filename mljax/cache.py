@@ -99,7 +99,8 @@ class CachedJit:
     """``jax.jit(fn)`` whose compiled executables persist across processes.
 
     Args:
-      fn: the pure function, called as ``fn(weights, *args)``.
+      jitted: ``jax.jit(fn)`` of the pure function, called as ``fn(weights, *args)`` (the caller's
+        own jitted function, so a model holds one trace cache whether the disk cache is on or off).
       digest: bytes that, with the arguments' shapes and dtypes, fully determine ``fn``'s
         computation (None: never persisted, a plain ``jax.jit``).
 
@@ -108,8 +109,8 @@ class CachedJit:
     another structure; ``MLModel`` calls the plain jit for weights replaced by training).
     """
 
-    def __init__(self, fn: Callable, digest: bytes | None):
-        self.jit = jax.jit(fn)
+    def __init__(self, jitted: Callable, digest: bytes | None):
+        self.jit = jitted
         self._digest = digest
         self._compiled: dict = {}
         self._weights_key = None

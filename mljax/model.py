@@ -53,7 +53,7 @@ class MLModel:
         self._eager = False                     # set when the model's shapes depend on input values
         self._call_keys = _CallKeys()           # fresh random keys, for programs with seed=-1 random ops
         self._predict_fn = _jit_stage(self._stage)
-        self._cached_fn = (CachedJit(self._stage.fn, self._stage.digest)
+        self._cached_fn = (CachedJit(self._predict_fn, self._stage.digest)
                            if self._stage.digest is not None and not self._stage.static_inputs else None)
         self._batched_fn = _jit_batched(self._stage)
 
