@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from mljax.errors import ModelFormatError
+from mljax.format.fs import open_regular
 from mljax.mil.types import DTYPES, DType
 
 __all__ = ["BlobReader", "BlobWriter", "BLOB_DTYPE_CODES"]
@@ -45,14 +46,18 @@ class BlobReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        fd, size = open_regular(self.path, "weight file")
+        if size < _ALIGN:
+            os.close(fd)
+            raise ModelFormatError(
+                f"weight file {self.path} is {size} bytes; expected at least a {_ALIGN}-byte header")
         try:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                self._map = np.memmap(f, dtype=np.uint8, mode="r")
         except (OSError, ValueError) as e:
             raise ModelFormatError(f"cannot read weight file {self.path}: {e}") from None
-        if self._map.size < _ALIGN:
-            raise ModelFormatError(
-                f"weight file {self.path} is {self._map.size} bytes; expected at least a "
-                f"{_ALIGN}-byte header")
+        finally:
+            os.close(fd)
         header = self._map[: _HEADER.itemsize].view(_HEADER)[0]
         if int(header["version"]) != 2:
             raise ModelFormatError(
