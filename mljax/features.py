@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from mljax.errors import InputError
+from mljax.errors import InputError, ModelFormatError
 
 __all__ = ["FeatureSpec", "feature_specs", "convert_inputs", "convert_output"]
 
@@ -116,20 +116,45 @@ def _convert_one(spec: FeatureSpec, value, check_shapes: bool):
             raise InputError(f"input {spec.name!r}: expected an array, found {type(value).__name__} ({e})") from None
         if arr.dtype.kind not in "biuf":
             raise InputError(f"input {spec.name!r}: expected a numeric array ({spec.dtype}); found dtype {arr.dtype}")
+        if arr.size == 0:
+            raise InputError(f"input {spec.name!r}: expected a non-empty array; found shape {tuple(arr.shape)}")
         if check_shapes:
             allowed = _shape_allowed(spec, tuple(arr.shape))
             if allowed is not None:
                 raise InputError(f"input {spec.name!r}: expected {allowed}; found shape {tuple(arr.shape)}")
         return arr.astype(spec.dtype, copy=False)
-    if spec.kind == "int64":
-        return np.asarray(value, dtype=np.int64)
-    if spec.kind == "double":
-        return np.asarray(value, dtype=np.float64)
+    if spec.kind in ("int64", "double"):
+        return _scalar(spec, value)
     return value
+
+
+def _scalar(spec: FeatureSpec, value) -> np.ndarray:
+    """A ``double``/``int64`` feature: one real number (a Python or NumPy number, or an array of
+    one element, kept in its shape)."""
+    expected = f"input {spec.name!r}: expected one {'integer' if spec.kind == 'int64' else 'number'} ({spec.kind})"
+    if isinstance(value, (str, bytes, dict)) or value is None:
+        raise InputError(f"{expected}; found {type(value).__name__}")
+    try:
+        arr = np.asarray(value)
+    except ValueError as e:   # ragged nested lists
+        raise InputError(f"{expected}; found {type(value).__name__} ({e})") from None
+    if arr.dtype.kind not in "biuf" or arr.size != 1:
+        raise InputError(f"{expected}; found {type(value).__name__} of dtype {arr.dtype} and shape {arr.shape}")
+    if spec.kind == "int64" and arr.dtype.kind == "f" and not float(arr.reshape(())).is_integer():
+        raise InputError(f"{expected}; found the fraction {float(arr.reshape(()))}")
+    return arr.astype(np.int64 if spec.kind == "int64" else np.float64)
 
 
 def convert_output(spec: FeatureSpec | None, value):
     """A computed output as the NumPy value coremltools would return."""
+    try:
+        return _convert_output(spec, value)
+    except (TypeError, ValueError, IndexError) as e:
+        raise ModelFormatError(f"output {spec.name!r}: the model describes it as {spec.kind}, but its "
+                               f"computed value is {type(value).__name__} ({e})") from None
+
+
+def _convert_output(spec: FeatureSpec | None, value):
     if spec is None:
         return np.asarray(value)
     if spec.kind == "multiArray":

@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from mljax.errors import InputError
+from mljax.errors import InputError, ModelFormatError
 from mljax.features import feature_specs
 from mljax.stage import Stage, build_stage, register_stage_builder, shared_fn
 
@@ -37,6 +37,8 @@ def _fit(value, spec):
 @register_stage_builder("pipeline", "pipelineClassifier", "pipelineRegressor")
 def build_pipeline_stage(spec, model_dir, **options) -> Stage:
     pipe = pipeline_of(spec)
+    if not pipe.models:
+        raise ModelFormatError(f"{spec.WhichOneof('Type')}: expected at least one model; found none")
     names = stage_names(pipe)
     stages = [build_stage(m, model_dir, **options) for m in pipe.models]
     inputs = feature_specs(spec.description.input)

@@ -34,8 +34,17 @@ from mljax.errors import InputError, ModelFormatError
 from mljax.features import FeatureSpec, feature_specs
 from mljax.stage import Stage, shared_fn
 
-__all__ = ["class_labels", "feature_vector", "float_dtype", "input_width", "probit", "classifier_stage",
+__all__ = ["matrix", "class_labels", "feature_vector", "float_dtype", "input_width", "probit", "classifier_stage",
            "regressor_stage", "classic_stage", "dense_dict_input", "dict_output"]
+
+
+def matrix(rows, what: str, name: str) -> np.ndarray:
+    """A float64 matrix from a model's repeated vectors, which must all have the same length."""
+    rows = [list(r) for r in rows]
+    lengths = sorted({len(r) for r in rows})
+    if len(lengths) > 1:
+        raise ModelFormatError(f"{what}: expected {name} of one length; found lengths {lengths[:10]}")
+    return np.asarray(rows, np.float64).reshape(len(rows), lengths[0] if lengths else 0)
 
 
 def class_labels(params, what: str) -> list:
@@ -69,6 +78,8 @@ def float_dtype():
 def feature_vector(inputs: dict, names) -> jax.Array:
     """Inputs in description order, flattened and concatenated into one float vector."""
     parts = [jnp.ravel(jnp.asarray(inputs[n])).astype(float_dtype()) for n in names]
+    if not parts:
+        raise ModelFormatError("the model describes no input features; expected at least one")
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
@@ -80,7 +91,11 @@ def probit(z):
 def dense_dict_input(value, size: int, name: str, key_index: dict | None = None) -> np.ndarray:
     """A user dictionary ``{key: number}`` as a dense float vector (arrays pass through)."""
     if not isinstance(value, dict):
-        arr = np.asarray(value, np.float64)
+        try:
+            arr = np.asarray(value, np.float64)
+        except (ValueError, TypeError) as e:
+            raise InputError(f"input {name!r}: expected a dict or a vector of {size} numbers; found "
+                             f"{type(value).__name__} ({e})") from None
         if arr.shape != (size,):
             raise InputError(f"input {name!r}: expected a dict or a vector of length {size}; "
                              f"found shape {arr.shape}")
@@ -90,7 +105,10 @@ def dense_dict_input(value, size: int, name: str, key_index: dict | None = None)
         idx = key_index.get(k) if key_index is not None else (int(k) if _is_int(k) else None)
         if idx is None or not 0 <= idx < size:
             continue  # keys outside the index mapping contribute nothing
-        out[idx] = float(v)
+        try:
+            out[idx] = float(v)
+        except (ValueError, TypeError):
+            raise InputError(f"input {name!r}: expected a number for key {k!r}; found {type(v).__name__}") from None
     return out
 
 

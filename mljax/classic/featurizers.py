@@ -114,6 +114,9 @@ def build_one_hot_encoder(spec, weights_dir=None, **_):
     inputs, outputs = _io(spec, "OneHotEncoder")
     in_name, in_spec = next(iter(inputs.items()))
     out_name, out_spec = next(iter(outputs.items()))
+    if in_spec.kind == "multiArray" and in_spec.shape and int(np.prod(in_spec.shape)) != 1:
+        raise ModelFormatError(f"OneHotEncoder: input {in_name!r} must hold one category; the model "
+                               f"describes shape {in_spec.shape}")
     error_on_unknown = p.handleUnknown == 0
     kind = p.WhichOneof("CategoryType")
     if kind == "stringCategories":
@@ -202,6 +205,8 @@ def build_array_feature_extractor(spec, weights_dir=None, **_):
 def build_feature_vectorizer(spec, weights_dir=None, **_):
     """Concatenate the input columns (scalars, arrays, int64-keyed dictionaries) into one vector."""
     columns = [(c.inputColumn, int(c.inputDimensions)) for c in spec.featureVectorizer.inputList]
+    if not columns:
+        raise ModelFormatError("FeatureVectorizer: expected at least one input column; found none")
     inputs, outputs = _io(spec, "FeatureVectorizer", n_in=None)
     out_name = next(iter(outputs))
     missing = [c for c, _ in columns if c not in inputs]

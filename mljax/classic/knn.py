@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mljax.classic._common import class_labels, classifier_stage, feature_vector, float_dtype
+from mljax.classic._common import class_labels, classifier_stage, feature_vector, float_dtype, matrix
 from mljax.errors import ModelFormatError, UnsupportedError
 from mljax.stage import register_stage_builder
 
@@ -36,7 +36,7 @@ def build_knn_classifier(spec, weights_dir=None, **_):
     index = p.nearestNeighborsIndex
     if index.WhichOneof("DistanceFunction") not in (None, "squaredEuclideanDistance"):
         raise UnsupportedError(f"{what}: distance {index.WhichOneof('DistanceFunction')!r} is not supported")
-    samples = np.asarray([list(v.vector) for v in index.floatSamples], np.float32).astype(np.float64)
+    samples = matrix((v.vector for v in index.floatSamples), what, "samples").astype(np.float32).astype(np.float64)
     per_sample = class_labels(p, what) if p.WhichOneof("ClassLabels") else []
     if len(per_sample) != len(samples):
         raise ModelFormatError(f"{what}: expected one label per sample ({len(samples)}); found {len(per_sample)}")

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mljax.classic._common import (class_labels, classifier_stage, feature_vector, float_dtype,
-                                   input_width, regressor_stage)
+                                   input_width, matrix, regressor_stage)
 from mljax.errors import ModelFormatError, UnsupportedError
 from mljax.features import feature_specs
 from mljax.stage import register_stage_builder
@@ -79,11 +79,7 @@ def _subnormal_decisions(coef, log_k):
 def _support_vectors(params, width: int | None, what: str) -> np.ndarray:
     which = params.WhichOneof("supportVectors")
     if which == "denseSupportVectors":
-        rows = [list(v.values) for v in params.denseSupportVectors.vectors]
-        sv = np.asarray(rows, np.float64)
-        if sv.ndim != 2:
-            raise ModelFormatError(f"{what}: dense support vectors must all have the same length")
-        return sv
+        return matrix((v.values for v in params.denseSupportVectors.vectors), what, "dense support vectors")
     if which == "sparseSupportVectors":
         vectors = params.sparseSupportVectors.vectors
         top = max((n.index for v in vectors for n in v.nodes), default=0)
@@ -123,7 +119,7 @@ def _pair_coefficients(params, k: int, n_sv: int, what: str) -> np.ndarray:
     if len(counts) != k or sum(counts) != n_sv:
         raise ModelFormatError(f"{what}: numberOfSupportVectorsPerClass {counts} does not fit {k} classes "
                                f"and {n_sv} support vectors")
-    coef = np.asarray([list(c.alpha) for c in params.coefficients], np.float64)
+    coef = matrix((c.alpha for c in params.coefficients), what, "coefficient rows")
     if coef.shape != (k - 1, n_sv):
         raise ModelFormatError(f"{what}: expected {k - 1} coefficient rows of {n_sv}; found shape {coef.shape}")
     start = np.concatenate([[0], np.cumsum(counts)])

@@ -85,17 +85,28 @@ class BlobReader:
                 f"weight at offset {offset} of {self.path} claims bytes [{start}, {start + nbytes}) "
                 f"but the file has {size} bytes")
         raw = self._map[start: start + nbytes]
+        where = f"weight at offset {offset} of {self.path}"
         if blob_dtype.bits % 8 == 0:
+            if nbytes % blob_dtype.numpy.itemsize:
+                raise ModelFormatError(
+                    f"{where} holds {nbytes} bytes of {blob_dtype.name}: expected a multiple of "
+                    f"{blob_dtype.numpy.itemsize}")
             values = raw.view(blob_dtype.numpy)
         else:
-            count = (nbytes * 8 - int(rec["padding_bits"])) // blob_dtype.bits
+            padding = int(rec["padding_bits"])
+            if padding > nbytes * 8:
+                raise ModelFormatError(
+                    f"{where} declares {padding} padding bits: expected at most its {nbytes * 8} bits")
+            count = (nbytes * 8 - padding) // blob_dtype.bits
             values = _unpack_bits(np.asarray(raw), blob_dtype.bits, count, blob_dtype.name == "int4")
             values = values.astype(blob_dtype.numpy)
         if dtype is not None and dtype.name != blob_dtype.name and dtype.bits == blob_dtype.bits \
                 and dtype.bits % 8 == 0:
             values = values.view(dtype.numpy)
         if shape is not None:
-            expected = int(np.prod(shape, dtype=np.int64))
+            expected = 1
+            for d in shape:
+                expected *= int(d)
             if values.size != expected:
                 raise ModelFormatError(
                     f"weight at offset {offset} of {self.path} holds {values.size} values; "

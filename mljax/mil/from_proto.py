@@ -12,7 +12,10 @@ from mljax.mil.ir import Block, Function, Operation, Program, Var
 from mljax.mil.types import (DictType, ListType, StateType, TensorType, TupleType, ValueType,
                              dtype_from_proto)
 
-__all__ = ["program_from_proto", "value_type_from_proto", "value_from_proto"]
+__all__ = ["program_from_proto", "value_type_from_proto", "value_from_proto", "MAX_RANK", "MAX_ELEMENTS"]
+
+MAX_RANK = 64                 # Core ML's tensors have rank <= 5 (ND layers); 64 leaves room
+MAX_ELEMENTS = 1 << 40        # a bound on any one dimension and on a constant's element count
 
 
 def value_type_from_proto(vt) -> ValueType:
@@ -22,10 +25,15 @@ def value_type_from_proto(vt) -> ValueType:
         dtype = dtype_from_proto(tt.dataType)
         if tt.rank < 0:
             return TensorType(dtype, None)
+        if tt.rank > MAX_RANK:
+            raise ModelFormatError(f"tensor type of rank {tt.rank}: expected a rank of at most {MAX_RANK}")
         dims = []
         for d in tt.dimensions:
             which = d.WhichOneof("dimension")
-            dims.append(int(d.constant.size) if which == "constant" else None)
+            size = int(d.constant.size) if which == "constant" else None
+            if size is not None and size > MAX_ELEMENTS:
+                raise ModelFormatError(f"tensor dimension {size}: expected at most {MAX_ELEMENTS:,}")
+            dims.append(size)
         if len(dims) != tt.rank:
             dims = [None] * tt.rank
         return TensorType(dtype, tuple(dims))
@@ -64,10 +72,16 @@ def _tensor_value(tv, t: TensorType):
     if kind == "bytes":
         raw = tv.bytes.values
         if dtype.bits % 8 == 0 and dtype.name != "string":
+            if len(raw) % dtype.numpy.itemsize:
+                raise ModelFormatError(f"immediate value holds {len(raw)} bytes of {dtype.name}: "
+                                       f"expected a multiple of {dtype.numpy.itemsize}")
             arr = np.frombuffer(raw, dtype=dtype.numpy)
         else:
             from mljax.format.blob import _unpack_bits
-            count = int(np.prod(t.shape)) if t.shape else 1
+            count = _element_count(t.shape) if t.shape else 1
+            if count * dtype.bits > len(raw) * 8:
+                raise ModelFormatError(f"immediate value holds {len(raw)} bytes; type {t} needs "
+                                       f"{(count * dtype.bits + 7) // 8}")
             arr = _unpack_bits(np.frombuffer(raw, np.uint8), dtype.bits, count,
                                dtype.name == "int4").astype(dtype.numpy)
     elif kind == "strings":
@@ -79,7 +93,7 @@ def _tensor_value(tv, t: TensorType):
         if dtype.name != "string":
             arr = arr.astype(dtype.numpy)
     if t.shape is not None and t.is_static:
-        expected = int(np.prod(t.shape, dtype=np.int64))
+        expected = _element_count(t.shape)
         if arr.size != expected:
             raise ModelFormatError(f"immediate value holds {arr.size} values for type {t}")
         arr = arr.reshape(t.shape)
@@ -88,10 +102,24 @@ def _tensor_value(tv, t: TensorType):
     return arr
 
 
+def _element_count(shape) -> int:
+    """The number of elements of a static shape, refused above :data:`MAX_ELEMENTS` (before
+    anything of that size is allocated)."""
+    count = 1
+    for d in shape:
+        count *= int(d)
+        if count > MAX_ELEMENTS:
+            raise ModelFormatError(f"a tensor of shape {tuple(shape)}: expected at most {MAX_ELEMENTS:,} elements")
+    return count
+
+
 def value_from_proto(value, blobs: _Blobs | None = None):
     """A MILSpec.Value -> (type, NumPy array / str / list / tuple / dict, blob ref)."""
     t = value_type_from_proto(value.type)
     kind = value.WhichOneof("value")
+    if kind in ("blobFileValue", "immediateValue") and not isinstance(t, TensorType) \
+            and (kind == "blobFileValue" or value.immediateValue.WhichOneof("value") == "tensor"):
+        raise ModelFormatError(f"a tensor value declared with the non-tensor type {t}")
     if kind == "blobFileValue":
         if blobs is None:
             raise ModelFormatError("a blob value appeared where no weights can be read")
@@ -114,7 +142,12 @@ def value_from_proto(value, blobs: _Blobs | None = None):
 
 
 def _hashable(v):
-    return v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v
+    v = v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v
+    try:
+        hash(v)
+    except TypeError:
+        raise ModelFormatError(f"a dictionary value has the key {v!r}; expected a scalar key") from None
+    return v
 
 
 class _Scope:
@@ -164,14 +197,41 @@ class _Builder:
             inputs[key] = tuple(bound)
         outputs = [Var(nv.name, value_type_from_proto(nv.type)) for nv in pb.outputs]
         blocks = [self.block(b, scope, f"{here} nested block") for b in pb.blocks]
+        _check_blocks(pb.type, blocks, inputs, outputs, here)
         if pb.type == "const":
             if "val" not in pb.attributes:
                 raise ModelFormatError(f"{here} has no 'val' attribute")
+            if len(outputs) != 1:
+                raise ModelFormatError(f"{here}: expected one output, found {len(outputs)}")
             _, val, ref = value_from_proto(pb.attributes["val"], self.blobs)
             outputs[0].value, outputs[0].blob = val, ref
         for v in outputs:
             scope.vars[v.name] = v
         return Operation(pb.type, name, inputs, outputs, blocks, attrs)
+
+
+def _check_blocks(op_type: str, blocks, inputs, outputs, here: str) -> None:
+    """The nested blocks of ``cond`` and ``while_loop`` have the shape their lowering relies on."""
+    if op_type == "cond":
+        problems = [f"2 blocks, found {len(blocks)}"] if len(blocks) != 2 else [
+            f"each block to return the op's {len(outputs)} outputs, found {len(b.outputs)}"
+            for b in blocks if len(b.outputs) != len(outputs)]
+    elif op_type == "while_loop":
+        n = len(inputs.get("loop_vars", ()))
+        if len(blocks) != 2:
+            problems = [f"2 blocks (_cond, _body), found {len(blocks)}"]
+        else:
+            cond, body = blocks
+            problems = [f"{what}, found {found}" for what, found, ok in (
+                (f"{n} outputs (one per loop variable)", len(outputs), len(outputs) == n),
+                (f"_cond with {n} inputs", len(cond.inputs), len(cond.inputs) == n),
+                ("_cond with 1 output", len(cond.outputs), len(cond.outputs) == 1),
+                (f"_body with {n} inputs", len(body.inputs), len(body.inputs) == n),
+                (f"_body with {n} outputs", len(body.outputs), len(body.outputs) == n)) if not ok]
+    else:
+        return
+    if problems:
+        raise ModelFormatError(f"{here}: expected " + "; expected ".join(problems))
 
 
 def program_from_proto(pb, model_dir: Path | None) -> Program:

@@ -78,7 +78,9 @@ def dtype_from_name(name: str) -> DType:
 
 def dtype_from_proto(value: int) -> DType:
     if value not in _BY_PROTO:
-        raise ValueError(f"unknown MIL DataType enum value {value}")
+        from mljax.errors import ModelFormatError
+        raise ModelFormatError(f"unknown MIL DataType enum value {value}; expected one of "
+                               f"{sorted(_BY_PROTO)}")
     return _BY_PROTO[value]
 
 

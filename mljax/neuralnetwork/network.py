@@ -4,7 +4,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from mljax.errors import InputError, ModelFormatError, UnsupportedError
+from jax.errors import JAXTypeError
+
+from mljax.errors import InputError, MLJaxError, ModelFormatError, UnsupportedError
 from mljax.neuralnetwork._base import LayerContext, lookup_layer
 
 __all__ = ["Network", "map_array_input", "map_output", "STATIC_MAX"]
@@ -71,6 +73,9 @@ class Network:
             decoded = impl.weights(getattr(lyr, kind), lyr)
         except ModelFormatError as e:
             raise ModelFormatError(f"NeuralNetwork layer {lyr.name!r} ({kind}): {e}") from None
+        except (ValueError, IndexError, TypeError) as e:
+            raise ModelFormatError(f"NeuralNetwork layer {lyr.name!r} ({kind}): its parameters do not "
+                                   f"fit together ({e})") from None
         for param, value in decoded.items():
             if value is None:
                 continue
@@ -101,7 +106,21 @@ class Network:
         w = {param: self.static[key] if key in self.static else weights[key]
              for param, key in self._params.get(lyr.name, ())}
         ctx = LayerContext(lyr.name, kind, lyr, self.rank5, env=env, run=self.run, weights=weights)
-        out = impl.fn(getattr(lyr, kind), w, [env[n] for n in lyr.input], ctx)
+        try:
+            out = impl.fn(getattr(lyr, kind), w, [env[n] for n in lyr.input], ctx)
+        except (MLJaxError, JAXTypeError):
+            raise   # JAX's concretization errors tell MLModel to run op by op
+        except (IndexError, KeyError) as e:
+            # a layer reads an input, output or parameter entry its spec does not have
+            raise ModelFormatError(
+                f"NeuralNetwork layer {lyr.name!r} ({kind}) has {len(lyr.input)} input(s), "
+                f"{len(lyr.output)} output(s) and parameters {sorted(w)}: fewer than the layer "
+                f"needs (missing {e})") from None
+        except (TypeError, ValueError) as e:
+            shapes = [tuple(jnp.shape(env[n])) for n in lyr.input]
+            raise ModelFormatError(
+                f"NeuralNetwork layer {lyr.name!r} ({kind}): its parameters do not fit its inputs "
+                f"of shapes {shapes} ({e})") from None
         outs = out if isinstance(out, (tuple, list)) else (out,)
         skip = env.get("__skip__")
         for name, value in zip(lyr.output, outs):
