@@ -72,5 +72,7 @@ def add_subcommand(sub, name: str) -> None:
     p.add_argument("model")
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--compute-precision", choices=["float16", "float32"], default=None)
+    p.add_argument("--compute-precision", choices=["auto", "declared", "float16", "float32"], default="auto",
+                      help="auto (default): fp16 programs compute in fp32 on the CPU, declared types elsewhere; "
+                           "declared/float16: exact declared types; float32: always fp32")
     p.set_defaults(func=_cmd_bench)

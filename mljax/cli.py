@@ -82,7 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("model")
     pred.add_argument("--input", "-i", action="append", default=[], metavar="NAME=FILE.npy")
     pred.add_argument("--output", "-o", metavar="OUT.npz")
-    pred.add_argument("--compute-precision", choices=["float16", "float32"], default=None)
+    pred.add_argument("--compute-precision", choices=["auto", "declared", "float16", "float32"], default="auto",
+                      help="auto (default): fp16 programs compute in fp32 on the CPU, declared types elsewhere; "
+                           "declared/float16: exact declared types; float32: always fp32")
     pred.add_argument("--no-cache", action="store_true",
                       help="do not keep compiled executables in $MLJAX_CACHE_DIR or ~/.cache/mljax "
                            "(the cache makes a second predict of the same model start in ~0.1 s)")

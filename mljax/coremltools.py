@@ -43,8 +43,9 @@ def enable(*, compute_precision: str | None = None) -> None:
     """Route ``coremltools.models.MLModel.predict`` and ``make_state`` to mljax.
 
     Args:
-      compute_precision: passed to :class:`mljax.MLModel`; ``None`` computes in the declared
-        types, ``"float32"`` raises fp16 computation to fp32.
+      compute_precision: passed to :class:`mljax.MLModel`: ``None``/``"auto"`` computes fp16
+        programs in fp32 on the CPU (as Core ML's CPU does), ``"declared"`` in their declared
+        types (exact fp16), ``"float32"`` in fp32 everywhere.
     """
     ct_mlmodel, _ = _ct_classes()
     with _LOCK:

@@ -16,25 +16,50 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mljax.errors import OpError, UnsupportedOpError
+from mljax.errors import InputError, OpError, UnsupportedOpError
 from mljax.mil.ir import Block, Function, Operation, Var
 from mljax.mil.types import DTYPES, DType, StateType, TensorType
 from mljax.ops._registry import OpContext, lookup, opset_number
 
-__all__ = ["LoweredFunction", "compute_dtype_fn", "is_weight", "jax_dtype"]
+__all__ = ["COMPUTE_PRECISIONS", "LoweredFunction", "compute_dtype_fn", "is_weight", "jax_dtype",
+           "resolve_compute_precision"]
 
 _NON_INPUT_ATTRIBUTES = {"name"}
 _SHAPE_ONLY_OPS = {"shape"}   # their outputs depend on static shapes only, never on values
 
 
+# Typed execution.  Core ML treats an ML program's declared types as the *minimum* compute
+# precision: a backend may compute fp16 ops in fp32 where fp16 arithmetic is slow.  XLA:CPU has
+# no fp16 arithmetic (it converts around every op, and fp16 programs ran up to 2.1x slower than
+# their fp32 twins), so on the CPU "auto" computes fp16/bf16 in fp32; on GPUs and TPUs, which run
+# fp16 natively, it keeps the declared types.  "declared" asks for the declared types everywhere
+# (bit-level fp16 rounding, e.g. to compare with Core ML's GPU or coremltools' fp16 references).
+_PRECISION_ALIASES = {None: "auto", "auto": "auto",
+                      "declared": "declared", "float16": "declared", "fp16": "declared",
+                      "float32": "float32", "fp32": "float32"}
+COMPUTE_PRECISIONS = ("auto", "declared", "float16", "float32")
+
+
+def resolve_compute_precision(compute_precision: str | None, platform: str | None = None) -> str:
+    """``"declared"`` or ``"float32"``: what ``compute_precision`` means on ``platform``
+    (default: JAX's default backend)."""
+    try:
+        mode = _PRECISION_ALIASES[compute_precision]
+    except (KeyError, TypeError):
+        raise InputError(f"compute_precision must be one of {COMPUTE_PRECISIONS} (or None for 'auto'); "
+                         f"found {compute_precision!r}") from None
+    if mode != "auto":
+        return mode
+    platform = platform or jax.default_backend()
+    return "float32" if platform == "cpu" else "declared"
+
+
 def compute_dtype_fn(compute_precision: str | None) -> Callable[[DType], DType]:
     """The dtype to compute in for a declared dtype (Core ML's declared type is a minimum)."""
-    if compute_precision in (None, "float16", "fp16"):
+    if resolve_compute_precision(compute_precision) == "declared":
         return lambda dt: dt
-    if compute_precision in ("float32", "fp32"):
-        fp32 = DTYPES["fp32"]
-        return lambda dt: fp32 if dt.name in ("fp16", "bf16") else dt
-    raise ValueError(f"compute_precision must be None, 'float16' or 'float32'; found {compute_precision!r}")
+    fp32 = DTYPES["fp32"]
+    return lambda dt: fp32 if dt.name in ("fp16", "bf16") else dt
 
 
 def jax_dtype(dt: DType) -> np.dtype:

@@ -6,7 +6,7 @@ import numpy as np
 from mljax.errors import InputError
 from mljax.features import feature_specs
 from mljax.cache import program_digest
-from mljax.lower import LoweredFunction, is_weight
+from mljax.lower import LoweredFunction, is_weight, resolve_compute_precision
 from mljax.mil.from_proto import program_from_proto
 from mljax.stage import Stage, register_stage_builder
 
@@ -27,7 +27,8 @@ def build_mlprogram_stage(spec, model_dir, *, function_name=None, compute_precis
     name = function_name or spec.description.defaultFunctionName or "main"
     if name not in program.functions:
         raise InputError(f"function_name {name!r} is not in this program; it has {sorted(program.functions)}")
-    lowered = LoweredFunction(program.functions[name], compute_precision)
+    precision = resolve_compute_precision(compute_precision)
+    lowered = LoweredFunction(program.functions[name], precision)
     desc = _description_of(spec, name)
     states = feature_specs(desc.state)
     inputs, outputs = feature_specs(desc.input), feature_specs(desc.output)
@@ -37,9 +38,9 @@ def build_mlprogram_stage(spec, model_dir, *, function_name=None, compute_precis
         preprocess=_image_inputs(inputs), postprocess=_image_outputs(outputs),
         batchable=not states and not lowered.value_inputs,
         static_inputs=tuple(lowered.value_inputs),
-        info={"program": program, "function": name, "lowered": lowered},
+        info={"program": program, "function": name, "lowered": lowered, "compute_precision": precision},
         digest=program_digest(spec.mlProgram.SerializeToString(deterministic=True), _baked(lowered),
-                              ("mlProgram", name, compute_precision)),
+                              ("mlProgram", name, precision)),
     )
 
 

@@ -16,6 +16,7 @@ from mljax.cache import CachedJit
 from mljax.errors import InputError, OpError, PredictionError
 from mljax.features import FeatureSpec, convert_inputs, convert_output
 from mljax.format.package import load_spec, save_spec
+from mljax.lower import resolve_compute_precision
 from mljax.ops.random import CALL_KEY_INPUT
 from mljax.stage import Stage, build_stage, shared_fn
 
@@ -32,8 +33,12 @@ class MLModel:
       weights_dir: for specs given in memory, the folder holding their weight files (as in
         coremltools: a package's ``Data/com.apple.CoreML/weights``).
       function_name: which function of a multifunction ML program to run.
-      compute_precision: ``None`` computes in the declared types (fp16 programs in fp16);
-        ``"float32"`` raises fp16 computation to fp32.
+      compute_precision: typed execution, as Core ML defines it (declared types are the
+        *minimum* precision).  ``"auto"`` (or ``None``, the default): fp16/bf16 programs compute
+        in fp32 on the CPU, where XLA has no fp16 arithmetic, and in their declared types on
+        GPUs/TPUs; ``"declared"`` (alias ``"float16"``): the declared types everywhere (exact
+        fp16 rounding); ``"float32"``: fp32 everywhere.  Inputs and outputs keep their declared
+        dtypes in every mode.
     """
 
     def __init__(self, model, weights_dir=None, *, function_name: str | None = None,
@@ -43,6 +48,7 @@ class MLModel:
         self.model_dir = loaded.model_dir
         self.package_path = loaded.path
         self.function_name = function_name
+        resolve_compute_precision(compute_precision)    # an unknown value fails here, for every model type
         self.compute_precision = compute_precision
         self._stage = _stage or build_stage(self._spec, self.model_dir, function_name=function_name,
                                             compute_precision=compute_precision)

@@ -35,11 +35,12 @@ def convert_mil(build_fn, *, opset: str = "iOS17", fp16: bool = False):
 
 
 def run_mil(build_fn, inputs: dict, *, opset: str = "iOS17", fp16: bool = False,
-            compute_precision=None) -> dict:
+            compute_precision="declared") -> dict:
     """Build a MIL program with coremltools, save it, load it in mljax and predict ``inputs``.
 
     ``build_fn`` is a ``@mb.program``-decorated program or a zero-argument function returning one.
-    Returns mljax's outputs (dict name -> NumPy array).
+    Returns mljax's outputs (dict name -> NumPy array).  Op tests compute in the declared types
+    (``"declared"``: fp16 ops in fp16, as the op's semantics define them) unless told otherwise.
     """
     import mljax
     path = convert_mil(build_fn, opset=opset, fp16=fp16)

@@ -128,7 +128,8 @@ def pytest_configure(config):
     if config.getoption("--mljax-synthetic-boston"):
         _patch_boston()
     import mljax.coremltools as bridge
-    bridge.enable(compute_precision="float32" if config.getoption("--mljax-fp32-compute") else None)
+    # exact declared types: coremltools' fp16 references carry fp16 rounding the tests may depend on
+    bridge.enable(compute_precision="float32" if config.getoption("--mljax-fp32-compute") else "declared")
     _wrap_predict()
     _TIMEOUT[0] = config.getoption("--mljax-timeout") or 0.0
     folder = config.getoption("--mljax-results")

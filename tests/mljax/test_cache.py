@@ -68,7 +68,8 @@ def test_new_shapes_and_precisions_get_their_own_entries(cache, package):
     path, _, _ = package
     x = np.ones((1, 3, 8, 8), np.float32)
     mljax.MLModel(path).predict({"x": x})
-    mljax.MLModel(path, compute_precision="float32").predict({"x": x})   # same program: fp32 already
+    mljax.MLModel(path, compute_precision="float32").predict({"x": x})   # "auto" on the CPU: the same key
+    mljax.MLModel(path, compute_precision="declared").predict({"x": x})  # another precision: its own entry
     mljax.MLModel(path).predict([{"x": x}, {"x": x}])                    # batched: the vmapped jit
     assert len(list(cache.glob("*.bin"))) == 2
 
