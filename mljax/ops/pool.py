@@ -6,6 +6,9 @@ only when a window would start past the input with no padding at all.
 """
 from __future__ import annotations
 
+import itertools
+import math
+
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -46,9 +49,25 @@ def _window(x, kernel_sizes, strides, pad_type, pad, ceil_mode):
     return kernel, strides, pads, extra
 
 
+# Windows of at most this many cells reduce as an elementwise tree over strided slices of the
+# padded input, which XLA:CPU fuses into one loop; its reduce_window is a generic windowed loop,
+# 4x slower for a 2x2/2 max pool at (32, 32, 64, 64) (1.2 ms vs 4.6 ms, one thread).  Large
+# windows (global pooling) keep reduce_window: one slice per cell would not pay.
+_SLICED_MAX_CELLS = 16
+
+
 def _reduce(x, init, op, kernel, strides, pads, extra):
     padding = ((0, 0), (0, 0)) + tuple((b, a + e) for (b, a), e in zip(pads, extra))
-    return lax.reduce_window(x, init, op, (1, 1) + kernel, (1, 1) + strides, padding)
+    if math.prod(kernel) > _SLICED_MAX_CELLS:
+        return lax.reduce_window(x, init, op, (1, 1) + kernel, (1, 1) + strides, padding)
+    x = lax.pad(x, jnp.asarray(init, x.dtype), [(lo, hi, 0) for lo, hi in padding])
+    outs = [(size - k) // s + 1 for size, k, s in zip(x.shape[2:], kernel, strides)]
+    acc = None
+    for offsets in itertools.product(*(range(k) for k in kernel)):
+        limit = x.shape[:2] + tuple(o + (n - 1) * s + 1 for o, n, s in zip(offsets, outs, strides))
+        part = lax.slice(x, (0, 0) + offsets, limit, (1, 1) + strides)
+        acc = part if acc is None else op(acc, part)
+    return acc
 
 
 def _window_sum(x, kernel, strides, pads, extra):
