@@ -184,9 +184,9 @@ REAL = {m.name: m for m in [
               f"MobileNetV3-Small (Howard et al.; SE, hardswish), {CNN_RES}x{CNN_RES}x3"),
     RealModel("efficientnet_b0", _efficientnet_b0, _IMG, 0, (1, 32),
               f"EfficientNet-B0 (Tan & Le; MBConv, SE, SiLU), {CNN_RES}x{CNN_RES}x3"),
-    RealModel("bert", _bert, (1, 128), 8192, (1, 8),
+    RealModel("bert", _bert, (1, 128), 8192, (1, 32),
               "transformers BertModel: 4 layers, hidden 256, 4 heads, FFN 1024; 128 tokens"),
-    RealModel("llama", _llama, (1, 64), 4096, (1, 8),
+    RealModel("llama", _llama, (1, 64), 4096, (1, 32),
               "transformers LlamaForCausalLM: 4 layers, hidden 256, 8 heads (4 KV), SwiGLU 688, "
               "vocab 4096; 64 tokens, no KV cache"),
 ]}
@@ -306,12 +306,12 @@ def measure(names, work: Path, args, *, interleaved, log=print) -> list[dict]:
             m = torch_model(name)
             errs = check(name, paths, m)
         except Exception as e:  # noqa: BLE001 - a failing model is a row of the report
-            rows.append(dict(name=name, batch=None, error=f"{type(e).__name__}: {str(e)[:300]}"))
+            rows.append(dict(name=name, batch=None, about=REAL[name].about, error=f"{type(e).__name__}: {str(e)[:300]}"))
             log(f"  real {name}: FAILED {rows[-1]['error']}")
             continue
         bad = [p for p, e in errs.items() if not e <= TOL[p]]
         for batch in REAL[name].batches:
-            row = dict(name=name, batch=batch, errors=errs, error=None)
+            row = dict(name=name, batch=batch, about=REAL[name].about, errors=errs, error=None)
             if bad:
                 row["error"] = "; ".join(f"{p} output differs from torch (rel. error {errs[p]:.1e} > {TOL[p]})"
                                          for p in bad)

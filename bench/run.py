@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 
 import zoo  # noqa: E402
 from measure import interleaved, ratio, run_worker  # noqa: E402
+import real  # noqa: E402
 from report import Report  # noqa: E402
 
 
@@ -285,6 +286,13 @@ def bench_update(rep: Report, work, args):
     rep.update(res, n=n, epochs=epochs, batch=batch, shape=(n_in, n_hidden, n_classes))
 
 
+# --- real architectures ---------------------------------------------------------------------------
+def bench_real(rep: Report, work, args):
+    """resnet18, mobilenet_v3_small, efficientnet_b0, BERT, Llama: fp32/fp16 programs vs ORT and torch."""
+    log(f"  real architectures: {', '.join(args.real_names)}")
+    rep.real(real.measure(args.real_names, work, args, interleaved=interleaved, log=log))
+
+
 # --- main ---------------------------------------------------------------------------------------------
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -294,13 +302,16 @@ def parse(argv):
     p.add_argument("--threads", type=int, default=1,
                    help="threads per runtime (1: XLA, ONNX Runtime and torch single-threaded, so CPU time per "
                         "call measures work even on a loaded machine)")
-    p.add_argument("--models", default=None, help="comma-separated zoo models (default: all; quick: cnn,transformer)")
+    p.add_argument("--models", default=None, help="comma-separated zoo and real models (default: all; quick: "
+                   "cnn,transformer)")
     p.add_argument("--rebuild", action="store_true", help="convert the zoo again")
-    p.add_argument("--only", default=None, help="comma-separated sections: predict,lowering,load,big,update,personalize,layers")
+    p.add_argument("--only", default=None,
+                   help="comma-separated sections: predict,lowering,load,big,update,personalize,layers,real")
     a = p.parse_args(argv)
     a.variants = ("fp16",)
     names = a.models.split(",") if a.models else (["cnn", "transformer"] if a.quick else list(zoo.ZOO))
-    a.names = names
+    a.names = [n for n in names if n not in real.REAL]
+    a.real_names = [n for n in names if n in real.REAL] if a.models else list(real.REAL)
     if a.quick:
         a.rounds, a.budget, a.load_repeats, a.big_mb = 5, 0.02, 1, 100
         a.update_samples, a.update_epochs, a.update_repeats = 1024, 3, 1
@@ -308,6 +319,8 @@ def parse(argv):
         a.rounds, a.budget, a.load_repeats, a.big_mb = 15, 0.05, 3, 500
         a.update_samples, a.update_epochs, a.update_repeats = 4096, 5, 3
     a.sections = a.only.split(",") if a.only else ["predict", "layers", "lowering", "load", "big", "update", "personalize"]
+    if not a.only and not a.quick:
+        a.sections.append("real")
     return a
 
 
@@ -331,14 +344,16 @@ def main(argv=None):
     work = Path(args.work)
     rep = Report(args)
     t0 = time.perf_counter()
-    log(f"mljax benchmark ({'quick' if args.quick else 'full'}): {', '.join(args.names)}; sections {args.sections}")
+    log(f"mljax benchmark ({'quick' if args.quick else 'full'}): {', '.join(args.names + args.real_names)}; "
+        f"sections {args.sections}")
     sections = {"predict": lambda: bench_predict(rep, args.names, work, args),
                 "lowering": lambda: bench_lowering(rep, work, args),
                 "load": lambda: bench_load(rep, args.names, work, args),
                 "big": lambda: bench_big(rep, work, args),
                 "update": lambda: bench_update(rep, work, args),
                 "personalize": lambda: bench_personalize(rep, work, args),
-                "layers": lambda: bench_layers(rep, work, args)}
+                "layers": lambda: bench_layers(rep, work, args),
+                "real": lambda: bench_real(rep, work, args)}
     for s in args.sections:
         log(f"[{time.perf_counter() - t0:6.1f}s] {s}")
         sections[s]()
