@@ -36,16 +36,46 @@ class Param:
     allowed: tuple | None = None   # a set of allowed values
 
     def check(self, value):
-        """``value`` converted to the parameter's kind, or UpdateError if the spec forbids it."""
-        try:
-            value = {"double": float, "int": int, "bool": bool}[self.kind](value)
-        except (TypeError, ValueError):
-            raise UpdateError(f"parameter {self.name!r}: expected a {self.kind}, found {value!r}") from None
+        """``value`` as the parameter's kind, or UpdateError if it is not of that kind or the spec
+        (or :data:`LIMITS`) forbids it.  Types are Core ML's: an int is an integer (not 10.5, not
+        "10", not True), a double a finite real number, a bool a bool (not "no", not 0)."""
+        value = _typed(self.name, self.kind, value)
+        lo, hi = LIMITS.get(self.name, (None, None))
+        if lo is not None and value < lo or hi is not None and value > hi:
+            raise UpdateError(f"parameter {self.name!r}: expected a value in [{lo}, {hi}]; found {value}")
         if self.allowed is not None and value not in self.allowed:
             raise UpdateError(f"parameter {self.name!r}: the model allows {sorted(self.allowed)}; found {value}")
         if self.min is not None and value < self.min or self.max is not None and value > self.max:
             raise UpdateError(f"parameter {self.name!r}: the model allows [{self.min}, {self.max}]; found {value}")
         return value
+
+
+#: Bounds every model shares, beyond the ranges a spec states: epochs and mini-batch sizes are
+#: positive; ``seed`` seeds NumPy's generator, which takes a non-negative integer (Core ML
+#: documents no meaning for a negative seed); more than a million epochs is refused as a mistake.
+LIMITS = {"epochs": (1, 1_000_000), "mini_batch_size": (1, None), "seed": (0, 2**63 - 1),
+          "learning_rate": (0.0, None), "momentum": (0.0, None), "eps": (0.0, None)}
+
+
+def _typed(name: str, kind: str, value):
+    import numbers
+
+    import numpy as np
+    found = f"found {value!r} ({type(value).__name__})"
+    if kind == "bool":
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        raise UpdateError(f"parameter {name!r}: expected a bool (True or False); {found}")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise UpdateError(f"parameter {name!r}: expected {'an int' if kind == 'int' else 'a number'}; {found}")
+    if kind == "int":
+        if not isinstance(value, numbers.Integral):
+            raise UpdateError(f"parameter {name!r}: expected an int; {found}")
+        return int(value)
+    value = float(value)
+    if not np.isfinite(value):
+        raise UpdateError(f"parameter {name!r}: expected a finite number; {found}")
+    return value
 
 
 def _param(name: str, pb, kind: str) -> Param | None:
@@ -92,6 +122,9 @@ class UpdateSpec:
     def resolve(self, overrides: dict | None) -> dict[str, Any]:
         """The spec's defaults with the user's overrides, each checked against the allowed values."""
         values = self.defaults()
+        if overrides is not None and not isinstance(overrides, dict):
+            raise UpdateError(f"parameters: expected a dict of parameter name -> value; found "
+                              f"{type(overrides).__name__}")
         for key, value in (overrides or {}).items():
             if key not in PARAMETER_KEYS:
                 raise UpdateError(f"unknown update parameter {key!r}; expected one of {sorted(PARAMETER_KEYS)}")

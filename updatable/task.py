@@ -55,8 +55,19 @@ def _stack_training_data(data, names: list[str]) -> dict[str, np.ndarray]:
     if isinstance(data, dict):
         missing = [n for n in names if n not in data]
         if missing:
-            raise UpdateError(f"training data lacks training inputs {missing}; it has {sorted(data)}")
-        stacked = {n: np.asarray(data[n]) for n in names}
+            raise UpdateError(f"training data lacks training inputs {missing}; it has {sorted(data, key=str)}")
+        stacked = {}
+        for n in names:
+            try:
+                stacked[n] = np.asarray(data[n])
+            except ValueError as e:
+                raise UpdateError(f"training input {n!r}: expected an array of samples ({e})") from None
+            if stacked[n].ndim == 0:
+                raise UpdateError(f"training input {n!r}: expected an array with one entry per sample; "
+                                  f"found a single {type(data[n]).__name__}")
+    elif isinstance(data, (str, bytes)) or not isinstance(data, (list, tuple)):
+        raise UpdateError(f"training data: expected a list of feature dicts or a dict of arrays; "
+                          f"found {type(data).__name__}")
     else:
         items = list(data)
         if not items:
@@ -69,10 +80,16 @@ def _stack_training_data(data, names: list[str]) -> dict[str, np.ndarray]:
                 raise UpdateError(f"training sample {i} lacks training inputs {missing}; expected {names}")
         stacked = {}
         for n in names:
+            samples = []
+            for i, item in enumerate(items):
+                try:
+                    samples.append(np.asarray(item[n]))
+                except ValueError as e:
+                    raise UpdateError(f"training sample {i}, input {n!r}: expected an array ({e})") from None
             try:
-                stacked[n] = np.stack([np.asarray(item[n]) for item in items])
+                stacked[n] = np.stack(samples)
             except ValueError:
-                shapes = sorted({np.shape(item[n]) for item in items})
+                shapes = sorted({s.shape for s in samples})
                 raise UpdateError(f"training input {n!r} has samples of different shapes {shapes}") from None
     sizes = {n: len(v) for n, v in stacked.items()}
     if len(set(sizes.values())) != 1:
@@ -87,11 +104,16 @@ class UpdateTask:
       model: a path, or an :class:`mljax.MLModel` (never modified).
       training_data: a list of feature dicts (like MLArrayBatchProvider) or a dict of
         stacked arrays, holding the model's training inputs.
-      parameters: overrides of the spec's update parameters (``learning_rate``, ``epochs``,
-        ``mini_batch_size``, ``momentum``, ``beta1``, ``beta2``, ``eps``, ``shuffle``,
-        ``seed``), each checked against the values the spec allows.
+      parameters: a dict of overrides of the spec's update parameters (``learning_rate``,
+        ``epochs``, ``mini_batch_size``, ``momentum``, ``beta1``, ``beta2``, ``eps``,
+        ``shuffle``, ``seed``), typed as Core ML types them and checked against the values the
+        spec allows: ``epochs`` and ``mini_batch_size`` positive ints (epochs at most
+        1,000,000), ``shuffle`` a bool, ``seed`` an int >= 0 (it seeds the shuffle), the
+        others finite numbers (:data:`updatable.spec.LIMITS`).
       progress_handler: called with an :class:`UpdateContext` at ``training_begin``,
-        ``mini_batch_end`` and ``epoch_end``; it may call :meth:`cancel`.
+        ``mini_batch_end`` and ``epoch_end``; it may call :meth:`cancel`.  An exception raised
+        by a handler ends the task: ``run`` raises :class:`UpdateError` with the handler's
+        exception as ``__cause__``, and the source model is untouched.
       completion_handler: called once with the final context (event ``"completed"`` or
         ``"cancelled"``).
       progress_bar: show a tqdm bar per epoch with the loss (when tqdm is installed).
@@ -122,6 +144,10 @@ class UpdateTask:
         names = list(self.uspec.training_inputs)
         stacked = _stack_training_data(training_data, names)
         target_name = self._target_name()
+        for n, v in stacked.items():
+            if n != target_name and v.dtype.kind not in "biuf":
+                raise UpdateError(f"training input {n!r}: expected numbers; found {v.dtype} values "
+                                  f"such as {v.reshape(-1)[0]!r}")
         target = self._encode_target(stacked.pop(target_name), target_name)
         features = self.network.network_inputs(stacked)
         return features, target
@@ -136,16 +162,28 @@ class UpdateTask:
 
     def _encode_target(self, values: np.ndarray, name: str) -> np.ndarray:
         if self.uspec.loss.kind != "categorical_cross_entropy":
+            if values.dtype.kind not in "biuf":
+                raise UpdateError(f"target {name!r}: expected numbers; found {values.dtype} values")
             return values.astype(np.float32)
         labels = self.uspec.class_labels
         if labels is not None and name == self.uspec.predicted_feature:
             index = {lab: i for i, lab in enumerate(labels)}
+            if values.ndim > 1 and values[0].size != 1:
+                raise UpdateError(f"training labels {name!r}: expected one class label per sample; "
+                                  f"found samples of shape {values.shape[1:]}")
             flat = values.reshape(-1)
+            odd = [v for v in flat if not isinstance(v, (str, int, np.generic))]
+            if odd:
+                raise UpdateError(f"training labels {name!r}: expected class labels (str or int); "
+                                  f"found {type(odd[0]).__name__} {odd[0]!r}")
             unknown = sorted({v.item() if hasattr(v, "item") else v for v in flat} - set(index))
             if unknown:
                 raise UpdateError(f"training labels {unknown[:10]} are not classes of this model "
                                   f"(classes: {labels[:20]}{'...' if len(labels) > 20 else ''})")
             return np.array([index[v.item() if hasattr(v, "item") else v] for v in flat], np.int32)
+        if values.dtype.kind not in "biuf" or (values.ndim > 1 and values[0].size != 1):
+            raise UpdateError(f"target {name!r}: expected one class index per sample; found {values.dtype} "
+                              f"samples of shape {values.shape[1:]}")
         idx = values.reshape(len(values), -1)[:, 0]
         n_classes = self.network.num_classes()
         if np.any(idx != np.round(idx)) or np.any(idx < 0) or (n_classes and np.any(idx >= n_classes)):
@@ -195,14 +233,14 @@ class UpdateTask:
 
     def _emit(self, event: str, metrics: dict) -> None:
         if self.progress_handler is not None:
-            self.progress_handler(UpdateContext(self, event, dict(metrics), dict(self.parameters)))
+            _call_handler(self.progress_handler, UpdateContext(self, event, dict(metrics), dict(self.parameters)))
 
     def run(self) -> UpdateContext:
         """Train for the configured epochs; returns the final context with the updated model."""
         if self._knn is not None:
             final = UpdateContext(self, "completed", {}, dict(self.parameters), _model=self._knn)
             if self.completion_handler is not None:
-                self.completion_handler(final)
+                _call_handler(self.completion_handler, final)
             return final
         p = self.parameters
         features, target = self._data
@@ -248,12 +286,24 @@ class UpdateTask:
             bar.close()
         final = UpdateContext(self, "cancelled" if self._cancelled else "completed", metrics, dict(p))
         if self.completion_handler is not None:
-            self.completion_handler(final)
+            _call_handler(self.completion_handler, final)
         return final
 
     def current_model(self) -> MLModel:
         """A new MLModel holding the weights trained so far (the source is untouched)."""
         return self.network.updated_model(self._trainable)
+
+
+def _call_handler(handler, ctx: UpdateContext) -> None:
+    """Run a user's handler; an exception in it ends the task as an :class:`UpdateError` whose
+    ``__cause__`` is the handler's exception (the source model is never modified)."""
+    try:
+        handler(ctx)
+    except MLJaxError:
+        raise
+    except Exception as e:   # noqa: BLE001 - the user's code may raise anything
+        raise UpdateError(f"the {ctx.event} handler raised {type(e).__name__}: {e}; the task stopped "
+                          f"and the model is unchanged") from e
 
 
 def _progress(total: int, enabled: bool):
