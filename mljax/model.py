@@ -124,6 +124,9 @@ class MLModel:
         # in the model description's order (JAX returns dict pytrees sorted by key)
         return {k: convert_output(specs[k], outputs[k]) for k in specs if k in outputs}
 
+    #: the most inputs of a list predict that run in one vmapped call
+    BATCH_CHUNK = 1024
+
     def predict(self, data, state: "MLState | None" = None):
         """Predict one dict of features, or a list of dicts (batched in one call when shapes agree)."""
         if isinstance(data, (list, tuple)):
@@ -144,17 +147,25 @@ class MLModel:
                    all(np.shape(p[k]) == np.shape(prepared[0][k]) for k in p) for p in prepared)
         if not (self._stage.batchable and state is None and same and len(items) > 1):
             return [self.predict(d, state) for d in items]
-        stacked = {k: np.stack([p[k] for p in prepared]) for k in prepared[0]}
         if self._eager:
             return [self.predict(d, state) for d in items]
-        try:
-            with self._x64_scope():
-                outputs, _ = self._batched_fn(self._weights, stacked, {})
-            outputs = _raise_failed_checks(outputs)
-        except _NEEDS_CONCRETE:
-            return [self.predict(d, state) for d in items]
-        outputs = {k: np.asarray(v) for k, v in outputs.items()}
-        return [self._finish({k: v[i] for k, v in outputs.items()}) for i in range(len(items))]
+        # at most BATCH_CHUNK rows per vmapped call (bounded memory); the last chunk is padded
+        # with copies of the first row, so one compiled size serves every chunk
+        n, chunk = len(prepared), min(len(prepared), self.BATCH_CHUNK)
+        results = []
+        for start in range(0, n, chunk):
+            rows = prepared[start:start + chunk]
+            rows = rows + [prepared[0]] * (chunk - len(rows))
+            stacked = {k: np.stack([p[k] for p in rows]) for k in prepared[0]}
+            try:
+                with self._x64_scope():
+                    outputs, _ = self._batched_fn(self._weights, stacked, {})
+                outputs = _raise_failed_checks(outputs)
+            except _NEEDS_CONCRETE:
+                return [self.predict(d, state) for d in items]
+            outputs = {k: np.asarray(v) for k, v in outputs.items()}
+            results += [self._finish({k: v[i] for k, v in outputs.items()}) for i in range(min(chunk, n - start))]
+        return results
 
     def _run(self, inputs: dict, states: dict):
         """The jitted function; op by op on concrete values when a shape depends on the data."""
