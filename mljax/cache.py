@@ -5,18 +5,22 @@ function and lowers it to StableHLO to compute the cache key: about 0.15 s for a
 network, most of a warm ``MLModel(path)`` + first ``predict``.  This cache keys the compiled
 executable on what determines it without tracing: a digest of the stage (the MIL program and
 every constant baked into the trace; weights are arguments), the abstract signature of the
-arguments, and the versions of mljax/jax/jaxlib, the backend and ``XLA_FLAGS``; a hit
+arguments, the versions of mljax/jax/jaxlib, a digest of mljax's own source code (every
+``mljax/**/*.py``, hashed once at import: a changed lowering never serves an old executable),
+the backend and ``XLA_FLAGS``; a hit
 deserializes the executable (``jax.experimental.serialize_executable``) and calls it.
 
 It is on when a folder is configured: ``mljax.cache.enable(path)``, the ``MLJAX_CACHE_DIR``
 environment variable, or JAX's own ``jax_compilation_cache_dir`` (then under
-``<dir>/mljax-executables``).  An unreadable or stale entry is recompiled and replaced;
-nothing here can change a result, only how fast the first call comes.
+``<dir>/mljax-executables``).  An unreadable or stale entry is logged (logger ``mljax.cache``,
+level WARNING), recompiled and replaced; nothing here can change a result, only how fast the
+first call comes.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import pickle
 import tempfile
@@ -27,9 +31,25 @@ from typing import Callable
 import jax
 import numpy as np
 
-__all__ = ["enable", "using", "disable", "cache_dir", "CachedJit", "load", "store"]
+__all__ = ["enable", "using", "disable", "cache_dir", "CachedJit", "load", "store", "source_digest",
+           "SOURCE_DIGEST"]
 
 _FORMAT = b"mljax-executable-v1"
+_log = logging.getLogger("mljax.cache")
+
+
+def source_digest(root: str | os.PathLike | None = None) -> bytes:
+    """sha256 over every ``*.py`` under ``root`` (default: the mljax package), names and bytes."""
+    root = Path(root or Path(__file__).parent)
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        h.update(path.read_bytes() + b"\0")
+    return h.digest()
+
+
+#: mljax's own code, as imported: part of every cache key
+SOURCE_DIGEST = source_digest()
 _DIR: list = [None]       # [explicit folder | False (disabled) | None (from env / JAX)]
 
 
@@ -90,7 +110,7 @@ def _environment() -> bytes:
 
     import mljax
     dev = jax.devices()[0]
-    return repr((mljax.__version__, jax.__version__, jaxlib.__version__, dev.platform,
+    return repr((mljax.__version__, SOURCE_DIGEST.hex(), jax.__version__, jaxlib.__version__, dev.platform,
                  getattr(dev, "device_kind", ""), os.environ.get("XLA_FLAGS", ""),
                  jax.config.jax_enable_x64)).encode()
 
@@ -154,7 +174,9 @@ def load(path: Path):
         from jax.experimental.serialize_executable import deserialize_and_load
         payload, in_tree, out_tree = pickle.loads(path.read_bytes())
         return deserialize_and_load(payload, in_tree, out_tree)
-    except Exception:   # noqa: BLE001 - a stale or damaged entry: the caller compiles and replaces it
+    except Exception as e:   # noqa: BLE001 - a stale or damaged entry: the caller compiles and replaces it
+        _log.warning("mljax: cannot load the cached executable %s (%s: %s); compiling it again",
+                     path, type(e).__name__, e)
         return None
 
 
