@@ -4,7 +4,8 @@ Where the whole-network gap to ONNX Runtime comes from, layer by layer: every ``
 cnn and dwcnn (at the shapes it sees in the network) and the matrix products of the recurrent
 and transformer models run alone through mljax's own MIL op implementation (jitted, the weights
 as arguments, as in a lowered program) and through ONNX Runtime (the same layer exported from
-PyTorch).  Values are checked against PyTorch before timing.
+PyTorch).  Values are checked against PyTorch before timing.  Each conv row names the path
+``mljax.ops.conv.conv_path`` picks for it (im2col, winograd, pointwise, depthwise or lax).
 """
 from __future__ import annotations
 
@@ -57,6 +58,14 @@ def _mljax_conv(module):
     return lambda x: jax.block_until_ready(fn(wd, bd, x))
 
 
+def _conv_path(module, x) -> str:
+    """The implementation mljax's ``conv`` picks for this layer (``mljax.ops.conv.conv_path``)."""
+    from mljax.ops.conv import conv_path
+    pads = [(p, p) for p in module.padding]
+    return conv_path(x.shape, tuple(module.weight.shape), x.dtype, module.stride, pads, module.dilation,
+                     module.groups)
+
+
 def _mljax_linear(module):
     import jax
 
@@ -79,7 +88,8 @@ def conv_rows(names, batch: int, args, log=print) -> list[dict]:
                 kind = ("depthwise" if module.groups > 1 and module.groups == module.in_channels else
                         "1x1" if module.kernel_size == (1, 1) else "x".join(map(str, module.kernel_size)))
                 stride = f" /{module.stride[0]}" if module.stride[0] > 1 else ""
-                rows.append(_timed(f"{name} #{i}", f"conv {kind}{stride}", x, ref, _mljax_conv(module), sess, args))
+                kind = f"conv {kind}{stride} ({_conv_path(module, x)})"
+                rows.append(_timed(f"{name} #{i}", kind, x, ref, _mljax_conv(module), sess, args))
                 log(f"    {rows[-1]['layer']}: {rows[-1]['kind']} {rows[-1]['mljax_ms']:.3f} ms vs "
                     f"{rows[-1]['ort_ms']:.3f} ms")
     return rows

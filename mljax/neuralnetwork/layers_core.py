@@ -12,7 +12,7 @@ from jax import lax
 
 from mljax.neuralnetwork._base import as_rank5, fail, flat_lead, from_rank5, layer, xp
 from mljax.neuralnetwork.weights import decode_weights
-from mljax.ops.conv import _depthwise, _is_depthwise
+from mljax.ops.conv import _dense_or_grouped
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -175,12 +175,8 @@ def convolution(p, w, xs, ctx):
             pads = [same_pads(xb.shape[2 + i], k[i], s[i], d[i], tl) for i in range(2)]
         else:
             pads = _border(p.valid.paddingAmounts)
-        if _is_depthwise(xb.shape, wt.shape, groups, pads, s, d):   # fused taps, not a grouped conv
-            y = _depthwise(xb, wt.astype(xb.dtype), tuple(s), pads, d)
-        else:
-            y = lax.conv_general_dilated(xb, wt.astype(xb.dtype), s, pads, rhs_dilation=d,
-                                         dimension_numbers=("NCHW", "OIHW", "NCHW"),
-                                         feature_group_count=groups, precision=_HIGHEST)
+        # the MIL conv's path choice (depthwise taps, GEMMs, Winograd or XLA's convolution)
+        y = _dense_or_grouped(xb, wt.astype(xb.dtype), tuple(s), pads, tuple(d), groups).astype(xb.dtype)
     if "bias" in w:
         y = y + w["bias"].reshape(-1, 1, 1)
     return y.reshape(lead + tuple(y.shape[1:]))

@@ -10,6 +10,7 @@ iOS17 only widens the dtype domains (weight/bias may differ from ``x``'s dtype, 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +19,7 @@ from jax import lax
 from mljax.errors import OpError
 from mljax.ops._registry import register
 
-__all__ = ["conv", "conv_transpose"]
+__all__ = ["conv", "conv_path", "conv_transpose"]
 
 _PAD_TYPES = ("valid", "same", "same_lower", "custom")
 
@@ -102,23 +103,83 @@ def conv(x, weight, bias=None, *, strides=None, pad_type="valid", pad=None, dila
     strides = _ints(strides, n, 1, "strides")
     dilations = _ints(dilations, n, 1, "dilations")
     pads = _spatial_pads(pad_type, pad, x.shape[2:], kernel, strides, dilations)
-    if _is_depthwise(x.shape, weight.shape, groups, pads, strides, dilations):
-        y = _depthwise(x, weight, strides, pads, dilations)
-    elif _is_pointwise(weight.shape, groups, pads):
-        y = _pointwise(x, weight, strides)
-    else:
-        y = lax.conv_general_dilated(
-            x, weight.astype(x.dtype), window_strides=strides, padding=pads,
-            rhs_dilation=dilations, dimension_numbers=_dimension_numbers(n),
-            feature_group_count=groups, preferred_element_type=_accumulate_dtype(x.dtype))
+    y = _dense_or_grouped(x, weight, strides, pads, dilations, groups)
     return _add_bias(y, bias, n).astype(x.dtype)
 
 
 _DEPTHWISE_MAX_TAPS = 64
+# Path rules for XLA:CPU, from bench/conv_paths.py: single thread, fp32, CPU ms of the path over
+# lax.conv_general_dilated's (median of interleaved rounds on a shared 2-core AMD EPYC; +-10%):
+#   shape (N,C_in,H,W)->C_out 3x3    im2col  winograd F(2x2)  F(4x4)
+#   (32,3,64,64)->32                 0.43x   3.46x            2.43x
+#   (32,3,96,96)->32 stride 2        0.42x   -                -
+#   (8,3,112,112)->64 7x7 stride 2   1.35x   -                -
+#   (32,8,32,32)->16                 1.13x   0.88x            0.78x
+#   (32,16,32,32)->16                2.20x   0.95x            0.76x (1.05x in an earlier run)
+#   (32,32,32,32)->64                5.88x   3.21x            0.94x-1.02x
+#   (32,64,16,16)->128               3.46x   0.93x            0.79x-0.83x
+#   (32,64,32,32)->128 stride 2      3.59x   -                -
+#   (1,64,56,56)->64                 1.58x   1.02x            0.74x
+#   (8,128,28,28)->128               3.57x   0.77x            0.55x
+#   (8,256,14,14)->256               2.60x   0.71x            0.55x-0.60x
+#   (1,256,14,14)->256               0.90x   0.83x            0.88x
+#   (1,512,7,7)->512                 0.56x   0.82x            3.80x (transformed weights 38 MB)
+# F(2x2) is never ahead of F(4x4) where either wins; 1x1 as one GEMM (pointwise): 0.52x.
+_IM2COL_MAX_ROWS = 32        # C_in * taps of a patch: im2col beyond this loses to lax.conv
+_WINOGRAD_MIN_CHANNELS = 16  # C_in and C_out at least this: the transforms pay for themselves
+_WINOGRAD_MIN_TILES = 16     # N * output tiles at least this: the weight transform is amortized
+_FAST_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def conv_path(x_shape, w_shape, dtype, strides, pads, dilations, groups) -> str:
+    """The implementation ``conv`` runs for these shapes and attributes.
+
+    One of ``depthwise``, ``pointwise`` (1x1 as one GEMM), ``im2col`` (patches + one GEMM),
+    ``winograd`` (F(4x4, 3x3)) or ``lax`` (XLA's convolution); see the table above.
+    """
+    pads = [tuple(p) for p in pads]
+    if _is_depthwise(x_shape, w_shape, groups, pads, strides, dilations):
+        return "depthwise"
+    if _is_pointwise(w_shape, groups, pads):
+        return "pointwise"
+    outs = _out_sizes(x_shape[2:], w_shape[2:], strides, pads, dilations)
+    if groups != 1 or jnp.dtype(dtype).name not in _FAST_DTYPES or min(outs) < 1:
+        return "lax"
+    if math.prod(w_shape[1:]) <= _IM2COL_MAX_ROWS:
+        return "im2col"
+    if (len(outs) == 2 and tuple(w_shape[2:]) == (3, 3) and tuple(strides) == (1, 1)
+            and tuple(dilations) == (1, 1) and min(w_shape[:2]) >= _WINOGRAD_MIN_CHANNELS
+            and x_shape[0] * math.prod(-(-o // _WINOGRAD_F4.m) for o in outs) >= _WINOGRAD_MIN_TILES):
+        return "winograd"
+    return "lax"
+
+
+def _dense_or_grouped(x, weight, strides, pads, dilations, groups):
+    """``conv`` without bias, by the path :func:`conv_path` picks; fp16 comes back as fp32."""
+    path = conv_path(x.shape, weight.shape, x.dtype, strides, pads, dilations, groups)
+    if path == "depthwise":
+        return _depthwise(x, weight, strides, pads, dilations)
+    if path == "pointwise":
+        return _pointwise(x, weight, strides)
+    if path == "im2col":
+        return _im2col(x, weight, strides, pads, dilations)
+    if path == "winograd":
+        return _winograd(x, weight, pads, _WINOGRAD_F4)
+    return lax.conv_general_dilated(
+        x, weight.astype(x.dtype), window_strides=strides, padding=pads,
+        rhs_dilation=dilations, dimension_numbers=_dimension_numbers(x.ndim - 2),
+        feature_group_count=groups, preferred_element_type=_accumulate_dtype(x.dtype))
 
 
 def _is_pointwise(w_shape, groups, pads) -> bool:
     return groups == 1 and all(k == 1 for k in w_shape[2:]) and all(p == (0, 0) for p in map(tuple, pads))
+
+
+def _batched_gemm(w2, x3):
+    """``w2 [K, R]`` times each ``x3[n] [R, P]``: ``[N, K, P]`` (fp16 accumulated in fp32)."""
+    w = jnp.broadcast_to(w2.astype(x3.dtype), (x3.shape[0],) + tuple(w2.shape))
+    return lax.dot_general(w, x3, (((2,), (1,)), ((0,), (0,))),
+                           preferred_element_type=_accumulate_dtype(x3.dtype))
 
 
 def _pointwise(x, weight, strides):
@@ -130,15 +191,25 @@ def _pointwise(x, weight, strides):
     if any(s != 1 for s in strides):
         x = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)]
     n, c, *spatial = x.shape
-    w = jnp.broadcast_to(weight.reshape(weight.shape[:2]).astype(x.dtype), (n,) + tuple(weight.shape[:2]))
-    y = lax.dot_general(w, x.reshape(n, c, -1), (((2,), (1,)), ((0,), (0,))),
-                        preferred_element_type=_accumulate_dtype(x.dtype))
+    y = _batched_gemm(weight.reshape(weight.shape[:2]), x.reshape(n, c, -1))
     return y.reshape((n, weight.shape[0], *spatial))
 
 
 def _out_sizes(in_sizes, kernel, strides, pads, dilations):
     return [(size + lo + hi - ((k - 1) * d + 1)) // s + 1
             for size, k, s, (lo, hi), d in zip(in_sizes, kernel, strides, pads, dilations)]
+
+
+def _pad_spatial(x, pads):
+    return lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] * 2 + [(lo, hi, 0) for lo, hi in pads])
+
+
+def _windows(xp, kernel, strides, dilations, outs):
+    """``(tap, window)`` per kernel tap, row-major: the ``[N, C, *outs]`` slice of padded ``xp`` it reads."""
+    for tap in np.ndindex(*kernel):
+        start = tuple(t * d for t, d in zip(tap, dilations))
+        limit = tuple(b + (o - 1) * s + 1 for b, o, s in zip(start, outs, strides))
+        yield tap, lax.slice(xp, (0, 0) + start, xp.shape[:2] + limit, (1, 1) + tuple(strides))
 
 
 def _is_depthwise(x_shape, w_shape, groups, pads, strides, dilations) -> bool:
@@ -162,18 +233,86 @@ def _depthwise(x, weight, strides, pads, dilations):
         x = jnp.repeat(x, mult, axis=1)
     acc = _accumulate_dtype(x.dtype) or x.dtype
     n_sp = x.ndim - 2
-    xp = lax.pad(x.astype(acc), jnp.zeros((), acc), [(0, 0, 0)] * 2 + [(lo, hi, 0) for lo, hi in pads])
-    kernel = weight.shape[2:]
-    outs = _out_sizes(x.shape[2:], kernel, strides, pads, dilations)
+    outs = _out_sizes(x.shape[2:], weight.shape[2:], strides, pads, dilations)
     w = weight.astype(acc)
     y = None
-    for tap in np.ndindex(*kernel):
-        start = tuple(t * d for t, d in zip(tap, dilations))
-        limit = tuple(b + (o - 1) * s + 1 for b, o, s in zip(start, outs, strides))
-        window = lax.slice(xp, (0, 0) + start, xp.shape[:2] + limit, (1, 1) + tuple(strides))
+    for tap, window in _windows(_pad_spatial(x.astype(acc), pads), weight.shape[2:], strides, dilations, outs):
         term = window * w[(slice(None), 0) + tap].reshape((1, -1) + (1,) * n_sp)
         y = term if y is None else y + term
     return y
+
+
+def _im2col(x, weight, strides, pads, dilations):
+    """im2col: every tap's window stacked as rows of a ``[C_in * taps, positions]`` matrix, one GEMM per image.
+
+    For few input channels (a network's first layer) XLA:CPU's convolution runs far below
+    GEMM speed; the patch matrix is small there (C_in * taps rows).
+    """
+    outs = _out_sizes(x.shape[2:], weight.shape[2:], strides, pads, dilations)
+    wins = [w for _, w in _windows(_pad_spatial(x, pads), weight.shape[2:], strides, dilations, outs)]
+    patches = jnp.stack(wins, axis=2)                    # [N, C, taps, *outs]: rows in weight's (c, tap) order
+    n = x.shape[0]
+    y = _batched_gemm(weight.reshape(weight.shape[0], -1), patches.reshape(n, -1, math.prod(outs)))
+    return y.reshape((n, weight.shape[0], *outs))
+
+
+class _Winograd(NamedTuple):
+    """Winograd F(m x m, 3 x 3): ``Y = A^T [(G g G^T) * (B^T d B)] A`` over (m+2)^2 input tiles."""
+    m: int
+    bt: np.ndarray   # [m+2, m+2] input transform B^T
+    g: np.ndarray    # [m+2, 3] weight transform
+    at: np.ndarray   # [m, m+2] output transform A^T
+
+
+_WINOGRAD_F2 = _Winograd(2, np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]),
+                         np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]]),
+                         np.array([[1, 1, 1, 0], [0, 1, -1, -1]]))
+# Interpolation points 0, +-1, +-2 (Lavin & Gray 2016): error ~1e-5 relative in fp32.
+_WINOGRAD_F4 = _Winograd(
+    4, np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                 [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]),
+    np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+              [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]),
+    np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]))
+
+
+def _combine(parts, coeffs):
+    """``sum(c * p)`` over the nonzero constant coefficients (elementwise, fused by XLA)."""
+    terms = [p if c == 1 else -p if c == -1 else p * float(c) for c, p in zip(coeffs, parts) if c]
+    return sum(terms[1:], terms[0])
+
+
+def _winograd(x, weight, pads, f: _Winograd):
+    """A 3x3 stride-1 convolution (2-D) by Winograd's minimal filtering, computed in fp32.
+
+    ``m x m`` output tiles from overlapping ``t x t`` input tiles (``t = m + 2``): the input
+    transform is two separable passes of constant combinations of strided slices (the first
+    materialized, which halves its cost on XLA:CPU), the product one batched GEMM over the
+    ``t^2`` tile positions ``[K, C] @ [C, N * tiles]``, the output transform one small dot
+    with ``A^T (x) A^T``.  The weight transform runs inside the traced function, so weights
+    stay ordinary (differentiable) arguments.
+    """
+    m, t = f.m, f.m + 2
+    x, w = x.astype(jnp.float32), weight.astype(jnp.float32)
+    n, c, h, wd = x.shape
+    k = w.shape[0]
+    (top, bottom), (left, right) = pads
+    ho, wo = h + top + bottom - 2, wd + left + right - 2
+    th, tw = -(-ho // m), -(-wo // m)
+    # Channels first so that the transformed tiles come out as [t*t, C, N*th*tw]; the bottom /
+    # right padding is extended to whole tiles (the extra outputs are cropped at the end).
+    xp = _pad_spatial(x.transpose(1, 0, 2, 3), [(top, th * m + 2 - h - top), (left, tw * m + 2 - wd - left)])
+    rows = [lax.slice_in_dim(xp, a, a + m * (th - 1) + 1, m, axis=2) for a in range(t)]
+    s = lax.optimization_barrier(jnp.stack([_combine(rows, f.bt[i]) for i in range(t)]))
+    cols = [lax.slice_in_dim(s, b, b + m * (tw - 1) + 1, m, axis=4) for b in range(t)]
+    v = jnp.stack([_combine(cols, f.bt[j]) for j in range(t)], axis=1).reshape(t * t, c, n * th * tw)
+    # G g G^T for every filter as one [t*t, 9] x [9, K*C] product (G (x) G times the raveled 3x3).
+    u = lax.dot_general(jnp.asarray(np.kron(f.g, f.g), jnp.float32), w.reshape(k * c, 9),
+                        (((1,), (1,)), ((), ()))).reshape(t * t, k, c)
+    prod = lax.dot_general(u, v, (((2,), (1,)), ((0,), (0,))))            # [t*t, K, N*th*tw]
+    y = jnp.tensordot(jnp.asarray(np.kron(f.at, f.at), jnp.float32), prod, axes=1)
+    y = y.reshape(m, m, k, n, th, tw).transpose(3, 2, 4, 0, 5, 1).reshape(n, k, th * m, tw * m)
+    return y[:, :, :ho, :wo]
 
 
 def _transpose_out_sizes(pad_type, pad, output_shape, in_sizes, kernel, strides, dilations):

@@ -230,3 +230,126 @@ def test_depthwise_conv_avoids_grouped_convolution():
     ref = F.conv2d(torch_pad(t64(x), same_pads((10, 10), (3, 3), (2, 2), (1, 1))), t64(w), stride=2,
                    groups=6).numpy()
     check(conv(x, w, **kw), ref, np.float32)
+
+
+# -------------------------------------------------------------------------- conv paths
+# conv_path picks im2col / Winograd / XLA's convolution by shape (rules measured in
+# bench/conv_paths.py); each path must compute the same convolution.  The thresholds are
+# lowered here so that small shapes take the fast paths.
+FAST_CASES = [
+    # batch, c_in, c_out, in_sizes, kernel, strides, dilations
+    (1, 3, 4, (9, 11), (3, 3), (1, 1), (1, 1)),
+    (3, 5, 6, (8, 7), (3, 3), (1, 1), (1, 1)),
+    (2, 2, 3, (13, 10), (3, 3), (2, 2), (1, 1)),
+    (2, 3, 5, (11, 12), (5, 3), (2, 3), (1, 1)),
+    (1, 2, 3, (12, 9), (3, 3), (1, 2), (2, 1)),
+    (2, 3, 4, (7, 6, 5), (2, 2, 2), (1, 2, 1), (1, 1, 1)),  # 3-D im2col
+]
+
+
+@pytest.fixture
+def fast_paths(monkeypatch):
+    from mljax.ops import conv as conv_mod
+    monkeypatch.setattr(conv_mod, "_IM2COL_MAX_ROWS", conv_mod._IM2COL_MAX_ROWS)
+    monkeypatch.setattr(conv_mod, "_WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(conv_mod, "_WINOGRAD_MIN_TILES", 1)
+    return conv_mod
+
+
+def _pads_for(mode, sizes, kernel, strides, dilations):
+    n = len(sizes)
+    if mode == "valid":
+        return [(0, 0)] * n, None
+    if mode == "custom":
+        pads = [(i % 2 + 1, (i + 1) % 3) for i in range(n)]
+        return pads, np.array(pads).ravel()
+    return same_pads(sizes, kernel, strides, dilations, lower=mode == "same_lower"), None
+
+
+def _conv_ref(x, w, b, pads, strides, dilations):
+    return CONV[x.ndim - 2](torch_pad(t64(x), pads), t64(w), t64(b), stride=strides,
+                            dilation=dilations).numpy()
+
+
+@pytest.mark.parametrize("case,pad_type,dtype",
+                         _with_fp16(FAST_CASES, ["valid", "same", "same_lower", "custom"], "custom"))
+def test_fast_paths_match_torch(fast_paths, case, pad_type, dtype):
+    """Through conv(): im2col where the kernel is not 3x3 stride 1, Winograd F(4x4,3x3) where it is."""
+    batch, c_in, c_out, sizes, kernel, strides, dilations = case
+    x, w, b = rand((batch, c_in) + sizes, dtype), rand((c_out, c_in) + kernel, dtype), rand((c_out,), dtype)
+    pads, custom = _pads_for(pad_type, sizes, kernel, strides, dilations)
+    kw = dict(strides=np.array(strides), dilations=np.array(dilations), pad_type=pad_type, pad=custom)
+    winograd = len(sizes) == 2 and kernel == (3, 3) and strides == (1, 1) and dilations == (1, 1)
+    setattr(fast_paths, "_IM2COL_MAX_ROWS", 0 if winograd else 10 ** 6)   # restored by monkeypatch
+    assert fast_paths.conv_path(x.shape, w.shape, dtype, strides, pads, dilations, 1) == (
+        "winograd" if winograd else "im2col")
+    check(conv(x, w, b, **kw), _conv_ref(x, w, b, pads, strides, dilations), dtype)
+
+
+WINOGRAD_CASES = [  # batch, c_in, c_out, (H, W), pads
+    (1, 4, 3, (6, 6), [(1, 1), (1, 1)]),
+    (2, 7, 5, (9, 13), [(0, 0), (0, 0)]),
+    (3, 3, 8, (10, 7), [(2, 0), (1, 3)]),
+    (1, 40, 33, (5, 11), [(1, 1), (0, 1)]),
+]
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("case", WINOGRAD_CASES)
+def test_winograd_matches_torch(tile, case):
+    from mljax.ops import conv as conv_mod
+    batch, c_in, c_out, sizes, pads = case
+    x, w = rand((batch, c_in) + sizes), rand((c_out, c_in, 3, 3)) / np.sqrt(9 * c_in)
+    f = {2: conv_mod._WINOGRAD_F2, 4: conv_mod._WINOGRAD_F4}[tile]
+    check(conv_mod._winograd(x, w, pads, f), _conv_ref(x, w, None, pads, (1, 1), (1, 1)), np.float32)
+
+
+def test_winograd_realistic_weights_error():
+    """F(4x4,3x3) at a realistic layer (64 -> 64 channels, He-scaled weights): within 1e-4 relative."""
+    from mljax.ops import conv as conv_mod
+    x = np.maximum(RNG.standard_normal((2, 64, 20, 20)), 0).astype(np.float32)
+    w = (RNG.standard_normal((64, 64, 3, 3)) * np.sqrt(2 / (9 * 64))).astype(np.float32)
+    ref = _conv_ref(x, w, None, [(1, 1)] * 2, (1, 1), (1, 1))
+    y = np.asarray(conv_mod._winograd(x, w, [(1, 1)] * 2, conv_mod._WINOGRAD_F4), np.float64)
+    assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("path", ["im2col", "winograd2", "winograd4"])
+def test_fast_path_gradients_match_lax(path):
+    """Weights stay differentiable arguments: d/dx and d/dw through a path equal those through lax.conv."""
+    import jax
+    from jax import lax
+
+    from mljax.ops import conv as conv_mod
+    x, w = rand((2, 3, 9, 8)), rand((4, 3, 3, 3))
+    pads, strides = [(1, 0), (1, 2)], ((2, 1) if path == "im2col" else (1, 1))
+    ct = rand((2, 4) + tuple(conv_mod._out_sizes((9, 8), (3, 3), strides, pads, (1, 1))))
+    fast = {"im2col": lambda x, w: conv_mod._im2col(x, w, strides, pads, (1, 1)),
+            "winograd2": lambda x, w: conv_mod._winograd(x, w, pads, conv_mod._WINOGRAD_F2),
+            "winograd4": lambda x, w: conv_mod._winograd(x, w, pads, conv_mod._WINOGRAD_F4)}[path]
+
+    def ref(x, w):
+        return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=("NCHW", "OIHW", "NCHW"),
+                                        precision=lax.Precision.HIGHEST)
+
+    grads = [jax.jit(jax.grad(lambda x, w, f=f: (f(x, w) * ct).sum(), argnums=(0, 1)))(x, w)
+             for f in (fast, ref)]
+    for g, g_ref in zip(*grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,strides,groups,dtype,expected", [
+    ((32, 3, 64, 64), (32, 3, 3, 3), (1, 1), 1, np.float32, "im2col"),
+    ((32, 3, 96, 96), (32, 3, 3, 3), (2, 2), 1, np.float16, "im2col"),
+    ((32, 32, 32, 32), (64, 32, 3, 3), (1, 1), 1, np.float32, "winograd"),
+    ((32, 64, 16, 16), (128, 64, 3, 3), (1, 1), 1, np.float16, "winograd"),
+    ((1, 64, 8, 8), (64, 64, 3, 3), (1, 1), 1, np.float32, "lax"),         # too few tiles
+    ((32, 64, 32, 32), (128, 64, 3, 3), (2, 2), 1, np.float32, "lax"),     # strided, many channels
+    ((32, 32, 32, 32), (64, 16, 3, 3), (1, 1), 2, np.float32, "lax"),      # grouped
+    ((32, 32, 32, 32), (32, 1, 3, 3), (1, 1), 32, np.float32, "depthwise"),
+    ((32, 64, 24, 24), (128, 64, 1, 1), (1, 1), 1, np.float32, "pointwise"),
+])
+def test_conv_path_rules(x_shape, w_shape, strides, groups, dtype, expected):
+    from mljax.ops.conv import conv_path
+    pads = [(0, 0)] * 2 if w_shape[2] == 1 else [(1, 1)] * 2
+    assert conv_path(x_shape, w_shape, dtype, strides, pads, (1, 1), groups) == expected
