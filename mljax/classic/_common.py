@@ -34,7 +34,7 @@ from mljax.errors import InputError, ModelFormatError
 from mljax.features import FeatureSpec, feature_specs
 from mljax.stage import Stage, shared_fn
 
-__all__ = ["matrix", "class_labels", "feature_vector", "float_dtype", "input_width", "probit", "classifier_stage",
+__all__ = ["matrix", "check_width", "class_labels", "feature_vector", "float_dtype", "input_width", "probit", "classifier_stage",
            "regressor_stage", "classic_stage", "dense_dict_input", "dict_output"]
 
 
@@ -68,6 +68,15 @@ def input_width(specs: dict[str, FeatureSpec]) -> int | None:
         else:
             return None
     return total
+
+
+def check_width(spec, width: int, what: str, name: str) -> None:
+    """The model's inputs, concatenated, are ``width`` numbers long (checked when every input
+    declares its size)."""
+    declared = input_width(feature_specs(spec.description.input))
+    if declared is not None and declared != width:
+        raise ModelFormatError(f"{what}: its {name} take {width} input values; the model's inputs "
+                               f"describe {declared}")
 
 
 def float_dtype():
@@ -175,6 +184,9 @@ def classifier_stage(spec, predict: Callable, weights: dict, labels: list, *, ke
             values[label_name] = to_user(np.asarray(values[label_name]).reshape(-1)[0])
         if prob_name in values and outputs[prob_name].kind == "dictionary":
             p = np.asarray(values[prob_name], np.float64).reshape(-1)
+            if p.size != len(labels):
+                raise ModelFormatError(f"classifier output {prob_name!r}: {p.size} probabilities for "
+                                       f"{len(labels)} class labels; expected one per label")
             values[prob_name] = {lab: float(p[i]) for i, lab in enumerate(labels)}
         return values
 
@@ -196,6 +208,8 @@ def regressor_stage(spec, predict: Callable, weights: dict, *, key, info=None) -
     """A regressor stage from ``predict(weights, inputs) -> vector``; a ``double`` output takes element 0."""
     desc = spec.description
     inputs, outputs = feature_specs(desc.input), feature_specs(desc.output)
+    if not outputs:
+        raise ModelFormatError("the regressor describes no outputs; expected one")
     name = desc.predictedFeatureName or next(iter(outputs))
     kind = outputs[name].kind if name in outputs else "multiArray"
 

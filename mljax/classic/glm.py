@@ -5,22 +5,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mljax.classic._common import class_labels, classifier_stage, feature_vector, probit, regressor_stage
+from mljax.classic._common import (check_width, class_labels, classifier_stage, feature_vector, matrix, probit,
+                                   regressor_stage)
 from mljax.errors import ModelFormatError, UnsupportedError
 from mljax.stage import register_stage_builder
 
 __all__ = ["build_glm_regressor", "build_glm_classifier"]
 
 
-def _weights_of(params, what: str) -> dict:
-    w = np.asarray([list(r.value) for r in params.weights], np.float64)
-    if w.ndim != 2 or w.size == 0:
+def _weights_of(spec, params, what: str) -> dict:
+    w = matrix((r.value for r in params.weights), what, "weight rows")
+    if w.size == 0:
         raise ModelFormatError(f"{what}: expected a non-empty weights matrix (rows of equal length)")
     b = np.asarray(params.offset, np.float64)
     if b.size == 0:
         b = np.zeros(w.shape[0], np.float64)
     if b.shape != (w.shape[0],):
         raise ModelFormatError(f"{what}: expected {w.shape[0]} offsets (one per weight row); found {b.size}")
+    check_width(spec, w.shape[1], what, "weight rows")
     return {"weight": w, "offset": b}
 
 
@@ -28,7 +30,7 @@ def _weights_of(params, what: str) -> dict:
 def build_glm_regressor(spec, weights_dir=None, **_):
     """``y = f(W x + b)`` with ``f`` the post-evaluation transform (none, logit, probit)."""
     params = spec.glmRegressor
-    weights = _weights_of(params, "GLMRegressor")
+    weights = _weights_of(spec, params, "GLMRegressor")
     which = params.postEvaluationTransform
     transform = {0: lambda z: z, 1: jax.nn.sigmoid, 2: probit}.get(which)
     if transform is None:
@@ -60,7 +62,7 @@ def _glm_probabilities(z, n_classes: int, probit_transform: bool, reference: boo
 def build_glm_classifier(spec, weights_dir=None, **_):
     """Logit/probit scores per class; ``ReferenceClass`` or ``OneVsRest`` class encoding."""
     params = spec.glmClassifier
-    weights = _weights_of(params, "GLMClassifier")
+    weights = _weights_of(spec, params, "GLMClassifier")
     labels = class_labels(params, "GLMClassifier")
     rows, k = weights["weight"].shape[0], len(labels)
     if not (rows == k or rows == k - 1):

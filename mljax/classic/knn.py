@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mljax.classic._common import class_labels, classifier_stage, feature_vector, float_dtype, matrix
+from mljax.classic._common import (check_width, class_labels, classifier_stage, feature_vector, float_dtype,
+                                   matrix)
 from mljax.errors import ModelFormatError, UnsupportedError
 from mljax.stage import register_stage_builder
 
@@ -52,6 +53,7 @@ def build_knn_classifier(spec, weights_dir=None, **_):
     n_classes = len(labels)
     k = min(int(p.numberOfNeighbors.defaultValue) or 1, len(samples))
     inverse = p.WhichOneof("WeightingScheme") == "inverseDistanceWeighting"
+    check_width(spec, samples.shape[1], what, "samples")
     weights = {"samples": samples, "sample_class": sample_class}
 
     def predict(w, feats):

@@ -137,6 +137,9 @@ def _pack_node(n, g: int, local: dict, tables, dims: int, where: str) -> None:
     for cid in (n.trueChildNodeId, n.falseChildNodeId):
         if cid not in local:
             raise ModelFormatError(f"{where} points to missing node {cid}")
+    if not 0 <= n.branchFeatureIndex < 2**31:
+        raise ModelFormatError(f"{where} branches on feature {n.branchFeatureIndex}; expected an index "
+                               f"in [0, 2^31)")
     feat[g], thr[g] = n.branchFeatureIndex, n.branchFeatureValue
     true_child[g], false_child[g] = local[n.trueChildNodeId], local[n.falseChildNodeId]
     nan_true[g] = n.missingValueTracksTrueChild

@@ -192,6 +192,9 @@ class _Builder:
                     bound.append(scope.get(b.name, here))
                 else:
                     t, val, ref = value_from_proto(b.value, self.blobs)
+                    if isinstance(t, (DictType, TupleType)):
+                        raise ModelFormatError(f"{here}: input {key!r} is a {type(t).__name__} value; "
+                                               f"expected a tensor, a list or a variable")
                     self._anon += 1
                     bound.append(Var(f"_imm{self._anon}", t, val, ref))
             inputs[key] = tuple(bound)

@@ -77,6 +77,11 @@ class _Plan:
     def __call__(self, weights, inputs, states):
         env = {n: self.map_input(n, v) for n, v in inputs.items()}
         env = self.network.run(weights, env)
+        wanted = [n for n in self.outputs if n not in (self.label_name, self.probs_name)]
+        wanted += [self.prob_blob] if self.labels is not None else []
+        missing = [n for n in wanted if n not in env]
+        if missing:
+            raise ModelFormatError(f"the network describes outputs {missing} that no input or layer produces")
         out = {}
         for name, spec in self.outputs.items():
             if name == self.label_name or name == self.probs_name:

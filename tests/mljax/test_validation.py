@@ -196,3 +196,45 @@ def test_empty_batch_in_a_neural_network():
     model = mljax.MLModel(dense_classifier()[0])
     with pytest.raises(InputError, match=r"input 'features': expected a non-empty array; found shape \(0, 6\)"):
         model.predict({"features": np.zeros((0, 6), np.float32)})
+
+
+def test_glm_and_knn_weights_wider_than_the_inputs(data):
+    from sklearn.linear_model import LinearRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    X, y = data
+    spec = _sklearn(LinearRegression().fit(X, X[:, 0]))
+    glm = spec.glmRegressor if spec.HasField("glmRegressor") else spec.pipelineRegressor.pipeline.models[-1].glmRegressor
+    for row in glm.weights:
+        row.value.append(0.5)
+    with pytest.raises(ModelFormatError, match="GLMRegressor: its weight rows take 4 input values; the model's inputs describe 3"):
+        mljax.MLModel(spec)
+    spec = _sklearn(KNeighborsClassifier(3).fit(X, y))
+    knn = spec.kNearestNeighborsClassifier if spec.HasField("kNearestNeighborsClassifier") else \
+        spec.pipelineClassifier.pipeline.models[-1].kNearestNeighborsClassifier
+    for sample in knn.nearestNeighborsIndex.floatSamples:
+        del sample.vector[2:]
+    with pytest.raises(ModelFormatError, match="its samples take 2 input values; the model's inputs describe 3"):
+        mljax.MLModel(spec)
+
+
+def test_an_op_input_given_a_dictionary_value(program):
+    path, spec = program
+    bad = _copy(spec)
+    matmul = next(op for op in _main_ops(bad) if op.type == "matmul")
+    arg = next(iter(matmul.inputs.values())).arguments[0]
+    arg.ClearField("name")
+    dict_type = arg.value.type.dictionaryType
+    dict_type.keyType.tensorType.dataType = 23     # int32 (MIL DataType)
+    dict_type.valueType.tensorType.dataType = 23
+    arg.value.immediateValue.dictionary.SetInParent()
+    with pytest.raises(ModelFormatError, match="is a DictType value; expected a tensor, a list or a variable"):
+        _load(bad, path)
+
+
+def test_a_network_output_no_layer_produces():
+    sys.path.insert(0, str(Path(__file__).parents[1] / "updatable"))
+    from models import dense_classifier
+    spec = load_spec(dense_classifier()[0]).spec
+    spec.neuralNetworkClassifier.layers[-1].output[0] = "elsewhere"
+    with pytest.raises(ModelFormatError, match=r"the network describes outputs \['probs'\] that no input or layer produces"):
+        mljax.MLModel(spec).predict({"features": np.ones(6, np.float32)})
