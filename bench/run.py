@@ -1,6 +1,6 @@
 """mljax vs ONNX Runtime vs PyTorch eager on CPU, side by side; writes docs/performance.md.
 
-    python bench/run.py            # full run (about 10-15 minutes on 2 cores)
+    python bench/run.py            # full run (about 20-25 minutes on 2 cores, real architectures included)
     python bench/run.py --quick    # under 3 minutes: fewer models, rounds and repeats
 
 Converted models are cached in ``$MLJAX_BENCH_DIR`` (default ``~/.cache/mljax-bench``).
