@@ -252,8 +252,10 @@ class Report:
                "(fp32).  Batch 32: `MLModel.predict` on a list of 32 dicts; ONNX Runtime and torch get one "
                "`(32, ...)` array.  CPU ms per call (medians of interleaved rounds); ratios are medians of "
                "per-round CPU-time ratios.  *Rel. error*: relative L2 error of mljax's output against torch "
-               "eager (checked before timing: fp32 <= 1e-3, fp16 program <= 1e-2).\n",
-               "| model | batch | mljax fp32 ms | mljax fp16 ms | ONNX Runtime ms | torch ms | fp32 / ORT "
+               "eager (checked before timing: fp32 <= 1e-3, fp16 program <= 1e-2); a model that fails to convert or "
+               "to match is reported as such and left out of the geomeans.\n"]
+        out += [f"- {n}: {a}" for n, a in dict((r["name"], r["about"]) for r in rows).items()]
+        out += ["", "| model | batch | mljax fp32 ms | mljax fp16 ms | ONNX Runtime ms | torch ms | fp32 / ORT "
                "| fp16 / ORT | fp16 / fp32 | fp32 / torch | rel. error fp32 / fp16 |",
                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         ok = [r for r in rows if not r["error"]]
