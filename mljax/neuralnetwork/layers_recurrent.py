@@ -1,21 +1,22 @@
 """Recurrent layers on ``[Seq, Batch, C, 1, 1]`` sequences: LSTM (uni/bi), GRU, simple RNN.
 
-Each runs as one ``lax.scan``.  Every pre-activation is clipped to [-50, 50] as Core ML does.  With ``reverseInput`` the sequence is processed last to
-first and the output sequence is in processing order (as Core ML and MIL ``lstm``
-direction="reverse" do); the backward half of a bidirectional LSTM is re-aligned with
+The layers translate their parameters (gate order, activations, biases) into the MIL ops' shared
+``_lstm_direction`` / ``_gru_direction`` / ``_rnn_direction`` (``mljax.ops.recurrent``).  Every
+pre-activation is clipped to [-50, 50] as Core ML does.  With ``reverseInput`` the sequence is
+processed last to first and the output sequence is in processing order (as Core ML and MIL
+``lstm`` direction="reverse" do); the backward half of a bidirectional LSTM is re-aligned with
 the input positions.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from mljax.neuralnetwork._base import fail, layer
 from mljax.neuralnetwork.layers_core import apply_activation
 from mljax.neuralnetwork.weights import decode_weights
+from mljax.ops.recurrent import _gru_direction, _lstm_direction, _rnn_direction
 
-_HIGHEST = lax.Precision.HIGHEST
 _LSTM_GATES = ("inputGate", "forgetGate", "blockInput", "outputGate")
 
 
@@ -57,12 +58,15 @@ def _out5(y):
     return y.reshape(tuple(y.shape) + (1, 1))
 
 
-def _mm(x, w):
-    return jnp.matmul(x, w.T, precision=_HIGHEST)
-
-
 def _clip(v):
     return jnp.clip(v, -50.0, 50.0)
+
+
+def _act(a, default):
+    """The layer's activation ``a`` (``default`` when unset) on the clipped pre-activation."""
+    if a is None:
+        return lambda v: default(_clip(v))
+    return lambda v: recurrent_activation(a, _clip(v))
 
 
 # --- LSTM -----------------------------------------------------------------------------------
@@ -82,36 +86,19 @@ def _lstm_scan(x, h0, c0, w, prefix, params, acts, reverse):
     f_act, g_act, h_act = (list(acts) + [None] * 3)[:3]
     zeros = jnp.zeros(h0.shape[-1:], x.dtype)
     get = lambda k: w.get(prefix + k, zeros)  # noqa: E731 - missing biases/peepholes are zero
-    wx = jnp.stack([w[f"{prefix}{g}WeightMatrix"] for g in _LSTM_GATES])      # [4, H, C]
-    wh = jnp.stack([w[f"{prefix}{g}RecursionMatrix"] for g in _LSTM_GATES])   # [4, H, H]
-    b = jnp.stack([get(f"{g}BiasVector") if params.hasBiasVectors else zeros for g in _LSTM_GATES])
+    order = ("inputGate", "forgetGate", "outputGate", "blockInput")   # MIL's [i, f, o, z]
+    w_ih = jnp.concatenate([w[f"{prefix}{g}WeightMatrix"] for g in order])
+    w_hh = jnp.concatenate([w[f"{prefix}{g}RecursionMatrix"] for g in order])
+    b = [get(f"{g}BiasVector") if params.hasBiasVectors else zeros for g in order]
     if params.forgetBias:
-        b = b.at[1].add(1.0)
-    peep = [get(f"{g}PeepholeVector") if params.hasPeepholeVectors else zeros
-            for g in ("inputGate", "forgetGate", "outputGate")]
-    pre = jnp.einsum("sbc,ghc->sgbh", x, wx, precision=_HIGHEST) + b[None, :, None, :]
-    clip = params.cellClipThreshold
-
-    def act(a, v, default):
-        v = _clip(v)
-        return default(v) if a is None else recurrent_activation(a, v)
-
-    def step(carry, px):
-        h, c = carry
-        rec = jnp.einsum("bh,gkh->gbk", h, wh, precision=_HIGHEST)
-        i = act(f_act, px[0] + rec[0] + peep[0] * c, jax.nn.sigmoid)
-        f = 1 - i if params.coupledInputAndForgetGate else act(f_act, px[1] + rec[1] + peep[1] * c,
-                                                                jax.nn.sigmoid)
-        z = act(g_act, px[2] + rec[2], jnp.tanh)
-        c_new = f * c + i * z
-        if clip:
-            c_new = jnp.clip(c_new, -clip, clip)
-        o = act(f_act, px[3] + rec[3] + peep[2] * c_new, jax.nn.sigmoid)
-        h_new = o * act(h_act, c_new, jnp.tanh)
-        return (h_new, c_new), h_new
-
-    (h, c), ys = lax.scan(step, (h0, c0), pre[::-1] if reverse else pre)
-    return ys, h, c
+        b[1] = b[1] + 1.0
+    peep = None
+    if params.hasPeepholeVectors:
+        peep = jnp.concatenate([get(f"{g}PeepholeVector") for g in ("inputGate", "forgetGate", "outputGate")])
+    acts = (_act(f_act, jax.nn.sigmoid), _act(g_act, jnp.tanh), _act(h_act, jnp.tanh))
+    return _lstm_direction(x, h0, c0, w_ih, w_hh, jnp.concatenate(b), peep, acts,
+                           params.cellClipThreshold or None, reverse, False,
+                           coupled=params.coupledInputAndForgetGate)
 
 
 def _uni_lstm_weights(p, _):
@@ -178,21 +165,14 @@ def gru(p, w, xs, ctx):
     hsize, batch = p.outputVectorSize, x.shape[1]
     h0 = _state(xs, 1, batch, hsize, x.dtype)
     f_act, g_act = (list(p.activations) + [None, None])[:2]
+    order = ("resetGate", "outputGate", "updateGate")                  # MIL's [r, o, z]
+    w_ih = jnp.concatenate([w[f"{g}WeightMatrix"] for g in order])
+    w_hh = jnp.concatenate([w[f"{g}RecursionMatrix"] for g in order])
     zeros = jnp.zeros((hsize,), x.dtype)
-    pre = [_mm(x, w[f"{g}WeightMatrix"]) + w.get(f"{g}BiasVector", zeros) for g in _GRU_GATES]
-    rec = [w[f"{g}RecursionMatrix"] for g in _GRU_GATES]
-    fa = jax.nn.sigmoid if f_act is None else (lambda v: recurrent_activation(f_act, v))
-    ga = jnp.tanh if g_act is None else (lambda v: recurrent_activation(g_act, v))
-
-    def step(h, px):
-        z = fa(_clip(px[0] + _mm(h, rec[0])))
-        r = fa(_clip(px[1] + _mm(h, rec[1])))
-        o = ga(_clip(px[2] + _mm(h * r, rec[2])))
-        h_new = (1 - z) * o + z * h
-        return h_new, h_new
-
-    seq = jnp.stack(pre, axis=1)                       # [S, 3, B, H]
-    h, ys = lax.scan(step, h0, seq[::-1] if p.reverseInput else seq)
+    bias = jnp.concatenate([w.get(f"{g}BiasVector", zeros) for g in order])
+    ys, h = _gru_direction(x, h0, w_ih, w_hh, bias, None,
+                           (_act(f_act, jax.nn.sigmoid), _act(g_act, jnp.tanh)),
+                           bool(p.reverseInput), False)
     y = ys if p.sequenceOutput else ys[-1:]
     return _out5(y), _out5(h[None])
 
@@ -210,14 +190,9 @@ def simple_recurrent(p, w, xs, ctx):
     x = _seq(xs[0], ctx, p.inputVectorSize)
     hsize, batch = p.outputVectorSize, x.shape[1]
     h0 = _state(xs, 1, batch, hsize, x.dtype)
-    pre = _mm(x, w["weightMatrix"]) + w.get("biasVector", jnp.zeros((hsize,), x.dtype))
     has_act = p.HasField("activation") and p.activation.WhichOneof("NonlinearityType")
-
-    def step(h, px):
-        v = _clip(px + _mm(h, w["recursionMatrix"]))
-        h_new = recurrent_activation(p.activation, v) if has_act else jnp.tanh(v)
-        return h_new, h_new
-
-    h, ys = lax.scan(step, h0, pre[::-1] if p.reverseInput else pre)
+    act = _act(p.activation if has_act else None, jnp.tanh)
+    ys, h = _rnn_direction(x, h0, w["weightMatrix"], w["recursionMatrix"], w.get("biasVector"), act,
+                           bool(p.reverseInput))
     y = ys if p.sequenceOutput else ys[-1:]
     return _out5(y), _out5(h[None])

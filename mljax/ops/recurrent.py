@@ -1,5 +1,10 @@
 """MIL recurrent ops: lstm, gru, rnn (one layer, sequence-major ``x: [s, b, I]``), via ``lax.scan``.
 
+The input projection of every time step is one matrix product before the loop; each step does
+one product with the stacked recurrent weights (two for gru: r and z, then the reset-scaled o).
+fp16 recurrences run in fp32 (state, products, gates) and the outputs are rounded to fp16 once.
+The NeuralNetwork LSTM/GRU/RNN layers call the same ``_*_direction`` functions.
+
 Weight layouts (rows of ``weight_ih`` / ``weight_hh`` / ``bias``):
   * lstm: gates ``[input, forget, output, cell]`` (torch's ``[i, f, g, o]`` reordered),
     ``bias`` is the sum of the input and recurrent biases, ``peephole`` is ``[i, f, o]``;
@@ -53,20 +58,39 @@ def _vec(v, size, dtype):
     return jnp.zeros((size,), dtype) if v is None else jnp.asarray(v).astype(dtype)
 
 
+def _compute_dtype(dtype):
+    """fp16/bf16 recurrences run in fp32 (state, gates, products); outputs are rounded back."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _mv(h, w):
     """``h @ w.T`` contracting ``w``'s second axis in place (no transposed copy of ``w`` per step)."""
     return lax.dot_general(h, w, (((h.ndim - 1,), (1,)), ((), ())))
 
 
-def _scan(step, carry, xs, reverse_processing: bool, time_aligned: bool):
-    """Run ``step`` over ``xs``; returns (final carry, per-step h).
+def _steps(step, carry, xs, reverse: bool = False, time_aligned: bool = False):
+    """``lax.scan(step, carry, xs)`` for recurrences; returns (final carry, per-step outputs).
 
-    ``reverse_processing`` walks the sequence from the end; ``time_aligned`` then puts each
-    step's output back at its time index instead of in processing order.
+    ``xs[t]`` reaches ``step`` through the loop carry, sliced one step ahead: XLA:CPU fuses a
+    slice at the loop index into every fusion that reads it and emits those fusions as scalar
+    loops, which made the gates' sigmoid/tanh several times slower than on a carried buffer.
+    ``reverse`` walks the sequence from the end; the outputs are then in processing order
+    (last time step first), or at their time index with ``time_aligned``.
     """
-    if reverse_processing and not time_aligned:
-        return lax.scan(step, carry, xs[::-1])
-    return lax.scan(step, carry, xs, reverse=reverse_processing)
+    n = xs.shape[0]
+    if n == 0:
+        return lax.scan(step, carry, xs)
+    pos = (lambda k: n - 1 - k) if reverse else (lambda k: k)
+
+    def body(state, _):
+        inner, x_t, k = state
+        inner, y = step(inner, x_t)
+        nxt = lax.dynamic_index_in_dim(xs, pos(jnp.minimum(k + 1, n - 1)), keepdims=False)
+        return (inner, nxt, k + 1), y
+
+    (carry, _, _), ys = lax.scan(body, (carry, xs[pos(0)], 0), None, length=n,
+                                 reverse=reverse and time_aligned)
+    return carry, ys
 
 
 def _sequence_output(ys, output_sequence: bool, last_index: int = -1):
@@ -74,11 +98,17 @@ def _sequence_output(ys, output_sequence: bool, last_index: int = -1):
 
 
 # --- lstm -------------------------------------------------------------------------------
-def _lstm_direction(x, h0, c0, w_ih, w_hh, bias, peephole, acts, clip, reverse, time_aligned):
-    dtype = x.dtype
+def _lstm_direction(x, h0, c0, w_ih, w_hh, bias, peephole, acts, clip, reverse, time_aligned,
+                    coupled=False):
+    """One LSTM direction over ``x: [s, b, I]``; returns (outputs [s, b, H], h_T, c_T).
+
+    ``acts`` are callables (recurrent, cell, output); ``coupled`` ties the forget gate to
+    ``1 - input`` (NeuralNetwork's ``coupledInputAndForgetGate``).  Shared by both formats.
+    """
+    dtype = _compute_dtype(x.dtype)
     hidden = w_hh.shape[1]
     w_ih, w_hh = jnp.asarray(w_ih).astype(dtype), jnp.asarray(w_hh).astype(dtype)
-    xw = jnp.einsum("sbi,gi->sbg", x, w_ih) + _vec(bias, 4 * hidden, dtype)
+    xw = jnp.einsum("sbi,gi->sbg", x.astype(dtype), w_ih) + _vec(bias, 4 * hidden, dtype)
     p_i, p_f, p_o = jnp.split(_vec(peephole, 3 * hidden, dtype), 3) if peephole is not None else (0, 0, 0)
     rec_act, cell_act, out_act = acts
 
@@ -87,15 +117,16 @@ def _lstm_direction(x, h0, c0, w_ih, w_hh, bias, peephole, acts, clip, reverse, 
         g_i, g_f, g_o, g_z = jnp.split(xw_t + _mv(h, w_hh), 4, axis=-1)
         if peephole is not None:
             g_i, g_f = g_i + c * p_i, g_f + c * p_f
-        i, f = rec_act(g_i), rec_act(g_f)
+        i = rec_act(g_i)
+        f = 1 - i if coupled else rec_act(g_f)
         c = f * c + i * cell_act(g_z)
         if clip is not None:  # Core ML clips the cell state, before the output peephole
             c = jnp.clip(c, -clip, clip)
         h = rec_act(g_o + c * p_o if peephole is not None else g_o) * out_act(c)
         return (h, c), h
 
-    (h, c), ys = _scan(step, (h0.astype(dtype), c0.astype(dtype)), xw, reverse, time_aligned)
-    return ys, h, c
+    (h, c), ys = _steps(step, (h0.astype(dtype), c0.astype(dtype)), xw, reverse, time_aligned)
+    return ys.astype(x.dtype), h.astype(x.dtype), c.astype(x.dtype)
 
 
 @register("lstm")
@@ -133,35 +164,46 @@ def lstm(x, initial_h, initial_c, weight_ih, weight_hh, bias=None, peephole=None
 
 
 # --- gru --------------------------------------------------------------------------------
+def _gru_direction(x, h0, w_ih, w_hh, bias, input_bias, acts, reverse, reset_after):
+    """One GRU direction over ``x: [s, b, I]`` (gates ``[r, o, z]``); returns (outputs in
+    processing order, h_T).  ``acts`` are callables (recurrent, output).  Shared by both formats."""
+    rec_act, out_act = acts
+    dtype = _compute_dtype(x.dtype)
+    hidden = w_hh.shape[1]
+    w_ih, w_hh = jnp.asarray(w_ih).astype(dtype), jnp.asarray(w_hh).astype(dtype)
+    w_hr, w_ho, w_hz = jnp.split(w_hh, 3)
+    w_hrz = jnp.concatenate([w_hr, w_hz])  # r and z from one product per step
+    b_r, b_o, b_z = jnp.split(_vec(bias, 3 * hidden, dtype), 3)
+    # every bias outside the reset gate's product is folded into the input projection
+    b_in = jnp.concatenate([b_r, jnp.zeros_like(b_o) if reset_after else b_o, b_z])
+    xw = jnp.einsum("sbi,gi->sbg", x.astype(dtype), w_ih) + _vec(input_bias, 3 * hidden, dtype) + b_in
+
+    def step(h, xw_t):
+        x_r, x_o, x_z = jnp.split(xw_t, 3, axis=-1)
+        h_r, h_z = jnp.split(_mv(h, w_hrz), 2, axis=-1)
+        r, z = rec_act(x_r + h_r), rec_act(x_z + h_z)
+        if reset_after:  # torch style: the reset gate scales the recurrent term
+            o = out_act(x_o + r * (_mv(h, w_ho) + b_o))
+        else:  # the reset gate scales h before the recurrent matmul
+            o = out_act(x_o + _mv(r * h, w_ho))
+        h = (1 - z) * o + z * h
+        return h, h
+
+    h, ys = _steps(step, jnp.asarray(h0).astype(dtype), xw, reverse)
+    return ys.astype(x.dtype), h.astype(x.dtype)
+
+
 def _gru(x, initial_h, weight_ih, weight_hh, bias, input_bias, direction, output_sequence,
          recurrent_activation, activation, reset_after):
     _check_x(x, "gru")
     _check_direction(direction, ("forward", "reverse"), "gru")
-    rec_act = _activation(recurrent_activation, "gru")
-    out_act = _activation(activation, "gru")
-    x = jnp.asarray(x)
-    dtype = x.dtype
+    acts = (_activation(recurrent_activation, "gru"), _activation(activation, "gru"))
     hidden = jnp.shape(weight_hh)[1]
     if jnp.shape(weight_ih)[0] != 3 * hidden or jnp.shape(weight_hh)[0] != 3 * hidden:
         raise OpError(f"gru: weight_ih/weight_hh must have 3*H rows with H={hidden}; found "
                       f"{jnp.shape(weight_ih)} and {jnp.shape(weight_hh)}")
-    w_ih, w_hh = jnp.asarray(weight_ih).astype(dtype), jnp.asarray(weight_hh).astype(dtype)
-    w_hr, w_ho, w_hz = jnp.split(w_hh, 3)
-    b_r, b_o, b_z = jnp.split(_vec(bias, 3 * hidden, dtype), 3)
-    xw = jnp.einsum("sbi,gi->sbg", x, w_ih) + _vec(input_bias, 3 * hidden, dtype)
-
-    def step(h, xw_t):
-        x_r, x_o, x_z = jnp.split(xw_t, 3, axis=-1)
-        r = rec_act(x_r + _mv(h, w_hr) + b_r)
-        z = rec_act(x_z + _mv(h, w_hz) + b_z)
-        if reset_after:  # torch style: the reset gate scales the recurrent term
-            o = out_act(x_o + r * (_mv(h, w_ho) + b_o))
-        else:  # the reset gate scales h before the recurrent matmul
-            o = out_act(x_o + _mv(r * h, w_ho) + b_o)
-        h = (1 - z) * o + z * h
-        return h, h
-
-    h, ys = _scan(step, jnp.asarray(initial_h).astype(dtype), xw, direction == "reverse", False)
+    ys, h = _gru_direction(jnp.asarray(x), initial_h, weight_ih, weight_hh, bias, input_bias,
+                           acts, direction == "reverse", reset_after)
     return _sequence_output(ys, output_sequence), h
 
 
@@ -184,22 +226,27 @@ def gru_iOS18(x, initial_h, weight_ih, weight_hh, bias=None, input_bias=None, *,
 
 
 # --- rnn --------------------------------------------------------------------------------
+def _rnn_direction(x, h0, w_ih, w_hh, bias, act, reverse):
+    """``h = act(W_ih x + W_hh h + b)`` over ``x: [s, b, I]``; returns (outputs in processing
+    order, h_T).  Shared by both formats."""
+    dtype = _compute_dtype(x.dtype)
+    w_ih, w_hh = jnp.asarray(w_ih).astype(dtype), jnp.asarray(w_hh).astype(dtype)
+    xw = jnp.einsum("sbi,hi->sbh", x.astype(dtype), w_ih) + _vec(bias, w_ih.shape[0], dtype)
+
+    def step(h, xw_t):
+        h = act(xw_t + _mv(h, w_hh))
+        return h, h
+
+    h, ys = _steps(step, jnp.asarray(h0).astype(dtype), xw, reverse)
+    return ys.astype(x.dtype), h.astype(x.dtype)
+
+
 @register("rnn")
 def rnn(x, initial_h, weight_ih, weight_hh, bias=None, *, direction="forward",
         output_sequence=False, activation="tanh"):
     """One simple RNN layer ``h = act(W_ih x + W_hh h + b)``; returns ``(output, h)``."""
     _check_x(x, "rnn")
     _check_direction(direction, ("forward", "reverse"), "rnn")
-    act = _activation(activation, "rnn")
-    x = jnp.asarray(x)
-    dtype = x.dtype
-    hidden = jnp.shape(weight_ih)[0]
-    w_hh = jnp.asarray(weight_hh).astype(dtype)
-    xw = jnp.einsum("sbi,hi->sbh", x, jnp.asarray(weight_ih).astype(dtype)) + _vec(bias, hidden, dtype)
-
-    def step(h, xw_t):
-        h = act(xw_t + _mv(h, w_hh))
-        return h, h
-
-    h, ys = _scan(step, jnp.asarray(initial_h).astype(dtype), xw, direction == "reverse", False)
+    ys, h = _rnn_direction(jnp.asarray(x), initial_h, weight_ih, weight_hh, bias,
+                           _activation(activation, "rnn"), direction == "reverse")
     return _sequence_output(ys, output_sequence), h

@@ -243,3 +243,98 @@ def test_e2e_lstm(opset):
     finals = sorted((k for k, v in res.items() if np.shape(v) == (2, 5)))
     assert_close(res[finals[0]], _np(hn)[0], rtol=1e-4, atol=1e-5)
     assert_close(res[finals[1]], _np(cn)[0], rtol=1e-4, atol=1e-5)
+
+
+# --- the loop itself ----------------------------------------------------------------------
+@pytest.mark.parametrize("reverse,time_aligned", [(False, False), (True, False), (True, True)])
+def test_steps_matches_lax_scan(reverse, time_aligned):
+    import jax.numpy as jnp
+    from jax import lax
+
+    xs = RNG.standard_normal((7, 2, 3)).astype(np.float32)
+
+    def step(carry, x_t):
+        carry = jnp.tanh(carry * 0.9 + x_t)
+        return carry, carry * 2
+
+    carry0 = np.ones((2, 3), np.float32)
+    if reverse and not time_aligned:   # processing order: last time step first
+        ref_carry, ref_ys = lax.scan(step, carry0, xs[::-1])
+    else:
+        ref_carry, ref_ys = lax.scan(step, carry0, xs, reverse=reverse)
+    carry, ys = rc._steps(step, carry0, xs, reverse, time_aligned)
+    np.testing.assert_array_equal(np.asarray(carry), np.asarray(ref_carry))
+    np.testing.assert_array_equal(np.asarray(ys), np.asarray(ref_ys))
+
+
+def test_vmapped_batch_one_program_equals_batched_call():
+    """MLModel's batched predict vmaps a batch-1 program: same values as one batch-4 call."""
+    import jax
+
+    m, x, h0, c0 = _torch_lstm(6, 4, 3, 5, False, True)
+    w_ih, w_hh, b = _mil_lstm_weights(m)
+    x, h0, c0 = _np(x), _np(h0)[0], _np(c0)[0]
+
+    def one(x1, h1, c1):  # x1 [s, I] -> the op on a batch of 1
+        y, h, c = rc.lstm(x1[:, None], h1[None], c1[None], w_ih, w_hh, b, output_sequence=True)
+        return y[:, 0], h[0], c[0]
+
+    yv, hv, cv = jax.vmap(one, in_axes=(1, 0, 0), out_axes=(1, 0, 0))(x, h0, c0)
+    y, h, c = rc.lstm(x, h0, c0, w_ih, w_hh, b, output_sequence=True)
+    for got, want in ((yv, y), (hv, h), (cv, c)):
+        assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["lstm", "gru", "rnn"])
+def test_fp16_recurrence_runs_in_fp32(op):
+    """fp16 inputs: the recurrence is computed in fp32 and only the outputs are rounded."""
+    s, b, i, hdim = 5, 2, 3, 4
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}[op]
+    args = [RNG.standard_normal((s, b, i)), RNG.standard_normal((b, hdim))]
+    if op == "lstm":
+        args.append(RNG.standard_normal((b, hdim)))
+    args += [RNG.uniform(-1, 1, (gates * hdim, i)), RNG.uniform(-1, 1, (gates * hdim, hdim)),
+             RNG.uniform(-1, 1, gates * hdim)]
+    args16 = [a.astype(np.float16) for a in args]
+    fn = getattr(rc, op)
+    got = fn(*args16, output_sequence=True)
+    want = fn(*[a.astype(np.float32) for a in args16], output_sequence=True)
+    for g, w in zip(got, want):
+        assert np.asarray(g).dtype == np.float16
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w).astype(np.float16))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_gradients_match_torch(kind):
+    """Reverse-mode gradients through the loop (weights and inputs) against torch autograd."""
+    import jax
+    import jax.numpy as jnp
+
+    torch.manual_seed(11)
+    seq, batch, inp, hidden = 5, 2, 3, 4
+    m = getattr(torch.nn, kind.upper())(inp, hidden, 1)
+    x = torch.randn(seq, batch, inp, requires_grad=True)
+    h0 = torch.randn(1, batch, hidden)
+    probe = torch.randn(seq, batch, hidden)
+    if kind == "lstm":
+        c0 = torch.randn(1, batch, hidden)
+        out = m(x, (h0, c0))[0]
+    else:
+        out = m(x, h0)[0]
+    (out * probe).sum().backward()
+    sd = {k: _np(v) for k, v in m.state_dict().items()}
+    order = _ifgo_to_ifoz if kind == "lstm" else _rzn_to_roz
+
+    def loss(x, w_hh):
+        if kind == "lstm":
+            b = order(sd["bias_ih_l0"] + sd["bias_hh_l0"])
+            y = rc.lstm(x, _np(h0)[0], _np(c0)[0], order(sd["weight_ih_l0"]), w_hh, b,
+                        output_sequence=True)[0]
+        else:
+            y = rc.gru_iOS18(x, _np(h0)[0], order(sd["weight_ih_l0"]), w_hh, order(sd["bias_hh_l0"]),
+                             order(sd["bias_ih_l0"]), output_sequence=True, reset_after=True)[0]
+        return jnp.sum(y * _np(probe))
+
+    gx, gw = jax.grad(loss, argnums=(0, 1))(_np(x), order(sd["weight_hh_l0"]))
+    assert_close(gx, _np(x.grad), rtol=1e-4, atol=1e-5)
+    assert_close(gw, order(_np(m.weight_hh_l0.grad)), rtol=1e-4, atol=1e-5)
