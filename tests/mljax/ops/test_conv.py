@@ -253,6 +253,7 @@ def fast_paths(monkeypatch):
     monkeypatch.setattr(conv_mod, "_IM2COL_MAX_ROWS", conv_mod._IM2COL_MAX_ROWS)
     monkeypatch.setattr(conv_mod, "_WINOGRAD_MIN_CHANNELS", 1)
     monkeypatch.setattr(conv_mod, "_WINOGRAD_MIN_TILES", 1)
+    monkeypatch.setattr(conv_mod, "_TEMP_BYTES", 1)    # one image per lax.map'd batch chunk
     return conv_mod
 
 
@@ -284,6 +285,9 @@ def test_fast_paths_match_torch(fast_paths, case, pad_type, dtype):
     assert fast_paths.conv_path(x.shape, w.shape, dtype, strides, pads, dilations, 1) == (
         "winograd" if winograd else "im2col")
     check(conv(x, w, b, **kw), _conv_ref(x, w, b, pads, strides, dilations), dtype)
+    if batch > 1:   # one lax.map iteration per image
+        import jax
+        assert "while" in str(jax.make_jaxpr(lambda a, c: conv(a, c, **kw))(x, w))
 
 
 WINOGRAD_CASES = [  # batch, c_in, c_out, (H, W), pads
@@ -314,13 +318,16 @@ def test_winograd_realistic_weights_error():
     assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("path", ["im2col", "winograd2", "winograd4"])
-def test_fast_path_gradients_match_lax(path):
+def test_fast_path_gradients_match_lax(monkeypatch, path, chunked):
     """Weights stay differentiable arguments: d/dx and d/dw through a path equal those through lax.conv."""
     import jax
     from jax import lax
 
     from mljax.ops import conv as conv_mod
+    if chunked:
+        monkeypatch.setattr(conv_mod, "_TEMP_BYTES", 1)
     x, w = rand((2, 3, 9, 8)), rand((4, 3, 3, 3))
     pads, strides = [(1, 0), (1, 2)], ((2, 1) if path == "im2col" else (1, 1))
     ct = rand((2, 4) + tuple(conv_mod._out_sizes((9, 8), (3, 3), strides, pads, (1, 1))))
