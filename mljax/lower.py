@@ -96,14 +96,19 @@ def _as_static(x):
 class LoweredFunction:
     """A MIL function lowered to JAX; call it as ``(outputs, states) = f(weights, inputs, states)``."""
 
-    def __init__(self, fn: Function, compute_precision: str | None = None):
+    def __init__(self, fn: Function, compute_precision: str | None = None, *, optimize: bool = True):
         self.fn = fn
         self.opset = opset_number(fn.opset)
         self.compute_dtype = compute_dtype_fn(compute_precision)
         self._check_supported()
         self._materialize_constexpr(fn.block)
+        # graph optimizations on a copy (the program itself stays as loaded: save writes it)
+        self.optimizations: dict[str, int] = {}
+        if optimize:
+            from mljax.optimize import optimize as run_passes
+            self.fn, self.optimizations = run_passes(fn, self.compute_dtype)
         self.weights: dict[str, np.ndarray] = {}
-        self._collect_weights(fn.block)
+        self._collect_weights(self.fn.block)
         self.input_names = [v.name for v in fn.inputs if not isinstance(v.type, StateType)]
         self.state_names = [v.name for v in fn.inputs if isinstance(v.type, StateType)]
         self.output_names = [v.name for v in fn.outputs]

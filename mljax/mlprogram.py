@@ -22,13 +22,13 @@ def _description_of(spec, function_name: str):
 
 
 @register_stage_builder("mlProgram")
-def build_mlprogram_stage(spec, model_dir, *, function_name=None, compute_precision=None, **_):
+def build_mlprogram_stage(spec, model_dir, *, function_name=None, compute_precision=None, optimize=True, **_):
     program = program_from_proto(spec.mlProgram, model_dir)
     name = function_name or spec.description.defaultFunctionName or "main"
     if name not in program.functions:
         raise InputError(f"function_name {name!r} is not in this program; it has {sorted(program.functions)}")
     precision = resolve_compute_precision(compute_precision)
-    lowered = LoweredFunction(program.functions[name], precision)
+    lowered = LoweredFunction(program.functions[name], precision, optimize=optimize)
     desc = _description_of(spec, name)
     states = feature_specs(desc.state)
     inputs, outputs = feature_specs(desc.input), feature_specs(desc.output)
@@ -40,7 +40,7 @@ def build_mlprogram_stage(spec, model_dir, *, function_name=None, compute_precis
         static_inputs=tuple(lowered.value_inputs),
         info={"program": program, "function": name, "lowered": lowered, "compute_precision": precision},
         digest=program_digest(spec.mlProgram.SerializeToString(deterministic=True), _baked(lowered),
-                              ("mlProgram", name, precision)),
+                              ("mlProgram", name, precision, bool(optimize))),
     )
 
 

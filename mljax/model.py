@@ -39,10 +39,13 @@ class MLModel:
         GPUs/TPUs; ``"declared"`` (alias ``"float16"``): the declared types everywhere (exact
         fp16 rounding); ``"float32"``: fp32 everywhere.  Inputs and outputs keep their declared
         dtypes in every mode.
+      optimize: run :mod:`mljax.optimize`'s graph passes on ML programs at load (default);
+        ``False`` lowers the program exactly as the file holds it.
     """
 
     def __init__(self, model, weights_dir=None, *, function_name: str | None = None,
-                 compute_precision: str | None = None, _stage: Stage | None = None, **_ignored):
+                 compute_precision: str | None = None, optimize: bool = True, _stage: Stage | None = None,
+                 **_ignored):
         loaded = load_spec(model, weights_dir)
         self._spec = loaded.spec
         self.model_dir = loaded.model_dir
@@ -51,7 +54,7 @@ class MLModel:
         resolve_compute_precision(compute_precision)    # an unknown value fails here, for every model type
         self.compute_precision = compute_precision
         self._stage = _stage or build_stage(self._spec, self.model_dir, function_name=function_name,
-                                            compute_precision=compute_precision)
+                                            compute_precision=compute_precision, optimize=optimize)
         self._stage = _per_call(self._stage)
         with self._x64_scope():
             self._weights = jax.device_put(self._stage.weights)

@@ -1,0 +1,145 @@
+"""The passes: each ``pass(graph) -> rewrites``, pure IR rewrites that keep every result equal.
+
+Rules every pass keeps: a Var that is some block's output keeps its identity (its name is an
+output name); a constant input is never aliased to a consumer (consumers of weights and
+constants see exactly the Vars they saw before); ops with nested blocks or side effects are
+never removed.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from mljax.mil.types import TensorType
+from mljax.optimize._graph import Graph
+
+__all__ = ["PASSES", "remove_noop_casts", "remove_identity_ops", "merge_transposes", "merge_reshapes",
+           "dead_code"]
+
+# Ops that must run even when nothing reads their outputs.
+_SIDE_EFFECTS = {"coreml_update_state", "write_state"}
+
+
+def _tensor(var):
+    return var.type if isinstance(var.type, TensorType) else None
+
+
+def _static_shape(var):
+    t = _tensor(var)
+    return tuple(t.shape) if t is not None and t.is_static else None
+
+
+def _alias(graph: Graph, op, new, protected) -> bool:
+    """Let ``op``'s single output be ``new`` for every consumer; False when it must stay."""
+    out = op.outputs[0]
+    if len(op.outputs) != 1 or id(out) in protected or new.value is not None:
+        return False
+    graph.replace_uses(out, new)
+    return True
+
+
+def remove_noop_casts(graph: Graph) -> int:
+    """``cast`` whose input and output compute in the same dtype (e.g. fp16 <-> fp32 in an fp16
+    program computed in fp32: the input/output casts coremltools inserts)."""
+    protected, n = graph.protected(), 0
+    for block in graph.blocks():
+        for op in block.operations:
+            if op.type != "cast":
+                continue
+            x, out = op.input("x"), op.outputs[0]
+            tx, to = _tensor(x), _tensor(out)
+            if tx is None or to is None:
+                continue
+            if graph.compute_dtype(tx.dtype).name == graph.compute_dtype(to.dtype).name:
+                n += _alias(graph, op, x, protected)
+    return n
+
+
+def remove_identity_ops(graph: Graph) -> int:
+    """``identity``; ``reshape`` to the input's own static shape; ``transpose`` by the identity
+    permutation."""
+    protected, n = graph.protected(), 0
+    static = graph.static
+    for block in graph.blocks():
+        for op in block.operations:
+            x = op.input("x")
+            if x is None or not op.outputs:
+                continue
+            if op.type == "identity":
+                n += _alias(graph, op, x, protected)
+            elif op.type == "reshape" and static:
+                shape = _static_shape(x)
+                if shape is not None and shape == _static_shape(op.outputs[0]):
+                    n += _alias(graph, op, x, protected)
+            elif op.type == "transpose":
+                perm = op.input("perm")
+                if perm is not None and perm.value is not None and \
+                        list(np.asarray(perm.value).reshape(-1)) == list(range(np.size(perm.value))):
+                    n += _alias(graph, op, x, protected)
+    return n
+
+
+def merge_transposes(graph: Graph) -> int:
+    """``transpose(transpose(u, p1), p2)`` -> ``transpose(u, p1[p2])`` (removed when that is the
+    identity); the inner transpose goes when nothing else reads it."""
+    producers, protected, n = graph.producers(), graph.protected(), 0
+    for block in graph.blocks():
+        for op in block.operations:
+            if op.type != "transpose":
+                continue
+            inner = producers.get(id(op.input("x")))
+            p2 = op.input("perm")
+            if inner is None or inner.type != "transpose" or p2 is None or p2.value is None:
+                continue
+            p1 = inner.input("perm")
+            if p1 is None or p1.value is None or inner.input("x").value is not None:
+                continue
+            perm = np.asarray(p1.value).reshape(-1)[np.asarray(p2.value).reshape(-1)]
+            if list(perm) == list(range(perm.size)) and _alias(graph, op, inner.input("x"), protected):
+                n += 1
+                continue
+            op.inputs["x"] = (inner.input("x"),)
+            op.inputs["perm"] = (graph.const(op.name + "_perm", perm),)
+            n += 1
+    return n
+
+
+def merge_reshapes(graph: Graph) -> int:
+    """``reshape(reshape(u))`` -> ``reshape(u)`` to the outer result's static shape."""
+    if not graph.static:
+        return 0
+    producers, n = graph.producers(), 0
+    for block in graph.blocks():
+        for op in block.operations:
+            if op.type != "reshape":
+                continue
+            inner = producers.get(id(op.input("x")))
+            shape = _static_shape(op.outputs[0])
+            if inner is None or inner.type != "reshape" or shape is None or inner.input("x").value is not None:
+                continue
+            op.inputs["x"] = (inner.input("x"),)
+            op.inputs["shape"] = (graph.const(op.name + "_shape", np.array(shape)),)
+            n += 1
+    return n
+
+
+def dead_code(graph: Graph) -> int:
+    """Ops (not constants) none of whose outputs is read, repeated until none is left."""
+    removed = 0
+    while True:
+        uses = graph.use_counts()
+        n = 0
+        for block in graph.blocks():
+            keep = []
+            for op in block.operations:
+                dead = (op.type != "const" and not op.type.startswith("constexpr_") and not op.blocks
+                        and op.type not in _SIDE_EFFECTS and not any(uses.get(id(v)) for v in op.outputs))
+                n += dead
+                if not dead:
+                    keep.append(op)
+            block.operations[:] = keep
+        removed += n
+        if not n:
+            return removed
+
+
+PASSES = (remove_noop_casts, remove_identity_ops, merge_transposes, merge_reshapes, dead_code)

@@ -1,0 +1,92 @@
+"""Graph optimizations: each pass fires on its pattern and the results equal the unoptimized
+program's and a NumPy reference."""
+import numpy as np
+import pytest
+
+import mljax
+from helpers import convert_mil, tmp_path_for
+
+ct = pytest.importorskip("coremltools")
+from coremltools.converters.mil.mil import Builder as mb, types  # noqa: E402
+
+RNG = np.random.default_rng(0)
+W = RNG.standard_normal((6, 12)).astype(np.float32)
+
+
+def _both(build, inputs, *, fp16=False, precision="auto"):
+    path = _convert_unoptimized(build, fp16) if not fp16 else convert_mil(build, fp16=True)
+    on = mljax.MLModel(path, compute_precision=precision)
+    off = mljax.MLModel(path, compute_precision=precision, optimize=False)
+    return on, on.predict(inputs), off.predict(inputs)
+
+
+def _convert_unoptimized(build, fp16):
+    """The program as written: coremltools' own graph passes off (they would merge these too)."""
+    model = ct.convert(build(), convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17,
+                       pass_pipeline=ct.PassPipeline.EMPTY, compute_precision=ct.precision.FLOAT32)
+    path = tmp_path_for("unoptimized.mlpackage")
+    model.save(str(path))
+    return path
+
+
+def _stats(model):
+    return model.stage.info["lowered"].optimizations
+
+
+def _program_transposes():
+    @mb.program(input_specs=[mb.TensorSpec((2, 3, 4, 5), dtype=types.fp32)], opset_version=ct.target.iOS17)
+    def prog(x):
+        a = mb.transpose(x=x, perm=[0, 2, 3, 1])
+        b = mb.transpose(x=a, perm=[0, 3, 1, 2])          # undoes a: identity overall
+        c = mb.transpose(x=mb.relu(x=b), perm=[3, 2, 1, 0])
+        d = mb.transpose(x=c, perm=[1, 0, 3, 2])          # merges with c
+        e = mb.reshape(x=mb.reshape(x=d, shape=[4, 30]), shape=[2, 60])
+        f = mb.reshape(x=mb.identity(x=e), shape=[2, 60])  # to its own shape
+        return mb.add(x=f, y=np.float32(1.0), name="y")
+    return prog
+
+
+def test_transposes_reshapes_and_identities(tmp_path):
+    x = RNG.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    model, on, off = _both(_program_transposes, {"x": x})
+    want = (np.maximum(x, 0).transpose(3, 2, 1, 0).transpose(1, 0, 3, 2).reshape(2, 60) + 1)
+    np.testing.assert_array_equal(on["y"], want)
+    np.testing.assert_array_equal(off["y"], want)
+    s = _stats(model)
+    assert s["merge_transposes"] >= 2 and s["merge_reshapes"] >= 1 and s["remove_identity_ops"] >= 1
+    assert s["dead_code"] >= 3
+    kept = [op.type for op in model.stage.info["lowered"].fn.block.operations if op.type != "const"]
+    assert kept.count("transpose") == 1 and kept.count("reshape") == 1 and "identity" not in kept
+
+
+def _program_fp16():
+    @mb.program(input_specs=[mb.TensorSpec((3, 12), dtype=types.fp32)], opset_version=ct.target.iOS17)
+    def prog(x):
+        return mb.softmax(x=mb.linear(x=x, weight=W), axis=-1, name="p")
+    return prog
+
+
+@pytest.mark.parametrize("precision", ["auto", "declared"])
+def test_casts_of_an_fp16_program(precision):
+    x = RNG.standard_normal((3, 12)).astype(np.float32)
+    model, on, off = _both(_program_fp16, {"x": x}, fp16=True, precision=precision)
+    np.testing.assert_array_equal(on["p"], off["p"])
+    logits = x.astype(np.float16).astype(np.float32) @ W.astype(np.float16).astype(np.float32).T
+    want = np.exp(logits - logits.max(-1, keepdims=True))
+    want /= want.sum(-1, keepdims=True)
+    np.testing.assert_allclose(on["p"].astype(np.float32), want, atol=2e-3 if precision == "auto" else 1e-2)
+    # fp16 -> fp32 compute: the input cast is a no-op and goes (the output cast, a program
+    # output, keeps its name); computed in declared types both casts are real and stay
+    removed = _stats(model)["remove_noop_casts"]
+    assert removed == (1 if precision == "auto" else 0)
+
+
+def test_the_saved_program_is_the_loaded_one(tmp_path):
+    """Optimizing works on a copy: save writes the program as it was read."""
+    x = RNG.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    model, on, _ = _both(_program_transposes, {"x": x})
+    out = model.save(tmp_path / "again.mlpackage")
+    spec = mljax.MLModel(out, optimize=False).get_spec()
+    ops = [op.type for op in spec.mlProgram.functions["main"].block_specializations["CoreML7"].operations]
+    assert ops.count("transpose") == 4 and "identity" in ops
+    np.testing.assert_array_equal(mljax.MLModel(out).predict({"x": x})["y"], on["y"])
