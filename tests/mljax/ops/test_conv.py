@@ -285,9 +285,9 @@ def test_fast_paths_match_torch(fast_paths, case, pad_type, dtype):
     assert fast_paths.conv_path(x.shape, w.shape, dtype, strides, pads, dilations, 1) == (
         "winograd" if winograd else "im2col")
     check(conv(x, w, b, **kw), _conv_ref(x, w, b, pads, strides, dilations), dtype)
-    if batch > 1:   # one lax.map iteration per image
+    if batch > 1:   # one lax.map (scan) iteration per image
         import jax
-        assert "while" in str(jax.make_jaxpr(lambda a, c: conv(a, c, **kw))(x, w))
+        assert "scan" in str(jax.make_jaxpr(lambda a, c: conv(a, c, **kw))(x, w))
 
 
 WINOGRAD_CASES = [  # batch, c_in, c_out, (H, W), pads
