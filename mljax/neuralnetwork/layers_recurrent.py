@@ -81,8 +81,9 @@ def _lstm_param_weights(wp, c_in: int, h: int, prefix: str = "") -> dict:
     return out
 
 
-def _lstm_scan(x, h0, c0, w, prefix, params, acts, reverse):
-    """Run one LSTM direction; returns (outputs [S,B,H] in processing order, h_T, c_T)."""
+def _lstm_scan(x, h0, c0, w, prefix, params, acts, reverse, time_aligned=False):
+    """Run one LSTM direction; returns (outputs [S,B,H] in processing order, or at their time
+    steps with ``time_aligned``, h_T, c_T)."""
     f_act, g_act, h_act = (list(acts) + [None] * 3)[:3]
     zeros = jnp.zeros(h0.shape[-1:], x.dtype)
     get = lambda k: w.get(prefix + k, zeros)  # noqa: E731 - missing biases/peepholes are zero
@@ -97,7 +98,7 @@ def _lstm_scan(x, h0, c0, w, prefix, params, acts, reverse):
         peep = jnp.concatenate([get(f"{g}PeepholeVector") for g in ("inputGate", "forgetGate", "outputGate")])
     acts = (_act(f_act, jax.nn.sigmoid), _act(g_act, jnp.tanh), _act(h_act, jnp.tanh))
     return _lstm_direction(x, h0, c0, w_ih, w_hh, jnp.concatenate(b), peep, acts,
-                           params.cellClipThreshold or None, reverse, False,
+                           params.cellClipThreshold or None, reverse, time_aligned,
                            coupled=params.coupledInputAndForgetGate)
 
 
@@ -134,8 +135,7 @@ def bi_lstm(p, w, xs, ctx):
     states = [_state(xs, i, batch, hsize, x.dtype) for i in range(1, 5)]
     yf, hf, cf = _lstm_scan(x, states[0], states[1], w, "", p.params, p.activationsForwardLSTM, False)
     yb, hb, cb = _lstm_scan(x, states[2], states[3], w, "backward_", p.params,
-                            p.activationsBackwardLSTM, True)
-    yb = yb[::-1]
+                            p.activationsBackwardLSTM, True, time_aligned=True)
     if p.params.sequenceOutput:
         y = jnp.concatenate([yf, yb], axis=-1)
     else:
