@@ -4,12 +4,15 @@ The three CNNs are written here in plain ``torch.nn`` after their papers (He et 
 et al. 2019, table 2; Tan & Le 2019, table 1); the transformers come from ``transformers``
 configs (no download: random weights from a fixed seed).  Each is converted by coremltools to an
 fp32 and an fp16 ML program (iOS16; fp16 is coremltools' default precision) and exported to ONNX
-(opset 17), cached in ``$MLJAX_BENCH_DIR/real-v<N>/<name>``.  mljax's outputs are checked against
-torch eager before timing; a model that fails to build or to match becomes a row, not a crash.
+(opset 17), cached in ``$MLJAX_BENCH_DIR/real-v<N>/<name>-<input shape>``.  The CNNs' input is
+``$MLJAX_BENCH_CNN_RES`` pixels square (default 128; the papers' 224 costs ~3x the time per call).
+mljax's outputs are checked against torch eager before timing; a model that fails to build or to
+match becomes a row, not a crash.
 """
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +23,7 @@ import numpy as np
 __all__ = ["REAL", "RealModel", "torch_model", "example_input", "build", "check", "runners", "measure"]
 
 REAL_VERSION = 1     # bump when a network or its conversion changes, so cached files are rebuilt
-CNN_RES = 128        # CNN input resolution (the published 224 costs ~3x the time per call)
+CNN_RES = int(os.environ.get("MLJAX_BENCH_CNN_RES", 128))   # CNN input resolution
 TOL = {"fp32": 1e-3, "fp16": 1e-2}   # relative L2 error of mljax's output against torch eager
 
 
@@ -236,7 +239,7 @@ def _convert(name, m, x, paths) -> None:
 
 def build(name: str, work: Path, *, rebuild: bool = False, log=print) -> dict[str, Path]:
     """Convert ``name`` (cached): {'fp32': .mlpackage, 'fp16': .mlpackage, 'onnx': .onnx}."""
-    folder = Path(work) / f"real-v{REAL_VERSION}" / name
+    folder = Path(work) / f"real-v{REAL_VERSION}" / f"{name}-{'x'.join(map(str, REAL[name].shape[1:]))}"
     paths = {"fp32": folder / "fp32.mlpackage", "fp16": folder / "fp16.mlpackage", "onnx": folder / "model.onnx"}
     done = folder / "done.json"
     if done.exists() and not rebuild and all(p.exists() for p in paths.values()):
