@@ -269,60 +269,73 @@ def _rel_err(got, ref) -> float:
     return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def check(name: str, paths: dict, m) -> dict[str, float]:
-    """Relative L2 error of each mljax program's output (batch 2, vmapped) against torch eager."""
-    import mljax
-    x = example_input(name, 2, seed=3)
+def _feed(x: np.ndarray):
+    """One dict at batch 1; a list of per-sample dicts (vmapped into one call) above."""
+    return {"x": x} if len(x) == 1 else [{"x": x[i:i + 1]} for i in range(len(x))]
+
+
+def check(name: str, models: dict, m, batch: int) -> dict[str, float]:
+    """Relative L2 error of each mljax program's output at ``batch`` against torch eager."""
+    x = example_input(name, batch, seed=3)
     ref = _torch_call(m, x)().numpy()
     errs = {}
-    for precision in ("fp32", "fp16"):
-        out = mljax.MLModel(paths[precision]).predict([{"x": x[i:i + 1]} for i in range(2)])
-        errs[precision] = _rel_err(np.stack([o["y"] for o in out]), ref)
+    for precision, mm in models.items():
+        out = mm.predict(_feed(x))
+        errs[precision] = _rel_err(out["y"] if batch == 1 else np.stack([o["y"] for o in out]), ref)
     return errs
 
 
-def runners(name: str, paths: dict, m, batch: int, threads: int) -> dict[str, Callable]:
+def runners(name: str, paths: dict, models: dict, m, batch: int, threads: int) -> dict[str, Callable]:
     """{runtime: zero-argument callable predicting one batch of ``batch``}, the runtimes of the table."""
-    import mljax
     import onnxruntime as ort
     x = example_input(name, batch)
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     sess = ort.InferenceSession(str(paths["onnx"]), so, providers=["CPUExecutionProvider"])
     xo = x.astype(np.int64) if REAL[name].tokens else x
-    out = {}
-    feed = {"x": x} if batch == 1 else [{"x": x[i:i + 1]} for i in range(batch)]
-    for label, precision in (("mljax fp32", "fp32"), ("mljax fp16", "fp16")):
-        mm = mljax.MLModel(paths[precision])
-        out[label] = lambda mm=mm: mm.predict(feed)
+    feed = _feed(x)
+    out = {f"mljax {p}": (lambda mm=mm: mm.predict(feed)) for p, mm in models.items()}
     out["onnxruntime"] = lambda: sess.run(None, {"x": xo})
     out["torch"] = _torch_call(m, x)
     return out
 
 
+def _failed(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e)[:300]}"
+
+
+def _measure_batch(name, paths, models, m, batch, args, interleaved) -> dict:
+    row = dict(name=name, batch=batch, about=REAL[name].about, error=None)
+    try:
+        row["errors"] = errs = check(name, models, m, batch)
+        bad = [p for p, e in errs.items() if not e <= TOL[p]]
+        if bad:
+            row["error"] = "; ".join(f"{p} output differs from torch (rel. error {errs[p]:.1e} > {TOL[p]})"
+                                     for p in bad)
+        row["t"] = interleaved(runners(name, paths, models, m, batch, args.threads), rounds=args.rounds,
+                               budget=args.budget)
+    except Exception as e:  # noqa: BLE001 - a failing model is a row of the report
+        row["error"] = _failed(e)
+    return row
+
+
 def measure(names, work: Path, args, *, interleaved, log=print) -> list[dict]:
     """One result dict per model and batch: timings (or the error that stopped the model) and errors."""
+    import mljax
     rows = []
     for name in names:
         try:
             paths = build(name, work, rebuild=args.rebuild, log=log)
             m = torch_model(name)
-            errs = check(name, paths, m)
+            models = {p: mljax.MLModel(paths[p]) for p in ("fp32", "fp16")}
         except Exception as e:  # noqa: BLE001 - a failing model is a row of the report
-            rows.append(dict(name=name, batch=None, about=REAL[name].about, error=f"{type(e).__name__}: {str(e)[:300]}"))
+            rows.append(dict(name=name, batch=None, about=REAL[name].about, error=_failed(e)))
             log(f"  real {name}: FAILED {rows[-1]['error']}")
             continue
-        bad = [p for p, e in errs.items() if not e <= TOL[p]]
         for batch in REAL[name].batches:
-            row = dict(name=name, batch=batch, about=REAL[name].about, errors=errs, error=None)
-            if bad:
-                row["error"] = "; ".join(f"{p} output differs from torch (rel. error {errs[p]:.1e} > {TOL[p]})"
-                                         for p in bad)
-            log(f"  real {name} batch {batch} (errors {', '.join(f'{k} {v:.1e}' for k, v in errs.items())})")
-            try:
-                row["t"] = interleaved(runners(name, paths, m, batch, args.threads), rounds=args.rounds,
-                                       budget=args.budget)
-            except Exception as e:  # noqa: BLE001
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            rows.append(row)
+            log(f"  real {name} batch {batch}")
+            rows.append(_measure_batch(name, paths, models, m, batch, args, interleaved))
+            r = rows[-1]
+            errs = ", ".join(f"{k} {v:.1e}" for k, v in r.get("errors", {}).items())
+            log(f"    rel. errors vs torch: {errs or '-'}" + (f"; FAILED {r['error']}" if r["error"] else ""))
     return rows
