@@ -6,6 +6,10 @@ fp32 (as Core ML's GPU does) and the result is cast back to the input dtype.
 
 iOS17 only widens the dtype domains (weight/bias may differ from ``x``'s dtype, and
 ``conv_transpose``'s weight need not be const); the same implementations serve every opset.
+
+``conv`` picks its implementation by shape (:func:`conv_path`): depthwise taps, 1x1 as a GEMM,
+im2col + GEMM for few input channels, Winograd F(4x4, 3x3) for 3x3 stride-1 layers, else
+XLA's convolution; all compute the same convolution (Winograd to ~1e-5 relative in fp32).
 """
 from __future__ import annotations
 
@@ -109,25 +113,29 @@ def conv(x, weight, bias=None, *, strides=None, pad_type="valid", pad=None, dila
 
 _DEPTHWISE_MAX_TAPS = 64
 # Path rules for XLA:CPU, from bench/conv_paths.py: single thread, fp32, CPU ms of the path over
-# lax.conv_general_dilated's (median of interleaved rounds on a shared 2-core AMD EPYC; +-10%):
+# lax.conv_general_dilated's (median of interleaved rounds on a shared 2-core AMD EPYC; +-10%),
+# im2col and Winograd in batch chunks of _TEMP_BYTES:
 #   shape (N,C_in,H,W)->C_out 3x3    im2col  winograd F(2x2)  F(4x4)
-#   (32,3,64,64)->32                 0.43x   3.46x            2.43x
-#   (32,3,96,96)->32 stride 2        0.42x   -                -
-#   (8,3,112,112)->64 7x7 stride 2   1.35x   -                -
-#   (32,8,32,32)->16                 1.13x   0.88x            0.78x
-#   (32,16,32,32)->16                2.20x   0.95x            0.76x (1.05x in an earlier run)
-#   (32,32,32,32)->64                5.88x   3.21x            0.94x-1.02x
-#   (32,64,16,16)->128               3.46x   0.93x            0.79x-0.83x
-#   (32,64,32,32)->128 stride 2      3.59x   -                -
-#   (1,64,56,56)->64                 1.58x   1.02x            0.74x
-#   (8,128,28,28)->128               3.57x   0.77x            0.55x
-#   (8,256,14,14)->256               2.60x   0.71x            0.55x-0.60x
-#   (1,256,14,14)->256               0.90x   0.83x            0.88x
-#   (1,512,7,7)->512                 0.56x   0.82x            3.80x (transformed weights 38 MB)
-# F(2x2) is never ahead of F(4x4) where either wins; 1x1 as one GEMM (pointwise): 0.52x.
-_IM2COL_MAX_ROWS = 32        # C_in * taps of a patch: im2col beyond this loses to lax.conv
-_WINOGRAD_MIN_CHANNELS = 16  # C_in and C_out at least this: the transforms pay for themselves
-_WINOGRAD_MIN_TILES = 16     # N * output tiles at least this: the weight transform is amortized
+#   (32,3,64,64)->32                 0.47x   0.60x            0.65x
+#   (32,3,96,96)->32 stride 2        0.56x   -                -
+#   (8,3,224,224)->32                0.57x   0.94x            0.77x
+#   (8,3,112,112)->64 7x7 stride 2   1.10x   -                -
+#   (32,8,32,32)->16                 0.96x   1.11x            0.85x
+#   (32,16,32,32)->16                1.34x   1.02x            0.81x
+#   (32,32,32,32)->64                1.28x   0.93x            0.67x
+#   (32,64,16,16)->128               1.19x   0.72x            0.56x
+#   (32,64,56,56)->64                1.63x   0.97x            0.71x
+#   (32,64,32,32)->128 stride 2      1.11x   -                -
+#   (1,64,56,56)->64                 1.46x   0.88x            0.66x
+#   (8,128,28,28)->128               1.23x   0.63x            0.54x
+#   (8,256,14,14)->256               1.04x   0.70x            0.74x
+#   (1,256,14,14)->256               0.88x   0.82x            0.93x
+#   (1,512,7,7)->512                 0.54x   0.85x            1.41x (4 tiles: the weight transform dominates)
+# 1x1 as one GEMM (pointwise) (32,64,24,24)->128: 0.52x.
+_IM2COL_MAX_ROWS = 32         # C_in * taps of a patch: im2col for first layers (few input channels)
+_IM2COL_MAX_POSITIONS = 256   # N * output positions: im2col for small maps (few Winograd tiles)
+_WINOGRAD_MIN_CHANNELS = 16   # C_in and C_out at least this: the transforms pay for themselves
+_WINOGRAD_MIN_TILES = 16      # N * output tiles at least this: the weight transform is amortized
 _FAST_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -145,7 +153,7 @@ def conv_path(x_shape, w_shape, dtype, strides, pads, dilations, groups) -> str:
     outs = _out_sizes(x_shape[2:], w_shape[2:], strides, pads, dilations)
     if groups != 1 or jnp.dtype(dtype).name not in _FAST_DTYPES or min(outs) < 1:
         return "lax"
-    if math.prod(w_shape[1:]) <= _IM2COL_MAX_ROWS:
+    if math.prod(w_shape[1:]) <= _IM2COL_MAX_ROWS or x_shape[0] * math.prod(outs) <= _IM2COL_MAX_POSITIONS:
         return "im2col"
     if (len(outs) == 2 and tuple(w_shape[2:]) == (3, 3) and tuple(strides) == (1, 1)
             and tuple(dilations) == (1, 1) and min(w_shape[:2]) >= _WINOGRAD_MIN_CHANNELS

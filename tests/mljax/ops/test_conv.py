@@ -251,6 +251,7 @@ FAST_CASES = [
 def fast_paths(monkeypatch):
     from mljax.ops import conv as conv_mod
     monkeypatch.setattr(conv_mod, "_IM2COL_MAX_ROWS", conv_mod._IM2COL_MAX_ROWS)
+    monkeypatch.setattr(conv_mod, "_IM2COL_MAX_POSITIONS", 0)
     monkeypatch.setattr(conv_mod, "_WINOGRAD_MIN_CHANNELS", 1)
     monkeypatch.setattr(conv_mod, "_WINOGRAD_MIN_TILES", 1)
     monkeypatch.setattr(conv_mod, "_TEMP_BYTES", 1)    # one image per lax.map'd batch chunk
@@ -350,7 +351,11 @@ def test_fast_path_gradients_match_lax(monkeypatch, path, chunked):
     ((32, 3, 96, 96), (32, 3, 3, 3), (2, 2), 1, np.float16, "im2col"),
     ((32, 32, 32, 32), (64, 32, 3, 3), (1, 1), 1, np.float32, "winograd"),
     ((32, 64, 16, 16), (128, 64, 3, 3), (1, 1), 1, np.float16, "winograd"),
-    ((1, 64, 8, 8), (64, 64, 3, 3), (1, 1), 1, np.float32, "lax"),         # too few tiles
+    ((1, 64, 8, 8), (64, 64, 3, 3), (1, 1), 1, np.float32, "im2col"),      # small map: few tiles
+    ((1, 256, 14, 14), (256, 256, 3, 3), (2, 2), 1, np.float32, "im2col"),
+    ((1, 64, 20, 20), (64, 64, 3, 3), (1, 1), 1, np.float16, "winograd"),
+    ((8, 3, 112, 112), (64, 3, 7, 7), (2, 2), 1, np.float32, "lax"),       # 147-row patches
+    ((32, 64, 32, 32), (128, 64, 3, 3), (1, 1), 1, np.float64, "lax"),
     ((32, 64, 32, 32), (128, 64, 3, 3), (2, 2), 1, np.float32, "lax"),     # strided, many channels
     ((32, 32, 32, 32), (64, 16, 3, 3), (1, 1), 2, np.float32, "lax"),      # grouped
     ((32, 32, 32, 32), (32, 1, 3, 3), (1, 1), 32, np.float32, "depthwise"),
@@ -358,5 +363,5 @@ def test_fast_path_gradients_match_lax(monkeypatch, path, chunked):
 ])
 def test_conv_path_rules(x_shape, w_shape, strides, groups, dtype, expected):
     from mljax.ops.conv import conv_path
-    pads = [(0, 0)] * 2 if w_shape[2] == 1 else [(1, 1)] * 2
+    pads = [(w_shape[2] // 2,) * 2] * 2
     assert conv_path(x_shape, w_shape, dtype, strides, pads, (1, 1), groups) == expected
