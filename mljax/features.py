@@ -70,6 +70,10 @@ def _spec_of(fd) -> FeatureSpec:
 
 def feature_specs(descriptions) -> dict[str, FeatureSpec]:
     """Repeated FeatureDescription -> {name: FeatureSpec}, in declaration order."""
+    names = [fd.name for fd in descriptions]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ModelFormatError(f"the model describes features {twice} more than once; expected unique names")
     return {fd.name: _spec_of(fd) for fd in descriptions}
 
 

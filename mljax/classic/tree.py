@@ -72,6 +72,9 @@ def _bucket(n: int) -> int:
     return max(8, 1 << max(0, int(n) - 1).bit_length())
 
 
+_MAX_TABLE = 1 << 28   # leaf values (float64): 2 GiB
+
+
 def _dimensions(params) -> int:
     declared = int(params.numPredictionDimensions)
     if declared:
@@ -90,6 +93,9 @@ def pack_tree_ensemble(params, what: str) -> dict:
     dims = _dimensions(params)
     n_real = len(params.nodes)
     n_total = _bucket(n_real + 1)           # at least one padding leaf, for the padded roots
+    if dims * n_total > _MAX_TABLE:
+        raise ModelFormatError(f"{what}: {dims} prediction dimensions for {n_real} nodes need a table of "
+                               f"{dims * n_total:,} values; expected at most {_MAX_TABLE:,}")
     feat = np.zeros(n_total, np.int32)
     thr = np.zeros(n_total, np.float64)
     mode = np.full(n_total, _LEAF, np.int32)

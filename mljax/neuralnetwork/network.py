@@ -116,7 +116,7 @@ class Network:
                 f"NeuralNetwork layer {lyr.name!r} ({kind}) has {len(lyr.input)} input(s), "
                 f"{len(lyr.output)} output(s) and parameters {sorted(w)}: fewer than the layer "
                 f"needs (missing {e})") from None
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, ZeroDivisionError) as e:
             shapes = [tuple(jnp.shape(env[n])) for n in lyr.input]
             raise ModelFormatError(
                 f"NeuralNetwork layer {lyr.name!r} ({kind}): its parameters do not fit its inputs "
