@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mljax.errors import InputError
+from mljax.errors import InputError, ModelFormatError
 
 __all__ = ["image_to_array", "array_to_image", "image_preprocessing", "apply_preprocessing"]
 
@@ -64,6 +64,9 @@ def _check_size(spec, hw) -> None:
 def array_to_image(arr, color_space: str):
     """A ``[.., C, H, W]`` blob -> a PIL image (RGB or L), or an ``H x W x C`` uint8 array without PIL."""
     arr = np.asarray(arr)
+    if arr.ndim < 3 or arr.shape[-3] not in (1, 3, 4) or int(np.prod(arr.shape[:-3])) != 1:
+        raise ModelFormatError(f"an image output: expected a [.., C, H, W] blob of one image with C in "
+                               f"(1, 3, 4); found shape {arr.shape}")
     arr = arr.reshape(arr.shape[-3:])
     hwc = np.clip(np.rint(arr.transpose(1, 2, 0)), 0, 255).astype(np.uint8)
     if color_space == "BGR":

@@ -238,3 +238,10 @@ def test_a_network_output_no_layer_produces():
     spec.neuralNetworkClassifier.layers[-1].output[0] = "elsewhere"
     with pytest.raises(ModelFormatError, match=r"the network describes outputs \['probs'\] that no input or layer produces"):
         mljax.MLModel(spec).predict({"features": np.ones(6, np.float32)})
+
+
+def test_an_image_output_that_is_not_an_image():
+    from mljax.neuralnetwork.images import array_to_image
+    with pytest.raises(ModelFormatError, match=r"expected a \[.., C, H, W\] blob of one image with C in \(1, 3, 4\); found shape \(2, 4\)"):
+        array_to_image(np.zeros((2, 4), np.float32), "RGB")
+    assert np.asarray(array_to_image(np.full((1, 3, 2, 2), 7.0), "RGB")).shape == (2, 2, 3)
