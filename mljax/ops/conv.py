@@ -107,8 +107,7 @@ def conv(x, weight, bias=None, *, strides=None, pad_type="valid", pad=None, dila
     strides = _ints(strides, n, 1, "strides")
     dilations = _ints(dilations, n, 1, "dilations")
     pads = _spatial_pads(pad_type, pad, x.shape[2:], kernel, strides, dilations)
-    y = _dense_or_grouped(x, weight, strides, pads, dilations, groups)
-    return _add_bias(y, bias, n).astype(x.dtype)
+    return _dense_or_grouped(x, weight, strides, pads, dilations, groups, bias).astype(x.dtype)
 
 
 _DEPTHWISE_MAX_TAPS = 64
@@ -162,21 +161,27 @@ def conv_path(x_shape, w_shape, dtype, strides, pads, dilations, groups) -> str:
     return "lax"
 
 
-def _dense_or_grouped(x, weight, strides, pads, dilations, groups):
-    """``conv`` without bias, by the path :func:`conv_path` picks; fp16 comes back as fp32."""
+def _dense_or_grouped(x, weight, strides, pads, dilations, groups, bias=None):
+    """``conv`` by the path :func:`conv_path` picks; fp16 comes back as fp32.
+
+    im2col and Winograd add the bias per batch chunk, while the chunk's output is in cache.
+    """
     path = conv_path(x.shape, weight.shape, x.dtype, strides, pads, dilations, groups)
-    if path == "depthwise":
-        return _depthwise(x, weight, strides, pads, dilations)
-    if path == "pointwise":
-        return _pointwise(x, weight, strides)
+    bias = None if bias is None else jnp.asarray(bias)
     if path == "im2col":
-        return _im2col(x, weight, strides, pads, dilations)
+        return _im2col(x, weight, strides, pads, dilations, bias)
     if path == "winograd":
-        return _winograd(x, weight, pads, _WINOGRAD_F4)
-    return lax.conv_general_dilated(
-        x, weight.astype(x.dtype), window_strides=strides, padding=pads,
-        rhs_dilation=dilations, dimension_numbers=_dimension_numbers(x.ndim - 2),
-        feature_group_count=groups, preferred_element_type=_accumulate_dtype(x.dtype))
+        return _winograd(x, weight, pads, _WINOGRAD_F4, bias)
+    if path == "depthwise":
+        y = _depthwise(x, weight, strides, pads, dilations)
+    elif path == "pointwise":
+        y = _pointwise(x, weight, strides)
+    else:
+        y = lax.conv_general_dilated(
+            x, weight.astype(x.dtype), window_strides=strides, padding=pads,
+            rhs_dilation=dilations, dimension_numbers=_dimension_numbers(x.ndim - 2),
+            feature_group_count=groups, preferred_element_type=_accumulate_dtype(x.dtype))
+    return _add_bias(y, bias, x.ndim - 2)
 
 
 def _is_pointwise(w_shape, groups, pads) -> bool:
@@ -250,7 +255,7 @@ def _depthwise(x, weight, strides, pads, dilations):
     return y
 
 
-def _im2col(x, weight, strides, pads, dilations):
+def _im2col(x, weight, strides, pads, dilations, bias=None):
     """im2col: every tap's window stacked as rows of a ``[C_in * taps, positions]`` matrix, one GEMM per image.
 
     For few input channels (a network's first layer) XLA:CPU's convolution runs far below
@@ -262,7 +267,7 @@ def _im2col(x, weight, strides, pads, dilations):
     def one_chunk(xc):
         wins = [v for _, v in _windows(_pad_spatial(xc, pads), weight.shape[2:], strides, dilations, outs)]
         patches = jnp.stack(wins, axis=2)            # [N, C, taps, *outs]: rows in weight's (c, tap) order
-        return _batched_gemm(w2, patches.reshape(xc.shape[0], -1, p))
+        return _add_bias(_batched_gemm(w2, patches.reshape(xc.shape[0], -1, p)), bias, 1)
 
     y = _in_batch_chunks(one_chunk, x, (w2.shape[1] * x.dtype.itemsize + w2.shape[0] * 4) * p)
     return y.reshape((x.shape[0], weight.shape[0], *outs))
@@ -314,7 +319,7 @@ def _combine(parts, coeffs):
     return sum(terms[1:], terms[0])
 
 
-def _winograd(x, weight, pads, f: _Winograd):
+def _winograd(x, weight, pads, f: _Winograd, bias=None):
     """A 3x3 stride-1 convolution (2-D) by Winograd's minimal filtering, computed in fp32.
 
     ``m x m`` output tiles from overlapping ``t x t`` input tiles (``t = m + 2``): the input
@@ -333,8 +338,8 @@ def _winograd(x, weight, pads, f: _Winograd):
     # G g G^T for every filter as one [t*t, 9] x [9, K*C] product (G (x) G times the raveled 3x3).
     u = lax.dot_general(jnp.asarray(np.kron(f.g, f.g), jnp.float32), w.reshape(k * c, 9),
                         (((1,), (1,)), ((), ()))).reshape(t * t, k, c)
-    y = _in_batch_chunks(lambda xc: _winograd_tiles(xc, u, (top, left), (th, tw), f), x,
-                         t * t * th * tw * (c + k) * 4)
+    y = _in_batch_chunks(lambda xc: _add_bias(_winograd_tiles(xc, u, (top, left), (th, tw), f), bias, 2),
+                         x, t * t * th * tw * (c + k) * 4)
     return y[:, :, :ho, :wo]
 
 
