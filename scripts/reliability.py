@@ -37,7 +37,7 @@ def _outcome_kind(outcome: str) -> str:
         return "prediction"
     if outcome.startswith("error:"):
         return outcome.split(":", 1)[1]
-    return "RAW " + outcome.split(":", 1)[0] if outcome.startswith("raw:") else outcome.upper()
+    return "RAW " + outcome.split(":")[1] if outcome.startswith("raw:") else outcome.upper()
 
 
 def render(records, rng_seeds, per_seed, seconds) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from mljax.classic._common import classic_stage, dense_dict_input, dict_output, float_dtype
+from mljax.classic._common import classic_stage, dense_dict_input, dict_output, float_dtype, input_width
 from mljax.errors import InputError, ModelFormatError, UnsupportedError
 from mljax.features import feature_specs
 from mljax.stage import register_stage_builder
@@ -69,6 +69,11 @@ def build_scaler(spec, weights_dir=None, **_):
     p = spec.scaler
     w = {"shift": np.asarray(p.shiftValue or [0.0], np.float64),
          "scale": np.asarray(p.scaleValue or [1.0], np.float64)}
+    width = input_width(dict(list(feature_specs(spec.description.input).items())[:1]))
+    for name, values in w.items():
+        if values.size != 1 and width is not None and values.size != width:
+            raise ModelFormatError(f"Scaler: expected 1 or {width} {name} values (one per input value); "
+                                   f"found {values.size}")
     return _unary_stage(spec, "Scaler", lambda w, x: (x.astype(float_dtype()) + w["shift"]) * w["scale"], w,
                         key=())
 

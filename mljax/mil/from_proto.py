@@ -129,6 +129,9 @@ def value_from_proto(value, blobs: _Blobs | None = None):
         raise ModelFormatError(f"value without content: {value}")
     iv = value.immediateValue
     ik = iv.WhichOneof("value")
+    declared = {"tuple": TupleType, "list": ListType, "dictionary": DictType}.get(ik)
+    if declared is not None and not isinstance(t, declared):
+        raise ModelFormatError(f"an immediate {ik} value declared with the type {t}; expected a {declared.__name__}")
     if ik == "tensor":
         return t, _tensor_value(iv.tensor, t), None
     if ik == "tuple":

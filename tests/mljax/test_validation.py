@@ -245,3 +245,27 @@ def test_an_image_output_that_is_not_an_image():
     with pytest.raises(ModelFormatError, match=r"expected a \[.., C, H, W\] blob of one image with C in \(1, 3, 4\); found shape \(2, 4\)"):
         array_to_image(np.zeros((2, 4), np.float32), "RGB")
     assert np.asarray(array_to_image(np.full((1, 3, 2, 2), 7.0), "RGB")).shape == (2, 2, 3)
+
+
+def test_scaler_values_not_one_per_input(data):
+    from sklearn.linear_model import LinearRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    X, _ = data
+    spec = _sklearn(make_pipeline(StandardScaler(), LinearRegression()).fit(X, X[:, 0]))
+    kind = spec.WhichOneof("Type")
+    pipe = spec.pipeline if kind == "pipeline" else getattr(spec, kind).pipeline
+    scaler = next(m for m in pipe.models if m.HasField("scaler")).scaler
+    scaler.shiftValue.append(1.0)
+    with pytest.raises(ModelFormatError, match="Scaler: expected 1 or 3 shift values"):
+        mljax.MLModel(spec)
+
+
+def test_an_immediate_tuple_declared_as_a_tensor(program):
+    path, spec = program
+    bad = _copy(spec)
+    const = next(op for op in _main_ops(bad)
+                 if op.type == "const" and op.attributes["val"].WhichOneof("value") == "immediateValue")
+    const.attributes["val"].immediateValue.tuple.SetInParent()
+    with pytest.raises(ModelFormatError, match="an immediate tuple value declared with the type"):
+        _load(bad, path)
