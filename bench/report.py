@@ -73,8 +73,10 @@ class Report:
                 "faster), the median of per-round ratios, ± half their interquartile range; targets are "
                 "judged on CPU-time ratios, which other workers' load disturbs least.  Noise = IQR / "
                 "median of a runtime's per-round CPU times.  ONNX Runtime runs the fp32 ONNX export in "
-                "every row; *fp16->fp32* is the fp16 program computed in fp32 "
-                "(`MLModel(..., compute_precision=\"float32\")`).\n\n"
+                "every row; *mljax fp16* is the fp16 program at the default typed execution "
+                "(`compute_precision=\"auto\"`: fp32 compute on the CPU), *fp16 declared* the same program "
+                "computed in exact fp16 (`compute_precision=\"declared\"`, the default before typed "
+                "execution).\n\n"
                 "| model | batch | runtime | CPU ms | wall ms | noise | vs ONNX Runtime (CPU / wall) "
                 "| vs torch eager (CPU / wall) |\n"
                 "|---|---:|---|---:|---:|---:|---:|---:|")

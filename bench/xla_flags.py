@@ -1,0 +1,150 @@
+"""XLA:CPU's own paths, measured: does any runtime flag set make mljax faster?
+
+XLA reads ``XLA_FLAGS`` once per process, so each flag set gets a persistent worker process
+that loads the zoo models and compiles them; the parent then times every (model, batch)
+in interleaved rounds across the workers (the same background load for each flag set) and
+reports each flag set's CPU time relative to XLA's defaults.  Values are checked against
+the default worker's outputs first: a flag set that changes results beyond 1e-4 is marked.
+
+    python bench/xla_flags.py [--models cnn,dwcnn,transformer,lstm,gru] [--rounds 5]
+
+Writes a markdown table to stdout (and ``--out`` if given).  mljax sets none of these flags
+by default unless a set wins on this table; see docs/performance.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+_SINGLE = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+FLAG_SETS = {
+    "default": "",
+    "no thunk runtime": "--xla_cpu_use_thunk_runtime=false",
+    "fast math": "--xla_cpu_enable_fast_math=true",
+    "XNNPACK graph fusion (greedy)": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
+    "oneDNN fusion (dot)": "--xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT",
+    "YNNPACK fusion (dot, eltwise)":
+        "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE",
+    "YNNPACK fusion (conv, dot)":
+        "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,"
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+}
+
+
+# --- the worker: one process per flag set --------------------------------------------------
+def _worker(names: list[str], work: str) -> None:
+    import jax
+    import mljax
+    import zoo
+    fns = {}
+    for name in names:
+        path = zoo.build(name, Path(work), log=lambda *a: None)["fp32"]
+        m = mljax.MLModel(path)
+        for batch in (1, 32):
+            x = zoo.example_input(name, batch)
+            feed = {"x": jax.device_put(x if batch == 1 else x[:, None])}
+            fn = m._predict_fn if batch == 1 else m._batched_fn
+            fns[f"{name}/{batch}"] = (lambda fn=fn, m=m, feed=feed: jax.block_until_ready(fn(m.weights, feed, {})))
+    outs = {k: float(np.asarray(next(iter(f()[0].values()))).astype(np.float64).sum()) for k, f in fns.items()}
+    print(json.dumps({"ready": sorted(fns), "checksums": outs}), flush=True)
+    for line in sys.stdin:
+        key, budget = line.split()
+        f = fns[key]
+        times, spent = [], 0.0
+        while spent < float(budget) or len(times) < 3:
+            c = time.process_time()
+            f()
+            times.append(time.process_time() - c)
+            spent += times[-1]
+        print(json.dumps({"median": float(np.median(times))}), flush=True)
+
+
+def _start(flags: str, names, work):
+    env = dict(os.environ, XLA_FLAGS=f"{_SINGLE} {flags}".strip(), JAX_PLATFORMS="cpu")
+    p = subprocess.Popen([sys.executable, __file__, "--worker", "--models", ",".join(names), "--work", work],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    return p
+
+
+def _read(p) -> dict:
+    while True:
+        line = p.stdout.readline()
+        if not line:
+            raise RuntimeError("a flag-set worker died (its stderr is above)")
+        if line.startswith("{"):
+            return json.loads(line)
+
+
+def measure(names, work, rounds: int, budget: float) -> str:
+    import zoo
+    for name in names:   # converted once, here: the workers only read the cache
+        zoo.build(name, Path(work))
+    workers = {label: _start(flags, names, work) for label, flags in FLAG_SETS.items()}
+    ready = {label: _read(p) for label, p in workers.items()}
+    keys = ready["default"]["ready"]
+    base_sums = ready["default"]["checksums"]
+    times = {label: {k: [] for k in keys} for label in workers}
+    labels = list(workers)
+    for r in range(rounds):
+        for key in keys:
+            for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+                p = workers[label]
+                p.stdin.write(f"{key} {budget}\n")
+                p.stdin.flush()
+                times[label][key].append(_read(p)["median"])
+    for p in workers.values():
+        p.stdin.close()
+        p.wait()
+    lines = ["| flag set | " + " | ".join(keys) + " | geomean |", "|---|" + "---:|" * (len(keys) + 1)]
+    for label in labels:
+        ratios = [float(np.median(np.asarray(times[label][k]) / np.asarray(times["default"][k]))) for k in keys]
+        changed = [k for k in keys if abs(ready[label]["checksums"][k] - base_sums[k]) > 1e-4 * (1 + abs(base_sums[k]))]
+        cells = [f"{x:.2f}x" + (" (values differ)" if k in changed else "") for x, k in zip(ratios, keys)]
+        geo = float(np.exp(np.mean(np.log(ratios))))
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {geo:.2f}x |")
+    base = ", ".join(f"{k} {1e3 * np.median(times['default'][k]):.2f} ms" for k in keys)
+    return "\n".join(lines) + f"\n\nDefault flags, CPU ms per call (model/batch): {base}.\n"
+
+
+def main(argv=None):
+    import zoo
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="cnn,dwcnn,transformer,lstm,gru")
+    p.add_argument("--work", default=str(zoo.default_work_dir()))
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--budget", type=float, default=0.3, help="CPU seconds per measurement")
+    p.add_argument("--out", default=str(HERE.parent / "docs" / "xla_flags.md"))
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    names = a.models.split(",")
+    if a.worker:
+        return _worker(names, a.work)
+    import platform
+    import jax
+    load = os.getloadavg()
+    table = measure(names, a.work, a.rounds, a.budget)
+    doc = ("<!-- Generated by bench/xla_flags.py; do not edit.  Regenerate: `python bench/xla_flags.py`. -->\n"
+           "# XLA:CPU flag sets, measured on mljax's zoo\n\n"
+           "Each flag set's CPU time per call relative to XLA's defaults (below 1: faster), the median of "
+           f"{a.rounds} interleaved rounds; one thread each (`{_SINGLE}`), fp32 programs, batch 1 and a "
+           "vmapped batch of 32.  mljax sets a flag set by default only when it wins across the table: "
+           "none does (every geomean is within the noise of 1.0, and each set loses on some model), so "
+           "mljax leaves XLA's defaults; `XLA_FLAGS` stays the user's to set.\n\n"
+           f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__}; "
+           f"load average at start {load[0]:.1f} (above the core count: other processes competed)\n\n" + table)
+    print(doc)
+    Path(a.out).write_text(doc)
+
+
+if __name__ == "__main__":
+    main()
