@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from mljax.errors import ModelFormatError
 from mljax.neuralnetwork._base import layer, static_value, xp
 from mljax.neuralnetwork.weights import decode_weights
 
@@ -291,8 +292,16 @@ def _shape_from(p, xs, ctx, kind: str):
     if kind == "Like":
         return tuple(xs[0].shape)
     if kind == "Static":
-        return tuple(int(s) for s in p.outputShape)
-    return tuple(int(s) for s in static_value(xs[0], ctx, "the output shape").reshape(-1))
+        shape = tuple(int(s) for s in p.outputShape)
+    else:
+        shape = tuple(int(s) for s in static_value(xs[0], ctx, "the output shape").reshape(-1))
+    if any(d < 0 for d in shape) or int(np.prod([float(d) for d in shape])) > _MAX_RANDOM:
+        raise ModelFormatError(f"NeuralNetwork layer {ctx.name!r}: output shape {shape}; expected sizes >= 0 "
+                               f"and at most {_MAX_RANDOM:,} values")
+    return shape
+
+
+_MAX_RANDOM = 1 << 31
 
 
 def _register_random(dist: str) -> None:

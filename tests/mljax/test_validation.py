@@ -269,3 +269,14 @@ def test_an_immediate_tuple_declared_as_a_tensor(program):
     const.attributes["val"].immediateValue.tuple.SetInParent()
     with pytest.raises(ModelFormatError, match="an immediate tuple value declared with the type"):
         _load(bad, path)
+
+
+def test_a_random_layer_with_a_negative_output_shape():
+    sys.path.insert(0, str(Path(__file__).parents[1] / "updatable"))
+    from models import dense_classifier
+    spec = load_spec(dense_classifier()[0]).spec
+    layer = spec.neuralNetworkClassifier.layers[1]            # relu1 -> a random layer
+    layer.randomBernoulliStatic.outputShape.extend([2**40, 5])
+    with pytest.raises(ModelFormatError, match=r"layer 'relu1': output shape \(1099511627776, 5\); expected sizes >= 0 "
+                                               r"and at most 2,147,483,648 values"):
+        mljax.MLModel(spec).predict({"features": np.ones(6, np.float32)})
