@@ -13,6 +13,7 @@ from jax import lax
 from mljax.neuralnetwork._base import as_rank5, fail, flat_lead, from_rank5, layer, xp
 from mljax.neuralnetwork.weights import decode_weights
 from mljax.ops.conv import _dense_or_grouped
+from mljax.ops.pool import window_reduction
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -273,14 +274,16 @@ def pooling(p, w, xs, ctx):
     k = [int(v) for v in (list(p.kernelSize) or [3, 3])]
     s = [int(v) for v in (list(p.stride) or [1, 1])]
     pads, counted = _pool_pads(p, x.shape[-2], x.shape[-1], k, s)
-    nd = x.ndim
-    window, strides = (1,) * (nd - 2) + tuple(k), (1,) * (nd - 2) + tuple(s)
-    padding = ((0, 0),) * (nd - 2) + tuple(pads)
+    xb, lead = flat_lead(x, 3)
+
+    def window_reduce(v, init, op):   # the MIL pool ops' windowed reduction (strided slices when small)
+        y = window_reduction(v, np.array(init, v.dtype), op, tuple(k), tuple(s), pads, [0, 0])
+        return y.reshape(lead + tuple(y.shape[1:]))
     if kind == 0:
-        return lax.reduce_window(x, -jnp.inf, lax.max, window, strides, padding)
+        return window_reduce(xb, -np.inf, lax.max)
     if kind == 2:
-        return jnp.sqrt(lax.reduce_window(jnp.square(x), 0.0, lax.add, window, strides, padding))
-    total = lax.reduce_window(x, 0.0, lax.add, window, strides, padding)
+        return jnp.sqrt(window_reduce(jnp.square(xb), 0.0, lax.add))
+    total = window_reduce(xb, 0.0, lax.add)
     ones = np.ones(x.shape[-2:], np.float32)
     if not p.avgPoolExcludePadding:
         ones = np.pad(ones, counted, constant_values=1.0)

@@ -56,7 +56,8 @@ def _window(x, kernel_sizes, strides, pad_type, pad, ceil_mode):
 _SLICED_MAX_CELLS = 16
 
 
-def _reduce(x, init, op, kernel, strides, pads, extra):
+def window_reduction(x, init, op, kernel, strides, pads, extra):
+    """``op``-reduce each window of ``x [N, C, *D]`` (padded with ``init``; ``extra`` trailing cells)."""
     padding = ((0, 0), (0, 0)) + tuple((b, a + e) for (b, a), e in zip(pads, extra))
     if math.prod(kernel) > _SLICED_MAX_CELLS:
         return lax.reduce_window(x, init, op, (1, 1) + kernel, (1, 1) + strides, padding)
@@ -73,7 +74,7 @@ def _reduce(x, init, op, kernel, strides, pads, extra):
 def _window_sum(x, kernel, strides, pads, extra):
     acc = _accumulate_dtype(x.dtype) or x.dtype
     # a NumPy init value keeps reduce_window differentiable under jit (a jnp one does not)
-    return _reduce(x.astype(acc), np.array(0, acc), lax.add, kernel, strides, pads, extra)
+    return window_reduction(x.astype(acc), np.array(0, acc), lax.add, kernel, strides, pads, extra)
 
 
 @register("avg_pool")
@@ -105,7 +106,7 @@ def max_pool(x, *, kernel_sizes, strides=None, pad_type="valid", pad=None, ceil_
     x = jnp.asarray(x)
     kernel, strides, pads, extra = _window(x, kernel_sizes, strides, pad_type, pad, ceil_mode)
     init = np.array(-np.inf, x.dtype)
-    return _reduce(x, init, lax.max, kernel, strides, pads, extra)
+    return window_reduction(x, init, lax.max, kernel, strides, pads, extra)
 
 
 @register("l2_pool")
