@@ -68,18 +68,21 @@ def _mv(h, w):
     return lax.dot_general(h, w, (((h.ndim - 1,), (1,)), ((), ())))
 
 
-def _steps(step, carry, xs, reverse: bool = False, time_aligned: bool = False):
+def _steps(step, carry, xs, reverse: bool = False, time_aligned: bool = False, *, prefetch=True):
     """``lax.scan(step, carry, xs)`` for recurrences; returns (final carry, per-step outputs).
 
-    ``xs[t]`` reaches ``step`` through the loop carry, sliced one step ahead: XLA:CPU fuses a
-    slice at the loop index into every fusion that reads it and emits those fusions as scalar
-    loops, which made the gates' sigmoid/tanh several times slower than on a carried buffer.
+    With ``prefetch``, ``xs[t]`` reaches ``step`` through the loop carry, sliced one step ahead:
+    XLA:CPU fuses a slice at the loop index into every fusion that reads it and emits those
+    fusions as scalar loops, which made lstm/gru's sigmoid/tanh gates several times slower than
+    on a carried buffer (rnn's single activation is cheaper than carrying the slice).
     ``reverse`` walks the sequence from the end; the outputs are then in processing order
     (last time step first), or at their time index with ``time_aligned``.
     """
     n = xs.shape[0]
-    if n == 0:
-        return lax.scan(step, carry, xs)
+    if not prefetch or n == 0:
+        if reverse and not time_aligned:
+            return lax.scan(step, carry, xs[::-1])
+        return lax.scan(step, carry, xs, reverse=reverse)
     pos = (lambda k: n - 1 - k) if reverse else (lambda k: k)
 
     def body(state, _):
@@ -237,7 +240,7 @@ def _rnn_direction(x, h0, w_ih, w_hh, bias, act, reverse):
         h = act(xw_t + _mv(h, w_hh))
         return h, h
 
-    h, ys = _steps(step, jnp.asarray(h0).astype(dtype), xw, reverse)
+    h, ys = _steps(step, jnp.asarray(h0).astype(dtype), xw, reverse, prefetch=False)
     return ys.astype(x.dtype), h.astype(x.dtype)
 
 

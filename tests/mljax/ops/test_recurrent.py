@@ -246,8 +246,9 @@ def test_e2e_lstm(opset):
 
 
 # --- the loop itself ----------------------------------------------------------------------
+@pytest.mark.parametrize("prefetch", [True, False])
 @pytest.mark.parametrize("reverse,time_aligned", [(False, False), (True, False), (True, True)])
-def test_steps_matches_lax_scan(reverse, time_aligned):
+def test_steps_matches_lax_scan(reverse, time_aligned, prefetch):
     import jax.numpy as jnp
     from jax import lax
 
@@ -262,7 +263,7 @@ def test_steps_matches_lax_scan(reverse, time_aligned):
         ref_carry, ref_ys = lax.scan(step, carry0, xs[::-1])
     else:
         ref_carry, ref_ys = lax.scan(step, carry0, xs, reverse=reverse)
-    carry, ys = rc._steps(step, carry0, xs, reverse, time_aligned)
+    carry, ys = rc._steps(step, carry0, xs, reverse, time_aligned, prefetch=prefetch)
     np.testing.assert_array_equal(np.asarray(carry), np.asarray(ref_carry))
     np.testing.assert_array_equal(np.asarray(ys), np.asarray(ref_ys))
 
