@@ -13,7 +13,7 @@ from mljax.mil.types import TensorType
 from mljax.optimize._graph import Graph
 
 __all__ = ["PASSES", "remove_noop_casts", "remove_identity_ops", "merge_transposes", "merge_reshapes",
-           "dead_code"]
+           "merge_parallel_linears", "dead_code"]
 
 # Ops that must run even when nothing reads their outputs.
 _SIDE_EFFECTS = {"coreml_update_state", "write_state"}
@@ -142,4 +142,76 @@ def dead_code(graph: Graph) -> int:
             return removed
 
 
-PASSES = (remove_noop_casts, remove_identity_ops, merge_transposes, merge_reshapes, dead_code)
+
+
+def merge_parallel_linears(graph: Graph) -> int:
+    """``linear`` ops reading the same input with constant weights become one ``linear`` over
+    the concatenated weights, then a ``split`` back into the original outputs (q/k/v
+    projections, the gates of an unrolled recurrent cell): one larger matrix product instead
+    of several small ones.  The weights stay separate (trainable) arguments: the concatenation
+    is an op of the function's top block, computed once per call, outside any loop."""
+    top, n = graph.fn.block, 0
+    for block in list(graph.blocks()):
+        groups: dict[int, list] = {}
+        for op in block.operations:
+            if op.type == "linear" and len(op.outputs) == 1 and _mergeable(op):
+                groups.setdefault(id(op.input("x")), []).append(op)
+        for ops in groups.values():
+            ops = _compatible(ops)
+            if len(ops) < 2:
+                continue
+            n += len(ops)
+            _merge(graph, block, top, ops)
+    return n
+
+
+def _mergeable(op) -> bool:
+    w, b = op.input("weight"), op.input("bias")
+    t = _tensor(op.outputs[0])
+    return (w is not None and isinstance(w.value, np.ndarray) and w.value.ndim == 2 and t is not None
+            and t.rank is not None and t.rank >= 1 and (b is None or isinstance(b.value, np.ndarray)))
+
+
+def _compatible(ops) -> list:
+    """The largest subset sharing weight dtype, bias presence and output dtype/rank."""
+    key = lambda op: (op.input("weight").value.dtype.str, op.input("bias") is None,  # noqa: E731
+                      _tensor(op.outputs[0]).dtype.name, _tensor(op.outputs[0]).rank)
+    by: dict = {}
+    for op in ops:
+        by.setdefault(key(op), []).append(op)
+    return max(by.values(), key=len)
+
+
+def _merge(graph: Graph, block, top, ops) -> None:
+    from mljax.mil.ir import Operation, Var
+    first = ops[0]
+    sizes = [op.input("weight").value.shape[0] for op in ops]
+    w0, out0 = first.input("weight"), _tensor(first.outputs[0])
+    axis0 = graph.const(first.name + "_axis0", np.array(0))
+    concats = []
+    for key in ("weight", "bias"):
+        if first.input(key) is None:
+            continue
+        parts = tuple(op.input(key) for op in ops)
+        shape = (sum(sizes),) + tuple(parts[0].value.shape[1:])
+        cat = Var(f"{first.name}_{key}__merged", TensorType(_tensor(parts[0]).dtype if _tensor(parts[0]) else
+                                                           w0.type.dtype, shape))
+        concats.append(Operation("concat", cat.name + "_op", {"values": parts, "axis": (axis0,)}, [cat]))
+    y_type = TensorType(out0.dtype, None if out0.shape is None else tuple(out0.shape[:-1]) + (sum(sizes),))
+    y = Var(f"{first.name}__merged", y_type)
+    inputs = {"x": first.inputs["x"], "weight": (concats[0].outputs[0],)}
+    if len(concats) == 2:
+        inputs["bias"] = (concats[1].outputs[0],)
+    linear = Operation("linear", y.name + "_op", inputs, [y])
+    split = Operation("split", y.name + "_split", {
+        "x": (y,), "split_sizes": (graph.const(first.name + "_sizes", np.array(sizes)),),
+        "axis": (graph.const(first.name + "_axis", np.array(-1)),)}, [op.outputs[0] for op in ops])
+    at = block.operations.index(first)
+    removed = {id(op) for op in ops}
+    block.operations[:] = [op for op in block.operations[:at] if id(op) not in removed] + [linear, split] + \
+        [op for op in block.operations[at:] if id(op) not in removed]
+    top.operations[0:0] = concats
+
+
+PASSES = (remove_noop_casts, remove_identity_ops, merge_transposes, merge_reshapes, merge_parallel_linears,
+          dead_code)

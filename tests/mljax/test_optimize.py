@@ -90,3 +90,33 @@ def test_the_saved_program_is_the_loaded_one(tmp_path):
     ops = [op.type for op in spec.mlProgram.functions["main"].block_specializations["CoreML7"].operations]
     assert ops.count("transpose") == 4 and "identity" in ops
     np.testing.assert_array_equal(mljax.MLModel(out).predict({"x": x})["y"], on["y"])
+
+
+WQ, WK, WV, WO = (RNG.standard_normal((n, 12)).astype(np.float32) for n in (8, 8, 4, 5))
+BQ, BK, BV = (RNG.standard_normal(n).astype(np.float32) for n in (8, 8, 4))
+
+
+def _program_parallel_linears():
+    @mb.program(input_specs=[mb.TensorSpec((3, 12), dtype=types.fp32)], opset_version=ct.target.iOS17)
+    def prog(x):
+        q = mb.linear(x=x, weight=WQ, bias=BQ)
+        k = mb.linear(x=x, weight=WK, bias=BK)
+        v = mb.linear(x=x, weight=WV, bias=BV)
+        o = mb.linear(x=x, weight=WO)                       # MIL's default bias (zeros) is a const too
+        s = mb.matmul(x=q, y=k, transpose_y=True)
+        return mb.concat(values=[mb.matmul(x=s, y=v), o], axis=-1, name="y")
+    return prog
+
+
+def test_parallel_linears_merge_into_one_product():
+    x = RNG.standard_normal((3, 12)).astype(np.float32)
+    model, on, off = _both(_program_parallel_linears, {"x": x})
+    q, k, v = x @ WQ.T + BQ, x @ WK.T + BK, x @ WV.T + BV
+    want = np.concatenate([(q @ k.T) @ v, x @ WO.T], -1)
+    np.testing.assert_allclose(on["y"], want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(on["y"], off["y"], rtol=1e-6, atol=1e-5)
+    assert _stats(model)["merge_parallel_linears"] == 4
+    fn = model.stage.info["lowered"].fn
+    assert sum(op.type == "linear" for op in fn.block.walk()) == 1
+    # the weights stay separate, trainable arguments
+    assert {w.shape for w in model.weights.values()} >= {WQ.shape, WV.shape, WO.shape}
