@@ -171,7 +171,8 @@ def _fields(msg, out, depth=0):
             continue
         if _is_repeated(fd):
             items = getattr(msg, fd.name)
-            values = items.values() if _is_map(fd) else items
+            # map entries in key order: the same rng seed picks the same fields in every process
+            values = [items[k] for k in sorted(items)] if _is_map(fd) else items
             for sub in list(values)[:8]:
                 if hasattr(sub, "DESCRIPTOR"):
                     _fields(sub, out, depth + 1)
@@ -193,7 +194,7 @@ def _mutate_field(msg, fd, rng) -> None:
     if _is_repeated(fd):
         items = getattr(msg, name)
         if _is_map(fd):
-            keys = list(items.keys())
+            keys = sorted(items.keys())
             if keys and rng.random() < 0.7:
                 del items[keys[rng.integers(len(keys))]]
             return
