@@ -58,7 +58,7 @@ def predict_runners(name, paths, batch, threads, variants):
     models = {"mljax": (paths["fp32"], None)}
     if "fp16" in variants:
         models["mljax fp16"] = (paths["fp16"], None)                   # the default: "auto"
-        models["mljax fp16 declared"] = (paths["fp16"], "declared")    # exact fp16 arithmetic
+        models["mljax fp16 declared"] = (paths["fp16"], "float16")     # exact fp16 ("declared"; this alias also names it before typed execution)
     for label, (path, cp) in models.items():
         m = mljax.MLModel(path, compute_precision=cp)
         if batch == 1:
