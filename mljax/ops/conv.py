@@ -13,12 +13,15 @@ XLA's convolution; all compute the same convolution (Winograd to ~1e-5 relative 
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_batching import custom_vmap
 
 from mljax.errors import OpError
 from mljax.ops._registry import register
@@ -168,10 +171,10 @@ def _dense_or_grouped(x, weight, strides, pads, dilations, groups, bias=None):
     """
     path = conv_path(x.shape, weight.shape, x.dtype, strides, pads, dilations, groups)
     bias = None if bias is None else jnp.asarray(bias)
-    if path == "im2col":
-        return _im2col(x, weight, strides, pads, dilations, bias)
-    if path == "winograd":
-        return _winograd(x, weight, pads, _WINOGRAD_F4, bias)
+    if path in ("im2col", "winograd"):
+        geom = (tuple(map(int, strides)), tuple((int(a), int(b)) for a, b in pads), tuple(map(int, dilations)))
+        bias = jnp.zeros(weight.shape[:1], jnp.float32) if bias is None else bias
+        return _batch_folding(path, geom)(x, weight, bias)
     if path == "depthwise":
         y = _depthwise(x, weight, strides, pads, dilations)
     elif path == "pointwise":
@@ -182,6 +185,45 @@ def _dense_or_grouped(x, weight, strides, pads, dilations, groups, bias=None):
             rhs_dilation=dilations, dimension_numbers=_dimension_numbers(x.ndim - 2),
             feature_group_count=groups, preferred_element_type=_accumulate_dtype(x.dtype))
     return _add_bias(y, bias, x.ndim - 2)
+
+
+def _fast_path(path, geom, x, weight, bias):
+    strides, pads, dilations = geom
+    if path == "im2col":
+        return _im2col(x, weight, strides, pads, dilations, bias)
+    return _winograd(x, weight, pads, _WINOGRAD_F4, bias)
+
+
+@functools.lru_cache(maxsize=None)
+def _batch_folding(path: str, geom):
+    """``_fast_path(path, geom, ...)`` whose ``vmap`` over ``x`` folds the mapped axis into the batch.
+
+    A lowered model's function is vmapped over the samples of a list predict, so it sees batch
+    1; ``lax.conv``'s own batching rule folds the samples into its batch, this does the same
+    for im2col / Winograd (re-dispatched at the folded batch).  Reverse-mode derivatives come
+    from the plain implementation (``custom_vmap`` has none of its own).
+    """
+    plain = functools.partial(_fast_path, path, geom)
+
+    @custom_vmap
+    def folded(x, weight, bias):
+        return plain(x, weight, bias)
+
+    @folded.def_vmap
+    def _rule(axis_size, in_batched, x, weight, bias):
+        if in_batched[0] and not any(in_batched[1:]):
+            strides, pads, dilations = geom
+            y = _dense_or_grouped(x.reshape((-1,) + x.shape[2:]), weight, strides, pads, dilations, 1, bias)
+            return y.reshape((axis_size, -1) + y.shape[1:]), True
+        return jax.vmap(plain, in_axes=tuple(0 if b else None for b in in_batched))(x, weight, bias), True
+
+    @jax.custom_vjp
+    def fn(x, weight, bias):
+        return folded(x, weight, bias)
+
+    fn.defvjp(lambda x, weight, bias: (folded(x, weight, bias), (x, weight, bias)),
+              lambda res, ct: jax.vjp(plain, *res)[1](ct))
+    return fn
 
 
 def _is_pointwise(w_shape, groups, pads) -> bool:
@@ -273,12 +315,12 @@ def _im2col(x, weight, strides, pads, dilations, bias=None):
     return y.reshape((x.shape[0], weight.shape[0], *outs))
 
 
-# Temporaries per batch chunk of im2col / Winograd.  Small chunks keep the patches / transformed
-# tiles in cache and below glibc's mmap threshold (32 MiB: a bigger buffer is fresh pages,
-# page-faulted on every call).  Winograd, whole batch -> 2 MiB chunks: (32,32,32,32)->64 0.97x ->
-# 0.75x lax.conv, (32,64,16,16)->128 0.74x -> 0.57x, (32,64,56,56)->64 1.36x -> 0.76x (32 MiB);
-# 4 MiB / 1 MiB / 0.5 MiB within 0.1x of 2 MiB.
-_TEMP_BYTES = 2 << 20
+# Temporaries per batch chunk of im2col / Winograd: glibc's largest mmap threshold.  A bigger
+# buffer is fresh pages, page-faulted on every call: Winograd at (32,64,56,56)->64 1.36x
+# lax.conv whole, 0.71-0.76x in chunks.  Smaller chunks (2 MiB) were faster still per layer
+# ((32,32,32,32)->64 0.67x instead of 0.94x) but slower inside the cnn network (whole predict
+# 0.99-1.27x lax.conv against 0.84-0.91x unchunked: the lax.map loop's copies and layouts).
+_TEMP_BYTES = 32 << 20
 
 
 def _in_batch_chunks(fn, x, bytes_per_image: int):

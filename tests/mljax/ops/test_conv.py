@@ -365,3 +365,26 @@ def test_conv_path_rules(x_shape, w_shape, strides, groups, dtype, expected):
     from mljax.ops.conv import conv_path
     pads = [(w_shape[2] // 2,) * 2] * 2
     assert conv_path(x_shape, w_shape, dtype, strides, pads, (1, 1), groups) == expected
+
+
+@pytest.mark.parametrize("c_in,strides,expected", [(5, (1, 1), "winograd"), (3, (2, 2), "im2col")])
+def test_fast_paths_under_vmap(fast_paths, c_in, strides, expected):
+    """A lowered model's function is vmapped over the samples of a list predict (batch 1 each):
+    the fast paths fold the samples into the batch; values and gradients are unchanged, and
+    vmapping over the weights works too."""
+    import jax
+    x, w, b = rand((4, 1, c_in, 9, 8)), rand((6, c_in, 3, 3)), rand((6,))
+    assert fast_paths.conv_path((4, c_in, 9, 8), w.shape, np.float32, strides, [(1, 1)] * 2, (1, 1), 1) == expected
+    kw = dict(strides=np.array(strides), pad_type="custom", pad=np.array([1, 1, 1, 1]))
+    ref = np.stack([_conv_ref(x[i], w, b, [(1, 1)] * 2, strides, (1, 1)) for i in range(4)])
+    check(jax.jit(jax.vmap(lambda a: conv(a, w, b, **kw)))(x), ref, np.float32)
+    ws = np.stack([w, 2 * w])
+    check(jax.vmap(lambda c: conv(x[0], c, b, **kw))(ws),
+          np.stack([_conv_ref(x[0], c, b, [(1, 1)] * 2, strides, (1, 1)) for c in ws]), np.float32)
+
+    def loss(w, fast):
+        f = (lambda a: conv(a, w, b, **kw)) if fast else (
+            lambda a: jax.lax.conv_general_dilated(a, w, strides, [(1, 1)] * 2, dimension_numbers=(
+                "NCHW", "OIHW", "NCHW"), precision=jax.lax.Precision.HIGHEST) + b[:, None, None])
+        return (jax.vmap(f)(x) ** 2).sum()
+    np.testing.assert_allclose(jax.grad(loss)(w, True), jax.grad(loss)(w, False), rtol=1e-4, atol=1e-3)
