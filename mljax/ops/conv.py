@@ -116,7 +116,9 @@ def conv(x, weight, bias=None, *, strides=None, pad_type="valid", pad=None, dila
 _DEPTHWISE_MAX_TAPS = 64
 # Path rules for XLA:CPU, from bench/conv_paths.py: single thread, fp32, CPU ms of the path over
 # lax.conv_general_dilated's (median of interleaved rounds on a shared 2-core AMD EPYC; +-10%),
-# im2col and Winograd in batch chunks of _TEMP_BYTES:
+# im2col and Winograd in 2 MiB batch chunks (with today's 32 MiB chunks, whole batches here:
+# (32,3,64,64)->32 im2col 0.43-0.63x, (32,32,32,32)->64 F(4x4) 0.92-1.02x, (32,64,16,16)->128
+# 0.79-0.86x; see _TEMP_BYTES for why):
 #   shape (N,C_in,H,W)->C_out 3x3    im2col  winograd F(2x2)  F(4x4)
 #   (32,3,64,64)->32                 0.47x   0.60x            0.65x
 #   (32,3,96,96)->32 stride 2        0.56x   -                -
