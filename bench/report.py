@@ -345,20 +345,22 @@ class Report:
             "Already rewritten where XLA:CPU was the bottleneck: `linear` contracts the weight in place "
             "(no transposed copy per call), depthwise convolutions run as fused shifted products instead of "
             "grouped convolutions (15-25x faster per layer), 1x1 convolutions as one batched GEMM (1.5-2.7x).  "
-            "What remains: dense 3x3 convolutions, which XLA:CPU runs through Eigen's spatial convolution "
-            "(on this machine im2col + GEMM and per-tap GEMMs were 1.1-8x *slower* than Eigen, and an NHWC "
-            "layout within noise), and single-threaded GEMMs about 2-3x below MLAS's tuned kernels; and "
-            "recurrent loops.  The `lstm`/`gru`/`rnn` ops compute every step's input projection in one GEMM; "
+            "Dense convolutions now take the path `mljax.ops.conv.conv_path` picks by shape (measured by "
+            "`bench/conv_paths.py`): Winograd F(4x4,3x3) batched products for 3x3 stride-1 layers with >= 16 "
+            "channels, im2col + one GEMM for first layers and small maps, Eigen's convolution for the rest; "
+            "max/avg pools of small windows reduce strided slices (4x faster than reduce_window); linears "
+            "reading one input merge into one product (`mljax.optimize`).  "
+            "What remains: single-threaded GEMMs about 2-3x below MLAS's tuned kernels, Winograd's transforms "
+            "as separate XLA fusions (ONNX Runtime fuses them into its kernels), and recurrent loops.  "
+            "The `lstm`/`gru`/`rnn` ops compute every step's input projection in one GEMM; "
             "lstm and gru pass each step's slice to the loop through its carry (XLA:CPU emits a fusion that reads a "
             "slice at the loop index as a scalar loop: the gate activations were several times slower); "
             "lstm's remaining time is mostly the input projection and each step's 1x128 or 32x128 by 128x512 "
             "product at XLA:CPU's kernel speed.  The zoo's gru is no `gru` op: coremltools converts torch's "
             "GRU into a `while_loop` of gathers, six `linear`s and a scatter per step.  "
-            "XLA flags tried on this machine "
-            "(`--xla_cpu_use_thunk_runtime=false`, `--xla_cpu_use_xnnpack`, "
-            "`--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY`, "
-            "`--xla_cpu_use_onednn`, `--xla_cpu_enable_fast_math`) moved the executable time by less than "
-            "the run-to-run noise.")
+            "XLA:CPU's flag sets (thunk runtime off, fast math, XNNPACK/oneDNN/YNNPACK library fusions) "
+            "are measured model by model in `docs/xla_flags.md` (`bench/xla_flags.py`): none wins across "
+            "the zoo, so mljax leaves XLA's defaults.")
         return out
 
     def _load_misses(self) -> list[str]:

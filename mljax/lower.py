@@ -184,6 +184,12 @@ class LoweredFunction:
                 env[v.name] = val
         state = {k: env[k] for k in self.state_names}
         outs = self._run_block(self.fn.block, env, state)
+        # Typed execution computes at *least* the declared precision; what leaves the function
+        # (outputs, states) has the declared dtypes, so a pipeline's next stage, a training
+        # step's features and predict all see the same values (fp16 outputs rounded once, here).
+        outs = [_as_declared(v.type, val) for v, val in zip(self.fn.outputs, outs)]
+        declared = {v.name: v.type.wrapped for v in self.fn.inputs if isinstance(v.type, StateType)}
+        state.update({k: _as_declared(declared[k], val) for k, val in state.items()})
         return dict(zip(self.output_names, outs)), state
 
     def _value(self, var: Var, env) -> Any:
@@ -268,6 +274,14 @@ class LoweredFunction:
         except OpError as e:
             raise OpError(f"{where}: {e}") from None
         return out if isinstance(out, tuple) else (out,)
+
+
+def _as_declared(typ, val):
+    """``val`` in the declared dtype of a tensor type (other values as they are)."""
+    if not isinstance(typ, TensorType) or typ.dtype.name == "string" or not hasattr(val, "dtype"):
+        return val
+    want = jax_dtype(typ.dtype)
+    return val if val.dtype == want else jnp.asarray(val).astype(want)
 
 
 def _declared_dtype(var: Var, val: np.ndarray) -> DType:
