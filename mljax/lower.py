@@ -273,6 +273,13 @@ class LoweredFunction:
                 out = spec.fn(*args, **kwargs)
         except OpError as e:
             raise OpError(f"{where}: {e}") from None
+        except TypeError as e:
+            # a const input the op requires is absent from the file (the op's signature says so)
+            if "required keyword-only argument" not in str(e) and "required positional argument" not in str(e):
+                raise
+            raise OpError(f"{where}: an input the op requires is missing ({e})") from None
+        except jax.dtypes.TypePromotionError as e:
+            raise OpError(f"{where}: its inputs' dtypes do not combine ({e})") from None
         return out if isinstance(out, tuple) else (out,)
 
 

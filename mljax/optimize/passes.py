@@ -45,6 +45,8 @@ def remove_noop_casts(graph: Graph) -> int:
         for op in block.operations:
             if op.type != "cast":
                 continue
+            if op.input("x") is None or len(op.outputs) != 1:
+                continue                    # malformed: the lowering reports it
             x, out = op.input("x"), op.outputs[0]
             tx, to = _tensor(x), _tensor(out)
             if tx is None or to is None:
@@ -91,7 +93,7 @@ def merge_transposes(graph: Graph) -> int:
             if inner is None or inner.type != "transpose" or p2 is None or p2.value is None:
                 continue
             p1 = inner.input("perm")
-            if p1 is None or p1.value is None or inner.input("x").value is not None:
+            if p1 is None or p1.value is None or inner.input("x") is None or inner.input("x").value is not None:
                 continue
             perm = np.asarray(p1.value).reshape(-1)[np.asarray(p2.value).reshape(-1)]
             if list(perm) == list(range(perm.size)) and _alias(graph, op, inner.input("x"), protected):
@@ -114,7 +116,8 @@ def merge_reshapes(graph: Graph) -> int:
                 continue
             inner = producers.get(id(op.input("x")))
             shape = _static_shape(op.outputs[0])
-            if inner is None or inner.type != "reshape" or shape is None or inner.input("x").value is not None:
+            if inner is None or inner.type != "reshape" or shape is None or inner.input("x") is None \
+                    or inner.input("x").value is not None:
                 continue
             op.inputs["x"] = (inner.input("x"),)
             op.inputs["shape"] = (graph.const(op.name + "_shape", np.array(shape)),)

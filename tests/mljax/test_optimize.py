@@ -120,3 +120,19 @@ def test_parallel_linears_merge_into_one_product():
     assert sum(op.type == "linear" for op in fn.block.walk()) == 1
     # the weights stay separate, trainable arguments
     assert {w.shape for w in model.weights.values()} >= {WQ.shape, WV.shape, WO.shape}
+
+
+def test_an_op_missing_a_required_const_input_is_an_mljax_error(tmp_path):
+    """A transpose whose ``perm`` was removed from the file: OpError naming the op (not a raw
+    TypeError from the op's signature), with the graph passes on and off."""
+    from mljax.errors import MLJaxError
+    path = _convert_unoptimized(_program_transposes, False)
+    spec = mljax.MLModel(path).get_spec()
+    block = spec.mlProgram.functions["main"].block_specializations["CoreML7"]
+    op = next(o for o in block.operations if o.type == "transpose")
+    del op.inputs["perm"]
+    weights = path / "Data" / "com.apple.CoreML" / "weights"
+    for optimize in (True, False):
+        with pytest.raises(MLJaxError, match="transpose"):
+            mljax.MLModel(spec, weights_dir=weights, optimize=optimize).predict(
+                {"x": np.zeros((2, 3, 4, 5), np.float32)})
