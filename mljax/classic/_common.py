@@ -84,12 +84,18 @@ def float_dtype():
     return jax.dtypes.canonicalize_dtype(np.float64)
 
 
-def feature_vector(inputs: dict, names) -> jax.Array:
-    """Inputs in description order, flattened and concatenated into one float vector."""
+def feature_vector(inputs: dict, names, width: int | None = None) -> jax.Array:
+    """Inputs in description order, flattened and concatenated into one float vector of
+    ``width`` values (checked when given: a pipeline's earlier stage may produce another size,
+    which broadcasting or a matrix product would otherwise hide or fail on)."""
     parts = [jnp.ravel(jnp.asarray(inputs[n])).astype(float_dtype()) for n in names]
     if not parts:
         raise ModelFormatError("the model describes no input features; expected at least one")
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+    vec = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+    if width is not None and vec.shape[0] != width:
+        raise InputError(f"inputs {list(names)}: expected {width} values in all (what the model's parameters "
+                         f"take); found {vec.shape[0]}")
+    return vec
 
 
 def probit(z):

@@ -38,7 +38,7 @@ def build_glm_regressor(spec, weights_dir=None, **_):
     names = [fd.name for fd in spec.description.input]
 
     def predict(w, feats):
-        x = feature_vector(feats, names)
+        x = feature_vector(feats, names, w["weight"].shape[1])
         return transform(w["weight"] @ x + w["offset"])
 
     return regressor_stage(spec, predict, weights, key=("glmRegressor", which, tuple(names)))
@@ -75,7 +75,7 @@ def build_glm_classifier(spec, weights_dir=None, **_):
         raise UnsupportedError("GLMClassifier: probit with ReferenceClass supports only binary classification")
 
     def predict(w, feats):
-        z = w["weight"] @ feature_vector(feats, names) + w["offset"]
+        z = w["weight"] @ feature_vector(feats, names, w["weight"].shape[1]) + w["offset"]
         probs = _glm_probabilities(z, k, is_probit, reference)
         return jnp.argmax(probs), probs
 

@@ -57,7 +57,7 @@ def build_knn_classifier(spec, weights_dir=None, **_):
     weights = {"samples": samples, "sample_class": sample_class}
 
     def predict(w, feats):
-        x = feature_vector(feats, names)
+        x = feature_vector(feats, names, w["samples"].shape[-1])
         d = jnp.sum(jnp.square(w["samples"] - x), axis=-1)
         neg, nearest = jax.lax.top_k(-d, k)
         dist = -neg

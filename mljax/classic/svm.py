@@ -107,7 +107,7 @@ def build_support_vector_regressor(spec, weights_dir=None, **_):
     weights = {"support_vectors": sv, "alpha": alpha, "rho": np.float64(params.rho)}
 
     def predict(w, feats):
-        x = feature_vector(feats, names)
+        x = feature_vector(feats, names, w["support_vectors"].shape[-1])
         return (w["alpha"] @ kernel(w["support_vectors"], x) - w["rho"])[None]
 
     return regressor_stage(spec, predict, weights, key=("supportVectorRegressor", config, tuple(names)))
@@ -197,7 +197,7 @@ def build_support_vector_classifier(spec, weights_dir=None, **_):
     ii, jj = np.triu_indices(k, 1)
 
     def predict(w, feats):
-        x = feature_vector(feats, names)
+        x = feature_vector(feats, names, w["support_vectors"].shape[-1])
         dec = w["pair_coef"] @ kernel(w["support_vectors"], x) - w["rho"]
         first = dec > 0
         if config[0] == "rbf" and x.dtype == jnp.float64:     # recover what flush-to-zero lost

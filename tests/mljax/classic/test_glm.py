@@ -124,3 +124,15 @@ def test_bad_weight_rows_are_rejected():
     W = np.ones((5, 3))
     with pytest.raises(mljax.ModelFormatError, match="weight rows"):
         mljax.MLModel(_glm_spec("glmClassifier", W, np.zeros(5), labels=[0, 1, 2]))
+
+
+def test_a_feature_vector_of_another_width_is_an_input_error():
+    """Inside a pipeline an earlier stage may hand a GLM a vector of another width: an InputError
+    naming both widths (was a raw dot_general TypeError; a width of 1 would have broadcast)."""
+    from mljax.errors import InputError
+    X, y, rng = data()
+    model, _ = convert(LinearRegression().fit(X, X @ np.arange(4.0)))
+    name = next(iter(model.input_description))
+    for width in (0, 1, 5):
+        with pytest.raises(InputError, match=f"expected 4 values in all.*found {width}"):
+            model.stage.fn(model.weights, {name: np.zeros(width)}, {})
