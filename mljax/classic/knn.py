@@ -51,7 +51,10 @@ def build_knn_classifier(spec, weights_dir=None, **_):
     labels = sorted(set(per_sample))
     sample_class = np.asarray([labels.index(v) for v in per_sample], np.int32)
     n_classes = len(labels)
-    k = min(int(p.numberOfNeighbors.defaultValue) or 1, len(samples))
+    requested = int(p.numberOfNeighbors.defaultValue)
+    if requested < 0:
+        raise ModelFormatError(f"{what}: numberOfNeighbors must be a positive count (0 means 1); found {requested}")
+    k = min(requested or 1, len(samples))
     inverse = p.WhichOneof("WeightingScheme") == "inverseDistanceWeighting"
     check_width(spec, samples.shape[1], what, "samples")
     weights = {"samples": samples, "sample_class": sample_class}

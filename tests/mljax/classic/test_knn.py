@@ -56,3 +56,13 @@ def test_knn_inverse_distance_exact_match_wins():
     samples = np.array([[0.0, 0.0], [1.0, 0.0], [1.1, 0.0], [0.9, 0.0]], np.float32)
     model = _builder_model(samples, [7, 8, 8, 8], 4, "inverse_distance")
     assert model.predict({"x": np.zeros(2, np.float32)})["label"] == 7
+
+
+def test_a_negative_number_of_neighbors_is_a_format_error():
+    """Found by the fuzz suite: numberOfNeighbors of -2**31 reached top_k as a raw ValueError."""
+    from mljax.errors import ModelFormatError
+    X, y, _ = data(n=20, classes=2)
+    spec = convert(KNeighborsClassifier(n_neighbors=3).fit(X, y))[1]
+    spec.kNearestNeighborsClassifier.numberOfNeighbors.defaultValue = -2**31
+    with pytest.raises(ModelFormatError, match="numberOfNeighbors must be a positive count"):
+        mljax.MLModel(spec)
