@@ -129,6 +129,7 @@ class MLModel:
 
     #: the most inputs of a list predict that run in one vmapped call
     BATCH_CHUNK = 1024
+    PROGRESS_ABOVE = 4096     # list predicts of more samples show a progress bar (tqdm, on stderr)
 
     def predict(self, data, state: "MLState | None" = None):
         """Predict one dict of features, or a list of dicts (batched in one call when shapes agree)."""
@@ -156,6 +157,7 @@ class MLModel:
         # with copies of the first row, so one compiled size serves every chunk
         n, chunk = len(prepared), min(len(prepared), self.BATCH_CHUNK)
         results = []
+        bar = _progress_bar(n) if n > self.PROGRESS_ABOVE else None
         for start in range(0, n, chunk):
             rows = prepared[start:start + chunk]
             rows = rows + [prepared[0]] * (chunk - len(rows))
@@ -168,6 +170,10 @@ class MLModel:
                 return [self.predict(d, state) for d in items]
             outputs = {k: np.asarray(v) for k, v in outputs.items()}
             results += [self._finish({k: v[i] for k, v in outputs.items()}) for i in range(min(chunk, n - start))]
+            if bar is not None:
+                bar.update(min(chunk, n - start))
+        if bar is not None:
+            bar.close()
         return results
 
     def _run(self, inputs: dict, states: dict):
@@ -212,6 +218,15 @@ class MLModel:
         ins = ", ".join(f"{n}: {s}" for n, s in self._stage.inputs.items())
         outs = ", ".join(f"{n}: {s}" for n, s in self._stage.outputs.items())
         return f"mljax.MLModel({kind}; inputs: {ins}; outputs: {outs})"
+
+
+def _progress_bar(total: int):
+    """A tqdm bar over ``total`` samples, or None when tqdm is not installed."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="sample", desc="mljax predict", leave=False, mininterval=0)  # one update a chunk
 
 
 def _jit_stage(stage: Stage):

@@ -50,3 +50,17 @@ def test_chunks_equal_single_predicts(model, monkeypatch):
     assert sizes == [7, 7, 7]
     for x, o in zip(xs, outs):
         np.testing.assert_array_equal(o["y"], model.predict({"x": x})["y"])
+
+
+def test_large_list_predicts_show_progress(model, monkeypatch, capsys):
+    """Above PROGRESS_ABOVE samples a tqdm bar counts them (below it, nothing is printed)."""
+    pytest.importorskip("tqdm")
+    monkeypatch.setattr(type(model), "BATCH_CHUNK", 8)
+    monkeypatch.setattr(type(model), "PROGRESS_ABOVE", 20)
+    xs = np.random.default_rng(2).normal(size=(30, 3)).astype(np.float32)
+    model.predict([{"x": x} for x in xs[:20]])
+    assert "mljax predict" not in capsys.readouterr().err
+    outs = model.predict([{"x": x} for x in xs])
+    err = capsys.readouterr().err
+    assert "mljax predict" in err and "8/30" in err and "16/30" in err   # one update a chunk of 8
+    np.testing.assert_allclose(np.stack([o["y"] for o in outs]), np.tanh(xs @ W), rtol=1e-5, atol=1e-6)
