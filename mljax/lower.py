@@ -187,9 +187,9 @@ class LoweredFunction:
         # Typed execution computes at *least* the declared precision; what leaves the function
         # (outputs, states) has the declared dtypes, so a pipeline's next stage, a training
         # step's features and predict all see the same values (fp16 outputs rounded once, here).
-        outs = [_as_declared(v.type, val) for v, val in zip(self.fn.outputs, outs)]
+        outs = [_cast_to(v.type, val) for v, val in zip(self.fn.outputs, outs)]
         declared = {v.name: v.type.wrapped for v in self.fn.inputs if isinstance(v.type, StateType)}
-        state.update({k: _as_declared(declared[k], val) for k, val in state.items()})
+        state.update({k: _cast_to(declared[k], val) for k, val in state.items()})
         return dict(zip(self.output_names, outs)), state
 
     def _value(self, var: Var, env) -> Any:
@@ -211,15 +211,7 @@ class LoweredFunction:
         return tuple(self._value(v, env) for v in block.outputs)
 
     def _cast_output(self, var: Var, val):
-        if not isinstance(var.type, TensorType) or var.type.dtype.name == "string":
-            return val
-        want = jax_dtype(self.compute_dtype(var.type.dtype))
-        if getattr(val, "dtype", None) == want:
-            return val
-        if _is_concrete(val):
-            with jax.ensure_compile_time_eval():
-                return jnp.asarray(val).astype(want)
-        return val.astype(want)
+        return _cast_to(var.type, val, self.compute_dtype)
 
     def _block_fn(self, block: Block, env, state):
         def run(*args):
@@ -256,6 +248,8 @@ class LoweredFunction:
                 kwargs[name] = _as_static(vals[0]) if len(vals) == 1 else [_as_static(v) for v in vals]
             elif name in op.attributes and name not in _NON_INPUT_ATTRIBUTES:
                 kwargs[name] = _as_static(op.attributes[name])
+            elif name not in spec.static_defaults:
+                raise OpError(f"{where}: required input {name!r} is missing")
         if spec.wants_ctx:
             kwargs["ctx"] = OpContext(
                 op.type, op.name, self.opset,
@@ -273,22 +267,23 @@ class LoweredFunction:
                 out = spec.fn(*args, **kwargs)
         except OpError as e:
             raise OpError(f"{where}: {e}") from None
-        except TypeError as e:
-            # a const input the op requires is absent from the file (the op's signature says so)
-            if "required keyword-only argument" not in str(e) and "required positional argument" not in str(e):
-                raise
-            raise OpError(f"{where}: an input the op requires is missing ({e})") from None
         except jax.dtypes.TypePromotionError as e:
             raise OpError(f"{where}: its inputs' dtypes do not combine ({e})") from None
         return out if isinstance(out, tuple) else (out,)
 
 
-def _as_declared(typ, val):
-    """``val`` in the declared dtype of a tensor type (other values as they are)."""
-    if not isinstance(typ, TensorType) or typ.dtype.name == "string" or not hasattr(val, "dtype"):
+def _cast_to(typ, val, dtype_of: Callable[[DType], DType] = lambda dt: dt):
+    """``val`` held in ``dtype_of(typ.dtype)`` for a tensor type (default: the declared dtype; other
+    values as they are); concrete values stay concrete."""
+    if not isinstance(typ, TensorType) or typ.dtype.name == "string":
         return val
-    want = jax_dtype(typ.dtype)
-    return val if val.dtype == want else jnp.asarray(val).astype(want)
+    want = jax_dtype(dtype_of(typ.dtype))
+    if getattr(val, "dtype", None) == want:
+        return val
+    if _is_concrete(val):
+        with jax.ensure_compile_time_eval():
+            return jnp.asarray(val).astype(want)
+    return val.astype(want)
 
 
 def _declared_dtype(var: Var, val: np.ndarray) -> DType:

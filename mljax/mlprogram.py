@@ -38,7 +38,7 @@ def build_mlprogram_stage(spec, model_dir, *, function_name=None, compute_precis
         preprocess=_image_inputs(inputs), postprocess=_image_outputs(outputs),
         batchable=not states and not lowered.value_inputs,
         static_inputs=tuple(lowered.value_inputs),
-        info={"program": program, "function": name, "lowered": lowered, "compute_precision": precision},
+        info={"program": program, "function": name, "lowered": lowered},
         digest=program_digest(spec.mlProgram.SerializeToString(deterministic=True), _baked(lowered),
                               ("mlProgram", name, precision, bool(optimize))),
     )

@@ -169,9 +169,10 @@ class MLModel:
             except _NEEDS_CONCRETE:
                 return [self.predict(d, state) for d in items]
             outputs = {k: np.asarray(v) for k, v in outputs.items()}
-            results += [self._finish({k: v[i] for k, v in outputs.items()}) for i in range(min(chunk, n - start))]
+            count = min(chunk, n - start)   # the padded rows of the last chunk are dropped
+            results += [self._finish({k: v[i] for k, v in outputs.items()}) for i in range(count)]
             if bar is not None:
-                bar.update(min(chunk, n - start))
+                bar.update(count)
         if bar is not None:
             bar.close()
         return results

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mljax.mil.ir import Operation, Var
 from mljax.mil.types import TensorType
 from mljax.optimize._graph import Graph
 
@@ -186,10 +187,9 @@ def _compatible(ops) -> list:
 
 
 def _merge(graph: Graph, block, top, ops) -> None:
-    from mljax.mil.ir import Operation, Var
     first = ops[0]
     sizes = [op.input("weight").value.shape[0] for op in ops]
-    w0, out0 = first.input("weight"), _tensor(first.outputs[0])
+    out0 = _tensor(first.outputs[0])
     axis0 = graph.const(first.name + "_axis0", np.array(0))
     concats = []
     for key in ("weight", "bias"):
@@ -197,8 +197,7 @@ def _merge(graph: Graph, block, top, ops) -> None:
             continue
         parts = tuple(op.input(key) for op in ops)
         shape = (sum(sizes),) + tuple(parts[0].value.shape[1:])
-        cat = Var(f"{first.name}_{key}__merged", TensorType(_tensor(parts[0]).dtype if _tensor(parts[0]) else
-                                                           w0.type.dtype, shape))
+        cat = Var(f"{first.name}_{key}__merged", TensorType(parts[0].type.dtype, shape))
         concats.append(Operation("concat", cat.name + "_op", {"values": parts, "axis": (axis0,)}, [cat]))
     y_type = TensorType(out0.dtype, None if out0.shape is None else tuple(out0.shape[:-1]) + (sum(sizes),))
     y = Var(f"{first.name}__merged", y_type)

@@ -123,7 +123,7 @@ def test_update_matches_torch_reference(optimizer):
     path, (x, y) = _build_pipeline(optimizer)
     model = mljax.MLModel(path)
     idx = np.random.default_rng(1).permutation(np.flatnonzero(np.isin(y, NEW)))[:40]
-    extractor, head_stage = _stages(path)
+    extractor = _extractor(model)
     emb = np.concatenate([extractor.predict({"pixels": x[i][None]})["embedding"] for i in idx]).astype(np.float32)
     spec = pipeline_of(model.get_spec()).models[-1]
     w0, b0 = _head_weights(spec)
@@ -139,12 +139,9 @@ def test_update_matches_torch_reference(optimizer):
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
-def _stages(path):
-    """The pipeline's two stages as separate mljax models (the extractor's own embeddings)."""
-    spec = mljax.MLModel(path).get_spec()
-    stages = pipeline_of(spec).models
-    weights_dir = Path(path) / "Data" / "com.apple.CoreML" / "weights"
-    return mljax.MLModel(stages[0], weights_dir=weights_dir), mljax.MLModel(stages[1])
+def _extractor(model):
+    """The pipeline's first stage as a model of its own (the extractor's own embeddings)."""
+    return mljax.MLModel(pipeline_of(model.get_spec()).models[0], weights_dir=model.weights_dir)
 
 
 def _head_weights(nn_spec):
@@ -177,7 +174,7 @@ def test_personalize_updatable_pipeline(optimizer, tmp_path):
     # differently on each CPU; the reference moves with it, so the bar never sits at the edge
     # of one machine's rounding.  SGD at lr 0.1 / momentum 0.9 is chaotic: five shuffle orders
     # of the reference span 0.76-0.85 on one machine, so the bar is their median less 0.10.
-    extractor, _ = _stages(path)
+    extractor = _extractor(model)
     embed = lambda ids: np.concatenate(  # noqa: E731
         [extractor.predict({"pixels": x[i][None]})["embedding"] for i in ids]).astype(np.float32)
     emb_train, emb_test = embed(train), embed(test)
