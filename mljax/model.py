@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mljax import distribute
 from mljax.cache import CachedJit
 from mljax.errors import InputError, OpError, PredictionError
 from mljax.features import FeatureSpec, convert_inputs, convert_output
@@ -97,6 +98,20 @@ class MLModel:
         """The weights pytree the jitted function takes (trainable by ``updatable``)."""
         return self._weights
 
+    def with_weights(self, weights) -> "MLModel":
+        """A new MLModel running the same compiled function with other weight values.
+
+        ``weights`` must be a pytree like :attr:`weights`: the same names, and each array of
+        the same shape and dtype (:class:`InputError` otherwise).  The model's spec is shared,
+        so the new model predicts with ``weights``; this model is unchanged.
+        """
+        _check_weights_like(self._weights, weights)
+        new = copy.copy(self)
+        with self._x64_scope():
+            new._weights = jax.device_put(weights)
+        new._call_keys = _CallKeys()
+        return new
+
     def get_spec(self):
         """A copy of the model's ``Model`` protobuf (this project's schema)."""
         return copy.deepcopy(self._spec)
@@ -131,6 +146,11 @@ class MLModel:
     BATCH_CHUNK = 1024
     PROGRESS_ABOVE = 4096     # list predicts of more samples show a progress bar (tqdm, on stderr)
 
+    def predict_stream(self, data, *, chunk: int = 4096, progress: bool = True):
+        """Predictions of an iterable of feature dicts, yielded one by one in order, ``chunk``
+        inputs at a time (each chunk a list predict): for datasets larger than memory."""
+        return distribute.predict_stream(self, data, chunk=chunk, progress=progress)
+
     def predict(self, data, state: "MLState | None" = None):
         """Predict one dict of features, or a list of dicts (batched in one call when shapes agree)."""
         if isinstance(data, (list, tuple)):
@@ -153,9 +173,9 @@ class MLModel:
             return [self.predict(d, state) for d in items]
         if self._eager:
             return [self.predict(d, state) for d in items]
-        # at most BATCH_CHUNK rows per vmapped call (bounded memory); the last chunk is padded
-        # with copies of the first row, so one compiled size serves every chunk
-        n, chunk = len(prepared), min(len(prepared), self.BATCH_CHUNK)
+        # at most BATCH_CHUNK rows per vmapped call and device (bounded memory); the last chunk is
+        # padded with copies of the first row, so one compiled size serves every chunk
+        n, chunk = len(prepared), distribute.chunk_rows(len(prepared), self.BATCH_CHUNK)
         results = []
         bar = _progress_bar(n) if n > self.PROGRESS_ABOVE else None
         for start in range(0, n, chunk):
@@ -164,7 +184,7 @@ class MLModel:
             stacked = {k: np.stack([p[k] for p in rows]) for k in prepared[0]}
             try:
                 with self._x64_scope():
-                    outputs, _ = self._batched_fn(self._weights, stacked, {})
+                    outputs, _ = distribute.run_batched(self._batched_fn, self._weights, stacked)
                 outputs = _raise_failed_checks(outputs)
             except _NEEDS_CONCRETE:
                 return [self.predict(d, state) for d in items]
@@ -219,6 +239,25 @@ class MLModel:
         ins = ", ".join(f"{n}: {s}" for n, s in self._stage.inputs.items())
         outs = ", ".join(f"{n}: {s}" for n, s in self._stage.outputs.items())
         return f"mljax.MLModel({kind}; inputs: {ins}; outputs: {outs})"
+
+
+def _check_weights_like(current, new, path: str = "") -> None:
+    """InputError unless ``new`` has ``current``'s names, and arrays of its shapes and dtypes."""
+    if isinstance(current, dict):
+        if not isinstance(new, dict):
+            raise InputError(f"weights{path}: expected a dict of weights; found {type(new).__name__}")
+        if new.keys() != current.keys():
+            missing, extra = sorted(current.keys() - new.keys()), sorted(new.keys() - current.keys())
+            raise InputError(f"weights{path}: expected the names {sorted(current)}; "
+                             f"missing {missing}, unexpected {extra}")
+        for k in current:
+            _check_weights_like(current[k], new[k], f"{path}[{k!r}]")
+        return
+    shape, dtype = np.shape(current), np.dtype(current.dtype)
+    found = getattr(new, "dtype", None)
+    if np.shape(new) != shape or found is None or np.dtype(found) != dtype:
+        raise InputError(f"weights{path}: expected an array of shape {shape} and dtype {dtype}; found "
+                         f"{type(new).__name__} of shape {np.shape(new)} and dtype {found}")
 
 
 def _progress_bar(total: int):
