@@ -6,6 +6,7 @@ Like coremltools' builder, every non-tensor input (axes, shapes, modes) is its o
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -105,8 +106,19 @@ class Builder:
         self.operations.append(Operation("const", var_name, {}, [var]))
         return var
 
-    def op(self, op_type: str, out_types, *, name: str | None = None, **inputs: Any):
-        """Append ``op_type``; ``out_types`` is one TensorType (returns a Var) or a list (returns a list)."""
+    @contextmanager
+    def block(self):
+        """Collect the ops appended inside the ``with`` into a new list (a nested block's body)."""
+        outer, self.operations = self.operations, []
+        ops = self.operations
+        try:
+            yield ops
+        finally:
+            self.operations = outer
+
+    def op(self, op_type: str, out_types, *, name: str | None = None, blocks=(), **inputs: Any):
+        """Append ``op_type``; ``out_types`` is one TensorType (returns a Var) or a list (returns a list);
+        ``blocks`` are its nested blocks (cond branches, loop condition and body)."""
         op_name = self.fresh(name or op_type)
         bound = {}
         for key, val in inputs.items():
@@ -121,5 +133,5 @@ class Builder:
         many = isinstance(out_types, (list, tuple))
         types = list(out_types) if many else [out_types]
         outs = [Var(op_name if i == 0 else self.fresh(f"{op_name}_out{i}"), t) for i, t in enumerate(types)]
-        self.operations.append(Operation(op_type, op_name, bound, outs))
+        self.operations.append(Operation(op_type, op_name, bound, outs, list(blocks)))
         return outs if many else outs[0]

@@ -11,21 +11,27 @@ import numpy as np
 from mljax.mil.ir import Var
 from mljax.mil.types import DTYPES, TensorType
 
-__all__ = ["RULES", "Unsupported"]
-
-RULES: dict = {}
+__all__ = ["RULES", "Unsupported", "rule_table"]
 
 
 class Unsupported(Exception):
     """This primitive's parameters have no MIL translation."""
 
 
-def rule(*names):
-    def deco(fn):
-        for n in names:
-            RULES[n] = fn
-        return fn
-    return deco
+def rule_table():
+    """A new (table, decorator) pair: ``@rule("a", "b")`` registers a function for primitives."""
+    table: dict = {}
+
+    def rule(*names):
+        def deco(fn):
+            for n in names:
+                table[n] = fn
+            return fn
+        return deco
+    return table, rule
+
+
+RULES, rule = rule_table()
 
 
 def _t(dtype_name: str, shape) -> TensorType:

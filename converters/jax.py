@@ -20,7 +20,8 @@ from jax.extend.core import ClosedJaxpr, Literal
 
 import mljax
 from converters._builder import Builder, mil_dtype, tensor_type
-from converters._jax_rules import RULES, Unsupported
+from converters import _jax_control, _jax_rules
+from converters._jax_rules import Unsupported
 from converters.passes import run_passes
 from mljax.errors import ConversionError
 from mljax.mil.ir import Block, Function, Program, Var
@@ -33,6 +34,10 @@ __all__ = ["convert", "to_program", "TARGETS"]
 #: minimum_deployment_target -> opset of the written program.
 TARGETS = {"iOS15": "CoreML5", "iOS16": "CoreML6", "iOS17": "CoreML7", "iOS18": "CoreML8"}
 _CALL_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+# Primitives that only call their sub-jaxpr once (inlined); scan/while/cond also carry jaxprs
+# but have rules of their own.
+_CALLS = {"pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint", "named_call",
+          "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin"}
 _NO_FOLD = {"broadcast_in_dim"}          # folding would materialize the broadcast
 # Layout changes of a weight are left to the MIL constant folding, which keeps the weight's name.
 _LAYOUT = {"reshape", "transpose", "squeeze", "expand_dims", "convert_element_type"}
@@ -40,6 +45,20 @@ _FOLD_LIMIT = 1 << 22                    # largest folded result (elements)
 _ARRAY_TYPES = {"fp32": FeatureTypes_pb2.ArrayFeatureType.FLOAT32,
                 "fp16": FeatureTypes_pb2.ArrayFeatureType.FLOAT16,
                 "int32": FeatureTypes_pb2.ArrayFeatureType.INT32}
+
+
+def _merge(*tables) -> dict:
+    merged: dict = {}
+    for table in tables:
+        twice = set(merged) & set(table)
+        if twice:
+            raise RuntimeError(f"translation rules registered twice: {sorted(twice)}")
+        merged.update(table)
+    return merged
+
+
+#: JAX primitive name -> translation rule (the table docs/converters.md is generated from).
+RULES = _merge(_jax_rules.RULES, _jax_control.RULES)
 
 
 class Translator:
@@ -117,7 +136,8 @@ class Translator:
 
     def equation(self, eqn) -> None:
         prim = eqn.primitive.name
-        sub = next((eqn.params[k] for k in _CALL_PARAMS if k in eqn.params), None)
+        sub = next((eqn.params[k] for k in _CALL_PARAMS if k in eqn.params), None) \
+            if prim in _CALLS else None
         if sub is not None:
             jaxpr, consts = (sub.jaxpr, sub.consts) if isinstance(sub, ClosedJaxpr) else (sub, ())
             args = [self.lazy(a) for a in eqn.invars[len(eqn.invars) - len(jaxpr.invars):]]
@@ -138,6 +158,21 @@ class Translator:
                 outs = [self._placeholder(eqn, i) for i in range(len(eqn.outvars))]
         for v, out in zip(eqn.outvars, outs):
             self.env[v] = out
+
+    def block(self, closed, args, inputs=()) -> Block:
+        """A nested MIL block computing the closed jaxpr ``closed`` of ``args`` (outer Vars or
+        the block's own ``inputs``); its outputs have exactly the jaxpr's output shapes."""
+        saved = dict(self._literals)        # literals made inside must not leak outside
+        with self.b.block() as ops:
+            outs = self.run(closed.jaxpr, list(closed.consts), list(args))
+            outs = [self.materialize(o, tuple(v.aval.shape)) for o, v in zip(outs, closed.jaxpr.outvars)]
+            mine = {id(v) for op in ops if op.type != "const" for v in op.outputs}
+            outs = [o if id(o) in mine else self.b.op("identity", o.type, x=o) for o in outs]
+        self._literals = saved
+        return Block(list(inputs), ops, outs)
+
+    def block_input(self, name: str, typ: TensorType) -> Var:
+        return Var(self.b.fresh(name), typ)
 
     def _foldable(self, eqn) -> bool:
         if eqn.primitive.name in _NO_FOLD or eqn.effects:

@@ -15,7 +15,7 @@ from mljax.mil.ir import Block, Function, Operation
 
 __all__ = ["fold_constants"]
 
-_NEVER = {"const", "identity"}
+_NEVER = {"const", "identity", "fill"}   # fill: a loop accumulator stays small in the file
 _RENAMING = {"transpose", "reshape", "squeeze", "expand_dims", "cast"}
 
 

@@ -52,19 +52,10 @@ def _to_fp16(value) -> np.ndarray:
     return np.where(np.isfinite(arr), np.clip(arr, -limit, limit), arr).astype(np.float16)
 
 
-def cast_to_fp16(fn: Function) -> None:
-    """Rewrite ``fn`` in place to compute in fp16."""
-    names = _Names(fn)
-    block = fn.block
-    fp32_outputs = {id(v) for v in block.outputs if _is_fp32(v)}
-    replace: dict[int, Var] = {}
-    head: list[Operation] = []
-    for v in fn.inputs:
-        if _is_fp32(v):
-            head += _cast(v, "fp16", names(f"{v.name}_to_fp16"), names)
-            replace[id(v)] = head[-1].outputs[0]
+def _rewrite(operations: list[Operation], replace: dict, names: _Names) -> list[Operation]:
+    """fp32 -> fp16 for the ops of one block and, recursively, their nested blocks' inputs and ops."""
     body: list[Operation] = []
-    for op in block.operations:
+    for op in operations:
         op.inputs = {k: tuple(replace.get(id(v), v) for v in bound) for k, bound in op.inputs.items()}
         if op.type == "const":
             var = op.outputs[0]
@@ -77,11 +68,32 @@ def cast_to_fp16(fn: Function) -> None:
             dtype_var = _string_const(names(f"{op.name}_dtype_fp16"), "fp16")
             body.append(Operation("const", dtype_var.name, {}, [dtype_var]))
             op.inputs = {**op.inputs, "dtype": (dtype_var,)}
+        for block in op.blocks:
+            for var in block.inputs:
+                if _is_fp32(var):
+                    var.type = TensorType(_FP16, var.type.shape)
+            block.operations[:] = _rewrite(block.operations, replace, names)
+            block.outputs[:] = [replace.get(id(v), v) for v in block.outputs]
         if op.type != "const":
             for var in op.outputs:
                 if _is_fp32(var):
                     var.type = TensorType(_FP16, var.type.shape)
         body.append(op)
+    return body
+
+
+def cast_to_fp16(fn: Function) -> None:
+    """Rewrite ``fn`` in place to compute in fp16."""
+    names = _Names(fn)
+    block = fn.block
+    fp32_outputs = {id(v) for v in block.outputs if _is_fp32(v)}
+    replace: dict[int, Var] = {}
+    head: list[Operation] = []
+    for v in fn.inputs:
+        if _is_fp32(v):
+            head += _cast(v, "fp16", names(f"{v.name}_to_fp16"), names)
+            replace[id(v)] = head[-1].outputs[0]
+    body = _rewrite(block.operations, replace, names)
     outputs = []
     for v in block.outputs:
         was_fp32 = id(v) in fp32_outputs
