@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mljax.errors import InputError
+from mljax.errors import InputError, ModelFormatError
 from mljax.features import feature_specs
 from mljax.cache import program_digest
 from mljax.lower import LoweredFunction, is_weight, resolve_compute_precision
@@ -32,13 +32,14 @@ def build_mlprogram_stage(spec, model_dir, *, function_name=None, compute_precis
     desc = _description_of(spec, name)
     states = feature_specs(desc.state)
     inputs, outputs = feature_specs(desc.input), feature_specs(desc.output)
+    classes, classifier = _classifier(program.functions[name], outputs)
     return Stage(
         fn=lowered, weights=lowered.weights,
         inputs=inputs, outputs=outputs, states=states,
-        preprocess=_image_inputs(inputs), postprocess=_image_outputs(outputs),
+        preprocess=_image_inputs(inputs), postprocess=_chain(_image_outputs(outputs), classifier),
         batchable=not states and not lowered.value_inputs,
         static_inputs=tuple(lowered.value_inputs),
-        info={"program": program, "function": name, "lowered": lowered},
+        info={"program": program, "function": name, "lowered": lowered, **classes},
         digest=program_digest(spec.mlProgram.SerializeToString(deterministic=True), _baked(lowered),
                               ("mlProgram", name, precision, bool(optimize))),
     )
@@ -50,6 +51,46 @@ def _baked(lowered: LoweredFunction):
         for var in op.outputs:
             if var.value is not None and not is_weight(var):
                 yield var.name, var.value
+
+
+def _classifier(function, outputs):
+    """A classifier program (a ``classify`` op; ``ct.ClassifierConfig``): its ``info`` fields
+    (``class_labels``, ``label_name``, ``prob_name``) and the postprocess that turns the op's class
+    index and probability vector into the label and the ``{label: probability}`` dict."""
+    from mljax.ops.classify import class_labels, class_outputs
+    returned = {v.name for v in function.outputs}
+    ops = [op for op in function.block.walk() if op.type == "classify"]
+    if not ops:
+        return {}, None
+    if len(ops) > 1:
+        raise ModelFormatError(f"function {function.name!r} has {len(ops)} classify ops; expected at most one")
+    op = ops[0]
+    classes = op.input("classes")
+    if classes is None or classes.value is None:
+        raise ModelFormatError(f"classify op {op.name!r}: expected a constant list of classes; found none")
+    labels = class_labels(classes.value)
+    label_var, probs_var = (op.outputs + [None, None])[:2]
+    used = {v.name for other in function.block.walk() for bound in other.inputs.values() for v in bound}
+    if any(v is not None and (v.name in used or v.name not in returned) for v in (label_var, probs_var)):
+        raise ModelFormatError(f"classify op {op.name!r}: its outputs must be outputs of the function "
+                               f"and inputs of no other op (coremltools' rule)")
+    label_name = label_var.name if label_var is not None and label_var.name in outputs else None
+    probs_name = probs_var.name if probs_var is not None and probs_var.name in outputs else None
+    info = {"class_labels": labels, "label_name": label_name, "prob_name": probs_name}
+    return info, class_outputs(labels, label_name, probs_name)
+
+
+def _chain(*steps):
+    """One host postprocess running ``steps`` (None ones skipped) in order."""
+    steps = [s for s in steps if s is not None]
+    if len(steps) <= 1:
+        return steps[0] if steps else None
+
+    def run(outputs: dict) -> dict:
+        for step in steps:
+            outputs = step(outputs)
+        return outputs
+    return run
 
 
 def _image_inputs(specs):

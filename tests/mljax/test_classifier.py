@@ -1,0 +1,155 @@
+"""Classifier ML programs (``ct.ClassifierConfig``, the MIL ``classify`` op) predict what PyTorch predicts.
+
+A small CNN with an image input, converted by coremltools with int64 or string class labels, as an
+fp32 or fp16 program; checked against PyTorch's softmax through ``mljax.MLModel``, a list predict,
+the coremltools bridge and a save/reload.  (The command line: tests/mljax/test_cli.py.)
+"""
+import numpy as np
+import pytest
+
+import mljax
+from helpers import tmp_path_for
+
+torch = pytest.importorskip("torch")
+ct = pytest.importorskip("coremltools")
+Image = pytest.importorskip("PIL.Image")
+
+INT_LABELS = [0, 7, 2**40, -3, 12]          # 2**40: an int64 label no int32 holds
+STR_LABELS = ["cat", "dog", "fish", "bird", "frog"]
+TOL = {"fp32": 1e-5, "fp16": 2e-3}          # on probabilities (fp16: the weights are rounded to fp16)
+
+
+class SmallCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.pool = torch.nn.AdaptiveAvgPool2d(2)
+        self.fc = torch.nn.Linear(6 * 4, 5)
+
+    def forward(self, x):
+        return torch.softmax(self.fc(torch.flatten(self.pool(torch.relu(self.conv(x))), 1)), -1)
+
+
+def make_classifier(labels, precision: str, **config):
+    torch.manual_seed(0)
+    net = SmallCNN().eval()
+    with torch.no_grad():
+        net.fc.weight.mul_(20.0)              # decisive probabilities: labels do not hinge on rounding
+    example = torch.rand(1, 3, 12, 12)
+    model = ct.convert(torch.jit.trace(net, example),
+                       inputs=[ct.ImageType(name="image", shape=(1, 3, 12, 12), scale=1 / 255.0)],
+                       classifier_config=ct.ClassifierConfig(labels, **config), convert_to="mlprogram",
+                       compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
+                       minimum_deployment_target=ct.target.iOS15)
+    path = tmp_path_for(f"classifier-{precision}.mlpackage")
+    model.save(str(path))
+    return net, path
+
+
+def torch_probabilities(net, images) -> np.ndarray:
+    x = torch.tensor(np.stack([np.asarray(im, np.float32).transpose(2, 0, 1) / 255.0 for im in images]))
+    with torch.no_grad():
+        return net(x).numpy().astype(np.float64)
+
+
+def images(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def decisive_images(net, n: int, margin: float, seed: int = 0):
+    """``n`` random images whose top two torch probabilities differ by more than ``margin`` (their label
+    cannot hinge on rounding), and torch's probabilities of them."""
+    candidates = images(20 * n, seed)
+    probs = torch_probabilities(net, candidates)
+    top2 = np.sort(probs, 1)[:, -2:]
+    keep = np.flatnonzero(top2[:, 1] - top2[:, 0] > margin)[:n]
+    assert len(keep) == n, f"only {len(keep)} of {len(candidates)} images are decisive"
+    return [candidates[i] for i in keep], probs[keep]
+
+
+CASES = {"int-fp32": (INT_LABELS, "fp32"), "str-fp16": (STR_LABELS, "fp16"),
+         "str-fp32": (STR_LABELS, "fp32"), "int-fp16": (INT_LABELS, "fp16")}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def classifier(request):
+    labels, precision = CASES[request.param]
+    net, path = make_classifier(labels, precision)
+    return net, path, labels, precision
+
+
+def assert_matches_torch(out: dict, expected: np.ndarray, labels, tol: float, label_name="classLabel",
+                         probs_name="classLabel_probs"):
+    probs = out[probs_name]
+    assert list(probs) == labels                          # every label, in the model's order
+    assert all(type(k) is type(labels[0]) and type(v) is float for k, v in probs.items())
+    np.testing.assert_allclose([probs[k] for k in labels], expected, atol=tol)
+    assert out[label_name] == labels[int(np.argmax(expected))]
+    assert type(out[label_name]) is type(labels[0])
+
+
+def test_predict_matches_torch(classifier):
+    net, path, labels, precision = classifier
+    model = mljax.MLModel(path)
+    assert model.stage.info["class_labels"] == labels
+    pictures, expected = decisive_images(net, 6, 10 * TOL[precision])
+    for picture, want in zip(pictures, expected):
+        assert_matches_torch(model.predict({"image": picture}), want, labels, TOL[precision])
+    # a list predict (one vmapped call) gives the same labels and dictionaries
+    batch = model.predict([{"image": p} for p in pictures])
+    for out, want in zip(batch, expected):
+        assert_matches_torch(out, want, labels, TOL[precision])
+    # an H x W x C uint8 array is an image too
+    assert_matches_torch(model.predict({"image": np.asarray(pictures[0])}), expected[0], labels, TOL[precision])
+
+
+def test_exact_fp16_and_save_roundtrip(tmp_path):
+    net, path = make_classifier(STR_LABELS, "fp16")
+    pictures, expected = decisive_images(net, 3, 0.05, seed=1)
+    exact = mljax.MLModel(path, compute_precision="declared")   # fp16 arithmetic: softmax rounded to fp16
+    for picture, want in zip(pictures, expected):
+        assert_matches_torch(exact.predict({"image": picture}), want, STR_LABELS, 5e-3)
+    saved = mljax.MLModel(mljax.MLModel(path).save(tmp_path / "again.mlpackage"))
+    for picture, want in zip(pictures, expected):
+        assert_matches_torch(saved.predict({"image": picture}), want, STR_LABELS, TOL["fp16"])
+
+
+def test_predicted_feature_name_and_description():
+    net, path = make_classifier(STR_LABELS, "fp32", predicted_feature_name="animal")
+    model = mljax.MLModel(path)
+    spec = model.get_spec().description
+    assert (spec.predictedFeatureName, spec.predictedProbabilitiesName) == ("animal", "animal_probs")
+    pictures, expected = decisive_images(net, 1, 1e-3)
+    out = model.predict({"image": pictures[0]})
+    assert list(out) == ["animal", "animal_probs"]
+    assert_matches_torch(out, expected[0], STR_LABELS, TOL["fp32"],
+                         label_name="animal", probs_name="animal_probs")
+
+
+def test_coremltools_bridge():
+    import mljax.coremltools as bridge
+    net, path = make_classifier(INT_LABELS, "fp32")
+    pictures, expected = decisive_images(net, 3, 1e-3, seed=2)
+    bridge.enable()
+    try:
+        ct_model = ct.models.MLModel(str(path), skip_model_load=True)
+        for picture, want in zip(pictures, expected):
+            assert_matches_torch(ct_model.predict({"image": picture}), want, INT_LABELS, TOL["fp32"])
+        batch = ct_model.predict([{"image": p} for p in pictures])
+        for out, want in zip(batch, expected):
+            assert_matches_torch(out, want, INT_LABELS, TOL["fp32"])
+    finally:
+        bridge.disable()
+
+
+def test_classify_op_checks_its_classes():
+    from mljax.errors import ModelFormatError, OpError
+    from mljax.ops.classify import class_labels, classify
+    index, probs = classify(np.array([[0.1, 0.7, 0.2]], np.float32), classes=["a", "b", "c"])
+    assert int(index) == 1 and probs.shape == (3,)
+    with pytest.raises(OpError, match="one class label per probability; found 2 labels"):
+        classify(np.array([[0.1, 0.7, 0.2]], np.float32), classes=["a", "b"])
+    assert class_labels([np.array(5), np.array(2**40)]) == [5, 2**40]
+    with pytest.raises(ModelFormatError, match="all int64 or all string"):
+        class_labels([np.array(5), "x"])
