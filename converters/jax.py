@@ -20,7 +20,7 @@ from jax.extend.core import ClosedJaxpr, Literal
 
 import mljax
 from converters._builder import Builder, mil_dtype, tensor_type
-from converters import _jax_control, _jax_rules
+from converters import _jax_control, _jax_rules, _verify
 from converters._jax_rules import Unsupported
 from converters.passes import run_passes
 from mljax.errors import ConversionError
@@ -278,6 +278,11 @@ def _bind_outputs(b: Builder, translator: Translator, outvars, results, names) -
 def to_program(fn, example_inputs: dict, *, output_names=None, compute_precision: str = "float32",
                minimum_deployment_target: str = "iOS17") -> Program:
     """Trace ``fn`` on ``example_inputs`` and translate it into a MIL :class:`Program`."""
+    return _translate(fn, example_inputs, output_names, compute_precision, minimum_deployment_target)[0]
+
+
+def _translate(fn, example_inputs, output_names, compute_precision, minimum_deployment_target):
+    """(program, closed jaxpr, translator, jaxpr arguments: parameter values then inputs)."""
     if minimum_deployment_target not in TARGETS:
         raise ConversionError(f"minimum_deployment_target must be one of {sorted(TARGETS)}; "
                               f"found {minimum_deployment_target!r}")
@@ -311,7 +316,8 @@ def to_program(fn, example_inputs: dict, *, output_names=None, compute_precision
     program = Program(1, {"main": function},
                       {"buildInfo": {"mljax-version": mljax.__version__, "mljax-source": "jax"}})
     run_passes(program, compute_precision=compute_precision)
-    return program
+    args = [*param_values, *(np.asarray(v) for v in example_inputs.values())]
+    return program, closed, translator, args
 
 
 def _description(function: Function) -> Model_pb2.ModelDescription:
@@ -336,7 +342,7 @@ def _cleanup() -> None:
 
 
 def convert(fn, example_inputs: dict, *, output_names=None, compute_precision: str = "float32",
-            minimum_deployment_target: str = "iOS17") -> "mljax.MLModel":
+            minimum_deployment_target: str = "iOS17", verify: bool = True) -> "mljax.MLModel":
     """Convert a JAX function or Flax NNX module into a Core ML ML program.
 
     Args:
@@ -347,18 +353,27 @@ def convert(fn, example_inputs: dict, *, output_names=None, compute_precision: s
       compute_precision: ``"float16"`` casts fp32 inputs to fp16 at the start and the
         outputs back (as Apple's converter does); ``"float32"`` keeps fp32.
       minimum_deployment_target: ``"iOS15"`` .. ``"iOS18"`` (opset and spec version).
+      verify: run the exported program with mljax on ``example_inputs`` and compare with the
+        JAX function (tolerance by precision, :data:`converters._verify.TOLERANCE`); ``False``
+        skips it (very large models: it costs one compile and one prediction).
     Returns:
       an :class:`mljax.MLModel` backed by a temporary ``.mlpackage``; ``.save(path)`` copies it.
     Raises:
-      ConversionError: naming every primitive that has no translation.
+      ConversionError: naming every primitive that has no translation; or, when the exported
+        program predicts differently from JAX, naming the first equation that diverges.
     """
-    program = to_program(fn, example_inputs, output_names=output_names,
-                         compute_precision=compute_precision,
-                         minimum_deployment_target=minimum_deployment_target)
+    program, closed, translator, args = _translate(fn, example_inputs, output_names, compute_precision,
+                                                   minimum_deployment_target)
     spec = Model_pb2.Model()
     spec.specificationVersion = SPEC_VERSION_OF_OPSET[program.functions["main"].opset]
     spec.description.CopyFrom(_description(program.functions["main"]))
     folder = tempfile.mkdtemp(prefix="mljax-convert-")
     _TEMP_DIRS.append(folder)
     path = write_mlprogram_package(spec, program, Path(folder) / "model.mlpackage")
-    return mljax.MLModel(path)
+    model = mljax.MLModel(path)
+    if verify:
+        main = program.functions["main"]
+        _verify.verify(model, closed, translator.env.get, main, args,
+                       {k: np.asarray(v) for k, v in example_inputs.items()},
+                       [v.name for v in main.outputs], compute_precision)
+    return model
