@@ -329,19 +329,6 @@ def _slice_rule(t, eqn):
     return [_slice(t, x, p["start_indices"], p["limit_indices"], strides, t.out_type(eqn))]
 
 
-@rule("dynamic_slice")
-def _dynamic_slice(t, eqn):
-    x = t.read(eqn.invars[0])
-    starts = [t.known(a) for a in eqn.invars[1:]]
-    if any(s is None for s in starts):
-        raise Unsupported("start indices that depend on the inputs (only constant indices)")
-    sizes = eqn.params["slice_sizes"]
-    dims = eqn.invars[0].aval.shape
-    begin = [min(max(int(s), 0), d - n) for s, d, n in zip(starts, dims, sizes)]   # JAX clamps
-    end = [b + n for b, n in zip(begin, sizes)]
-    return [_slice(t, x, begin, end, [1] * len(begin), t.out_type(eqn))]
-
-
 @rule("concatenate")
 def _concatenate(t, eqn):
     values = [t.read(a) for a in eqn.invars if np.prod(a.aval.shape) > 0]
@@ -516,39 +503,3 @@ def _conv(t, eqn):
                pad_type="custom", pad=pads, dilations=[int(d) for d in p["rhs_dilation"]],
                groups=int(p["feature_group_count"]))
     return [_cast_to(t, _transpose_to(t, y, np.argsort(dn.out_spec)), out)]
-
-
-# --- gathers ---------------------------------------------------------------------------------
-@rule("gather")
-def _gather(t, eqn):
-    """Gathers of whole slices along one axis (``jnp.take``, embedding lookups) -> ``gather``."""
-    dn = eqn.params["dimension_numbers"]
-    operand, indices = eqn.invars
-    shape = tuple(operand.aval.shape)
-    sizes = tuple(eqn.params["slice_sizes"])
-    if len(dn.start_index_map) != 1 or tuple(dn.collapsed_slice_dims) != tuple(dn.start_index_map) \
-            or dn.operand_batching_dims or indices.aval.shape[-1:] != (1,):
-        raise Unsupported(f"gather form {dn} (only single-axis takes)")
-    axis = int(dn.start_index_map[0])
-    if any(s != (1 if k == axis else shape[k]) for k, s in enumerate(sizes)):
-        raise Unsupported("gather of partial slices")
-    idx_shape = tuple(indices.aval.shape[:-1])
-    idx = _reshape_to(t, t.read(indices), idx_shape)
-    if "CLIP" in str(eqn.params.get("mode")):
-        it = idx.type
-        idx = t.b.op("minimum", it, x=t.b.op("maximum", it, x=idx, y=np.int32(0)),
-                     y=np.asarray(shape[axis] - 1, it.dtype.numpy))
-    x = t.read(operand)
-    nb = len(idx_shape)
-    g_shape = [*shape[:axis], *idx_shape, *shape[axis + 1:]]
-    g = t.b.op("gather", _like(x, g_shape), x=x, indices=idx, axis=axis)
-    offset = list(dn.offset_dims)
-    perm, batch_pos = [], 0
-    for j in range(len(g_shape)):
-        if j in offset:
-            k = offset.index(j)
-            perm.append(k if k < axis else k + nb)
-        else:
-            perm.append(axis + batch_pos)
-            batch_pos += 1
-    return [_transpose_to(t, g, perm)]
