@@ -151,20 +151,22 @@ def _scatter(t, eqn):
     upd = _reshape_to(t, upd, [*batch_shape, *(shape[d] for d in rest)])   # unit windows of indexed dims dropped
     bound = np.array([shape[d] - 1 for d in index_map], np.int32)
     smode = str(p.get("mode"))
-    if "CLIP" in smode or "FILL" in smode:
-        if "FILL" in smode:          # out-of-bounds updates are dropped: write back what is there
-            valid = _in_bounds(t, idx, bound, batch_shape)
-            idx = _clamp(t, idx, bound)
-            v = _reshape_to(t, valid, [*batch_shape, *[1] * len(rest)])
-            if mode == "add":
-                keep = np.asarray(0, upd.type.dtype.numpy)
-                upd = t.b.op("select", upd.type, cond=v, a=upd, b=keep)
-            else:
-                here = t.b.op("gather_nd", upd.type, x=x, indices=idx)
-                upd = t.b.op("select", upd.type, cond=v, a=upd, b=here)
-        else:
-            idx = _clamp(t, idx, bound)
+    spare = "FILL" in smode or "CLIP" not in smode and "PROMISE" not in smode
+    if "CLIP" in smode:
+        idx = _clamp(t, idx, bound)
+    elif spare:     # out-of-bounds updates are dropped: send them to a spare row, cut off after
+        valid = _in_bounds(t, idx, bound, batch_shape)
+        spare_row = np.zeros(len(index_map), np.int32)
+        spare_row[0] = shape[index_map[0]]
+        idx = t.b.op("select", idx.type, cond=valid, a=idx, b=spare_row)
+        xs = list(x.type.shape)
+        x = t.b.op("pad", _like(x, [xs[0] + 1, *xs[1:]]), x=x, pad=[0, 1] + [0, 0] * (len(xs) - 1),
+                   mode="constant", constant_val=np.asarray(0, x.type.dtype.numpy))
     y = t.b.op("scatter_nd", x.type, data=x, indices=idx, updates=upd, mode=mode)
+    if spare:
+        ys = list(y.type.shape)
+        y = t.b.op("slice_by_index", _like(y, [ys[0] - 1, *ys[1:]]), x=y, begin=[0] * len(ys),
+                   end=[ys[0] - 1, *ys[1:]])
     order = [*index_map, *rest]
     return [_transpose_to(t, y, list(np.argsort(order)))]
 

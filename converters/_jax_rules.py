@@ -482,24 +482,3 @@ def _cast_to(t, x: Var, out: TensorType) -> Var:
     if x.type.dtype == out.dtype:
         return x
     return t.b.op("cast", out, x=x, dtype=out.dtype.name)
-
-
-@rule("conv_general_dilated")
-def _conv(t, eqn):
-    p = eqn.params
-    if any(int(d) != 1 for d in p["lhs_dilation"]):
-        raise Unsupported("input dilation (transposed convolution)")
-    if int(p["batch_group_count"]) != 1:
-        raise Unsupported("batch_group_count > 1")
-    pads = [int(v) for pair in p["padding"] for v in pair]
-    if any(v < 0 for v in pads):
-        raise Unsupported("negative convolution padding")
-    dn = p["dimension_numbers"]
-    x = _transpose_to(t, t.read(eqn.invars[0]), dn.lhs_spec)
-    w = _transpose_to(t, t.read(eqn.invars[1]), dn.rhs_spec)
-    out = t.out_type(eqn)
-    mil_shape = [out.shape[d] for d in dn.out_spec]
-    y = t.b.op("conv", _like(x, mil_shape), x=x, weight=w, strides=[int(s) for s in p["window_strides"]],
-               pad_type="custom", pad=pads, dilations=[int(d) for d in p["rhs_dilation"]],
-               groups=int(p["feature_group_count"]))
-    return [_cast_to(t, _transpose_to(t, y, np.argsort(dn.out_spec)), out)]

@@ -20,7 +20,7 @@ from jax.extend.core import ClosedJaxpr, Literal
 
 import mljax
 from converters._builder import Builder, mil_dtype, tensor_type
-from converters import _jax_control, _jax_indexing, _jax_rules, _verify
+from converters import _jax_control, _jax_indexing, _jax_nn, _jax_rules, _verify
 from converters._jax_rules import Unsupported
 from converters.passes import run_passes
 from mljax.errors import ConversionError
@@ -58,7 +58,7 @@ def _merge(*tables) -> dict:
 
 
 #: JAX primitive name -> translation rule (the table docs/converters.md is generated from).
-RULES = _merge(_jax_rules.RULES, _jax_control.RULES, _jax_indexing.RULES)
+RULES = _merge(_jax_rules.RULES, _jax_control.RULES, _jax_indexing.RULES, _jax_nn.RULES)
 
 
 class Translator:
