@@ -8,11 +8,16 @@ import numpy as np
 
 from mljax.errors import InputError, ModelFormatError
 
-__all__ = ["FeatureSpec", "feature_specs", "convert_inputs", "convert_output"]
+__all__ = ["FeatureSpec", "Features", "feature_specs", "convert_inputs", "convert_output"]
 
 _ARRAY_DTYPES = {65568: np.float32, 65600: np.float64, 131104: np.int32, 131080: np.int8,
                  65552: np.float16}
 _COLOR = {10: "GRAYSCALE", 20: "RGB", 30: "BGR", 40: "GRAYSCALE_FLOAT16"}
+# Core ML's names of the feature types and array data types (MLFeatureType, MLMultiArrayDataType)
+_KIND_NAMES = {"multiArray": "MultiArray", "image": "Image", "int64": "Int64", "double": "Double",
+               "string": "String", "dictionary": "Dictionary", "sequence": "Sequence", "state": "State"}
+_DTYPE_NAMES = {"float32": "Float32", "float64": "Double", "float16": "Float16", "int32": "Int32",
+                "int8": "Int8", "int64": "Int64"}
 
 
 @dataclass(frozen=True)
@@ -28,15 +33,83 @@ class FeatureSpec:
     color_space: str | None = None
     optional: bool = False
     description: str = ""
+    element: str | None = None   # dictionary key / sequence element type: "Int64" or "String"
     proto: Any = field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
-        if self.kind == "multiArray":
-            dt = np.dtype(self.dtype).name
-            return f"MultiArray ({dt} {' x '.join(map(str, self.shape or ()))})"
-        if self.kind == "image":
-            return f"Image ({self.color_space} {self.shape[1]} x {self.shape[0]})"
-        return self.kind
+        """The type as Core ML names it, with shape, flexibility and image format, e.g.
+        ``MultiArray (Float32 1 x 3 x 1..inf x 224)``, ``Image (RGB 224 x 224)``,
+        ``Dictionary (String -> Double)``; ``, optional`` for optional inputs."""
+        name = _KIND_NAMES.get(self.kind, self.kind)
+        if self.kind in ("multiArray", "state"):
+            dt = _DTYPE_NAMES.get(np.dtype(self.dtype).name, np.dtype(self.dtype).name)
+            text = f"{name} ({dt} {_shape_text(self)})"
+        elif self.kind == "image":
+            text = f"{name} ({self.color_space} {_image_size_text(self)})"
+        elif self.kind == "dictionary":
+            text = f"{name} ({self.element or '?'} -> Double)"
+        elif self.kind == "sequence":
+            text = f"{name} ({self.element or '?'})"
+        else:
+            text = name
+        return text + (", optional" if self.optional else "")
+
+    def __repr__(self) -> str:
+        return f"{self.name}: {self}" + (f"  # {self.description}" if self.description else "")
+
+
+def _dims(dims) -> str:
+    return " x ".join(map(str, dims)) if len(dims) else "scalar"
+
+
+def _shape_text(spec: FeatureSpec) -> str:
+    """``1 x 3``; ``1 x 1..inf`` for ranges; ``1 x 3 | 1 x 5`` for enumerated shapes; the
+    default shape follows a flexible one."""
+    shape = tuple(spec.shape or ())
+    if spec.enumerated:
+        text = " | ".join(_dims(s) for s in spec.enumerated)
+    elif spec.ranges:
+        text = " x ".join(str(lo) if lo == hi else f"{lo}..{'inf' if hi < 0 else hi}" for lo, hi in spec.ranges)
+    else:
+        return _dims(shape)
+    return text + (f", default {_dims(shape)}" if shape else "")
+
+
+def _image_size_text(spec: FeatureSpec) -> str:
+    """``W x H`` as Core ML writes image sizes (width first), with the flexible sizes."""
+    h, w = spec.shape or (0, 0)
+    if spec.enumerated:
+        return " | ".join(f"{ew} x {eh}" for eh, ew in spec.enumerated) + f", default {w} x {h}"
+    if spec.ranges:
+        (hlo, hhi), (wlo, whi) = spec.ranges
+        span = lambda lo, hi: str(lo) if lo == hi else f"{lo}..{'inf' if hi < 0 else hi}"  # noqa: E731
+        return f"{span(wlo, whi)} x {span(hlo, hhi)}, default {w} x {h}"
+    return f"{w} x {h}"
+
+
+class Features(dict):
+    """A model's input or output descriptions, ``{name: FeatureSpec}``, printed one feature a line
+    (name, Core ML type, shape or flexible shapes, image format) as coremltools' spec shows them;
+    ``notes`` add a line's remark (a classifier's predicted feature and class labels)."""
+
+    def __init__(self, specs=(), notes: dict | None = None):
+        super().__init__(specs)
+        self.notes = dict(notes or {})
+
+    def __repr__(self) -> str:
+        if not self:
+            return "Features()"
+        lines = []
+        for name, spec in self.items():
+            line = f"  {name}: {spec}"
+            if spec.description:
+                line += f" -- {spec.description}"
+            if name in self.notes:
+                line += f" ({self.notes[name]})"
+            lines.append(line)
+        return "Features(\n" + "\n".join(lines) + "\n)"
+
+    __str__ = __repr__
 
 
 def _spec_of(fd) -> FeatureSpec:
@@ -55,8 +128,16 @@ def _spec_of(fd) -> FeatureSpec:
                            ranges=ranges, enumerated=enumerated, **common)
     if kind == "imageType":
         im = t.imageType
+        ranges = enumerated = None
+        if im.WhichOneof("SizeFlexibility") == "imageSizeRange":
+            r = im.imageSizeRange
+            ranges = ((r.heightRange.lowerBound, r.heightRange.upperBound),
+                      (r.widthRange.lowerBound, r.widthRange.upperBound))
+        elif im.WhichOneof("SizeFlexibility") == "enumeratedSizes":
+            enumerated = tuple((sz.height, sz.width) for sz in im.enumeratedSizes.sizes)
         return FeatureSpec(kind="image", dtype=np.dtype(np.float32), shape=(im.height, im.width),
-                           color_space=_COLOR.get(im.colorSpace, "RGB"), **common)
+                           color_space=_COLOR.get(im.colorSpace, "RGB"), ranges=ranges,
+                           enumerated=enumerated, **common)
     if kind == "stateType":
         a = t.stateType.arrayType
         return FeatureSpec(kind="state", dtype=np.dtype(_ARRAY_DTYPES.get(a.dataType, np.float32)),
@@ -65,7 +146,12 @@ def _spec_of(fd) -> FeatureSpec:
               "stringType": ("string", None), "dictionaryType": ("dictionary", None),
               "sequenceType": ("sequence", None)}
     name, dtype = simple.get(kind, (kind or "unknown", None))
-    return FeatureSpec(kind=name, dtype=None if dtype is None else np.dtype(dtype), **common)
+    element = None
+    if kind == "dictionaryType":
+        element = {"int64KeyType": "Int64", "stringKeyType": "String"}.get(t.dictionaryType.WhichOneof("KeyType"))
+    elif kind == "sequenceType":
+        element = {"int64Type": "Int64", "stringType": "String"}.get(t.sequenceType.WhichOneof("Type"))
+    return FeatureSpec(kind=name, dtype=None if dtype is None else np.dtype(dtype), element=element, **common)
 
 
 def feature_specs(descriptions) -> dict[str, FeatureSpec]:

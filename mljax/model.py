@@ -1,10 +1,12 @@
 """``mljax.MLModel``: load any Core ML model and predict, shaped like coremltools' MLModel."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import dataclasses
 import functools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import numpy as np
 from mljax import distribute
 from mljax.cache import CachedJit
 from mljax.errors import InputError, OpError, PredictionError
-from mljax.features import FeatureSpec, convert_inputs, convert_output
+from mljax.features import Features, convert_inputs, convert_output, feature_specs
 from mljax.format.package import load_spec, save_spec
 from mljax.lower import resolve_compute_precision
 from mljax.ops.random import CALL_KEY_INPUT
@@ -27,13 +29,32 @@ __all__ = ["MLModel"]
 class MLModel:
     """A Core ML model running on JAX.
 
+    Takes the arguments of ``coremltools.models.MLModel`` (coremltools 9), plus mljax's own.
+
     Args:
       model: a path to an ``.mlpackage`` folder or ``.mlmodel`` file, serialized ``Model``
         bytes, a ``Model`` protobuf message (coremltools' ``get_spec()`` too), or a
         coremltools ``MLModel``.
       weights_dir: for specs given in memory, the folder holding their weight files (as in
-        coremltools: a package's ``Data/com.apple.CoreML/weights``).
+        coremltools: a package's ``Data/com.apple.CoreML/weights``).  The one argument besides
+        ``model`` that may be positional (coremltools' second positional is ``is_temp_package``:
+        pass it by keyword).
+      is_temp_package: ``True`` deletes the model's package folder (or file) when the
+        interpreter exits, as coremltools does for the temporary packages ``ct.convert`` writes.
+      mil_program: a coremltools MIL ``Program`` the model was converted from; kept as
+        ``_mil_program`` (as coremltools keeps it) and not used: mljax reads the program from the spec.
+      skip_model_load: ``True`` reads the spec and its descriptions without lowering or
+        compiling the model (fast, for inspecting or re-saving); ``predict`` then raises
+        :class:`~mljax.errors.PredictionError`.
+      compute_units: advisory, accepted for coremltools compatibility: a ``ct.ComputeUnit`` or
+        its name (``"ALL"``, ``"CPU_ONLY"``, ``"CPU_AND_GPU"``, ``"CPU_AND_NE"``), kept as
+        ``compute_unit``.  JAX chooses the device (``JAX_PLATFORMS``, ``jax.default_device``);
+        there is no neural engine.
       function_name: which function of a multifunction ML program to run.
+      optimization_hints: advisory, accepted for coremltools compatibility: a dict with
+        coremltools' keys (``allowLowPrecisionAccumulationOnGPU``, ``reshapeFrequency``,
+        ``specializationStrategy``), kept as ``optimization_hints``; XLA compiles once per input
+        shape whatever they say.
       compute_precision: typed execution, as Core ML defines it (declared types are the
         *minimum* precision).  ``"auto"`` (or ``None``, the default): fp16/bf16 programs compute
         in fp32 on the CPU, where XLA has no fp16 arithmetic, and in their declared types on
@@ -42,18 +63,38 @@ class MLModel:
         dtypes in every mode.
       optimize: run :mod:`mljax.optimize`'s graph passes on ML programs at load (default);
         ``False`` lowers the program exactly as the file holds it.
+
+    Any other keyword is a ``TypeError`` naming it and listing these.
     """
 
-    def __init__(self, model, weights_dir=None, *, function_name: str | None = None,
-                 compute_precision: str | None = None, optimize: bool = True, _stage: Stage | None = None,
-                 **_ignored):
+    def __init__(self, model, weights_dir=None, *, is_temp_package: bool = False, mil_program=None,
+                 skip_model_load: bool = False, compute_units=None, function_name: str | None = None,
+                 optimization_hints: dict | None = None, compute_precision: str | None = None,
+                 optimize: bool = True, _stage: Stage | None = None, **unknown):
+        if unknown:
+            raise TypeError(_unknown_keywords(unknown))
+        if weights_dir is not None and not isinstance(weights_dir, (str, os.PathLike)):
+            raise TypeError(f"MLModel(): weights_dir must be a folder path; found {type(weights_dir).__name__} "
+                            f"{weights_dir!r} (coremltools' second positional argument, is_temp_package, "
+                            f"is keyword-only in mljax)")
+        self.compute_unit = _compute_unit(compute_units)
+        self.optimization_hints = _optimization_hints(optimization_hints)
+        self._mil_program = mil_program
+        self.is_temp_package = bool(is_temp_package)
         loaded = load_spec(model, weights_dir)
         self._spec = loaded.spec
         self.model_dir = loaded.model_dir
         self.package_path = loaded.path
+        if self.is_temp_package and loaded.path is not None:
+            atexit.register(_remove_path, loaded.path)
         self.function_name = function_name
         resolve_compute_precision(compute_precision)    # an unknown value fails here, for every model type
         self.compute_precision = compute_precision
+        self.skip_model_load = bool(skip_model_load)
+        if self.skip_model_load:
+            self._stage = _Stage(self._spec, function_name)
+            self._weights = self._loaded_weights = {}
+            return
         self._stage = _stage or build_stage(self._spec, self.model_dir, function_name=function_name,
                                             compute_precision=compute_precision, optimize=optimize)
         self._stage = _per_call(self._stage)
@@ -74,12 +115,14 @@ class MLModel:
 
     # --- descriptions ------------------------------------------------------------------
     @property
-    def input_description(self) -> dict[str, FeatureSpec]:
-        return dict(self._stage.inputs)
+    def input_description(self) -> Features:
+        """``{name: FeatureSpec}`` of the inputs; prints one line a feature (type, shape, image format)."""
+        return Features(self._stage.inputs)
 
     @property
-    def output_description(self) -> dict[str, FeatureSpec]:
-        return dict(self._stage.outputs)
+    def output_description(self) -> Features:
+        """``{name: FeatureSpec}`` of the outputs; a classifier's lines name its class labels."""
+        return Features(self._stage.outputs, _classifier_notes(self._spec, self._stage))
 
     @property
     def user_defined_metadata(self) -> dict[str, str]:
@@ -125,6 +168,9 @@ class MLModel:
         return jax.enable_x64(True) if self._stage.x64 else contextlib.nullcontext()
 
     def _prepare(self, data: dict) -> dict:
+        if self.skip_model_load:
+            raise PredictionError("this MLModel was loaded with skip_model_load=True: it describes and saves "
+                                  "the model but cannot predict; load it without skip_model_load")
         if self._stage.preprocess is not None:
             data = self._stage.preprocess(data)
         inputs = convert_inputs(self._stage.inputs, data)
@@ -214,6 +260,8 @@ class MLModel:
     # --- state ---------------------------------------------------------------------------
     def make_state(self) -> "MLState":
         """Fresh state buffers (zeros) for a stateful model."""
+        if self.skip_model_load:
+            raise PredictionError("this MLModel was loaded with skip_model_load=True: it cannot make state")
         if not self._stage.states:
             raise InputError("this model declares no state; make_state() needs a stateful (iOS18) model")
         return MLState({n: jnp.zeros(s.shape, s.dtype) for n, s in self._stage.states.items()})
@@ -229,16 +277,22 @@ class MLModel:
         return state._values
 
     # --- saving --------------------------------------------------------------------------
-    def save(self, path) -> Path:
-        """Write the model (atomically) as ``.mlpackage`` or ``.mlmodel``."""
+    def save(self, path) -> "SavedPath":
+        """Write the model (atomically) as ``.mlpackage`` or ``.mlmodel``; returns where, as a
+        :class:`SavedPath` (a ``str`` that is also ``os.PathLike``, so coremltools takes it too)."""
         from mljax.writer import save_model
-        return save_model(self, path)
+        return SavedPath(save_model(self, path))
 
     def __repr__(self) -> str:
         kind = self._spec.WhichOneof("Type")
-        ins = ", ".join(f"{n}: {s}" for n, s in self._stage.inputs.items())
-        outs = ", ".join(f"{n}: {s}" for n, s in self._stage.outputs.items())
-        return f"mljax.MLModel({kind}; inputs: {ins}; outputs: {outs})"
+        where = f" {self.package_path}" if self.package_path is not None else ""
+        head = f"mljax.MLModel ({kind}{where})"
+        if self._spec.description.metadata.shortDescription:
+            head += f"\n{self._spec.description.metadata.shortDescription}"
+        parts = [head, f"inputs: {self.input_description}", f"outputs: {self.output_description}"]
+        if self._stage.states:
+            parts.append(f"states: {Features(self._stage.states)}")
+        return "\n".join(parts)
 
 
 def _check_weights_like(current, new, path: str = "") -> None:
@@ -258,6 +312,130 @@ def _check_weights_like(current, new, path: str = "") -> None:
     if np.shape(new) != shape or found is None or np.dtype(found) != dtype:
         raise InputError(f"weights{path}: expected an array of shape {shape} and dtype {dtype}; found "
                          f"{type(new).__name__} of shape {np.shape(new)} and dtype {found}")
+
+
+class SavedPath(str):
+    """Where :meth:`MLModel.save` wrote a model: a ``str`` (coremltools' ``MLModel`` and other
+    APIs that test ``isinstance(path, str)`` take it) that is also ``os.PathLike`` and answers
+    ``pathlib.Path``'s attributes (``exists()``, ``name``, ``/`` ...), comparing equal to the path
+    however it is spelled (str or Path)."""
+
+    def __fspath__(self) -> str:
+        return str.__str__(self)
+
+    @property
+    def path(self) -> Path:
+        return Path(str.__str__(self))
+
+    def __getattr__(self, name):
+        return getattr(self.path, name)
+
+    def __truediv__(self, other) -> Path:
+        return self.path / other
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, os.PathLike):
+            return self.path == Path(other)
+        return str.__eq__(self, other)
+
+    def __ne__(self, other) -> bool:
+        return not self == other
+
+    __hash__ = str.__hash__
+
+    def __repr__(self) -> str:
+        return f"SavedPath({str.__repr__(self)})"
+
+
+# the keywords MLModel takes (coremltools 9's and mljax's own), listed by the TypeError for others
+_KEYWORDS = ("weights_dir", "is_temp_package", "mil_program", "skip_model_load", "compute_units",
+             "function_name", "optimization_hints", "compute_precision", "optimize")
+_COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
+_OPTIMIZATION_HINTS = ("allowLowPrecisionAccumulationOnGPU", "reshapeFrequency", "specializationStrategy")
+
+
+def _unknown_keywords(unknown: dict) -> str:
+    import difflib
+    names = sorted(unknown)
+    hints = [f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(n, _KEYWORDS, 1)) else ""
+             for n in names]
+    listed = ", ".join(f"{n!r}{h}" for n, h in zip(names, hints))
+    return (f"MLModel() got unexpected keyword argument(s) {listed}; "
+            f"it accepts: model, {', '.join(_KEYWORDS)}")
+
+
+def _compute_unit(value) -> str:
+    """A ``ct.ComputeUnit`` (or its name) -> its name; advisory, JAX chooses the device."""
+    if value is None:
+        return "ALL"
+    name = getattr(value, "name", value)
+    if not isinstance(name, str) or name.upper() not in _COMPUTE_UNITS:
+        raise InputError(f"compute_units must be a coremltools.ComputeUnit or one of {_COMPUTE_UNITS}; "
+                         f"found {value!r}")
+    return name.upper()
+
+
+def _optimization_hints(hints) -> dict | None:
+    if hints is None:
+        return None
+    if not isinstance(hints, dict):
+        raise InputError(f"optimization_hints must be a dict; found {type(hints).__name__}")
+    unknown = sorted(set(hints) - set(_OPTIMIZATION_HINTS))
+    if unknown:
+        raise InputError(f"optimization_hints: unknown key(s) {unknown}; expected some of {list(_OPTIMIZATION_HINTS)}")
+    return dict(hints)
+
+
+def _remove_path(path: Path) -> None:
+    """``is_temp_package``: delete the model's package (or file) at interpreter exit."""
+    import shutil
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+def _Stage(spec, function_name) -> Stage:
+    """A stage that only describes the model (``skip_model_load=True``): no function, no weights."""
+    desc = spec.description
+    name = function_name or desc.defaultFunctionName
+    for f in desc.functions:
+        if f.name == name:
+            desc = f
+            break
+    return Stage(fn=None, weights={}, inputs=feature_specs(desc.input), outputs=feature_specs(desc.output),
+                 states=feature_specs(desc.state), batchable=False)
+
+
+def _classifier_notes(spec, stage: Stage) -> dict:
+    """Remarks for a classifier's outputs: the predicted feature, the probabilities and the labels."""
+    labels = stage.info.get("class_labels")
+    if labels is None:
+        labels = _spec_class_labels(spec)
+    if labels is None:
+        return {}
+    desc = spec.description
+    shown = ", ".join(map(repr, labels[:10])) + (f", ... ({len(labels)} in all)" if len(labels) > 10 else "")
+    notes = {}
+    if desc.predictedFeatureName:
+        notes[desc.predictedFeatureName] = f"predicted class label, one of {len(labels)}"
+    if desc.predictedProbabilitiesName:
+        notes[desc.predictedProbabilitiesName] = f"probability of each class label: {shown}"
+    return notes
+
+
+def _spec_class_labels(spec) -> list | None:
+    """The class labels a classifier spec lists (neural network and classic classifiers)."""
+    kind = spec.WhichOneof("Type")
+    if kind is None:
+        return None
+    params = getattr(spec, kind)
+    which = params.WhichOneof("ClassLabels") if "ClassLabels" in params.DESCRIPTOR.oneofs_by_name else None
+    if which == "stringClassLabels":
+        return list(params.stringClassLabels.vector)
+    if which == "int64ClassLabels":
+        return [int(v) for v in params.int64ClassLabels.vector]
+    return None
 
 
 def _progress_bar(total: int):
