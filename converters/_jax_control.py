@@ -44,6 +44,7 @@ def _scan_unrolled(t, eqn):
     steps = range(n - 1, -1, -1) if p["reverse"] else range(n)
     for k in steps:
         outs = t.run(closed.jaxpr, list(closed.consts), [*consts, *carry, *(_step_slice(t, x, k) for x in xs)])
+        t.require(outs)
         carry = outs[:nk]
         for j, (y, v) in enumerate(zip(outs[nk:], closed.jaxpr.outvars[nk:])):
             ys[j][k] = t.materialize(y, tuple(v.aval.shape))
@@ -83,6 +84,7 @@ def _scan_loop(t, eqn):
                       x=t.b.op("gather", _like(x, (1, *x.type.shape[1:])), x=x, indices=idx1, axis=0))
                for x in xs]
         outs = t.run(closed.jaxpr, list(closed.consts), [*consts, *b_in[1:1 + nk], *x_t])
+        t.require(outs)
         outs = [t.materialize(o, tuple(v.aval.shape)) for o, v in zip(outs, closed.jaxpr.outvars)]
         new_accs = []
         for acc, y in zip(b_in[1 + nk:], outs[nk:]):

@@ -72,7 +72,7 @@ class Translator:
     def __init__(self, builder: Builder):
         self.b = builder
         self.env: dict = {}
-        self.unsupported: dict[str, str] = {}
+        self.origins: dict[int, frozenset] = {}     # placeholder Var id -> {(primitive, why)}
         self._literals: dict = {}
 
     # --- values -----------------------------------------------------------------------
@@ -138,7 +138,12 @@ class Translator:
         prim = eqn.primitive.name
         sub = next((eqn.params[k] for k in _CALL_PARAMS if k in eqn.params), None) \
             if prim in _CALLS else None
-        if sub is not None:
+        upstream = [self.origins[id(v)] for v in (self.env.get(a) for a in eqn.invars
+                                                  if not isinstance(a, Literal))
+                    if v is not None and id(v) in self.origins]
+        if upstream and sub is None:        # fed by something untranslatable: untranslatable too
+            outs = [self._placeholder(frozenset().union(*upstream)) for _ in eqn.outvars]
+        elif sub is not None:
             jaxpr, consts = (sub.jaxpr, sub.consts) if isinstance(sub, ClosedJaxpr) else (sub, ())
             args = [self.lazy(a) for a in eqn.invars[len(eqn.invars) - len(jaxpr.invars):]]
             outs = self.run(jaxpr, list(consts), args)
@@ -148,14 +153,12 @@ class Translator:
             outs = [self.b.const(np.asarray(v), name=prim, dtype=mil_dtype(np.asarray(v).dtype))
                     for v in vals]
         elif prim not in RULES:
-            self.unsupported.setdefault(prim, "no translation rule")
-            outs = [self._placeholder(eqn, i) for i in range(len(eqn.outvars))]
+            outs = [self._placeholder(frozenset({(prim, "no translation rule")})) for _ in eqn.outvars]
         else:
             try:
                 outs = RULES[prim](self, eqn)
             except Unsupported as e:
-                self.unsupported.setdefault(prim, str(e))
-                outs = [self._placeholder(eqn, i) for i in range(len(eqn.outvars))]
+                outs = [self._placeholder(frozenset({(prim, str(e))})) for _ in eqn.outvars]
         for v, out in zip(eqn.outvars, outs):
             self.env[v] = out
 
@@ -165,6 +168,7 @@ class Translator:
         saved = dict(self._literals)        # literals made inside must not leak outside
         with self.b.block() as ops:
             outs = self.run(closed.jaxpr, list(closed.consts), list(args))
+            self.require(outs)
             outs = [self.materialize(o, tuple(v.aval.shape)) for o, v in zip(outs, closed.jaxpr.outvars)]
             mine = {id(v) for op in ops if op.type != "const" for v in op.outputs}
             outs = [o if id(o) in mine else self.b.op("identity", o.type, x=o) for o in outs]
@@ -183,8 +187,28 @@ class Translator:
             return False
         return all(np.prod(v.aval.shape, dtype=np.int64) <= _FOLD_LIMIT for v in eqn.outvars)
 
-    def _placeholder(self, eqn, i: int) -> Var:
-        return Var(self.b.fresh("unsupported"), self.out_type(eqn, i))
+    def _placeholder(self, origin: frozenset) -> Var:
+        """A stand-in for a value with no translation; an error only if an output depends on it."""
+        var = Var(self.b.fresh("unsupported"), None)
+        self.origins[id(var)] = origin
+        return var
+
+    def opaque(self, name: str, why: str) -> Var:
+        return self._placeholder(frozenset({(name, why)}))
+
+    def unsupported(self, values) -> dict[str, str]:
+        """primitive -> why, for the untranslatable values among ``values``."""
+        found: dict[str, str] = {}
+        for v in values:
+            for prim, why in sorted(self.origins.get(id(v), ())):
+                found.setdefault(prim, why)
+        return found
+
+    def require(self, values) -> None:
+        """Raise Unsupported when a nested jaxpr's results depend on untranslatable values."""
+        bad = self.unsupported(values)
+        if bad:
+            raise Unsupported("its body uses " + "; ".join(f"{p} ({why})" for p, why in bad.items()))
 
 
 def is_weight_value(value) -> bool:
@@ -239,11 +263,12 @@ def _output_names(closed, out_tree, output_names) -> list[str]:
     return output_names
 
 
-def _param_var(b: Builder, name: str, value) -> Var:
-    """A module state leaf as a named constant; PRNG keys (unused when deterministic) stay opaque."""
+def _param_var(translator, name: str, value) -> Var:
+    """A module state leaf as a named constant; PRNG keys (unused at inference) stay opaque."""
     if jax.dtypes.issubdtype(getattr(value, "dtype", np.float32), jax.dtypes.prng_key):
-        return Var(b.fresh(name), None)
-    return b.const(np.asarray(value), name=name, keep_name=True)
+        return translator.opaque(f"PRNG key {name!r}", "random keys in module state are not exported; "
+                                 "use the module in eval mode (deterministic=True)")
+    return translator.b.const(np.asarray(value), name=name, keep_name=True)
 
 
 def _check_names(names, what: str) -> None:
@@ -304,12 +329,13 @@ def _translate(fn, example_inputs, output_names, compute_precision, minimum_depl
                                   f"float32, float16 or int32")
         inputs.append(Var(name, t))
     translator = Translator(b)
-    params = [_param_var(b, n, v) for n, v in zip(param_names, param_values)]
+    params = [_param_var(translator, n, v) for n, v in zip(param_names, param_values)]
     jaxpr = closed.jaxpr
     results = translator.run(jaxpr, list(closed.consts), [*params, *inputs])
-    if translator.unsupported:
-        listed = "; ".join(f"{p} ({why})" for p, why in sorted(translator.unsupported.items()))
-        raise ConversionError(f"cannot convert {len(translator.unsupported)} JAX primitive(s): {listed}")
+    unsupported = translator.unsupported(results)
+    if unsupported:
+        listed = "; ".join(f"{p} ({why})" for p, why in sorted(unsupported.items()))
+        raise ConversionError(f"cannot convert {len(unsupported)} JAX primitive(s): {listed}")
     outputs = _bind_outputs(b, translator, jaxpr.outvars, results, output_names)
     opset = TARGETS[minimum_deployment_target]
     function = Function("main", inputs, opset, Block([], b.operations, outputs))
