@@ -69,9 +69,9 @@ def _cmd_bench(args) -> int:
 
 def add_subcommand(sub, name: str) -> None:
     p = sub.add_parser(name, help="latency and throughput of a model after warm-up")
-    p.add_argument("model")
-    p.add_argument("--repeats", type=int, default=50)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("model", help=".mlpackage folder or .mlmodel file")
+    p.add_argument("--repeats", type=int, default=50, help="timed predictions per measurement (default 50)")
+    p.add_argument("--batch", type=int, default=32, help="samples of the throughput measurement (default 32)")
     p.add_argument("--compute-precision", choices=["auto", "declared", "float16", "float32"], default="auto",
                       help="auto (default): fp16 programs compute in fp32 on the CPU, declared types elsewhere; "
                            "declared/float16: exact declared types; float32: always fp32")

@@ -122,7 +122,8 @@ class MLModel:
     @property
     def output_description(self) -> Features:
         """``{name: FeatureSpec}`` of the outputs; a classifier's lines name its class labels."""
-        return Features(self._stage.outputs, _classifier_notes(self._spec, self._stage))
+        from mljax.inspect import classifier_notes
+        return Features(self._stage.outputs, classifier_notes(self._spec))
 
     @property
     def user_defined_metadata(self) -> dict[str, str]:
@@ -405,37 +406,6 @@ def _Stage(spec, function_name) -> Stage:
             break
     return Stage(fn=None, weights={}, inputs=feature_specs(desc.input), outputs=feature_specs(desc.output),
                  states=feature_specs(desc.state), batchable=False)
-
-
-def _classifier_notes(spec, stage: Stage) -> dict:
-    """Remarks for a classifier's outputs: the predicted feature, the probabilities and the labels."""
-    labels = stage.info.get("class_labels")
-    if labels is None:
-        labels = _spec_class_labels(spec)
-    if labels is None:
-        return {}
-    desc = spec.description
-    shown = ", ".join(map(repr, labels[:10])) + (f", ... ({len(labels)} in all)" if len(labels) > 10 else "")
-    notes = {}
-    if desc.predictedFeatureName:
-        notes[desc.predictedFeatureName] = f"predicted class label, one of {len(labels)}"
-    if desc.predictedProbabilitiesName:
-        notes[desc.predictedProbabilitiesName] = f"probability of each class label: {shown}"
-    return notes
-
-
-def _spec_class_labels(spec) -> list | None:
-    """The class labels a classifier spec lists (neural network and classic classifiers)."""
-    kind = spec.WhichOneof("Type")
-    if kind is None:
-        return None
-    params = getattr(spec, kind)
-    which = params.WhichOneof("ClassLabels") if "ClassLabels" in params.DESCRIPTOR.oneofs_by_name else None
-    if which == "stringClassLabels":
-        return list(params.stringClassLabels.vector)
-    if which == "int64ClassLabels":
-        return [int(v) for v in params.int64ClassLabels.vector]
-    return None
 
 
 def _progress_bar(total: int):
