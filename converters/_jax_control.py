@@ -24,7 +24,7 @@ def _step_slice(t, x, k: int):
     begin = [k] + [0] * (len(shape) - 1)
     end = [k + 1, *shape[1:]]
     return t.b.op("slice_by_index", _like(x, shape[1:]), x=x, begin=begin, end=end,
-                  squeeze_mask=[True] + [False] * (len(shape) - 1))
+                  squeeze_mask=np.array([True] + [False] * (len(shape) - 1)))
 
 
 def _stack(t, values, out: TensorType):

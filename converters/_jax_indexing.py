@@ -200,8 +200,7 @@ def _dynamic_slice(t, eqn):
         return [t.b.op("slice_by_index", t.out_type(eqn), x=x, begin=begin,
                        end=[b + n for b, n in zip(begin, sizes)])]
     begin = _starts(t, eqn, eqn.invars[1:], sizes)
-    end = t.b.op("add", begin.type, x=begin, y=np.asarray(sizes, np.int32))
-    return [t.b.op("slice_by_index", t.out_type(eqn), x=x, begin=begin, end=end)]
+    return [t.b.op("slice_by_size", t.out_type(eqn), x=x, begin=begin, size=sizes)]
 
 
 @rule("dynamic_update_slice")
