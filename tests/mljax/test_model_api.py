@@ -131,3 +131,22 @@ def test_save_returns_a_path_coremltools_accepts(flexible, tmp_path):
     assert Path(saved) == tmp_path / "copy.mlpackage"
     ct_model = ct.models.MLModel(saved, skip_model_load=True)     # a plain Path: coremltools' TypeError
     assert [f.name for f in ct_model.get_spec().description.input] == ["x", "y"]
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="on macOS coremltools runs models itself")
+def test_bridge_doc_quotes_what_coremltools_says(flexible):
+    """docs/coremltools_bridge.md quotes coremltools' own messages on Linux: they must be current."""
+    import re
+    import mljax.coremltools as bridge
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "coremltools_bridge.md").read_text()
+    quoted = set(re.findall(r'\*"([^"]+)"\*', " ".join(doc.split())))
+    assert not bridge.is_enabled()
+    ct_model = ct.models.MLModel(str(flexible))
+    said = []
+    for call in (lambda: ct_model.predict({"x": np.zeros((1, 3), np.float32), "y": np.zeros((2, 4), np.float32)}),
+                 ct_model.make_state, ct_model.get_compiled_model_path,
+                 lambda: ct.models.MLModel(Path(flexible))):
+        with pytest.raises(Exception) as err:
+            call()
+        said.append(str(err.value))
+    assert quoted == set(said), (quoted, said)
