@@ -10,12 +10,20 @@ import numpy as np
 from converters._jax_rules import Unsupported, rule_table, _t, _like
 from mljax.mil.types import TensorType
 
-__all__ = ["RULES", "UNROLL_STEPS"]
+__all__ = ["PARTIAL", "RULES", "UNROLL_STEPS"]
 
 RULES, rule = rule_table()
 
 #: scans of at most this many steps are unrolled (static slices, no loop in the program).
 UNROLL_STEPS = 16
+
+#: primitive -> the forms that are not translated.
+PARTIAL = {
+    "scan": f"boolean stacked outputs only when unrolled (at most {UNROLL_STEPS} steps); bodies of supported primitives",
+    "while": "bodies of supported primitives; loop values keep fixed shapes",
+    "cond": "branches of supported primitives",
+}
+
 
 
 def _step_slice(t, x, k: int):

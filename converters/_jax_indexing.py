@@ -12,9 +12,18 @@ import numpy as np
 
 from converters._jax_rules import Unsupported, rule_table, _t, _like, _transpose_to, _reshape_to
 
-__all__ = ["RULES"]
+__all__ = ["PARTIAL", "RULES"]
 
 RULES, rule = rule_table()
+
+#: primitive -> the forms that are not translated.
+PARTIAL = {
+    "gather": "unit slices along every indexed dim (take, take_along_axis, integer-array indexing, "
+              "embedding lookups); no gathers of longer dynamic slices",
+    "sort": "one sort key",
+    **{p: "whole windows (`.at[idx]` updates, segment sums); no partial windows or custom combiners"
+       for p in ("scatter", "scatter-add", "scatter-mul", "scatter-min", "scatter-max")},
+}
 
 
 def _fill_value(dtype: np.dtype):

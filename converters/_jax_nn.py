@@ -14,9 +14,16 @@ import numpy as np
 from converters._jax_rules import Unsupported, rule_table, _cast_to, _like, _reshape_to, _t, _transpose_to
 from mljax.mil.types import TensorType
 
-__all__ = ["RULES"]
+__all__ = ["PARTIAL", "RULES"]
 
 RULES, rule = rule_table()
+
+#: primitive -> the forms that are not translated.
+PARTIAL = {
+    "conv_general_dilated": "batch_group_count 1 (feature groups, input and kernel dilation, negative pads are fine)",
+    **{p: "no base/window dilation; at most 3 windowed dims; non-negative padding"
+       for p in ("reduce_window_max", "reduce_window_min", "reduce_window_sum")},
+}
 
 
 def _dilate(t, x, factors):

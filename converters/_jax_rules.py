@@ -33,6 +33,15 @@ def rule_table():
 
 RULES, rule = rule_table()
 
+#: primitive -> the forms that are not translated (docs/converters.md lists them as partial).
+PARTIAL = {
+    "and": "booleans only (MIL has no bitwise integer ops)", "or": "booleans only", "xor": "booleans only",
+    "not": "booleans only",
+    "reshape": "no `dimensions` permutation",
+    "pad": "constant padding value only; no interior (dilating) padding",
+    "argmax": "one axis", "argmin": "one axis",
+}
+
 
 def _t(dtype_name: str, shape) -> TensorType:
     return TensorType(DTYPES[dtype_name], tuple(int(d) for d in shape))
@@ -55,7 +64,7 @@ def _binary(mil_op):
     return translate
 
 
-for _jax, _mil in {"add": "add", "sub": "sub", "mul": "mul", "max": "maximum", "min": "minimum",
+for _jax, _mil in {"add": "add", "add_any": "add", "sub": "sub", "mul": "mul", "max": "maximum", "min": "minimum",
                    "pow": "pow", "lt": "less", "le": "less_equal", "gt": "greater",
                    "ge": "greater_equal"}.items():
     RULES[_jax] = _binary(_mil)
@@ -175,6 +184,35 @@ def _erfc(t, eqn):
     return [t.b.op("sub", x.type, x=np.asarray(1, x.type.dtype.numpy), y=t.b.op("erf", x.type, x=x))]
 
 
+@rule("is_finite")
+def _is_finite(t, eqn):
+    """x - x is 0 exactly for finite x (NaN for inf and NaN)."""
+    x = t.read(eqn.invars[0])
+    diff = t.b.op("sub", x.type, x=x, y=x)
+    return [t.b.op("equal", t.out_type(eqn), x=diff, y=np.asarray(0, x.type.dtype.numpy))]
+
+
+@rule("cbrt")
+def _cbrt(t, eqn):
+    x = t.read(eqn.invars[0])
+    mag = t.b.op("pow", x.type, x=t.b.op("abs", x.type, x=x), y=np.asarray(1 / 3, x.type.dtype.numpy))
+    return [t.b.op("mul", x.type, x=t.b.op("sign", x.type, x=x), y=mag)]
+
+
+@rule("asinh", "acosh")
+def _inverse_hyperbolic(t, eqn):
+    """log(x + sqrt(x^2 +- 1)); asinh of negative x by symmetry (no cancellation)."""
+    x = t.read(eqn.invars[0])
+    one = np.asarray(1, x.type.dtype.numpy)
+    if eqn.primitive.name == "acosh":
+        root = t.b.op("sqrt", x.type, x=t.b.op("sub", x.type, x=t.b.op("mul", x.type, x=x, y=x), y=one))
+        return [t.b.op("log", x.type, x=t.b.op("add", x.type, x=x, y=root))]
+    a = t.b.op("abs", x.type, x=x)
+    root = t.b.op("sqrt", x.type, x=t.b.op("add", x.type, x=t.b.op("mul", x.type, x=a, y=a), y=one))
+    mag = t.b.op("log", x.type, x=t.b.op("add", x.type, x=a, y=root))
+    return [t.b.op("mul", x.type, x=t.b.op("sign", x.type, x=x), y=mag)]
+
+
 @rule("round")
 def _round(t, eqn):
     x = t.read(eqn.invars[0])
@@ -184,7 +222,8 @@ def _round(t, eqn):
     return [t.b.op("mul", x.type, x=t.b.op("sign", x.type, x=x), y=t.b.op("floor", x.type, x=half))]
 
 
-@rule("stop_gradient", "copy", "copy_p", "reduce_precision", "optimization_barrier")
+@rule("stop_gradient", "copy", "copy_p", "reduce_precision", "optimization_barrier", "device_put",
+      "sharding_constraint")
 def _identity(t, eqn):
     return [t.lazy(a) for a in eqn.invars]
 

@@ -59,6 +59,10 @@ def _merge(*tables) -> dict:
 
 #: JAX primitive name -> translation rule (the table docs/converters.md is generated from).
 RULES = _merge(_jax_rules.RULES, _jax_control.RULES, _jax_indexing.RULES, _jax_nn.RULES)
+#: JAX primitive -> the forms its rule does not translate (the rest of RULES translate every form).
+PARTIAL = _merge(_jax_rules.PARTIAL, _jax_control.PARTIAL, _jax_indexing.PARTIAL, _jax_nn.PARTIAL)
+#: call primitives whose body is inlined.
+INLINED = frozenset(_CALLS)
 
 
 class Translator:

@@ -116,6 +116,8 @@ FAMILIES = {
                                         x.astype(jnp.int8).astype(jnp.int32), jnp.uint8(200) + i.astype(jnp.uint8),
                                         i % 3 - i // 2, jnp.where(i > 1, i, -i)),
                           {"x": _X * 4, "i": _I}),
+    "more_elementwise": (lambda x: (jnp.isfinite(jnp.log(x)), jnp.cbrt(x), jnp.arcsinh(x), jnp.arccosh(jnp.abs(x) + 1)),
+                         {"x": _X}),
     "attention": (lambda q, k: (jax.nn.dot_product_attention(q, k, k, is_causal=True),
                                 jax.nn.dot_product_attention(q, k, k, mask=jnp.arange(5)[None, None, None] < 3)),
                   {"q": _randn(2, 5, 2, 4), "k": _randn(2, 5, 2, 4)}),
