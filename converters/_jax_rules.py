@@ -56,8 +56,20 @@ def _is_float(var: Var) -> bool:
 
 
 # --- elementwise ------------------------------------------------------------------------
+_ARITHMETIC = {"fp16", "fp32", "int32", "bool"}
+
+
+def _check_arithmetic(t, eqn):
+    """MIL arithmetic takes fp16/fp32/int32 (and bool logic); narrower integers only cast and move."""
+    for a in eqn.invars:
+        name = t.out_type_of(a).dtype.name
+        if name not in _ARITHMETIC:
+            raise Unsupported(f"arithmetic on {name} (MIL computes in fp16/fp32/int32: cast to int32 first)")
+
+
 def _binary(mil_op):
     def translate(t, eqn):
+        _check_arithmetic(t, eqn)
         out = t.out_type(eqn)
         x, y = t.fit([t.lazy(eqn.invars[0]), t.lazy(eqn.invars[1])], out.shape)
         return [t.b.op(mil_op, out, x=x, y=y)]
@@ -141,6 +153,7 @@ def _rem(t, eqn):
 
 def _unary(mil_op):
     def translate(t, eqn):
+        _check_arithmetic(t, eqn)
         return [t.b.op(mil_op, t.out_type(eqn), x=t.read(eqn.invars[0]))]
     return translate
 

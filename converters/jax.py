@@ -124,6 +124,10 @@ class Translator:
         return vars_ if ok else [self.materialize(v, tuple(shape)) for v in vars_]
 
     @staticmethod
+    def out_type_of(atom) -> TensorType:
+        return tensor_type(atom.aval.shape, atom.aval.dtype)
+
+    @staticmethod
     def out_type(eqn, i: int = 0) -> TensorType:
         aval = eqn.outvars[i].aval
         return tensor_type(aval.shape, aval.dtype)
@@ -284,11 +288,12 @@ def _check_names(names, what: str) -> None:
 
 
 def _bind_outputs(b: Builder, translator: Translator, outvars, results, names) -> list[Var]:
-    """Name the function outputs; bool outputs become int32 (Core ML arrays have no bool)."""
+    """Name the function outputs; bool and narrow integer outputs become int32 (the integer type
+    Core ML arrays have)."""
     outs, seen = [], set()
     for atom, var, name in zip(outvars, results, names):
         var = translator.materialize(var, tuple(atom.aval.shape))
-        if var.type.dtype.name == "bool":
+        if var.type.dtype.name not in _ARRAY_TYPES:
             var = b.op("cast", TensorType(DTYPES["int32"], var.type.shape), x=var, dtype="int32")
         produced = any(var is o for op in b.operations if op.type != "const" for o in op.outputs)
         if produced and id(var) not in seen:

@@ -113,7 +113,7 @@ FAMILIES = {
                {"x": _IMG}),
     "dtype_conversions": (lambda x, i: (x.astype(jnp.int32), i.astype(jnp.float16).astype(jnp.float32) * x[:, :3],
                                         (x > 0).astype(jnp.float32), i.astype(jnp.bool_), (i > 1) & (x[:, :3] < 0),
-                                        x.astype(jnp.int8).astype(jnp.int32), jnp.uint8(200) + i.astype(jnp.uint8),
+                                        x.astype(jnp.int8).astype(jnp.int32), i.astype(jnp.uint8), i.astype(jnp.int16).astype(jnp.float32),
                                         i % 3 - i // 2, jnp.where(i > 1, i, -i)),
                           {"x": _X * 4, "i": _I}),
     "more_elementwise": (lambda x: (jnp.isfinite(jnp.log(x)), jnp.cbrt(x), jnp.arcsinh(x), jnp.arccosh(jnp.abs(x) + 1)),
@@ -287,3 +287,8 @@ def test_flax_model(name):
 def test_flax_model_fp16(name):
     make, inputs = MODELS[name]
     export(make(), inputs(), precision="float16", tol=3e-2)
+
+
+def test_narrow_integer_arithmetic_is_refused_not_miscomputed():
+    with pytest.raises(ConversionError, match=r"add \(arithmetic on uint8"):
+        converters.convert(lambda i: jnp.uint8(200) + i.astype(jnp.uint8), {"i": _I})
