@@ -363,7 +363,10 @@ def _command_of(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser(_command_of(argv)).parse_args(argv)
+    try:
+        args = _parser(_command_of(argv)).parse_args(argv)
+    except SystemExit as e:          # --help, --version (0) and usage errors (2): an exit status
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
     if not hasattr(args, "func"):
         print(f"mljax {args.command}: error: this command's module is not installed", file=sys.stderr)
         return 2
