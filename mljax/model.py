@@ -142,17 +142,30 @@ class MLModel:
         """The weights pytree the jitted function takes (trainable by ``updatable``)."""
         return self._weights
 
-    def with_weights(self, weights) -> "MLModel":
+    def with_weights(self, weights, *, spec=None) -> "MLModel":
         """A new MLModel running the same compiled function with other weight values.
 
         ``weights`` must be a pytree like :attr:`weights`: the same names, and each array of
-        the same shape and dtype (:class:`InputError` otherwise).  The model's spec is shared,
-        so the new model predicts with ``weights``; this model is unchanged.
+        the same shape and dtype (:class:`InputError` otherwise).  ``spec``: the ``Model``
+        message that holds these weights (e.g. trained NeuralNetwork layers written into it),
+        which ``save`` then writes; it must describe the same model type, inputs and outputs.
+        Without it the spec is shared, and a pipeline whose weights changed cannot be saved.
+        This model is unchanged.
         """
         _check_weights_like(self._weights, weights)
+        if spec is not None:
+            mine, theirs = self._spec, getattr(spec, "description", None)
+            if (theirs is None or spec.WhichOneof("Type") != mine.WhichOneof("Type")
+                    or list(theirs.input) != list(mine.description.input)
+                    or list(theirs.output) != list(mine.description.output)):
+                raise InputError(f"with_weights: spec must describe this {mine.WhichOneof('Type')} model "
+                                 f"(same type, inputs and outputs); found {type(spec).__name__}"
+                                 + (f" of type {spec.WhichOneof('Type')}" if theirs is not None else ""))
         new = copy.copy(self)
         with self._x64_scope():
             new._weights = jax.device_put(weights)
+        if spec is not None:   # the spec holds these weights: they are what a save writes
+            new._spec, new._loaded_weights = copy.deepcopy(spec), new._weights
         new._call_keys = _CallKeys()
         return new
 

@@ -124,7 +124,8 @@ class TrainableNetwork:
 
     # --- write-back ----------------------------------------------------------------------
     def updated_spec(self, trainable: dict):
-        """A copy of the model's spec with the trained weights written into their layers."""
+        """A copy of the model's spec with the trained weights written into their layers, and the
+        weights as written (rounded to fp16 where a layer stores fp16)."""
         spec = self.model.get_spec()
         node = spec
         for name in self.uspec.nn_path:
@@ -132,6 +133,7 @@ class TrainableNetwork:
             node = pipe.models[stage_names(pipe).index(name)]
         nn = getattr(node, self.uspec.nn_kind)
         layers = {l.name: l for l in nn.layers}
+        written = {}
         for layer_name, keys in self._keys.items():
             lyr = layers[layer_name]
             params = getattr(lyr, lyr.WhichOneof("layer"))
@@ -139,20 +141,31 @@ class TrainableNetwork:
                 field = {"weight": "weights", "bias": "bias"}.get(key.split("/", 1)[1])
                 if field is None:
                     raise UpdateError(f"cannot write trained weight {key!r} back into layer {layer_name!r}")
-                _write_weight_params(getattr(params, field), np.asarray(trainable[key]))
-        return spec
+                stored = _write_weight_params(getattr(params, field), np.asarray(trainable[key]))
+                written[key] = stored.reshape(np.shape(self.weights[key])).astype(self.weights[key].dtype)
+        return spec, written
 
     def updated_model(self, trainable: dict) -> MLModel:
-        return MLModel(self.updated_spec(trainable), weights_dir=self.model.weights_dir,
-                       compute_precision=self.model.compute_precision)
+        """The model with ``trainable`` written into its spec; it runs the source's compiled
+        function (no rebuild, no recompile) and saves the trained layers."""
+        spec, written = self.updated_spec(trainable)
+        weights = dict(self.model.weights)
+        nested = [weights]
+        for name in self.uspec.nn_path:
+            nested[-1][name] = dict(nested[-1][name])
+            nested.append(nested[-1][name])
+        nested[-1].update(written)
+        return self.model.with_weights(weights, spec=spec)
 
 
-def _write_weight_params(wp, values: np.ndarray) -> None:
-    """Store values in the WeightParams field the layer already uses (fp32 or fp16)."""
+def _write_weight_params(wp, values: np.ndarray) -> np.ndarray:
+    """Store values in the WeightParams field the layer already uses (fp32 or fp16); returns
+    them as stored (float32)."""
     flat = np.ascontiguousarray(values, np.float32).reshape(-1)
     if wp.float16Value:
         wp.float16Value = flat.astype("<f2").tobytes()
-    elif wp.rawValue and not wp.HasField("quantization"):
+        return flat.astype(np.float16).astype(np.float32)
+    if wp.rawValue and not wp.HasField("quantization"):
         wp.rawValue = flat.astype("<f4").tobytes()
     else:
         if wp.HasField("quantization") or wp.rawValue or wp.int8RawValue:
@@ -161,3 +174,4 @@ def _write_weight_params(wp, values: np.ndarray) -> None:
             wp.int8RawValue = b""
         del wp.floatValue[:]
         wp.floatValue.extend(flat.tolist())
+    return flat

@@ -125,13 +125,14 @@ class UpdateTask:
         self.source = model if isinstance(model, MLModel) else MLModel(model)
         self.progress_handler = progress_handler
         self.completion_handler = completion_handler
-        if is_knn(self.source._spec):
+        spec = self.source.get_spec()
+        if is_knn(spec):
             # Core ML updates a k-NN classifier by adding the samples: no epochs, no loss.
             self._knn = update_knn(self.source, training_data, parameters=parameters)
             self.parameters = dict(parameters or {})
             return
         self._knn = None
-        self.uspec: UpdateSpec = read_update_spec(self.source._spec)
+        self.uspec: UpdateSpec = read_update_spec(spec)
         self.parameters = self.uspec.resolve(parameters)
         self.progress_bar = progress_bar
         self.network = TrainableNetwork(self.source, self.uspec)
@@ -214,12 +215,6 @@ class UpdateTask:
         """The jitted training step, shared by every task on the same network with the same
         loss, updatable layers and optimizer settings (a second personalization skips compiling)."""
         loss_of = self._loss_fn()
-        net = self.network
-        not_optimizer = ("epochs", "shuffle", "seed", "mini_batch_size")
-        key = ("update-step", id(net.stage.fn), self.uspec.loss, net.logits_blob,
-               tuple((k, tuple(v)) for k, v in sorted(net._keys.items())),
-               self.uspec.optimizer,
-               tuple(sorted((k, repr(v)) for k, v in self.parameters.items() if k not in not_optimizer)))
 
         def make():
             @jax.jit
@@ -229,7 +224,16 @@ class UpdateTask:
                 return optax.apply_updates(trainable, updates), opt_state, loss
             return step
 
-        return shared_fn(key, make)
+        return shared_fn(("update-step",) + self._step_key(), make)
+
+    def _step_key(self) -> tuple:
+        """What determines the training step's math: the network function, loss, updatable layers
+        and optimizer settings (tasks with equal keys share compiled steps)."""
+        net = self.network
+        not_optimizer = ("epochs", "shuffle", "seed", "mini_batch_size")
+        return (id(net.stage.fn), self.uspec.loss, net.logits_blob,
+                tuple((k, tuple(v)) for k, v in sorted(net._keys.items())), self.uspec.optimizer,
+                tuple(sorted((k, repr(v)) for k, v in self.parameters.items() if k not in not_optimizer)))
 
     def _emit(self, event: str, metrics: dict) -> None:
         if self.progress_handler is not None:

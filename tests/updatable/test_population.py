@@ -1,0 +1,140 @@
+"""updatable.personalize: a population of users in one call equals each user's own UpdateTask.
+
+The 4-device runs happen in a subprocess started with
+``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (the flag must be set before JAX starts);
+the reference UpdateTask runs happen here, on one device.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mljax
+import updatable
+from mljax.errors import UpdateError
+from models import dense_classifier
+
+ct = pytest.importorskip("coremltools")
+ROOT = Path(__file__).resolve().parents[2]
+LABELS = ("a", "b", "c")
+
+CHILD = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    import updatable
+    assert len(jax.devices()) == 4, jax.devices()
+    model_path, data_path, out_path = sys.argv[1:4]
+    data = np.load(data_path, allow_pickle=False)
+    sizes, probe = data["sizes"], data["probe"]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    datasets = [{"features": data["x"][a:b], "label": data["y"][a:b]} for a, b in zip(starts[:-1], starts[1:])]
+    seen = []
+    ctxs = updatable.personalize(model_path, datasets, progress_handler=lambda c: seen.append(c.event))
+    probs, labels = [], []
+    for c in ctxs:
+        outs = c.model.predict([{"features": p} for p in probe])
+        labels.append([o["label"] for o in outs])
+        probs.append([[o["probs"][k] for k in ("a", "b", "c")] for o in outs])
+    np.savez(out_path, probs=np.array(probs), losses=np.array([c.metrics["loss"] for c in ctxs]))
+    print(json.dumps({"labels": labels, "events": seen, "event": ctxs[0].event}))
+""")
+
+
+def _population(n_users=32, seed=0):
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 15, size=n_users)      # ragged: 1 to 14 samples, batches of 4
+    sizes[:3] = [1, 4, 13]                           # a single sample, one full batch, a partial last one
+    x = rng.normal(size=(int(sizes.sum()), 6)).astype(np.float32)
+    y = rng.choice(LABELS, size=len(x))
+    probe = rng.normal(size=(5, 6)).astype(np.float32)
+    return sizes, x, y, probe
+
+
+def _datasets(sizes, x, y):
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    return [{"features": x[a:b], "label": y[a:b]} for a, b in zip(starts[:-1], starts[1:])]
+
+
+def _reference(model_path, datasets, probe):
+    """Each user's own UpdateTask (one device): labels and probabilities on the probe inputs."""
+    probs, labels, losses, model = [], [], [], mljax.MLModel(model_path)   # one model: one compiled step
+    for data in datasets:
+        ctx = updatable.UpdateTask(model, data).run()
+        outs = ctx.model.predict([{"features": p} for p in probe])
+        labels.append([o["label"] for o in outs])
+        probs.append([[o["probs"][k] for k in LABELS] for o in outs])
+        losses.append(ctx.metrics["loss"])
+    return np.array(probs), labels, np.array(losses)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_32_users_on_4_devices_equal_their_update_tasks(optimizer, tmp_path):
+    path, _ = dense_classifier(optimizer=optimizer, lr=0.1 if optimizer == "sgd" else 0.05, batch=4,
+                               momentum=0.9 if optimizer == "sgd" else 0.0, epochs=3, shuffle=True)
+    sizes, x, y, probe = _population()
+    np.savez(tmp_path / "data.npz", sizes=sizes, x=x, y=y, probe=probe)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run([sys.executable, "-c", CHILD, str(path), str(tmp_path / "data.npz"),
+                          str(tmp_path / "out.npz")], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    child = json.loads(run.stdout.strip().splitlines()[-1])
+    got = np.load(tmp_path / "out.npz")
+    want_probs, want_labels, want_losses = _reference(path, _datasets(sizes, x, y), probe)
+    assert child["labels"] == want_labels
+    np.testing.assert_allclose(got["probs"], want_probs, atol=1e-4)
+    np.testing.assert_allclose(got["losses"], want_losses, rtol=1e-4, atol=1e-5)
+    assert child["events"] == ["training_begin"] + ["epoch_end"] * 3 and child["event"] == "completed"
+    # the update changed every user's model, and differently: the comparison is not vacuous
+    before = np.array([[o["probs"][k] for k in LABELS] for o in
+                       mljax.MLModel(path).predict([{"features": p} for p in probe])])
+    assert np.abs(want_probs - before).max(axis=(1, 2)).min() > 1e-3
+    assert np.abs(want_probs - want_probs[:1]).max() > 1e-2
+
+
+def test_one_device_unshuffled_and_saved(tmp_path):
+    """In process (one device), shuffle off, larger mini-batches than some users have; the
+    result models save and reload with the trained weights."""
+    path, _ = dense_classifier(optimizer="adam", lr=0.05, batch=6, epochs=2, shuffle=False)
+    sizes, x, y, probe = _population(n_users=5, seed=1)
+    datasets = _datasets(sizes, x, y)
+    ctxs = updatable.personalize(path, datasets, parameters={"epochs": 4, "seed": 7})
+    want_probs, want_labels, _ = _reference_params(path, datasets, probe, {"epochs": 4, "seed": 7})
+    for c, wp, wl in zip(ctxs, want_probs, want_labels):
+        saved = mljax.MLModel(c.model.save(tmp_path / f"{id(c)}.mlmodel"))
+        outs = saved.predict([{"features": p} for p in probe])
+        assert [o["label"] for o in outs] == wl
+        np.testing.assert_allclose([[o["probs"][k] for k in LABELS] for o in outs], wp, atol=1e-4)
+        assert c.parameters["epochs"] == 4 and c.metrics["epoch_index"] == 3
+
+
+def _reference_params(path, datasets, probe, parameters):
+    probs, labels, model = [], [], mljax.MLModel(path)
+    for data in datasets:
+        ctx = updatable.UpdateTask(model, data, parameters=parameters).run()
+        outs = ctx.model.predict([{"features": p} for p in probe])
+        labels.append([o["label"] for o in outs])
+        probs.append([[o["probs"][k] for k in LABELS] for o in outs])
+    return np.array(probs), labels, None
+
+
+def test_cancel_after_an_epoch_and_bad_input():
+    path, _ = dense_classifier(epochs=5)
+    sizes, x, y, _ = _population(n_users=3, seed=2)
+    datasets = _datasets(sizes, x, y)
+    ctxs = updatable.personalize(path, datasets, progress_handler=lambda c: c.event == "epoch_end"
+                                 and c.metrics["epoch_index"] == 1 and c.task.cancel())
+    assert [c.event for c in ctxs] == ["cancelled"] * 3 and ctxs[0].metrics["epoch_index"] == 1
+    bad = list(datasets)
+    bad[2] = {"features": datasets[2]["features"], "label": ["z"] * len(datasets[2]["features"])}
+    with pytest.raises(UpdateError, match=r"user 2: .*not classes of this model"):
+        updatable.personalize(path, bad)
+    with pytest.raises(UpdateError, match="parameter 'epochs'"):
+        updatable.personalize(path, datasets, parameters={"epochs": 0})
+    with pytest.raises(UpdateError, match="one training dataset per user"):
+        updatable.personalize(path, datasets[0])
