@@ -10,7 +10,9 @@ import numpy as np
 from mljax.errors import ModelFormatError
 from mljax.features import feature_specs
 from mljax.neuralnetwork import images
-from mljax.neuralnetwork.network import Network, map_array_input, map_output
+from mljax.neuralnetwork.layers_nd import RANDOM_LAYERS
+from mljax.neuralnetwork.network import Network, map_array_input, map_output, walk_layers
+from mljax.ops.random import with_call_key
 from mljax.stage import Stage, register_stage_builder
 
 __all__ = ["build_neuralnetwork_stage", "network_function"]
@@ -71,6 +73,8 @@ class _Plan:
             x = images.apply_preprocessing(jnp.asarray(x, jnp.float32), self.pre[name])
             return x.reshape((1, 1) + x.shape) if self.image_rank5 else x[None]
         if spec.kind in ("multiArray",):
+            if jnp.result_type(x) == jnp.float16:   # NeuralNetwork blobs are float32 (the ops keep x's dtype)
+                x = jnp.asarray(x, jnp.float32)
             return map_array_input(name, x, tuple(spec.shape or ()), self.rank5)
         return x
 
@@ -142,16 +146,28 @@ def _postprocess(plan: _Plan) -> Callable:
     return post
 
 
+def _draws_per_call(nn) -> bool:
+    """Whether a random layer has a seed < 0: it draws fresh values on every prediction, from the
+    call key ``MLModel`` passes (as ML programs' random ops with seed -1 do)."""
+    for lyr in walk_layers(nn):
+        kind = lyr.WhichOneof("layer")
+        if kind in RANDOM_LAYERS and int(getattr(lyr, kind).seed) < 0:
+            return True
+    return False
+
+
 @register_stage_builder(*_KINDS)
 def build_neuralnetwork_stage(spec, weights_dir=None, **_options) -> Stage:
     kind, nn = _nn_of(spec)
     plan = _Plan(spec, nn, kind)
+    keyed = _draws_per_call(nn)
     return Stage(
-        fn=plan, weights=dict(plan.network.weights),
+        fn=with_call_key(plan) if keyed else plan, weights=dict(plan.network.weights),
         inputs=_input_specs(plan), outputs=plan.outputs,
         preprocess=_preprocess(plan), postprocess=_postprocess(plan), batchable=True,
         info={"layers": plan.network.layers, "network": plan.network, "rank5": plan.rank5,
-              "class_labels": plan.labels, "probabilities_blob": plan.prob_blob or None},
+              "class_labels": plan.labels, "probabilities_blob": plan.prob_blob or None,
+              "call_key": keyed, "per_call": keyed},
     )
 
 

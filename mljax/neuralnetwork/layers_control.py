@@ -2,17 +2,18 @@
 
 Nested networks read and write blobs of the enclosing scope.  A branch runs both networks
 and selects each blob it changes (a computed condition) or runs one (a constant condition).
-A loop is a ``lax.while_loop`` (``fori_loop`` for a constant trip count without condition)
-whose carry is every blob its networks write.  loopBreak / loopContinue set flags that make
+A loop is the MIL ``while_loop`` op (:func:`mljax.ops.control_flow.while_loop`) whose loop
+variables are an iteration counter and every blob its networks write.  loopBreak / loopContinue set flags that make
 the remaining layers of the iteration keep their previous values.
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from mljax.neuralnetwork._base import fail, layer
+from mljax.ops._registry import OpContext
+from mljax.ops.control_flow import while_loop
 
 _SKIP, _BREAK = "__skip__", "__break__"
 
@@ -117,11 +118,18 @@ def loop(p, w, xs, ctx):
             ok = ok & (i < count)
         return ok
 
-    if count is not None and not has_cond and isinstance(count, int) and _BREAK not in _written(p.bodyNetwork):
-        final = lax.fori_loop(0, count, lambda i, c: body(c), init)
-    else:
-        _, final = lax.while_loop(lambda s: keep_going(*s), lambda s: (s[0] + 1, body(s[1])),
-                                  (jnp.asarray(0), init))
+    names = list(init)
+
+    def cond_block(i, *values):
+        return (keep_going(i, dict(zip(names, values))),)
+
+    def body_block(i, *values):
+        out = body(dict(zip(names, values)))
+        return (i + 1,) + tuple(out[n] for n in names)
+
+    op_ctx = OpContext("while_loop", ctx.name, 15, blocks=(cond_block, body_block))
+    _, *values = while_loop(jnp.asarray(0), *(init[n] for n in names), ctx=op_ctx)
+    final = dict(zip(names, values))
     final.pop(_BREAK)
     env.update(final)
     if has_cond:

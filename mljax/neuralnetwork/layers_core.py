@@ -1,32 +1,40 @@
 """The classic NeuralNetwork layers: dense, convolution, normalization, activations, pooling, shapes.
 
-Legacy layers see the last three axes as ``[C, H, W]``; leading axes (``[Seq, Batch]`` in the
-rank-5 layout, anything in rank-N networks) are batch-like.
+Each layer translates its parameters into calls of the ML-program op functions
+(:mod:`mljax.ops`), so both model types share one implementation of the math.  Legacy
+layers see the last three axes as ``[C, H, W]``; leading axes (``[Seq, Batch]`` in the rank-5
+layout, anything in rank-N networks) are batch-like and are folded into the op's batch axis.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from mljax.neuralnetwork._base import as_rank5, fail, flat_lead, from_rank5, layer, xp
 from mljax.neuralnetwork.weights import decode_weights
-from mljax.ops.conv import _dense_or_grouped
-from mljax.ops.pool import window_reduction
+from mljax.ops import activation as act_ops
+from mljax.ops import conv as conv_ops
+from mljax.ops import elementwise_binary as bin_ops
+from mljax.ops import elementwise_unary as un_ops
+from mljax.ops import image_resizing as resize_ops
+from mljax.ops import linear as linear_ops
+from mljax.ops import normalization as norm_ops
+from mljax.ops import pool as pool_ops
+from mljax.ops import reduction as reduce_ops
 
-_HIGHEST = lax.Precision.HIGHEST
+
+def channels_first(x):
+    """``[.., C, H, W]`` (or ``[C]`` / ``[B, C]``) as ``[N, C, *]`` for the MIL ops' channel axis 1,
+    and the function that restores the leading axes of a result."""
+    if x.ndim >= 3:
+        xb, lead = flat_lead(x, 3)
+        return xb, lambda y: y.reshape(lead + tuple(y.shape[1:]))
+    if x.ndim == 1:
+        return x[None], lambda y: y[0]
+    return x, lambda y: y
 
 
 # --- activations ----------------------------------------------------------------------------
-def _per_channel(v, x):
-    """A per-channel (axis -3) parameter vector broadcastable against ``x``."""
-    v = jnp.asarray(v).reshape(-1)
-    if v.size == 1:
-        return v.reshape(())
-    return v.reshape((-1, 1, 1)) if x.ndim >= 3 else v
-
-
 def activation_weights(p) -> dict:
     kind = p.WhichOneof("NonlinearityType")
     if kind == "PReLU":
@@ -37,37 +45,37 @@ def activation_weights(p) -> dict:
     return {}
 
 
+def _per_channel(op, x, *params):
+    xb, back = channels_first(x)
+    return back(op(xb, *params))
+
+
+#: ``ActivationParams`` nonlinearity -> ``f(x, params message, weights)`` over the MIL activation
+#: ops: the one activation table of NeuralNetwork layers (activation, recurrent layers).
+ACTIVATIONS = {
+    "linear": lambda x, a, w: act_ops.linear_activation(x, alpha=a.alpha, beta=a.beta),
+    "ReLU": lambda x, a, w: act_ops.relu(x),
+    "leakyReLU": lambda x, a, w: act_ops.leaky_relu(x, alpha=a.alpha),
+    "thresholdedReLU": lambda x, a, w: act_ops.thresholded_relu(x, alpha=a.alpha),
+    "PReLU": lambda x, a, w: _per_channel(act_ops.prelu, x, w["alpha"]),
+    "tanh": lambda x, a, w: un_ops.tanh(x),
+    "scaledTanh": lambda x, a, w: act_ops.scaled_tanh(x, alpha=a.alpha, beta=a.beta),
+    "sigmoid": lambda x, a, w: act_ops.sigmoid(x),
+    "sigmoidHard": lambda x, a, w: act_ops.sigmoid_hard(x, alpha=a.alpha, beta=a.beta),
+    "ELU": lambda x, a, w: act_ops.elu(x, alpha=a.alpha),
+    "softsign": lambda x, a, w: act_ops.softsign(x),
+    "softplus": lambda x, a, w: act_ops.softplus(x),
+    "parametricSoftplus": lambda x, a, w: _per_channel(act_ops.softplus_parametric, x, w["alpha"],
+                                                       w["beta"]),
+}
+
+
 def apply_activation(p, x, w=None):
-    """One ``ActivationParams`` nonlinearity applied to ``x``."""
+    """One ``ActivationParams`` nonlinearity applied to ``x`` (none set: identity)."""
     kind = p.WhichOneof("NonlinearityType")
-    a = getattr(p, kind) if kind else None
-    if kind in (None, "linear"):
-        return x if a is None else a.alpha * x + a.beta
-    if kind == "ReLU":
-        return jnp.maximum(x, 0)
-    if kind == "leakyReLU":
-        return jnp.where(x >= 0, x, a.alpha * x)
-    if kind == "thresholdedReLU":
-        return jnp.where(x > a.alpha, x, 0)
-    if kind == "PReLU":
-        return jnp.where(x >= 0, x, _per_channel(w["alpha"], x) * x)
-    if kind == "tanh":
-        return jnp.tanh(x)
-    if kind == "scaledTanh":
-        return a.alpha * jnp.tanh(a.beta * x)
-    if kind == "sigmoid":
-        return jax.nn.sigmoid(x)
-    if kind == "sigmoidHard":
-        return jnp.clip(a.alpha * x + a.beta, 0, 1)
-    if kind == "ELU":
-        return jnp.where(x > 0, x, a.alpha * jnp.expm1(jnp.minimum(x, 0)))
-    if kind == "softsign":
-        return x / (1 + jnp.abs(x))
-    if kind == "softplus":
-        return jax.nn.softplus(x)
-    if kind == "parametricSoftplus":
-        return _per_channel(w["alpha"], x) * jax.nn.softplus(_per_channel(w["beta"], x) * x)
-    raise NotImplementedError(kind)
+    if kind is None:
+        return x
+    return ACTIVATIONS[kind](x, getattr(p, kind), w or {})
 
 
 @layer("activation", weights=lambda p, _: activation_weights(p))
@@ -85,16 +93,14 @@ def _ip_weights(p, _):
 
 @layer("innerProduct", weights=_ip_weights)
 def inner_product(p, w, xs, ctx):
-    """Rank 1-3: a product over the last axis; rank 4/5: ``[x1(,x2), C*H*W] -> [.., C_out, 1, 1]``."""
+    """Rank 1-3: MIL ``linear`` over the last axis; rank 4/5: ``[x1(,x2), C*H*W] -> [.., C_out, 1, 1]``."""
     x, wt = xs[0], w["weight"]
     r = x.ndim
     lead = x.shape[:-1] if r <= 3 else x.shape[: r - 3]
     flat = x if r <= 3 else x.reshape(lead + (-1,))
     if flat.shape[-1] != wt.shape[1]:
         fail(ctx, f"expected {wt.shape[1]} input channels; found input shape {tuple(x.shape)}")
-    y = jnp.matmul(flat, wt.T, precision=_HIGHEST)
-    if "bias" in w:
-        y = y + w["bias"]
+    y = linear_ops.linear(flat, wt, w.get("bias"))
     return y if r <= 3 else y.reshape(lead + (wt.shape[0], 1, 1))
 
 
@@ -103,15 +109,21 @@ def _embedding_weights(p, _):
             "bias": decode_weights(p.bias, (p.outputChannels,), where="embedding bias") if p.hasBias else None}
 
 
+def embed(idx, weight, bias, vocab: int):
+    """Rows of ``weight.T`` (``weight`` stored ``[D, vocab]``) at indices clipped into the vocabulary:
+    MIL ``gather`` of the table, plus ``bias``."""
+    from mljax.ops.scatter_gather import gather
+    idx = jnp.clip(jnp.asarray(idx).astype(jnp.int32), 0, vocab - 1)
+    y = gather(jnp.transpose(weight), idx, axis=0)
+    return y if bias is None else bin_ops.add(y, bias)
+
+
 @layer("embedding", weights=_embedding_weights)
 def embedding(p, w, xs, ctx):
     """Indices ``[.., 1, 1, 1]`` -> vectors ``[.., C_out, 1, 1]`` (weights are ``[C_out, vocab]``)."""
     x = xs[0]
     idx = x.reshape(x.shape[:-3]) if x.ndim >= 4 else x.reshape(x.shape[:-1]) if x.ndim > 1 else x
-    idx = jnp.clip(jnp.asarray(idx).astype(jnp.int32), 0, p.inputDim - 1)
-    y = jnp.take(w["weight"].T, idx, axis=0)
-    if "bias" in w:
-        y = y + w["bias"]
+    y = embed(idx, w["weight"], w.get("bias"), p.inputDim)
     return y.reshape(idx.shape + (p.outputChannels, 1, 1)) if x.ndim >= 4 else y
 
 
@@ -129,82 +141,41 @@ def _conv_weights(p, layer_msg):
             "bias": decode_weights(p.bias, (p.outputChannels,), where="convolution bias") if p.hasBias else None}
 
 
-def same_pads(size: int, k: int, s: int, d: int, top_left_heavy: bool) -> tuple[int, int]:
-    """SAME padding: output ``ceil(size / s)``; the odd pixel goes to the end unless TOP_LEFT_HEAVY."""
-    out = -(-size // s)
-    total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
-    small = total // 2
-    return (total - small, small) if top_left_heavy else (small, total - small)
-
-
 def _border(amounts) -> list[tuple[int, int]]:
     edges = [(int(e.startEdgeSize), int(e.endEdgeSize)) for e in amounts.borderAmounts]
     return (edges + [(0, 0), (0, 0)])[:2]
 
 
-def _conv_geometry(p):
-    k = [int(v) for v in (list(p.kernelSize) or [3, 3])]
-    s = [int(v) for v in (list(p.stride) or [1, 1])]
-    d = [int(v) for v in (list(p.dilationFactor) or [1, 1])]
-    return k, s, d
-
-
-def _crop_or_pad(y, axis: int, start: int, size: int):
-    """``y[start:start+size]`` along ``axis``, zero-padded at the end when too short."""
-    avail = y.shape[axis] - start
-    y = lax.slice_in_dim(y, start, start + min(size, avail), axis=axis)
-    if size > avail:
-        pads = [(0, 0)] * y.ndim
-        pads[axis] = (0, size - avail)
-        y = jnp.pad(y, pads)
-    return y
+def _mil_pad(p, oneof: str):
+    """(pad_type, pad) of MIL for a layer's padding oneof ``same`` (asymmetryMode) or ``valid``."""
+    if p.WhichOneof(oneof) == "same":
+        return ("same_lower" if p.same.asymmetryMode == 1 else "same"), None
+    return "custom", [v for pair in _border(p.valid.paddingAmounts) for v in pair]
 
 
 @layer("convolution", weights=_conv_weights)
 def convolution(p, w, xs, ctx):
-    """2-D convolution / transposed convolution over ``[.., C, H, W]`` (grouped, dilated)."""
-    x = xs[0]
+    """2-D convolution / transposed convolution over ``[.., C, H, W]``: MIL ``conv`` /
+    ``conv_transpose`` (grouped, dilated)."""
+    xb, back = channels_first(xs[0])
     wt = w["weight"] if "weight" in w else xs[1]
-    xb, lead = flat_lead(x, 3)
-    k, s, d = _conv_geometry(p)
+    k = [int(v) for v in (list(p.kernelSize) or [3, 3])]
+    if tuple(wt.shape[2:]) != tuple(k):
+        fail(ctx, f"expected a {k[0]}x{k[1]} kernel; found weight shape {tuple(wt.shape)}")
+    strides = [int(v) for v in (list(p.stride) or [1, 1])]
+    dilations = [int(v) for v in (list(p.dilationFactor) or [1, 1])]
+    pad_type, pad = _mil_pad(p, "ConvolutionPaddingType")
     groups = int(p.nGroups or 1)
+    wt = jnp.asarray(wt).astype(xb.dtype)
     if p.isDeconvolution:
-        y = _deconv(p, xb, wt, k, s, d, groups)
+        out_shape = [int(v) for v in p.outputShape] or None
+        y = conv_ops.conv_transpose(xb, wt, w.get("bias"), pad=pad, output_shape=out_shape,
+                                    pad_type=pad_type, strides=strides, dilations=dilations,
+                                    groups=groups)
     else:
-        if p.WhichOneof("ConvolutionPaddingType") == "same":
-            tl = p.same.asymmetryMode == 1
-            pads = [same_pads(xb.shape[2 + i], k[i], s[i], d[i], tl) for i in range(2)]
-        else:
-            pads = _border(p.valid.paddingAmounts)
-        # the MIL conv's path choice (depthwise taps, GEMMs, Winograd or XLA's convolution)
-        y = _dense_or_grouped(xb, wt.astype(xb.dtype), tuple(s), pads, tuple(d), groups).astype(xb.dtype)
-    if "bias" in w:
-        y = y + w["bias"].reshape(-1, 1, 1)
-    return y.reshape(lead + tuple(y.shape[1:]))
-
-
-def _deconv(p, xb, wt, k, s, d, groups):
-    cin = wt.shape[0]
-    # [C_in, C_out/g, kh, kw] -> [C_out, C_in/g, kh, kw], spatially flipped: a transposed
-    # convolution is a stride-1 convolution of the stride-dilated input.
-    kern = wt.reshape((groups, cin // groups) + tuple(wt.shape[1:])).transpose(0, 2, 1, 3, 4)
-    kern = kern.reshape((-1, cin // groups) + tuple(wt.shape[2:]))[:, :, ::-1, ::-1]
-    full_pad = [(d[i] * (k[i] - 1),) * 2 for i in range(2)]
-    y = lax.conv_general_dilated(xb, kern.astype(xb.dtype), (1, 1), full_pad, lhs_dilation=s,
-                                 rhs_dilation=d, dimension_numbers=("NCHW", "OIHW", "NCHW"),
-                                 feature_group_count=groups, precision=_HIGHEST)
-    out_shape = [int(v) for v in p.outputShape]
-    for i in range(2):
-        full, size_in = y.shape[2 + i], xb.shape[2 + i]
-        if p.WhichOneof("ConvolutionPaddingType") == "same":
-            size = out_shape[i] if out_shape else size_in * s[i]
-            total = max(full - size, 0)
-            start = total - total // 2 if p.same.asymmetryMode == 1 else total // 2
-        else:
-            p0, p1 = _border(p.valid.paddingAmounts)[i]
-            start, size = p0, (out_shape[i] if out_shape else full - p0 - p1)
-        y = _crop_or_pad(y, 2 + i, start, size)
-    return y
+        y = conv_ops.conv(xb, wt, w.get("bias"), strides=strides, pad_type=pad_type, pad=pad,
+                          dilations=dilations, groups=groups)
+    return back(y)
 
 
 # --- normalization ------------------------------------------------------------------------
@@ -220,78 +191,50 @@ def _bn_weights(p, _):
 
 @layer("batchnorm", weights=_bn_weights)
 def batchnorm(p, w, xs, ctx):
-    """``gamma * (x - mean) / sqrt(var + eps) + beta`` over channel axis -3.
+    """``gamma * (x - mean) / sqrt(var + eps) + beta`` over channel axis -3: MIL ``batch_norm``.
 
     With ``computeMeanVar`` the statistics come from the input: per instance over H, W
-    (``instanceNormalization``), else over every axis but C.
+    (MIL ``instance_norm``), else over every axis but C.
     """
-    x = xs[0]
-    ch = lambda v: v.reshape((-1, 1, 1)) if x.ndim >= 3 else v  # noqa: E731
+    xb, back = channels_first(xs[0])
+    if p.computeMeanVar and p.instanceNormalization and xb.ndim >= 3:
+        return back(norm_ops.instance_norm(xb, w["gamma"], w["beta"], epsilon=p.epsilon))
     if p.computeMeanVar:
-        axes = (-2, -1) if p.instanceNormalization else tuple(a for a in range(x.ndim) if a != x.ndim - 3)
-        mean = jnp.mean(x, axis=axes, keepdims=True)
-        var = jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True)
+        axes = [a for a in range(xb.ndim) if a != 1]
+        mean = reduce_ops.reduce_mean(xb, axes=axes)
+        centered = bin_ops.sub(xb, mean.reshape((1, -1) + (1,) * (xb.ndim - 2)))
+        var = reduce_ops.reduce_mean(un_ops.square(centered), axes=axes)
     else:
-        mean, var = ch(w["mean"]), ch(w["variance"])
-    return ch(w["gamma"]) * (x - mean) / jnp.sqrt(var + p.epsilon) + ch(w["beta"])
+        mean, var = w["mean"], w["variance"]
+    return back(norm_ops.batch_norm(xb, mean, var, w["gamma"], w["beta"], epsilon=p.epsilon))
 
 
 # --- pooling ------------------------------------------------------------------------------
-def _pool_pads(p, h: int, wdt: int, k, s):
-    """(pads used, pads that count as padding for averages) per spatial axis."""
-    mode = p.WhichOneof("PoolingPaddingType")
-    sizes = (h, wdt)
-    if mode == "same":
-        pads = [same_pads(sizes[i], k[i], s[i], 1, p.same.asymmetryMode == 1) for i in range(2)]
-        return pads, pads
-    if mode == "includeLastPixel":
-        amounts = (list(p.includeLastPixel.paddingAmounts) + [0, 0])[:2]
-        pads, counted = [], []
-        for i in range(2):
-            pad = int(amounts[i])
-            out = -(-(sizes[i] + 2 * pad - k[i]) // s[i]) + 1
-            if pad and (out - 1) * s[i] >= sizes[i] + pad:
-                out -= 1
-            end = max((out - 1) * s[i] + k[i] - sizes[i] - pad, 0)
-            pads.append((pad, end))
-            counted.append((pad, min(pad, end)))
-        return pads, counted
-    pads = _border(p.valid.paddingAmounts)
-    return pads, pads
+_POOL_OPS = {0: pool_ops.max_pool, 1: pool_ops.avg_pool, 2: pool_ops.l2_pool}
+_GLOBAL_POOL_OPS = {0: reduce_ops.reduce_max, 1: reduce_ops.reduce_mean, 2: reduce_ops.reduce_l2_norm}
 
 
 @layer("pooling")
 def pooling(p, w, xs, ctx):
-    """MAX / AVERAGE / L2 pooling over H, W; ``globalPooling`` reduces them to 1 x 1."""
+    """MAX / AVERAGE / L2 pooling over H, W (MIL ``max_pool`` / ``avg_pool`` / ``l2_pool``);
+    ``globalPooling`` reduces them to 1 x 1; ``includeLastPixel`` is MIL's ``ceil_mode``."""
     x = xs[0]
-    kind = p.type
+    if p.type not in _POOL_OPS:
+        fail(ctx, f"expected pooling type MAX, AVERAGE or L2; found {p.type}")
     if p.globalPooling:
-        if kind == 0:
-            return jnp.max(x, axis=(-2, -1), keepdims=True)
-        if kind == 1:
-            return jnp.mean(x, axis=(-2, -1), keepdims=True)
-        return jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
-    k = [int(v) for v in (list(p.kernelSize) or [3, 3])]
-    s = [int(v) for v in (list(p.stride) or [1, 1])]
-    pads, counted = _pool_pads(p, x.shape[-2], x.shape[-1], k, s)
-    xb, lead = flat_lead(x, 3)
-
-    def window_reduce(v, init, op):   # the MIL pool ops' windowed reduction (strided slices when small)
-        y = window_reduction(v, np.array(init, v.dtype), op, tuple(k), tuple(s), pads, [0, 0])
-        return y.reshape(lead + tuple(y.shape[1:]))
-    if kind == 0:
-        return window_reduce(xb, -np.inf, lax.max)
-    if kind == 2:
-        return jnp.sqrt(window_reduce(jnp.square(xb), 0.0, lax.add))
-    total = window_reduce(xb, 0.0, lax.add)
-    ones = np.ones(x.shape[-2:], np.float32)
-    if not p.avgPoolExcludePadding:
-        ones = np.pad(ones, counted, constant_values=1.0)
-        rest = [(a - c0, b - c1) for (a, b), (c0, c1) in zip(pads, counted)]
+        return _GLOBAL_POOL_OPS[p.type](x, axes=[-2, -1], keep_dims=True)
+    xb, back = channels_first(x)
+    kw = dict(kernel_sizes=[int(v) for v in (list(p.kernelSize) or [3, 3])],
+              strides=[int(v) for v in (list(p.stride) or [1, 1])])
+    mode = p.WhichOneof("PoolingPaddingType")
+    if mode == "includeLastPixel":
+        amounts = [int(v) for v in (list(p.includeLastPixel.paddingAmounts) + [0, 0])[:2]]
+        kw.update(pad_type="custom", pad=[amounts[0], amounts[0], amounts[1], amounts[1]], ceil_mode=True)
     else:
-        rest = pads
-    count = lax.reduce_window(ones, 0.0, lax.add, tuple(k), tuple(s), tuple(rest))
-    return total / jnp.maximum(count, 1.0).astype(x.dtype)
+        kw["pad_type"], kw["pad"] = _mil_pad(p, "PoolingPaddingType")
+    if p.type == 1:
+        kw["exclude_padding_from_average"] = bool(p.avgPoolExcludePadding)
+    return back(_POOL_OPS[p.type](xb, **kw))
 
 
 # --- softmax, elementwise -------------------------------------------------------------------
@@ -299,57 +242,67 @@ def pooling(p, w, xs, ctx):
 def softmax(p, w, xs, ctx):
     """Softmax over the channel axis (-3; the last axis for inputs of rank < 3)."""
     x = xs[0]
-    return jax.nn.softmax(x, axis=-3 if x.ndim >= 3 else -1)
+    return act_ops.softmax(x, axis=-3 if x.ndim >= 3 else -1)
 
 
 @layer("softmaxND")
 def softmax_nd(p, w, xs, ctx):
-    return jax.nn.softmax(xs[0], axis=int(p.axis))
+    return act_ops.softmax(xs[0], axis=int(p.axis))
 
 
-def _fold(op, xs):
+def fold(op, xs):
+    """``op(op(xs[0], xs[1]), xs[2]) ...`` (a variadic layer as binary MIL ops)."""
     out = xs[0]
     for x in xs[1:]:
         out = op(out, x)
     return out
 
 
+def static_or(np_fn, op, *xs):
+    """``np_fn`` when every input is a NumPy constant (shapes computed inside a network stay
+    static), else the MIL op ``op``."""
+    return np_fn if xp(*xs) is np else op
+
+
 @layer("add")
 def add(p, w, xs, ctx):
     """Sum of the inputs (broadcast), or ``x + alpha`` with one input."""
-    return xs[0] + p.alpha if len(xs) == 1 else _fold(lambda a, b: a + b, xs)
+    op = static_or(np.add, bin_ops.add, *xs)
+    return op(xs[0], p.alpha) if len(xs) == 1 else fold(op, xs)
 
 
 @layer("multiply")
 def multiply(p, w, xs, ctx):
     """Product of the inputs (broadcast), or ``x * alpha`` with one input."""
-    return xs[0] * p.alpha if len(xs) == 1 else _fold(lambda a, b: a * b, xs)
+    op = static_or(np.multiply, bin_ops.mul, *xs)
+    return op(xs[0], p.alpha) if len(xs) == 1 else fold(op, xs)
 
 
 @layer("average")
 def average(p, w, xs, ctx):
-    return _fold(lambda a, b: a + b, xs) / len(xs)
+    return static_or(np.divide, bin_ops.real_div, *xs)(fold(static_or(np.add, bin_ops.add, *xs), xs),
+                                                       float(len(xs)))
 
 
 @layer("max")
 def maximum(p, w, xs, ctx):
-    return _fold(jnp.maximum, xs)
+    return fold(static_or(np.maximum, bin_ops.maximum, *xs), xs)
 
 
 @layer("min")
 def minimum(p, w, xs, ctx):
-    return _fold(jnp.minimum, xs)
+    return fold(static_or(np.minimum, bin_ops.minimum, *xs), xs)
 
 
 _UNARY = {
-    0: lambda x, p: jnp.sqrt(x),
-    1: lambda x, p: 1 / jnp.sqrt(x + p.epsilon),
-    2: lambda x, p: 1 / (x + p.epsilon),
-    3: lambda x, p: jnp.power(x, p.alpha),
-    4: lambda x, p: jnp.exp(x),
-    5: lambda x, p: jnp.log(x + p.epsilon),
-    6: lambda x, p: jnp.abs(x),
-    7: lambda x, p: jnp.maximum(x, p.alpha),
+    0: lambda x, p: un_ops.sqrt(x),
+    1: lambda x, p: un_ops.rsqrt(x, epsilon=p.epsilon),
+    2: lambda x, p: un_ops.inverse(x, epsilon=p.epsilon),
+    3: lambda x, p: bin_ops.pow(x, p.alpha),
+    4: lambda x, p: un_ops.exp(x),
+    5: lambda x, p: un_ops.log(x, epsilon=p.epsilon),
+    6: lambda x, p: un_ops.abs(x),
+    7: lambda x, p: un_ops.threshold(x, alpha=p.alpha),
 }
 
 
@@ -359,10 +312,10 @@ def unary(p, w, xs, ctx):
 
     An unset (0) scale means 1, as coremltools always writes it.
     """
+    if p.type not in _UNARY:
+        fail(ctx, f"expected a unary function type 0-7; found {p.type}")
     scale = p.scale if p.scale != 0 else 1.0
     return _UNARY[p.type](xs[0] * scale + p.shift, p)
-
-
 # --- concat, shapes -------------------------------------------------------------------------
 @layer("concat")
 def concat(p, w, xs, ctx):
@@ -425,45 +378,21 @@ def padding(p, w, xs, ctx):
     return jnp.pad(x, pads, constant_values=p.constant.value if kind == "constant" else 0.0)
 
 
-def _linear_grid(n_in: int, n_out: int, mode: int) -> np.ndarray:
-    """Input coordinates of output pixels for upsample's bilinear modes (DEFAULT, ALIGN_CORNERS_*)."""
-    i = np.arange(n_out, dtype=np.float64)
-    if mode == 2:
-        spacing = n_in / n_out
-        g = i * spacing + 0.5 * spacing - 0.5
-    else:
-        num = (n_in - 1) if mode == 1 else (n_in - n_in / n_out)
-        g = i * (num / (n_out - 1) if n_out > 1 else 0.0)
-    return np.clip(g, 0, n_in - 1)
-
-
-def interp_axis(x, grid: np.ndarray, axis: int):
-    """Linear interpolation of ``x`` along ``axis`` at fractional coordinates ``grid``."""
-    n = x.shape[axis]
-    lo = np.clip(np.floor(grid).astype(np.int32), 0, n - 1)
-    hi = np.clip(lo + 1, 0, n - 1)
-    frac = (grid - lo).astype(np.float32)
-    shape = [1] * x.ndim
-    shape[axis] = len(grid)
-    frac = jnp.asarray(frac.reshape(shape), x.dtype)
-    return jnp.take(x, lo, axis=axis) * (1 - frac) + jnp.take(x, hi, axis=axis) * frac
-
-
 @layer("upsample")
 def upsample(p, w, xs, ctx):
-    """Upsample H, W by integer (or, for bilinear, fractional) factors; NN or BILINEAR."""
+    """Upsample H, W by integer (or, for bilinear, fractional) factors: MIL
+    ``upsample_nearest_neighbor`` / ``upsample_bilinear`` (linearUpsampleMode DEFAULT,
+    ALIGN_CORNERS_TRUE or ALIGN_CORNERS_FALSE is its align_corners / half_pixel_centers pair)."""
     x = xs[0]
     frac = [float(v) for v in p.fractionalScalingFactor]
-    scales = frac or [float(v) for v in (list(p.scalingFactor) or [1, 1])]
-    for i, axis in enumerate((x.ndim - 2, x.ndim - 1)):
-        n_in = x.shape[axis]
-        n_out = int(np.floor(n_in * scales[i] + 1e-6))
-        if p.mode == 0:
-            src = np.minimum((np.arange(n_out) * n_in) // n_out, n_in - 1)
-            x = jnp.take(x, src, axis=axis)
-        else:
-            x = interp_axis(x, _linear_grid(n_in, n_out, p.linearUpsampleMode), axis)
-    return x
+    sh, sw = frac or [float(v) for v in (list(p.scalingFactor) or [1, 1])]
+    if x.ndim < 3:
+        fail(ctx, f"expected an input of rank >= 3 ([.., C, H, W]); found shape {tuple(x.shape)}")
+    if p.mode == 0:
+        return resize_ops.upsample_nearest_neighbor(x, scale_factor_height=sh, scale_factor_width=sw)
+    align, half = {0: (False, False), 1: (True, False), 2: (False, True)}[int(p.linearUpsampleMode)]
+    return resize_ops.upsample_bilinear_ios16(x, scale_factor_height=sh, scale_factor_width=sw,
+                                              align_corners=align, half_pixel_centers=half)
 
 
 def _load_constant_weights(p, _):

@@ -1,23 +1,30 @@
 """Rank-N layers (Core ML spec 4+): elementwise math, comparisons, reductions, matmul,
-normalization, random, cumulative and sorting layers.
+normalization, random, cumulative and sorting layers, as calls of the ML-program op functions
+(:mod:`mljax.ops`).
 
 Values that are NumPy constants (``getShape`` results, small ``loadConstantND`` data) stay
-NumPy through the elementwise layers, so they may feed layers that need static shapes.
+NumPy through the elementwise layers and reductions, so they may feed layers that need static
+shapes; everything else goes through the MIL ops.
 """
 from __future__ import annotations
 
-import zlib
+from types import SimpleNamespace
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from mljax.errors import ModelFormatError
 from mljax.neuralnetwork._base import layer, static_value, xp
+from mljax.neuralnetwork.layers_core import embed, static_or
 from mljax.neuralnetwork.weights import decode_weights
-
-_HIGHEST = lax.Precision.HIGHEST
+from mljax.ops import activation as act_ops
+from mljax.ops import elementwise_binary as bin_ops
+from mljax.ops import elementwise_unary as un_ops
+from mljax.ops import linear as linear_ops
+from mljax.ops import normalization as norm_ops
+from mljax.ops import random as random_ops
+from mljax.ops import reduction as reduce_ops
+from mljax.ops import tensor_operation as tensor_ops
 
 
 def _f(x):
@@ -26,81 +33,88 @@ def _f(x):
 
 
 # --- elementwise unary ------------------------------------------------------------------------
+# layer -> (NumPy function for constant inputs, MIL op; asinh / acosh have no MIL op)
 _UNARY = {
-    "ceil": "ceil", "floor": "floor", "sign": "sign", "round": "round", "exp2": "exp2",
-    "sin": "sin", "cos": "cos", "tan": "tan", "asin": "arcsin", "acos": "arccos", "atan": "arctan",
-    "sinh": "sinh", "cosh": "cosh", "tanh": "tanh", "asinh": "arcsinh", "acosh": "arccosh",
-    "atanh": "arctanh",
+    "ceil": (np.ceil, un_ops.ceil), "floor": (np.floor, un_ops.floor), "sign": (np.sign, un_ops.sign),
+    "round": (np.round, un_ops.round), "exp2": (np.exp2, un_ops.exp2), "sin": (np.sin, un_ops.sin),
+    "cos": (np.cos, un_ops.cos), "tan": (np.tan, un_ops.tan), "asin": (np.arcsin, un_ops.asin),
+    "acos": (np.arccos, un_ops.acos), "atan": (np.arctan, un_ops.atan), "sinh": (np.sinh, un_ops.sinh),
+    "cosh": (np.cosh, un_ops.cosh), "tanh": (np.tanh, un_ops.tanh), "asinh": (np.arcsinh, jnp.arcsinh),
+    "acosh": (np.arccosh, jnp.arccosh), "atanh": (np.arctanh, un_ops.atanh),
 }
 
 
-def _register_unary(kind: str, fname: str) -> None:
+def _register_unary(kind: str, np_fn, op) -> None:
     def fn(p, w, xs, ctx):
-        return getattr(xp(xs[0]), fname)(xs[0])
-    fn.__doc__ = f"Elementwise ``{fname}``."
+        return static_or(np_fn, op, xs[0])(xs[0])
+    fn.__doc__ = f"Elementwise ``{op.__name__}``."
     layer(kind)(fn)
 
 
-for _kind, _fname in _UNARY.items():
-    _register_unary(_kind, _fname)
+for _kind, (_np_fn, _op) in _UNARY.items():
+    _register_unary(_kind, _np_fn, _op)
 
 
 @layer("erf")
 def erf(p, w, xs, ctx):
-    return jax.scipy.special.erf(xs[0])
+    return un_ops.erf(xs[0])
+
+
+_GELU_MODES = {0: "EXACT", 1: "TANH_APPROXIMATION", 2: "SIGMOID_APPROXIMATION"}
 
 
 @layer("gelu")
 def gelu(p, w, xs, ctx):
-    """EXACT (erf), TANH_APPROXIMATION or SIGMOID_APPROXIMATION (``x * sigmoid(1.702 x)``)."""
-    x = xs[0]
-    if p.mode == 2:
-        return x * jax.nn.sigmoid(1.702 * x)
-    return jax.nn.gelu(x, approximate=p.mode == 1)
+    """MIL ``gelu``: EXACT (erf), TANH_APPROXIMATION or SIGMOID_APPROXIMATION."""
+    return act_ops.gelu(xs[0], mode=_GELU_MODES.get(int(p.mode), int(p.mode)))
 
 
 @layer("clip")
 def clip(p, w, xs, ctx):
-    return xp(xs[0]).minimum(xp(xs[0]).maximum(xs[0], p.minVal), p.maxVal)
+    x = xs[0]
+    if xp(x) is np:
+        return np.minimum(np.maximum(x, p.minVal), p.maxVal)
+    return un_ops.clip(x, alpha=p.minVal, beta=p.maxVal)
 
 
 @layer("clampedReLU")
 def clamped_relu(p, w, xs, ctx):
-    """``min(beta, x)`` for x >= 0, ``min(beta, alpha * x)`` otherwise."""
-    x = xs[0]
-    return jnp.minimum(p.beta, jnp.where(x >= 0, x, p.alpha * x))
+    """MIL ``clamped_relu``: ``min(beta, x)`` for x >= 0, ``min(beta, alpha * x)`` otherwise."""
+    return act_ops.clamped_relu(xs[0], alpha=p.alpha, beta=p.beta)
 
 
 # --- comparisons, logic, broadcastable arithmetic -----------------------------------------------
-_COMPARE = {"equal": "equal", "notEqual": "not_equal", "lessThan": "less", "lessEqual": "less_equal",
-            "greaterThan": "greater", "greaterEqual": "greater_equal"}
+_COMPARE = {"equal": (np.equal, bin_ops.equal), "notEqual": (np.not_equal, bin_ops.not_equal),
+            "lessThan": (np.less, bin_ops.less), "lessEqual": (np.less_equal, bin_ops.less_equal),
+            "greaterThan": (np.greater, bin_ops.greater),
+            "greaterEqual": (np.greater_equal, bin_ops.greater_equal)}
 
 
-def _register_compare(kind: str, fname: str) -> None:
+def _register_compare(kind: str, np_fn, op) -> None:
     def fn(p, w, xs, ctx):
         other = xs[1] if len(xs) > 1 else np.float32(p.alpha)
-        return _f(getattr(xp(xs[0], other), fname)(xs[0], other))
-    fn.__doc__ = f"``{fname}(x1, x2)`` (or against ``alpha``) as 1.0 / 0.0."
+        return _f(static_or(np_fn, op, xs[0], other)(xs[0], other))
+    fn.__doc__ = f"MIL ``{op.__name__}(x1, x2)`` (or against ``alpha``) as 1.0 / 0.0."
     layer(kind)(fn)
 
 
-for _kind, _fname in _COMPARE.items():
-    _register_compare(_kind, _fname)
+for _kind, (_np_fn, _op) in _COMPARE.items():
+    _register_compare(_kind, _np_fn, _op)
+
+_LOGICAL = {"logicalAnd": (np.logical_and, bin_ops.logical_and),
+            "logicalOr": (np.logical_or, bin_ops.logical_or),
+            "logicalXor": (np.logical_xor, bin_ops.logical_xor)}
 
 
-@layer("logicalAnd")
-def logical_and(p, w, xs, ctx):
-    return _f(xp(*xs).logical_and(xs[0] != 0, xs[1] != 0))
+def _register_logical(kind: str, np_fn, op) -> None:
+    def fn(p, w, xs, ctx):
+        return _f(static_or(np_fn, op, *xs)(xs[0] != 0, xs[1] != 0))
+    fn.__doc__ = f"MIL ``{op.__name__}`` of the inputs' truth values, as 1.0 / 0.0."
+    layer(kind)(fn)
 
 
-@layer("logicalOr")
-def logical_or(p, w, xs, ctx):
-    return _f(xp(*xs).logical_or(xs[0] != 0, xs[1] != 0))
-
-
-@layer("logicalXor")
-def logical_xor(p, w, xs, ctx):
-    return _f(xp(*xs).logical_xor(xs[0] != 0, xs[1] != 0))
+for _kind, (_np_fn, _op) in _LOGICAL.items():
+    _register_logical(_kind, _np_fn, _op)
 
 
 @layer("logicalNot")
@@ -108,30 +122,35 @@ def logical_not(p, w, xs, ctx):
     return _f(xs[0] == 0)
 
 
-_BINARY = {"addBroadcastable": "add", "subtractBroadcastable": "subtract",
-           "multiplyBroadcastable": "multiply", "divideBroadcastable": "divide",
-           "floorDivBroadcastable": "floor_divide", "modBroadcastable": "mod",
-           "maxBroadcastable": "maximum", "minBroadcastable": "minimum", "powBroadcastable": "power"}
+_BINARY = {"addBroadcastable": (np.add, bin_ops.add), "subtractBroadcastable": (np.subtract, bin_ops.sub),
+           "multiplyBroadcastable": (np.multiply, bin_ops.mul),
+           "divideBroadcastable": (np.divide, bin_ops.real_div),
+           "floorDivBroadcastable": (np.floor_divide, bin_ops.floor_div),
+           "modBroadcastable": (np.mod, bin_ops.mod), "maxBroadcastable": (np.maximum, bin_ops.maximum),
+           "minBroadcastable": (np.minimum, bin_ops.minimum), "powBroadcastable": (np.power, bin_ops.pow)}
 
 
-def _register_binary(kind: str, fname: str) -> None:
+def _register_binary(kind: str, np_fn, op) -> None:
     def fn(p, w, xs, ctx):
-        m = xp(*xs)
+        f = static_or(np_fn, op, *xs)
         out = xs[0]
         for x in xs[1:]:
-            out = getattr(m, fname)(out, x)
+            out = f(out, x)
         return out
-    fn.__doc__ = f"``{fname}`` with NumPy broadcasting."
+    fn.__doc__ = f"MIL ``{op.__name__}`` with NumPy broadcasting."
     layer(kind)(fn)
 
 
-for _kind, _fname in _BINARY.items():
-    _register_binary(_kind, _fname)
+for _kind, (_np_fn, _op) in _BINARY.items():
+    _register_binary(_kind, _np_fn, _op)
 
 
 @layer("whereBroadcastable")
 def where_broadcastable(p, w, xs, ctx):
-    return xp(*xs).where(xs[0] != 0, xs[1], xs[2])
+    if xp(*xs) is np:
+        return np.where(xs[0] != 0, xs[1], xs[2])
+    from mljax.ops.control_flow import select
+    return select(jnp.asarray(xs[0]) != 0, xs[1], xs[2])
 
 
 # --- reductions -----------------------------------------------------------------------------
@@ -141,81 +160,66 @@ def _reduce_axes(p, x):
     return tuple(int(a) % x.ndim for a in p.axes)
 
 
+# layer -> (NumPy function for constant inputs (sum/prod/max/min of shapes), MIL op)
 _REDUCE = {
-    "reduceSum": lambda m, x, a, k: m.sum(x, axis=a, keepdims=k),
-    "reduceMean": lambda m, x, a, k: m.mean(x, axis=a, keepdims=k),
-    "reduceProd": lambda m, x, a, k: m.prod(x, axis=a, keepdims=k),
-    "reduceMax": lambda m, x, a, k: m.max(x, axis=a, keepdims=k),
-    "reduceMin": lambda m, x, a, k: m.min(x, axis=a, keepdims=k),
-    "reduceL1": lambda m, x, a, k: m.sum(m.abs(x), axis=a, keepdims=k),
-    "reduceL2": lambda m, x, a, k: m.sqrt(m.sum(x * x, axis=a, keepdims=k)),
-    "reduceSumSquare": lambda m, x, a, k: m.sum(x * x, axis=a, keepdims=k),
-    "reduceLogSum": lambda m, x, a, k: m.log(m.sum(x, axis=a, keepdims=k)),
-    "reduceLogSumExp": lambda m, x, a, k: jax.scipy.special.logsumexp(x, axis=a, keepdims=k),
+    "reduceSum": (np.sum, reduce_ops.reduce_sum), "reduceMean": (np.mean, reduce_ops.reduce_mean),
+    "reduceProd": (np.prod, reduce_ops.reduce_prod), "reduceMax": (np.max, reduce_ops.reduce_max),
+    "reduceMin": (np.min, reduce_ops.reduce_min), "reduceL1": (None, reduce_ops.reduce_l1_norm),
+    "reduceL2": (None, reduce_ops.reduce_l2_norm), "reduceSumSquare": (None, reduce_ops.reduce_sum_square),
+    "reduceLogSum": (None, reduce_ops.reduce_log_sum), "reduceLogSumExp": (None, reduce_ops.reduce_log_sum_exp),
 }
 
 
-def _register_reduce(kind: str, op) -> None:
+def _register_reduce(kind: str, np_fn, op) -> None:
     def fn(p, w, xs, ctx):
         x = xs[0]
-        y = op(xp(x) if kind != "reduceLogSumExp" else jnp, x, _reduce_axes(p, x), bool(p.keepDims))
+        axes, keep = _reduce_axes(p, x), bool(p.keepDims)
+        if np_fn is not None and xp(x) is np:
+            y = np.asarray(np_fn(x, axis=axes, keepdims=keep))
+        else:
+            y = op(x, axes=list(axes), keep_dims=keep)
         return y.reshape((1,)) if y.ndim == 0 else y     # NeuralNetwork blobs have rank >= 1
-    fn.__doc__ = f"``{kind}`` over ``axes`` (all with reduceAll), keepDims as given."
+    fn.__doc__ = f"MIL ``{op.__name__}`` over ``axes`` (all with reduceAll), keepDims as given."
     layer(kind)(fn)
 
 
-for _kind, _op in _REDUCE.items():
-    _register_reduce(_kind, _op)
+for _kind, (_np_fn, _op) in _REDUCE.items():
+    _register_reduce(_kind, _np_fn, _op)
 
 
-def _arg(p, xs, f):
+def _arg(p, xs, op):
     x = xs[0]
     axis = int(p.axis) % x.ndim
-    y = f(x, axis=axis, keepdims=not p.removeDim or x.ndim == 1)
-    return y.astype(jnp.int32)
+    return op(x, axis=axis, keep_dims=not p.removeDim or x.ndim == 1).astype(jnp.int32)
 
 
 @layer("argMax")
 def arg_max(p, w, xs, ctx):
-    return _arg(p, xs, jnp.argmax)
+    return _arg(p, xs, reduce_ops.reduce_argmax)
 
 
 @layer("argMin")
 def arg_min(p, w, xs, ctx):
-    return _arg(p, xs, jnp.argmin)
+    return _arg(p, xs, reduce_ops.reduce_argmin)
 
 
 @layer("topK")
 def top_k(p, w, xs, ctx):
     """Values and indices of the K largest (smallest with useBottomK) along ``axis``."""
-    x = xs[0]
     k = int(static_value(xs[1], ctx, "K").reshape(-1)[0]) if len(xs) > 1 else int(p.K)
-    axis = int(p.axis) % x.ndim
-    moved = jnp.moveaxis(x, axis, -1)
-    vals, idx = lax.top_k(-moved if p.useBottomK else moved, k)
-    vals = -vals if p.useBottomK else vals
-    return jnp.moveaxis(vals, -1, axis), jnp.moveaxis(idx, -1, axis)
+    return tensor_ops.topk(xs[0], k=k, axis=int(p.axis), ascending=bool(p.useBottomK))
 
 
 @layer("argSort")
 def arg_sort(p, w, xs, ctx):
-    x = xs[0]
-    idx = jnp.argsort(-x if p.descending else x, axis=int(p.axis), stable=True)
-    return idx.astype(jnp.int32)
+    return tensor_ops.argsort(xs[0], axis=int(p.axis), ascending=not p.descending).astype(jnp.int32)
 
 
 @layer("cumSum")
 def cum_sum(p, w, xs, ctx):
     """Cumulative sum along ``axis`` (second input overrides it); exclusive / reverse options."""
-    x = xs[0]
     axis = int(static_value(xs[1], ctx, "axis").reshape(-1)[0]) if len(xs) > 1 else int(p.axis)
-    axis %= x.ndim
-    if p.reverse:
-        x = jnp.flip(x, axis)
-    y = jnp.cumsum(x, axis=axis)
-    if p.excludeFinalSum:
-        y = y - x
-    return jnp.flip(y, axis) if p.reverse else y
+    return tensor_ops.cumsum(xs[0], axis=axis, exclusive=bool(p.excludeFinalSum), reverse=bool(p.reverse))
 
 
 # --- matmul, embedding, normalization -------------------------------------------------------
@@ -229,22 +233,18 @@ def _bmm_weights(p, lyr):
 
 @layer("batchedMatmul", weights=_bmm_weights)
 def batched_matmul(p, w, xs, ctx):
-    """``a @ b`` with broadcasting (two inputs) or ``a @ W + bias`` (W stored as ``[X2, X1]``)."""
+    """MIL ``matmul`` with broadcasting (two inputs) or MIL ``linear``: ``a @ W + bias`` (W stored
+    as ``[X2, X1]``)."""
     a = xs[0]
-    if p.transposeA and a.ndim >= 2:
-        a = jnp.swapaxes(a, -1, -2)
     if len(xs) == 1:
-        y = jnp.matmul(a, w["weight"].T, precision=_HIGHEST)
-        return y + w["bias"] if "bias" in w else y
+        if p.transposeA and a.ndim >= 2:
+            a = jnp.swapaxes(a, -1, -2)
+        return linear_ops.linear(a, w["weight"], w.get("bias"))
     b = xs[1]
-    if p.transposeB and b.ndim >= 2:
-        b = jnp.swapaxes(b, -1, -2)
-    squeeze_a, squeeze_b = a.ndim == 1, b.ndim == 1
-    a = a[None, :] if squeeze_a else a
-    b = b[:, None] if squeeze_b else b
-    y = jnp.matmul(a, b, precision=_HIGHEST)
     # Core ML keeps rank max(2, rank a, rank b): 1-D operands are not squeezed back.
-    return y
+    a = a[None, :] if a.ndim == 1 else a
+    b = b[:, None] if b.ndim == 1 else b
+    return linear_ops.matmul(a, b, transpose_x=bool(p.transposeA), transpose_y=bool(p.transposeB))
 
 
 def _embedding_nd_weights(p, _):
@@ -255,11 +255,9 @@ def _embedding_nd_weights(p, _):
 @layer("embeddingND", weights=_embedding_nd_weights)
 def embedding_nd(p, w, xs, ctx):
     """Indices ``[.., 1]`` -> ``[.., embeddingSize]`` (weights stored ``[embeddingSize, vocab]``)."""
-    x = xs[0]
-    idx = jnp.clip(jnp.asarray(x).astype(jnp.int32), 0, p.vocabSize - 1)
+    idx = jnp.asarray(xs[0])
     idx = idx.reshape(idx.shape[:-1]) if idx.ndim >= 2 and idx.shape[-1] == 1 else idx
-    y = jnp.take(w["weight"].T, idx, axis=0)
-    return y + w["bias"] if "bias" in w else y
+    return embed(idx, w["weight"], w.get("bias"), p.vocabSize)
 
 
 def _layer_norm_weights(p, _):
@@ -270,22 +268,17 @@ def _layer_norm_weights(p, _):
 
 @layer("layerNormalization", weights=_layer_norm_weights)
 def layer_normalization(p, w, xs, ctx):
+    """MIL ``layer_norm`` over the trailing ``len(normalizedShape)`` axes."""
     x = xs[0]
-    axes = tuple(range(x.ndim - len(p.normalizedShape), x.ndim))
-    mean = jnp.mean(x, axis=axes, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True)
-    y = (x - mean) / jnp.sqrt(var + p.eps)
-    if "gamma" in w:
-        y = y * w["gamma"]
-    return y + w["beta"] if "beta" in w else y
+    axes = list(range(x.ndim - len(p.normalizedShape), x.ndim))
+    return norm_ops.layer_norm(x, w.get("gamma"), w.get("beta"), axes=axes, epsilon=p.eps)
 
 
 # --- random -----------------------------------------------------------------------------------
-def _key(p, ctx):
-    seed = int(p.seed)
-    if seed < 0:   # "random" seed: stable per layer name, so a prediction is reproducible
-        seed = zlib.crc32(ctx.name.encode())
-    return jax.random.PRNGKey(seed)
+def _random_ctx(ctx):
+    """What the MIL random ops read of their context: the name salts a ``seed < 0`` key, which is
+    the per-prediction call key (fresh values each call, as ML programs draw them)."""
+    return SimpleNamespace(name=ctx.name, rng=None, output_types=())
 
 
 def _shape_from(p, xs, ctx, kind: str):
@@ -302,18 +295,26 @@ def _shape_from(p, xs, ctx, kind: str):
 
 
 _MAX_RANDOM = 1 << 31
+#: NeuralNetwork random layers' kinds (a seed < 0 needs a fresh key per prediction).
+RANDOM_LAYERS = frozenset([f"random{d}{k}" for d in ("Normal", "Uniform", "Bernoulli")
+                           for k in ("Like", "Static", "Dynamic")] + ["categoricalDistribution"])
+
+
+def _draw(dist: str, p, shape, ctx):
+    rctx = _random_ctx(ctx)
+    if dist == "Normal":
+        return random_ops.random_normal(shape=shape, mean=p.mean, stddev=p.stdDev, seed=p.seed, ctx=rctx)
+    if dist == "Uniform":
+        return random_ops.random_uniform(shape=shape, low=p.minVal, high=p.maxVal, seed=p.seed, ctx=rctx)
+    return random_ops.random_bernoulli(shape=shape, prob=p.prob, seed=p.seed, ctx=rctx)
 
 
 def _register_random(dist: str) -> None:
     for kind in ("Like", "Static", "Dynamic"):
         def fn(p, w, xs, ctx, kind=kind):
-            shape, key = _shape_from(p, xs, ctx, kind), _key(p, ctx)
-            if dist == "Normal":
-                return p.mean + p.stdDev * jax.random.normal(key, shape)
-            if dist == "Uniform":
-                return jax.random.uniform(key, shape, minval=p.minVal, maxval=p.maxVal)
-            return (jax.random.uniform(key, shape) < p.prob).astype(jnp.float32)
-        fn.__doc__ = f"Random {dist.lower()} values; the output shape comes from the layer ({kind})."
+            return _draw(dist, p, _shape_from(p, xs, ctx, kind), ctx)
+        fn.__doc__ = (f"MIL ``random_{dist.lower()}``; the output shape comes from the layer ({kind}); "
+                      "a seed < 0 draws fresh values per prediction.")
         layer(f"random{dist}{kind}")(fn)
 
 
@@ -323,27 +324,19 @@ for _dist in ("Normal", "Uniform", "Bernoulli"):
 
 @layer("categoricalDistribution")
 def categorical_distribution(p, w, xs, ctx):
-    """``numSamples`` class indices per row of logits (or probabilities) along the last axis."""
+    """MIL ``random_categorical``: ``numSamples`` class indices per row of logits (or probabilities)
+    along the last axis."""
     x = xs[0]
     temp = p.temperature or 1.0
     logits = x / temp if p.isLogits else jnp.log(x + (p.eps or 1e-10))
-    samples = jax.random.categorical(_key(p, ctx), logits, axis=-1,
-                                     shape=(int(p.numSamples),) + tuple(x.shape[:-1]))
-    return jnp.moveaxis(samples, 0, -1).astype(jnp.float32)
+    return random_ops.random_categorical(jnp.asarray(logits, jnp.float32), mode="logits",
+                                         size=int(p.numSamples), seed=p.seed, ctx=_random_ctx(ctx))
 
 
 # --- triangular masks -----------------------------------------------------------------------
-def _band(x, lower: int, upper: int):
-    m, n = x.shape[-2:]
-    i = np.arange(m)[:, None]
-    j = np.arange(n)[None, :]
-    keep = ((lower < 0) | (i - j <= lower)) & ((upper < 0) | (j - i <= upper))
-    return jnp.where(keep, x, 0)
-
-
 @layer("matrixBandPart")
 def matrix_band_part(p, w, xs, ctx):
-    return _band(xs[0], int(p.numLower), int(p.numUpper))
+    return tensor_ops.band_part(xs[0], lower=int(p.numLower), upper=int(p.numUpper))
 
 
 @layer("lowerTriangular")

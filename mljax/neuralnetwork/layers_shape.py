@@ -10,8 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from mljax.neuralnetwork._base import layer, static_value, xp
+from mljax.neuralnetwork._base import fail, layer, static_value, xp
 from mljax.neuralnetwork.weights import decode_weights
+from mljax.ops import scatter_gather as gather_ops
+from mljax.ops import tensor_operation as tensor_ops
 
 
 def _ints(x, ctx, what: str) -> list[int]:
@@ -265,72 +267,53 @@ def sliding_windows(p, w, xs, ctx):
     return jnp.take(x, idx, axis=axis)
 
 
-# --- gather / scatter -----------------------------------------------------------------------------
-def _index(i, n):
-    i = jnp.asarray(i).astype(jnp.int32)
-    return jnp.where(i < 0, i + n, i)
-
-
+# --- gather / scatter (MIL gather / scatter ops; negative indices count from the end) ------------
 @layer("gather")
 def gather(p, w, xs, ctx):
-    """``take(data, indices, axis)`` with negative indices."""
+    """MIL ``gather``: ``take(data, indices, axis)``."""
     x, i = xs[0], xs[1]
     axis = int(p.axis) % x.ndim
     if isinstance(x, np.ndarray) and isinstance(i, np.ndarray):
         return np.take(x, i.astype(np.int64), axis=axis)
-    return jnp.take(x, _index(i, x.shape[axis]), axis=axis)
+    return gather_ops.gather(x, jnp.asarray(i).astype(jnp.int32), axis=axis)
 
 
 @layer("gatherAlongAxis")
 def gather_along_axis(p, w, xs, ctx):
-    x = xs[0]
-    axis = int(p.axis) % x.ndim
-    return jnp.take_along_axis(x, _index(xs[1], x.shape[axis]), axis=axis)
+    return gather_ops.gather_along_axis(xs[0], jnp.asarray(xs[1]).astype(jnp.int32), axis=int(p.axis))
 
 
 @layer("gatherND")
 def gather_nd(p, w, xs, ctx):
-    x, i = xs[0], jnp.asarray(xs[1]).astype(jnp.int32)
-    k = i.shape[-1]
-    i = jnp.where(i < 0, i + jnp.asarray(x.shape[:k]), i)
-    return x[tuple(jnp.moveaxis(i, -1, 0))]
+    return gather_ops.gather_nd(xs[0], jnp.asarray(xs[1]).astype(jnp.int32))
 
 
-def _scatter(ref, mode: int, updates):
-    """Apply ScatterMode ``mode`` through a ``.at[...]`` reference."""
-    ops = {0: ref.set, 1: ref.add, 2: lambda u: ref.add(-u), 3: ref.multiply,
-           4: lambda u: ref.divide(u) if hasattr(ref, "divide") else ref.multiply(1 / u),
-           5: ref.max, 6: ref.min}
-    return ops[mode](updates)
+#: ScatterMode -> MIL's scatter mode
+_SCATTER_MODES = {0: "update", 1: "add", 2: "sub", 3: "mul", 4: "div", 5: "max", 6: "min"}
+
+
+def _mode(p, ctx) -> str:
+    if p.mode not in _SCATTER_MODES:
+        fail(ctx, f"expected scatter mode 0-6; found {p.mode}")
+    return _SCATTER_MODES[p.mode]
 
 
 @layer("scatter")
 def scatter(p, w, xs, ctx):
-    """``out[.., indices[i], ..] (op)= updates[.., i, ..]`` along ``axis``."""
-    data, idx, upd = xs[0], xs[1], xs[2]
-    axis = int(p.axis) % data.ndim
-    moved = jnp.moveaxis(jnp.asarray(data), axis, 0)
-    i = _index(idx, data.shape[axis])
-    u = jnp.moveaxis(jnp.asarray(upd), axis, 0) if i.ndim == 1 else jnp.asarray(upd)
-    return jnp.moveaxis(_scatter(moved.at[i], p.mode, u), 0, axis)
+    """MIL ``scatter``: ``out[.., indices[i], ..] (op)= updates[.., i, ..]`` along ``axis``."""
+    return gather_ops.scatter(xs[0], jnp.asarray(xs[1]).astype(jnp.int32), xs[2], axis=int(p.axis),
+                              mode=_mode(p, ctx))
 
 
 @layer("scatterND")
 def scatter_nd(p, w, xs, ctx):
-    data, idx, upd = jnp.asarray(xs[0]), jnp.asarray(xs[1]).astype(jnp.int32), xs[2]
-    k = idx.shape[-1]
-    idx = jnp.where(idx < 0, idx + jnp.asarray(data.shape[:k]), idx)
-    return _scatter(data.at[tuple(jnp.moveaxis(idx, -1, 0))], p.mode, upd)
+    return gather_ops.scatter_nd(xs[0], jnp.asarray(xs[1]).astype(jnp.int32), xs[2], mode=_mode(p, ctx))
 
 
 @layer("scatterAlongAxis")
 def scatter_along_axis(p, w, xs, ctx):
-    data, idx, upd = jnp.asarray(xs[0]), xs[1], jnp.asarray(xs[2])
-    axis = int(p.axis) % data.ndim
-    i = _index(idx, data.shape[axis])
-    grids = list(jnp.indices(i.shape, sparse=True))
-    grids[axis] = i
-    return _scatter(data.at[tuple(grids)], p.mode, upd)
+    return gather_ops.scatter_along_axis(xs[0], jnp.asarray(xs[1]).astype(jnp.int32), xs[2],
+                                         axis=int(p.axis), mode=_mode(p, ctx))
 
 
 @layer("whereNonZero")
@@ -355,53 +338,15 @@ def one_hot(p, w, xs, ctx):
 
 
 # --- non-maximum suppression ----------------------------------------------------------------------
-def _iou(box, boxes):
-    """IoU of one center-size box ``[4]`` with ``[N, 4]`` boxes (x, y, w, h)."""
-    def corners(b):
-        return b[..., 0] - b[..., 2] / 2, b[..., 1] - b[..., 3] / 2, b[..., 0] + b[..., 2] / 2, b[..., 1] + b[..., 3] / 2
-    ax0, ay0, ax1, ay1 = corners(box)
-    bx0, by0, bx1, by1 = corners(boxes)
-    iw = jnp.maximum(jnp.minimum(ax1, bx1) - jnp.maximum(ax0, bx0), 0)
-    ih = jnp.maximum(jnp.minimum(ay1, by1) - jnp.maximum(ay0, by0), 0)
-    inter = iw * ih
-    union = box[2] * box[3] + boxes[:, 2] * boxes[:, 3] - inter
-    return inter / jnp.maximum(union, 1e-12)
-
-
-def _nms_one(boxes, scores, iou_t, score_t, max_boxes, per_class):
-    best = jnp.max(scores, axis=-1)
-    cls = jnp.argmax(scores, axis=-1)
-    alive = best > score_t
-
-    def step(carry, _):
-        alive, = carry
-        masked = jnp.where(alive, best, -jnp.inf)
-        k = jnp.argmax(masked)
-        ok = masked[k] > -jnp.inf
-        overlap = _iou(boxes[k], boxes) > iou_t
-        if per_class:
-            overlap = overlap & (cls == cls[k])
-        alive = alive & ~overlap & (jnp.arange(boxes.shape[0]) != k)
-        return (alive,), (jnp.where(ok, k, -1), ok)
-
-    _, (idx, ok) = lax.scan(step, (alive,), None, length=max_boxes)
-    count = jnp.sum(ok)
-    # No survivor: keep the single highest-scoring box, as Core ML does.
-    idx = jnp.where(count == 0, jnp.where(jnp.arange(max_boxes) == 0, jnp.argmax(best), -1), idx)
-    count = jnp.maximum(count, 1)
-    safe = jnp.maximum(idx, 0)
-    valid = (idx >= 0)[:, None]
-    return (jnp.where(valid, boxes[safe], 0), jnp.where(valid, scores[safe], 0),
-            idx.astype(jnp.float32), count.astype(jnp.float32))
-
-
 @layer("NonMaximumSuppression")
 def non_maximum_suppression(p, w, xs, ctx):
-    """Greedy NMS per batch over center-size boxes ``[B, N, 4]`` and scores ``[B, N, C]``."""
+    """MIL ``non_maximum_suppression``: greedy NMS per batch over center-size boxes ``[B, N, 4]``
+    and scores ``[B, N, C]``; outputs boxes, scores, indices and counts as floats."""
     boxes, scores = xs[0], xs[1]
-    iou_t = xs[2].reshape(()) if len(xs) > 2 else p.iouThreshold
-    score_t = xs[3].reshape(()) if len(xs) > 3 else p.scoreThreshold
+    iou_t = jnp.asarray(xs[2]).reshape(()) if len(xs) > 2 else p.iouThreshold
+    score_t = jnp.asarray(xs[3]).reshape(()) if len(xs) > 3 else p.scoreThreshold
     max_boxes = int(static_value(xs[4], ctx, "maxBoxes").reshape(-1)[0]) if len(xs) > 4 else int(p.maxBoxes)
-    outs = [_nms_one(boxes[b], scores[b], iou_t, score_t, max_boxes, p.perClassSuppression)
-            for b in range(boxes.shape[0])]
-    return tuple(jnp.stack([o[i] for o in outs]) for i in range(4))
+    out = tensor_ops.non_maximum_suppression(boxes, scores, iou_threshold=iou_t, score_threshold=score_t,
+                                             max_boxes=max_boxes,
+                                             per_class_suppression=bool(p.perClassSuppression))
+    return tuple(jnp.asarray(v).astype(jnp.float32) for v in out)

@@ -9,14 +9,14 @@ from jax.errors import JAXTypeError
 from mljax.errors import InputError, MLJaxError, ModelFormatError, UnsupportedError
 from mljax.neuralnetwork._base import LayerContext, lookup_layer
 
-__all__ = ["Network", "map_array_input", "map_output", "STATIC_MAX"]
+__all__ = ["Network", "map_array_input", "map_output", "walk_layers", "STATIC_MAX"]
 
 #: loadConstant data of at most this many values stays a NumPy constant (so it may serve as a shape).
 STATIC_MAX = 64
 _NESTED = {"branch": ("ifBranch", "elseBranch"), "loop": ("conditionNetwork", "bodyNetwork")}
 
 
-def _walk(nn):
+def walk_layers(nn):
     """Every layer of a network, nested branch/loop networks included."""
     for lyr in nn.layers:
         yield lyr
@@ -24,7 +24,7 @@ def _walk(nn):
         for field in _NESTED.get(kind, ()):
             params = getattr(lyr, kind)
             if params.HasField(field):
-                yield from _walk(getattr(params, field))
+                yield from walk_layers(getattr(params, field))
 
 
 class Network:
@@ -42,16 +42,16 @@ class Network:
         self.layers: list[dict] = []
         self._params: dict[str, list[tuple[str, str]]] = {}
         self._check_supported()
-        for lyr in _walk(nn):
+        for lyr in walk_layers(nn):
             kind = lyr.WhichOneof("layer")
             self.layers.append({"name": lyr.name, "type": kind, "updatable": bool(lyr.isUpdatable),
                                 "inputs": list(lyr.input), "outputs": list(lyr.output)})
             self._decode(lyr, kind)
-        self.blobs = {o for lyr in _walk(nn) for o in lyr.output}
+        self.blobs = {o for lyr in walk_layers(nn) for o in lyr.output}
 
     def _check_supported(self) -> None:
         missing = []
-        for lyr in _walk(self.nn):
+        for lyr in walk_layers(self.nn):
             kind = lyr.WhichOneof("layer")
             if kind == "custom":
                 raise UnsupportedError(

@@ -19,7 +19,7 @@ def _unpack_bits(raw: bytes, count: int, nbits: int) -> np.ndarray:
     if bits.size < count * nbits:
         raise ModelFormatError(f"quantized weights hold {bits.size} bits; expected {count * nbits}")
     powers = (1 << np.arange(nbits - 1, -1, -1)).astype(np.int64)
-    return bits.reshape(count, nbits).astype(np.int64) @ powers
+    return (bits.reshape(count, nbits).astype(np.int64) * powers).sum(axis=1)
 
 
 def _per_channel(values, shape, axis: int) -> np.ndarray:
