@@ -20,7 +20,7 @@ from jax.extend.core import ClosedJaxpr, Literal
 
 import mljax
 from converters._builder import Builder, mil_dtype, tensor_type
-from converters import _jax_control, _jax_indexing, _jax_nn, _jax_rules, _verify
+from converters import _jax_attention, _jax_control, _jax_indexing, _jax_nn, _jax_rules, _verify
 from converters._jax_rules import Unsupported
 from converters.passes import run_passes
 from mljax.errors import ConversionError
@@ -73,8 +73,9 @@ class Translator:
     full shape; elementwise ops broadcast on their own.
     """
 
-    def __init__(self, builder: Builder):
+    def __init__(self, builder: Builder, *, fuse_attention: bool = False):
         self.b = builder
+        self.fuse_attention = fuse_attention      # iOS18: marked attention calls -> one MIL op
         self.env: dict = {}
         self.origins: dict[int, frozenset] = {}     # placeholder Var id -> {(primitive, why)}
         self._literals: dict = {}
@@ -149,7 +150,15 @@ class Translator:
         upstream = [self.origins[id(v)] for v in (self.env.get(a) for a in eqn.invars
                                                   if not isinstance(a, Literal))
                     if v is not None and id(v) in self.origins]
-        if upstream and sub is None:        # fed by something untranslatable: untranslatable too
+        fused = None
+        if sub is not None and self.fuse_attention and not upstream and _jax_attention.is_marked(eqn):
+            try:
+                fused = _jax_attention.fused_attention(self, eqn)
+            except Unsupported:
+                fused = None
+        if fused is not None:
+            outs = fused
+        elif upstream and sub is None:        # fed by something untranslatable: untranslatable too
             outs = [self._placeholder(frozenset().union(*upstream)) for _ in eqn.outvars]
         elif sub is not None:
             jaxpr, consts = (sub.jaxpr, sub.consts) if isinstance(sub, ClosedJaxpr) else (sub, ())
@@ -325,7 +334,8 @@ def _translate(fn, example_inputs, output_names, compute_precision, minimum_depl
     if not isinstance(example_inputs, dict) or not example_inputs:
         raise ConversionError("example_inputs must be a non-empty dict of input name -> example array")
     _check_names(list(example_inputs), "input")
-    closed, out_tree, param_names, param_values = _trace(fn, example_inputs)
+    with _jax_attention.marked_attention(minimum_deployment_target == "iOS18"):
+        closed, out_tree, param_names, param_values = _trace(fn, example_inputs)
     output_names = _output_names(closed, out_tree, output_names)
     _check_names(output_names, "output")
     b = Builder(reserved=[*example_inputs, *output_names])
@@ -337,7 +347,7 @@ def _translate(fn, example_inputs, output_names, compute_precision, minimum_depl
             raise ConversionError(f"input {name!r} has dtype {arr.dtype}; Core ML inputs must be "
                                   f"float32, float16 or int32")
         inputs.append(Var(name, t))
-    translator = Translator(b)
+    translator = Translator(b, fuse_attention=minimum_deployment_target == "iOS18")
     params = [_param_var(translator, n, v) for n, v in zip(param_names, param_values)]
     jaxpr = closed.jaxpr
     results = translator.run(jaxpr, list(closed.consts), [*params, *inputs])

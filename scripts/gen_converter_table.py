@@ -35,8 +35,10 @@ values no output needs (PRNG key arithmetic of modules in eval mode) are dropped
 Control flow: `scan` of at most {unroll} steps is unrolled; longer scans become a MIL `while_loop`
 whose body scatters each step's outputs into place; `while` (`while_loop`, `fori_loop` with traced
 bounds) becomes `while_loop`; `cond`/`switch` become chained MIL `cond`s. Call primitives
-({inlined}) are inlined. `jax.nn.dot_product_attention` exports as its decomposition (dot_general,
-softmax), on every target.
+({inlined}) are inlined. `jax.nn.dot_product_attention` becomes the fused MIL
+`scaled_dot_product_attention` for iOS18 targets (bias, boolean mask and `is_causal` folded into one float
+mask; grouped key/value heads, sequence lengths and local windows stay decomposed) and its decomposition
+(dot_general, softmax) on earlier targets.
 
 {counts}
 

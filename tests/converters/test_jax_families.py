@@ -141,6 +141,25 @@ def test_control_flow_on_older_targets():
     export(fn, inputs, target="iOS15")
 
 
+def _op_types(model):
+    return {op.type for op in model.stage.info["program"].functions["main"].block.walk()}
+
+
+@pytest.mark.parametrize("precision,tol", [("float32", 1e-4), ("float16", 3e-2)])
+def test_attention_fuses_on_ios18(precision, tol):
+    def fn(q, k):
+        keep = (jnp.arange(6) < 4)[None, None, None]
+        bias = jnp.arange(60.0).reshape(1, 2, 5, 6) / 60
+        return (jax.nn.dot_product_attention(q, k, k * 2, bias=bias, mask=keep),
+                jax.nn.dot_product_attention(q, k, k, is_causal=True, scale=0.3))
+
+    inputs = {"q": _randn(2, 5, 2, 4), "k": _randn(2, 6, 2, 4)}
+    fused = export(fn, inputs, precision=precision, tol=tol, target="iOS18")
+    assert "scaled_dot_product_attention" in _op_types(fused)
+    decomposed = export(fn, inputs, precision=precision, tol=tol, target="iOS17")
+    assert "scaled_dot_product_attention" not in _op_types(decomposed)
+
+
 # --- never silently wrong ----------------------------------------------------------------------------
 def test_a_wrong_translation_is_caught_and_named(monkeypatch):
     monkeypatch.setitem(cjax.RULES, "tanh", cjax.RULES["logistic"])
