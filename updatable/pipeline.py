@@ -7,7 +7,6 @@ by name or glob pattern (``"classifier/*"``, ``"features/linear_0_*"``), or a fr
 """
 from __future__ import annotations
 
-import copy
 import fnmatch
 from typing import Callable, Sequence
 
@@ -67,12 +66,20 @@ class Pipeline:
       loss: ``"cross_entropy"`` (on logits), ``"cross_entropy_from_probs"``, ``"mse"`` or a
         callable ``loss(prediction, target)``.
       optimizer: any ``optax.GradientTransformation`` (schedules included).
+      devices: with several, each mini-batch is sharded over them (data parallel: weights and
+        optimizer state replicated, gradients summed across devices by XLA).  The batch is padded
+        to a multiple of the device count and the loss is taken per sample and averaged over the
+        real ones, which equals the batch loss for mean-reduced losses (all the built-in ones).
     """
 
     def __init__(self, model: MLModel, *, trainable: Sequence[str] | str = (), head=None,
                  feature: str | None = None, output: str | None = None,
-                 loss: str | Callable = "cross_entropy", optimizer: optax.GradientTransformation | None = None):
+                 loss: str | Callable = "cross_entropy", optimizer: optax.GradientTransformation | None = None,
+                 devices=None):
         self.model = model
+        self.devices = None if devices is None else list(devices)
+        if self.devices is not None and not self.devices:
+            raise UpdateError("devices: expected at least one device; found an empty list")
         self.loss = _loss_fn(loss)
         self.optimizer = optimizer or optax.adam(1e-3)
         self.head = head
@@ -90,8 +97,8 @@ class Pipeline:
         self._flat = {k: jnp.asarray(v) for k, v in flat.items()}
 
     # --- mode 1: weights of the model itself ------------------------------------------------
-    def _model_forward(self, trainable, features):
-        flat = {**self._flat, **trainable}
+    def _model_forward(self, trainable, features, frozen):
+        flat = {**frozen, **trainable}
         weights = _unflatten(flat, self.model.weights)
         run = jax.vmap(lambda x: self.model.stage.fn(weights, x, {})[0][self.output])
         return run(features)
@@ -111,32 +118,42 @@ class Pipeline:
             feats = self._frozen_features(inputs)
             graphdef, params, rest = nnx.split(self.head, nnx.Param, ...)
 
-            def predict(p, x):
+            def predict(p, x, frozen):
                 return nnx.merge(graphdef, p, rest)(x.reshape(x.shape[0], -1))
-            trainable, data = params, feats
+            trainable, data, frozen = params, {"x": feats}, {}
         else:
             trainable = {k: self._flat[k] for k in self.trainable_names}
+            frozen = {k: v for k, v in self._flat.items() if k not in trainable}
             data = {k: np.asarray(v) for k, v in inputs.items()}
             predict = self._model_forward
         opt_state = self.optimizer.init(trainable)
         loss_fn = self.loss
 
         @jax.jit
-        def step(trainable, opt_state, x, y):
+        def step(trainable, opt_state, frozen, x, y, weight):
             def objective(t):
-                pred = predict(t, x)
-                return loss_fn(pred.reshape(pred.shape[0], -1), y)
+                pred = predict(t, x if self.head is None else x["x"], frozen)
+                pred = pred.reshape(pred.shape[0], -1)
+                if weight is None:
+                    return loss_fn(pred, y)
+                per = jax.vmap(lambda p, t: loss_fn(p[None], t[None]))(pred, y)
+                return jnp.sum(per * weight)     # the mean over the real (unpadded) samples
             value, grads = jax.value_and_grad(objective)(trainable)
             updates, opt_state = self.optimizer.update(grads, opt_state, trainable)
             return optax.apply_updates(trainable, updates), opt_state, value
 
+        parallel = _DataParallel(self.devices) if self.devices is not None and len(self.devices) > 1 else None
+        if parallel is not None:
+            trainable, opt_state, frozen = parallel.replicate((trainable, opt_state, frozen))
         rng = np.random.default_rng(seed)
         for epoch in range(epochs):
             order, losses = rng.permutation(n), []
             for i in range(0, n, batch_size):
                 idx = order[i:i + batch_size]
-                xb = data[idx] if self.head is not None else {k: v[idx] for k, v in data.items()}
-                trainable, opt_state, value = step(trainable, opt_state, xb, target[idx])
+                xb, yb, wb = {k: v[idx] for k, v in data.items()}, target[idx], None
+                if parallel is not None:
+                    xb, yb, wb = parallel.shard(xb, yb)
+                trainable, opt_state, value = step(trainable, opt_state, frozen, xb, yb, wb)
                 losses.append(float(value))
             if not np.isfinite(losses).all():
                 raise UpdateError(f"the loss became non-finite in epoch {epoch}; nothing was changed")
@@ -153,9 +170,7 @@ class Pipeline:
         """An MLModel with the trained weights (mode 1); the source model is unchanged."""
         if self.head is not None:
             raise UpdateError("a Flax head is exported with export(); trained_model() is for mode 1")
-        new = copy.copy(self.model)
-        new._weights = jax.device_put(_unflatten(self._flat, self.model.weights))
-        return new
+        return self.model.with_weights(_unflatten(jax.device_get(self._flat), self.model.weights))
 
     def predict_head(self, inputs: dict) -> np.ndarray:
         """Mode 2: the head's output on the frozen features of ``inputs``."""
@@ -173,3 +188,28 @@ class Pipeline:
                                      class_labels=list(class_labels), label_name=label_name,
                                      optimizer=optimizer, **update_params)
         return updatable_pipeline(self.model, head, path)
+
+
+class _DataParallel:
+    """Mini-batches sharded over a 'batch' mesh axis, padded to a multiple of the devices."""
+
+    def __init__(self, devices):
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        from mljax import distribute
+        self.distribute = distribute
+        mesh = distribute.mesh(devices, "batch")
+        self.count = mesh.devices.size
+        self.rows, self.everywhere = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
+
+    def replicate(self, tree):
+        return jax.tree_util.tree_map(
+            lambda x: self.distribute.global_array(np.asarray(jax.device_get(x)), self.everywhere), tree)
+
+    def shard(self, x: dict, y: np.ndarray):
+        n = len(y)
+        rows = self.distribute.round_up(n, self.count)
+        weight = np.zeros(rows, np.float32)
+        weight[:n] = 1.0 / n
+        place = lambda a: self.distribute.global_array(self.distribute.pad_rows(np.asarray(a), rows), self.rows)  # noqa: E731
+        return {k: place(v) for k, v in x.items()}, place(y), place(weight)
