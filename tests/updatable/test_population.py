@@ -176,3 +176,50 @@ def test_research_pipeline_trains_data_parallel_on_4_devices(tmp_path):
     assert one["history"][-1] < one["history"][0]
     np.testing.assert_allclose(four["history"], one["history"], rtol=1e-5)
     np.testing.assert_allclose(four["probs"], one["probs"], atol=1e-5)
+
+
+MULTIHOST_CHILD = textwrap.dedent("""
+    import sys
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    process, port, data, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=process)
+    assert jax.process_count() == 2 and len(jax.devices()) == 2 and len(jax.local_devices()) == 1
+    import numpy as np
+    import updatable
+    from updatable.demo import demo_model_path
+    data = np.load(data)
+    datasets = [{"pixels": data[f"x{i}"], "digit": data[f"y{i}"]} for i in range(int(data["users"]))]
+    ctxs = updatable.personalize(demo_model_path(), datasets, parameters={"epochs": 3})
+    probs = [[[o["probabilities"][k] for k in sorted(o["probabilities"])]
+              for o in c.model.predict([{"pixels": v} for v in data["probe"]])] for c in ctxs]
+    np.save(out, np.array(probs))
+""")
+
+
+def test_two_processes_under_jax_distributed(tmp_path):
+    """The same personalize call in 2 CPU processes (jax.distributed, gloo collectives, one
+    device each): every process gets every user's model, equal to the users' UpdateTasks."""
+    import socket
+    import updatable.demo
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    x, y = updatable.demo.demo_data()
+    datasets = [{"pixels": x[i * 7:(i + 1) * 7 + i % 3], "digit": y[i * 7:(i + 1) * 7 + i % 3]} for i in range(5)]
+    np.savez(tmp_path / "data.npz", users=len(datasets), probe=x[100:105],
+             **{f"x{i}": d["pixels"] for i, d in enumerate(datasets)}, **{f"y{i}": d["digit"] for i, d in enumerate(datasets)})
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen([sys.executable, "-c", MULTIHOST_CHILD, str(i), str(port), str(tmp_path / "data.npz"),
+                               str(tmp_path / f"{i}.npy")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    model = mljax.MLModel(updatable.demo.demo_model_path())
+    want = np.array([[[o["probabilities"][k] for k in sorted(o["probabilities"])]
+                      for o in updatable.UpdateTask(model, d, parameters={"epochs": 3}).run().model.predict(
+                          [{"pixels": v} for v in x[100:105]])] for d in datasets])
+    for i in range(2):
+        np.testing.assert_allclose(np.load(tmp_path / f"{i}.npy"), want, atol=1e-4)
