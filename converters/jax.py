@@ -136,7 +136,12 @@ class Translator:
     # --- walking ------------------------------------------------------------------------
     def run(self, jaxpr, consts, args) -> list[Var]:
         for v, c in zip(jaxpr.constvars, consts):
-            self.env[v] = c if isinstance(c, Var) else self.b.const(np.asarray(c), name="const")
+            if isinstance(c, Var):
+                self.env[v] = c
+            elif _is_key(v.aval.dtype):
+                self.env[v] = self.opaque("PRNG key constant", "random keys are not exported")
+            else:
+                self.env[v] = self.b.const(np.asarray(c), name="const")
         for v, a in zip(jaxpr.invars, args):
             self.env[v] = a
         for eqn in jaxpr.eqns:
@@ -196,7 +201,7 @@ class Translator:
         return Var(self.b.fresh(name), typ)
 
     def _foldable(self, eqn) -> bool:
-        if eqn.primitive.name in _NO_FOLD or eqn.effects:
+        if eqn.primitive.name in _NO_FOLD or eqn.effects or any(_is_key(v.aval.dtype) for v in eqn.outvars):
             return False
         if any(self.known(a) is None for a in eqn.invars):
             return False
@@ -226,6 +231,10 @@ class Translator:
         bad = self.unsupported(values)
         if bad:
             raise Unsupported("its body uses " + "; ".join(f"{p} ({why})" for p, why in bad.items()))
+
+
+def _is_key(dtype) -> bool:
+    return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def is_weight_value(value) -> bool:

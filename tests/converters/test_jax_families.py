@@ -302,10 +302,42 @@ def test_flax_model(name):
     export(make(), inputs())
 
 
+def test_linen_model_in_eval_mode():
+    """A Linen module applied to its variables: parameters and batch statistics become constants,
+    the Dropout's PRNG plumbing is dead code at inference."""
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(8, (3, 3))(x)))
+            x = nn.Dropout(0.5, deterministic=not train)(nn.max_pool(x, (2, 2), (2, 2)))
+            x = nn.ConvTranspose(4, (3, 3), strides=(2, 2))(x)
+            h = nn.RNN(nn.GRUCell(6))(x.reshape(x.shape[0], -1, 4))
+            return nn.Dense(3)(h[:, -1])
+
+    x = _randn(2, 6, 6, 3)
+    net = Net()
+    variables = net.init(jax.random.key(0), x)
+    variables = jax.tree.map(lambda v: v + 0.1 * RNG.standard_normal(v.shape).astype(v.dtype), variables)
+    export(lambda x: net.apply(variables, x), {"x": x})
+
+
 @pytest.mark.parametrize("name", ["resnet_batchnorm", "lstm_tagger"])
 def test_flax_model_fp16(name):
     make, inputs = MODELS[name]
     export(make(), inputs(), precision="float16", tol=3e-2)
+
+
+def test_docs_table_is_up_to_date():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "gen_converter_table.py"
+    spec = importlib.util.spec_from_file_location("gen_converter_table", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--check"]) == 0, "run python scripts/gen_converter_table.py"
 
 
 def test_narrow_integer_arithmetic_is_refused_not_miscomputed():
