@@ -1,8 +1,9 @@
 """Every research notebook in notebooks/ runs top to bottom without an error.
 
-The notebooks are stored without outputs; each is executed headless with nbclient in a
-kernel that runs *this* interpreter (a kernel spec written into a temporary folder), with
-``MPLBACKEND=Agg``.  nbclient, nbformat and ipykernel are in the test extra: when they are
+The notebooks are stored with the outputs of a full run (``scripts/run_notebooks.py`` writes
+them), so a reader sees the plots and tables; the tests check that stored run is complete and
+error-free, and execute each notebook again, fresh, headless with nbclient in a kernel that runs
+*this* interpreter (a kernel spec written into a temporary folder), with ``MPLBACKEND=Agg``.  nbclient, nbformat and ipykernel are in the test extra: when they are
 missing this module fails at import, it is not skipped.
 """
 import os
@@ -32,12 +33,18 @@ def test_the_notebooks_are_there():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_is_stored_without_outputs(path):
+def test_notebook_is_stored_with_the_outputs_of_a_full_run(path):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
-    dirty = [i for i, c in enumerate(nb.cells)
-             if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
-    assert not dirty, f"{path.name}: cells {dirty} carry outputs; clear them before committing"
+    code = [c for c in nb.cells if c.cell_type == "code" and c.source.strip()]
+    counts = [c.execution_count for c in code]
+    assert counts == list(range(1, len(code) + 1)), \
+        f"{path.name}: not one complete run in order (execution counts {counts}); run scripts/run_notebooks.py"
+    errors = [o.get("ename") for c in code for o in c.outputs if o.get("output_type") == "error"]
+    assert not errors, f"{path.name}: the stored run has errors {errors}"
+    plots = sum("plt." in c.source for c in code)
+    images = sum("image/png" in o.get("data", {}) for c in code for o in c.outputs)
+    assert images >= plots, f"{path.name}: {plots} cells plot but {images} images are stored (MPLBACKEND=Agg?)"
 
 
 @pytest.fixture(scope="module")
