@@ -92,7 +92,7 @@ class MLModel:
         self.compute_precision = compute_precision
         self.skip_model_load = bool(skip_model_load)
         if self.skip_model_load:
-            self._stage = _Stage(self._spec, function_name)
+            self._stage = _description_stage(self._spec, function_name)
             self._weights = self._loaded_weights = {}
             return
         self._stage = _stage or build_stage(self._spec, self.model_dir, function_name=function_name,
@@ -409,7 +409,7 @@ def _remove_path(path: Path) -> None:
         path.unlink()
 
 
-def _Stage(spec, function_name) -> Stage:
+def _description_stage(spec, function_name) -> Stage:
     """A stage that only describes the model (``skip_model_load=True``): no function, no weights."""
     desc = spec.description
     name = function_name or desc.defaultFunctionName
