@@ -224,7 +224,8 @@ def _strided(x, begin, end, strides, bmask, emask, smask):
         b = None if (i < len(bmask) and bmask[i]) else int(begin[i])
         e = None if (i < len(emask) and emask[i]) else int(end[i])
         idx.append(slice(b, e, int(strides[i]) if i < len(strides) and strides[i] else 1))
-    return x[tuple(idx)]
+    y = x[tuple(idx)]
+    return y.reshape((1,)) if y.ndim == 0 else y     # NeuralNetwork blobs have rank >= 1
 
 
 @layer("sliceStatic")
