@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     OUTPUT.parent.mkdir(parents=True, exist_ok=True)
     OUTPUT.write_text(text)
     print(f"wrote {OUTPUT}")
+    # the same registry as plain data for `mljax info` (which does not import the op modules)
+    import runpy
+    runpy.run_path(str(ROOT / "scripts" / "gen_supported_ops.py"))["main"]([])
     return 0
 
 

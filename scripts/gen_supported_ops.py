@@ -1,8 +1,9 @@
 """Generate ``mljax/ops/_supported.py``: which (op, opset) pairs mljax implements, as plain data.
 
 ``mljax info`` reads it to list a model's unsupported ops without importing the op modules (and
-so JAX, 2-3 s).  Usage: ``python scripts/gen_supported_ops.py`` (writes the file) or ``--check``
-(exit 1 when it is out of date); ``tests/mljax/test_cli.py`` runs the check.
+so JAX, 2-3 s).  Usage: ``python scripts/gen_supported_ops.py`` (writes the file; ``scripts/gen_op_table.py``
+runs it too) or ``--check`` (exit 1 when it is out of date); ``tests/mljax/test_cli.py`` runs
+the check.
 """
 from __future__ import annotations
 
