@@ -113,17 +113,17 @@ def fused_attention(t, eqn) -> list | None:
             keep = t.b.op("logical_and", _t("bool", both), x=keep, y=causal)
     mask = bias
     if keep is not None:
-        penalty = t.b.op("select", TensorType_of(dtype, keep.type.shape), cond=keep,
+        penalty = t.b.op("select", _tensor(dtype, keep.type.shape), cond=keep,
                          a=np.asarray(0, dtype.numpy), b=np.asarray(_MASKED, dtype.numpy))
         if mask is None:
             mask = penalty
         else:
             both = np.broadcast_shapes(mask.type.shape, penalty.type.shape)
-            mask = t.b.op("add", TensorType_of(dtype, both), x=mask, y=penalty)
+            mask = t.b.op("add", _tensor(dtype, both), x=mask, y=penalty)
     y = t.b.op("scaled_dot_product_attention", _like(q, (b_, n_, tq, v.type.shape[-1])),
                query=q, key=k, value=v, attn_mask=mask)
     return [_transpose_to(t, y, [0, 2, 1, 3])]
 
 
-def TensorType_of(dtype, shape) -> TensorType:
+def _tensor(dtype, shape) -> TensorType:
     return TensorType(dtype, tuple(int(d) for d in shape))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from converters._jax_rules import Unsupported, rule_table, _t, _like
+from mljax.mil.ir import Block
 from mljax.mil.types import TensorType
 
 __all__ = ["PARTIAL", "RULES", "UNROLL_STEPS"]
@@ -19,7 +20,8 @@ UNROLL_STEPS = 16
 
 #: primitive -> the forms that are not translated.
 PARTIAL = {
-    "scan": f"boolean stacked outputs only when unrolled (at most {UNROLL_STEPS} steps); bodies of supported primitives",
+    "scan": f"boolean stacked outputs only when unrolled (at most {UNROLL_STEPS} steps); "
+            "bodies of supported primitives",
     "while": "bodies of supported primitives; loop values keep fixed shapes",
     "cond": "branches of supported primitives",
 }
@@ -78,13 +80,12 @@ def _scan_loop(t, eqn):
     def inputs(tag):
         return [t.block_input(f"{tag}_{k}", typ) for k, typ in enumerate(types)]
 
-    from mljax.mil.ir import Block
     c_in = inputs("scan_cond")
-    with t.b.block() as ops:
+    with t.scope() as ops:
         more = t.b.op("less", _t("bool", ()), x=c_in[0], y=np.int32(n))
     cond = Block(c_in, ops, [more])
     b_in = inputs("scan_body")
-    with t.b.block() as ops:
+    with t.scope() as ops:
         step = b_in[0]
         idx = t.b.op("sub", _t("int32", ()), x=np.int32(n - 1), y=step) if p["reverse"] else step
         idx1 = t.b.op("reshape", _t("int32", (1,)), x=idx, shape=[1])
@@ -100,9 +101,7 @@ def _scan_loop(t, eqn):
             new_accs.append(t.b.op("scatter", acc.type, data=acc, indices=idx1, updates=upd, axis=0,
                                    mode="update"))
         nxt = t.b.op("add", _t("int32", ()), x=step, y=np.int32(1))
-        body_out = [nxt, *outs[:nk], *new_accs]
-        mine = {id(v) for op in ops if op.type != "const" for v in op.outputs}
-        body_out = [o if id(o) in mine else t.b.op("identity", o.type, x=o) for o in body_out]
+        body_out = t.block_outputs(ops, [nxt, *outs[:nk], *new_accs])
     body = Block(b_in, ops, body_out)
     results = t.b.op("while_loop", types, loop_vars=init, blocks=[cond, body])
     return results[1:]
@@ -155,8 +154,7 @@ def _cond(t, eqn):
         if rest is None:
             false = t.block(branches[k + 1], args)
         else:
-            from mljax.mil.ir import Block
-            with t.b.block() as ops:
+            with t.scope() as ops:
                 outs = rest()
             false = Block([], ops, outs)
         return lambda: t.b.op("cond", types, pred=pred, blocks=[true, false])

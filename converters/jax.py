@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import shutil
+from contextlib import contextmanager
 import tempfile
 from pathlib import Path
 
@@ -184,17 +185,29 @@ class Translator:
         for v, out in zip(eqn.outvars, outs):
             self.env[v] = out
 
+    @contextmanager
+    def scope(self):
+        """Collect the ops of a nested block; literals made inside stay inside."""
+        saved = dict(self._literals)
+        try:
+            with self.b.block() as ops:
+                yield ops
+        finally:
+            self._literals = saved
+
+    def block_outputs(self, ops, outs) -> list[Var]:
+        """``outs`` as values produced inside the block (an identity for outer values)."""
+        mine = {id(v) for op in ops if op.type != "const" for v in op.outputs}
+        return [o if id(o) in mine else self.b.op("identity", o.type, x=o) for o in outs]
+
     def block(self, closed, args, inputs=()) -> Block:
         """A nested MIL block computing the closed jaxpr ``closed`` of ``args`` (outer Vars or
         the block's own ``inputs``); its outputs have exactly the jaxpr's output shapes."""
-        saved = dict(self._literals)        # literals made inside must not leak outside
-        with self.b.block() as ops:
+        with self.scope() as ops:
             outs = self.run(closed.jaxpr, list(closed.consts), list(args))
             self.require(outs)
             outs = [self.materialize(o, tuple(v.aval.shape)) for o, v in zip(outs, closed.jaxpr.outvars)]
-            mine = {id(v) for op in ops if op.type != "const" for v in op.outputs}
-            outs = [o if id(o) in mine else self.b.op("identity", o.type, x=o) for o in outs]
-        self._literals = saved
+            outs = self.block_outputs(ops, outs)
         return Block(list(inputs), ops, outs)
 
     def block_input(self, name: str, typ: TensorType) -> Var:
