@@ -234,11 +234,13 @@ def _bmm_weights(p, lyr):
 @layer("batchedMatmul", weights=_bmm_weights)
 def batched_matmul(p, w, xs, ctx):
     """MIL ``matmul`` with broadcasting (two inputs) or MIL ``linear``: ``a @ W + bias`` (W stored
-    as ``[X2, X1]``)."""
+    as ``[X2, X1]``).
+
+    With one input Core ML ignores transposeA / transposeB (coremltools writes an explicit
+    transpose layer before it and stores W already transposed).
+    """
     a = xs[0]
     if len(xs) == 1:
-        if p.transposeA and a.ndim >= 2:
-            a = jnp.swapaxes(a, -1, -2)
         return linear_ops.linear(a, w["weight"], w.get("bias"))
     b = xs[1]
     # Core ML keeps rank max(2, rank a, rank b): 1-D operands are not squeezed back.
