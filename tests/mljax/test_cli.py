@@ -119,7 +119,7 @@ def test_version_help_and_info_do_not_import_jax(classifier):
             "for argv in (['--version'], ['--help'], ['predict', '--help'], ['info', sys.argv[1]]):\n"
             "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
             "        main(argv)\n"
-            "print(sorted(m for m in ('jax', 'updatable') if m in sys.modules))")
+            "print(sorted(m for m in ('jax', 'updatable', 'ml_dtypes') if m in sys.modules))")   # ml_dtypes: ~1-2 s
     run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=ENV, cwd="/")
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
