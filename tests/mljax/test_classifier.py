@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import mljax
+from helpers import tmp_path_for
 
 torch = pytest.importorskip("torch")
 ct = pytest.importorskip("coremltools")
@@ -100,3 +101,30 @@ def test_classify_op_checks_its_classes():
     assert class_labels([np.array(5), np.array(2**40)]) == [5, 2**40]
     with pytest.raises(ModelFormatError, match="all int64 or all string"):
         class_labels([np.array(5), "x"])
+
+
+@pytest.mark.parametrize("fp16_io", [False, True])
+def test_coremltools_own_classifier_cases(fp16_io):
+    """coremltools' test_torch_conversion_api classifier cases (its suite needs torchvision to
+    import): a ReLU 'classifier' whose 'probabilities' are the ReLU values, with a predicted
+    feature name and probability output named (fp32), or fp16 input/output on macOS13 (iOS16)."""
+    traced = torch.jit.trace(torch.nn.ReLU().eval(), torch.rand(3))
+    if fp16_io:
+        model = ct.convert(traced, inputs=[ct.TensorType(shape=(3,), dtype=np.float16)],
+                           outputs=[ct.TensorType(dtype=np.float16)],
+                           classifier_config=ct.ClassifierConfig(["a", "b", "c"]), convert_to="mlprogram",
+                           minimum_deployment_target=ct.target.macOS13)
+        label, probs_name = "classLabel", "classLabel_probs"
+    else:
+        model = ct.convert(traced, inputs=[ct.TensorType(shape=(3,))], convert_to="mlprogram",
+                           classifier_config=ct.ClassifierConfig(["a", "b", "c"], predicted_feature_name="class_label",
+                                                                 predicted_probabilities_output="var_2"))
+        label, probs_name = "class_label", "class_label_probs"
+    path = tmp_path_for("relu-classifier.mlpackage")
+    model.save(str(path))
+    m = mljax.MLModel(path)
+    name = next(iter(m.input_description))
+    out = m.predict({name: np.array([1.0, -2.0, 3.0])})
+    assert list(out) == [label, probs_name]
+    assert out[label] == "c"                                   # coremltools' expected label
+    assert out[probs_name] == {"a": 1.0, "b": 0.0, "c": 3.0}   # classify maps the values as they are
