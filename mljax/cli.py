@@ -319,10 +319,10 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_info)
     _predict_parser(sub)
     for name, (target, help_text) in _commands().items():
-        if name == command and _add_external(sub, name, target):
-            continue
         if name != command:      # listed in --help; its module is imported only when it runs
             sub.add_parser(name, help=help_text, add_help=False)
+        elif not _add_external(sub, name, target):
+            raise MLJaxError(f"the command {name!r} comes from {target.split(':')[0]}, which is not installed")
     return p
 
 
@@ -363,12 +363,13 @@ def _command_of(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command_of(argv)
     try:
-        args = _parser(_command_of(argv)).parse_args(argv)
+        args = _parser(command).parse_args(argv)
     except SystemExit as e:          # --help, --version (0) and usage errors (2): an exit status
         return e.code if isinstance(e.code, int) else int(e.code is not None)
-    if not hasattr(args, "func"):
-        print(f"mljax {args.command}: error: this command's module is not installed", file=sys.stderr)
+    except MLJaxError as e:
+        print(f"mljax {command}: error: {e}", file=sys.stderr)
         return 2
     try:
         return args.func(args)

@@ -199,3 +199,11 @@ def test_supported_ops_table_is_up_to_date():
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_supported_ops.py"), "--check"],
                          capture_output=True, text=True, env=ENV)
     assert run.returncode == 0, run.stderr
+
+
+def test_a_command_whose_package_is_missing(monkeypatch, capsys):
+    import mljax.cli as cli
+    monkeypatch.setitem(cli._FALLBACK, "train", ("nopackage_xyz.cli:add_subcommand", "train something"))
+    assert "train" in cli._commands()
+    assert main(["train", "--epochs", "3"]) == 2
+    assert "the command 'train' comes from nopackage_xyz.cli, which is not installed" in capsys.readouterr().err
