@@ -207,3 +207,22 @@ def test_a_command_whose_package_is_missing(monkeypatch, capsys):
     assert "train" in cli._commands()
     assert main(["train", "--epochs", "3"]) == 2
     assert "the command 'train' comes from nopackage_xyz.cli, which is not installed" in capsys.readouterr().err
+
+
+def test_entry_point_commands_are_found_and_imported_only_when_run(tmp_path, monkeypatch, capsys):
+    """A package adds `mljax hello` through the entry-point group mljax.commands."""
+    import importlib.metadata
+    (tmp_path / "hello_plugin.py").write_text(
+        "def add_subcommand(sub, name):\n"
+        "    p = sub.add_parser(name, help='say hello')\n"
+        "    p.add_argument('--who', default='world', help='whom to greet')\n"
+        "    p.set_defaults(func=lambda args: print(f'hello {args.who}') or 0)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    point = importlib.metadata.EntryPoint(name="hello", value="hello_plugin:add_subcommand", group="mljax.commands")
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda **kw: [point] if kw.get("group") == "mljax.commands" else real(**kw))
+    assert main(["--help"]) == 0
+    assert "hello" in capsys.readouterr().out and "hello_plugin" not in sys.modules
+    assert main(["hello", "--who", "mljax"]) == 0
+    assert capsys.readouterr().out == "hello mljax\n"
