@@ -140,39 +140,41 @@ def test_cancel_after_an_epoch_and_bad_input():
         updatable.personalize(path, datasets[0])
 
 
-PIPELINE_CHILD = textwrap.dedent("""
-    import sys
-    import jax, numpy as np, optax
+TRAIN_PIPELINE = textwrap.dedent("""
+    import numpy as np, optax
     import mljax
-    from updatable.pipeline import Pipeline
     from updatable.demo import demo_data, demo_model_path
-    devices = jax.devices()
-    assert len(devices) == int(sys.argv[2]), devices
-    x, y = demo_data()
-    labels = y[:37].astype(int)
-    pipe = Pipeline(mljax.MLModel(demo_model_path()), trainable=["classifier/*", "features/l2_*"],
-                    loss="cross_entropy_from_probs", optimizer=optax.sgd(0.2, momentum=0.9), devices=devices)
-    history = pipe.fit({"pixels": x[:37]}, labels, epochs=2, batch_size=10, seed=3)
-    probs = [[o["probabilities"][k] for k in sorted(o["probabilities"])]
-             for o in pipe.trained_model().predict([{"pixels": v} for v in x[40:60]])]
-    np.savez(sys.argv[1], history=np.array(history), probs=np.array(probs))
+    from updatable.pipeline import Pipeline
+
+    def train_pipeline(devices):
+        # the digits pipeline's head and an ML-program layer trained by Pipeline on ``devices``
+        x, y = demo_data()
+        pipe = Pipeline(mljax.MLModel(demo_model_path()), trainable=["classifier/*", "features/l2_*"],
+                        loss="cross_entropy_from_probs", optimizer=optax.sgd(0.2, momentum=0.9), devices=devices)
+        history = pipe.fit({"pixels": x[:37]}, y[:37].astype(int), epochs=2, batch_size=10, seed=3)
+        probs = [[o["probabilities"][k] for k in sorted(o["probabilities"])]
+                 for o in pipe.trained_model().predict([{"pixels": v} for v in x[40:60]])]
+        return {"history": np.array(history), "probs": np.array(probs)}
 """)
-
-
-def _run_pipeline_child(out, devices):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    run = subprocess.run([sys.executable, "-c", PIPELINE_CHILD, str(out), str(devices)], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return np.load(out)
+PIPELINE_CHILD = TRAIN_PIPELINE + textwrap.dedent("""
+    import sys, jax
+    assert len(jax.devices()) == 4, jax.devices()
+    np.savez(sys.argv[1], **train_pipeline(jax.devices()))
+""")
 
 
 def test_research_pipeline_trains_data_parallel_on_4_devices(tmp_path):
     """Mini-batches of 10 (the last of 7) sharded over 4 devices, padded to 12 and 8 and masked:
-    the same losses and trained model (ML-program weights included) as on one device."""
-    four = _run_pipeline_child(tmp_path / "four.npz", 4)
-    one = _run_pipeline_child(tmp_path / "one.npz", 1)
+    the same losses and trained model (ML-program weights included) as on one device (here)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run([sys.executable, "-c", PIPELINE_CHILD, str(tmp_path / "four.npz")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    four = np.load(tmp_path / "four.npz")
+    namespace = {}
+    exec(TRAIN_PIPELINE, namespace)          # the same code, in this one-device process
+    one = namespace["train_pipeline"](None)
     assert one["history"][-1] < one["history"][0]
     np.testing.assert_allclose(four["history"], one["history"], rtol=1e-5)
     np.testing.assert_allclose(four["probs"], one["probs"], atol=1e-5)
