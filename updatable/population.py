@@ -146,7 +146,6 @@ def _padded(users: list[tuple[dict, np.ndarray]], n_users: int):
 
 def _epoch_fn(task: UpdateTask, optimizer, key):
     """The jitted epoch: a scan over steps of the user-vmapped training step."""
-    loss_kind, network = task.uspec.loss, task.network
     loss_of = task._loss_fn()
 
     def make():
@@ -179,23 +178,32 @@ def _epoch_fn(task: UpdateTask, optimizer, key):
     return shared_fn(("population-epoch",) + key, make)
 
 
+def _place(task: UpdateTask, users: list, m, optimizer) -> dict:
+    """The population's arrays on the mesh: per-user ones split over ``users``, frozen weights
+    replicated; every user starts from the source's trainable weights."""
+    n_users = distribute.round_up(len(users), m.devices.size)
+    by_user, replicated = NamedSharding(m, P("users")), NamedSharding(m, P())
+    place = lambda tree, s: jax.tree_util.tree_map(lambda x: distribute.global_array(x, s), tree)  # noqa: E731
+    feats, target = _padded(users, n_users)
+    start = jax.device_get(task.network.trainable_weights())
+    stacked = {k: np.broadcast_to(np.asarray(v), (n_users,) + np.shape(v)) for k, v in start.items()}
+    return {"trainable": place(stacked, by_user),
+            "opt_state": place(jax.device_get(jax.vmap(optimizer.init)(stacked)), by_user),
+            "frozen": place(jax.device_get(task.network.frozen_weights()), replicated),
+            "feats": place(feats, by_user), "target": distribute.global_array(target, by_user)}
+
+
 def _train(task: UpdateTask, users: list, devices, handler, progress_bar) -> list[UpdateContext]:
     p = task.parameters
     epochs, sizes = int(p["epochs"]), [len(t) for _, t in users]
     m = distribute.mesh(devices, "users")
     n_dev = m.devices.size
     n_users = distribute.round_up(len(users), n_dev)
-    by_user, by_step, replicated = (NamedSharding(m, P("users")), NamedSharding(m, P(None, "users")),
-                                    NamedSharding(m, P()))
-    feats, target = _padded(users, n_users)
+    by_step = NamedSharding(m, P(None, "users"))
     optimizer = from_parameters(task.uspec.optimizer, p)
-    trainable0 = jax.device_get(task.network.trainable_weights())
-    stacked = {k: np.broadcast_to(np.asarray(v), (n_users,) + np.shape(v)) for k, v in trainable0.items()}
-    opt0 = jax.device_get(jax.vmap(optimizer.init)(stacked))
-    place = lambda tree, s: jax.tree_util.tree_map(lambda x: distribute.global_array(x, s), tree)  # noqa: E731
-    trainable, opt_state = place(stacked, by_user), place(opt0, by_user)
-    feats, target = place(feats, by_user), distribute.global_array(target, by_user)
-    frozen = place(jax.device_get(task.network.frozen_weights()), replicated)
+    arrays = _place(task, users, m, optimizer)
+    trainable, opt_state = arrays["trainable"], arrays["opt_state"]
+    frozen, feats, target = arrays["frozen"], arrays["feats"], arrays["target"]
     epoch_fn = _epoch_fn(task, optimizer, task._step_key() + (n_dev,))
     population = Population(len(users), dict(p))
     begin = {"loss": float("nan"), "epoch_index": 0, "losses": np.full(len(users), np.nan)}
