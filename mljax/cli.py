@@ -91,14 +91,14 @@ def _split_pair(pair: str, option: str) -> tuple[str, str]:
     return name, file
 
 
-def _read_value(name: str, path: Path, specs: dict, option: str = "--input"):
+def _read_value(name: str, path: Path, specs: dict, option: str = "--input", resize: bool = False):
     """One input value from a file: .npy/.npz arrays, .json values, images (Pillow) for image inputs."""
     if not path.is_file():
         raise InputError(f"{option} {name}: file {path} does not exist")
     spec = specs.get(name)
     suffix = path.suffix.lower()
     if suffix in _IMAGE_SUFFIXES:
-        return _read_image(name, path, spec, option)
+        return _read_image(name, path, spec, option, resize)
     if suffix == ".json":
         try:
             value = json.loads(path.read_text())
@@ -133,7 +133,7 @@ def _from_json(value, spec):
         raise InputError(f"input {spec.name!r}: the JSON value is no {spec} ({e})") from None
 
 
-def _read_image(name: str, path: Path, spec, option: str):
+def _read_image(name: str, path: Path, spec, option: str, resize: bool = False):
     if spec is None or spec.kind != "image":
         kind = "unknown to the model" if spec is None else f"a {spec}"
         raise InputError(f"{option} {name}: {path} is an image file, but input {name!r} is {kind}; image files "
@@ -147,20 +147,27 @@ def _read_image(name: str, path: Path, spec, option: str):
         with Image.open(path) as im:
             im.load()
             mode = "L" if spec.color_space and spec.color_space.startswith("GRAYSCALE") else "RGB"
-            return im.convert(mode) if im.mode != mode else im.copy()
+            im = im.convert(mode) if im.mode != mode else im.copy()
     except OSError as e:
         raise InputError(f"{option} {name}: {path} is not a readable image ({e})") from None
+    h, w = spec.shape or (0, 0)
+    if h and w and not (spec.ranges or spec.enumerated) and im.size != (w, h):
+        if not resize:
+            raise InputError(f"{option} {name}: {path} is {im.size[0]} x {im.size[1]} (width x height); input "
+                             f"{name!r} takes {w} x {h}: resize it, or pass --resize")
+        im = im.resize((w, h), Image.BILINEAR)
+    return im
 
 
-def _load_inputs(pairs: list[str], specs: dict) -> dict:
+def _load_inputs(pairs: list[str], specs: dict, resize: bool = False) -> dict:
     inputs = {}
     for pair in pairs:
         name, file = _split_pair(pair, "--input")
-        inputs[name] = _read_value(name, Path(file), specs)
+        inputs[name] = _read_value(name, Path(file), specs, resize=resize)
     return inputs
 
 
-def _batch_samples(spec_text: str, specs: dict, shared: dict) -> tuple[list[str], list[dict]]:
+def _batch_samples(spec_text: str, specs: dict, shared: dict, resize: bool = False) -> tuple[list[str], list[dict]]:
     """``--batch``: (sample names, input dicts) from a folder of files (one sample each, for one
     input) or an .npz whose arrays (one per input) share a leading sample axis."""
     import numpy as np
@@ -180,7 +187,7 @@ def _batch_samples(spec_text: str, specs: dict, shared: dict) -> tuple[list[str]
                        _IMAGE_SUFFIXES | _ARRAY_SUFFIXES - {".npz"} and not p.name.startswith("."))
         if not files:
             raise InputError(f"--batch {path}: expected image, .npy or .json files in the folder; found none")
-        return [p.name for p in files], [{**shared, name: _read_value(name, p, specs, "--batch")} for p in files]
+        return [p.name for p in files], [{**shared, name: _read_value(name, p, specs, "--batch", resize)} for p in files]
     if path.suffix.lower() != ".npz" or not path.is_file():
         raise InputError(f"--batch expects a folder of samples or an .npz of arrays with a leading sample "
                          f"axis; found {path}" + ("" if path.exists() else " (does not exist)"))
@@ -268,8 +275,8 @@ def _cmd_predict(args) -> int:
 
 def _predict(args) -> int:
     specs = _input_specs(args)                   # files are read and checked before JAX loads
-    shared = _load_inputs(args.input, specs)
-    names, samples = _batch_samples(args.batch, specs, shared) if args.batch else (None, None)
+    shared = _load_inputs(args.input, specs, args.resize)
+    names, samples = _batch_samples(args.batch, specs, shared, args.resize) if args.batch else (None, None)
     from mljax import MLModel
     model = MLModel(args.model, compute_precision=args.compute_precision, function_name=args.function_name)
     if samples is None:
@@ -339,6 +346,9 @@ def _predict_parser(sub) -> None:
                       help="predict many samples: every file of a folder is one sample of input NAME (the "
                            "model's only input when omitted), or an .npz holds one array per input with a "
                            "leading sample axis; shows a progress bar")
+    pred.add_argument("--resize", action="store_true",
+                      help="resize image files to the image input's size (bilinear; default: a different size "
+                           "is an error)")
     pred.add_argument("--json", action="store_true",
                       help="print the outputs as JSON (arrays as lists, class probabilities as a dict; a batch "
                            "as a list of {sample, outputs})")

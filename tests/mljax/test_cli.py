@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 ct = pytest.importorskip("coremltools")
 Image = pytest.importorskip("PIL.Image")
 
-from classifiers import STR_LABELS, TOL, decisive_images, make_classifier  # noqa: E402
+from classifiers import STR_LABELS, TOL, decisive_images, make_classifier, torch_probabilities  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
@@ -41,7 +41,7 @@ def classifier(tmp_path_factory):
     folder = tmp_path_factory.mktemp("photos")
     for i, picture in enumerate(pictures):
         picture.save(folder / f"photo{i}.png")
-    return path, folder, expected
+    return path, folder, expected, net
 
 
 def check_outputs(outputs: dict, want: np.ndarray):
@@ -52,13 +52,13 @@ def check_outputs(outputs: dict, want: np.ndarray):
 
 
 def test_predict_image_json_matches_torch(classifier):
-    path, folder, expected = classifier
+    path, folder, expected, _ = classifier
     run = run_cli("predict", path, "--input", f"image={folder / 'photo0.png'}", "--json")
     check_outputs(json.loads(run.stdout), expected[0])
 
 
 def test_batch_over_a_folder_with_progress_json_and_every_output(classifier, tmp_path):
-    path, folder, expected = classifier
+    path, folder, expected, _ = classifier
     out = tmp_path / "out.npz"
     run = run_cli("predict", path, "--batch", folder, "--json", "--output", out)
     samples = json.loads(run.stdout)
@@ -107,14 +107,14 @@ def test_batch_npz_json_and_npy_inputs(tmp_path):
 
 
 def test_image_input_needs_pillow(classifier, monkeypatch, capsys):
-    path, folder, _ = classifier
+    path, folder, _, _ = classifier
     monkeypatch.setitem(sys.modules, "PIL", None)                  # as if Pillow were not installed
     assert main(["predict", str(path), "--input", f"image={folder / 'photo0.png'}"]) == 2
     assert "needs Pillow, which is not installed (pip install pillow)" in capsys.readouterr().err
 
 
 def test_version_help_and_info_do_not_import_jax(classifier):
-    path, _, _ = classifier
+    path, _, _, _ = classifier
     code = ("import sys, contextlib, io\nfrom mljax.cli import main\n"
             "for argv in (['--version'], ['--help'], ['predict', '--help'], ['info', sys.argv[1]]):\n"
             "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
@@ -226,3 +226,16 @@ def test_entry_point_commands_are_found_and_imported_only_when_run(tmp_path, mon
     assert "hello" in capsys.readouterr().out and "hello_plugin" not in sys.modules
     assert main(["hello", "--who", "mljax"]) == 0
     assert capsys.readouterr().out == "hello mljax\n"
+
+
+def test_resize_images_to_the_input_size(classifier, tmp_path, capsys):
+    path, _, _, net = classifier
+    photo = Image.fromarray(np.random.default_rng(7).integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    photo.save(tmp_path / "big.png")
+    assert main(["predict", str(path), "-i", f"image={tmp_path / 'big.png'}", "--no-cache"]) == 2
+    assert "big.png is 40 x 30 (width x height); input 'image' takes 12 x 12: resize it, or pass --resize" \
+        in capsys.readouterr().err
+    assert main(["predict", str(path), "-i", f"image={tmp_path / 'big.png'}", "--resize", "--json", "--no-cache"]) == 0
+    want = torch_probabilities(net, [photo.resize((12, 12), Image.BILINEAR)])[0]
+    probs = json.loads(capsys.readouterr().out)["classLabel_probs"]
+    np.testing.assert_allclose([probs[k] for k in STR_LABELS], want, atol=TOL["fp32"])
