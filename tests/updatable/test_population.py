@@ -225,3 +225,35 @@ def test_two_processes_under_jax_distributed(tmp_path):
                           [{"pixels": v} for v in x[100:105]])] for d in datasets])
     for i in range(2):
         np.testing.assert_allclose(np.load(tmp_path / f"{i}.npy"), want, atol=1e-4)
+
+
+def test_updatable_convolution_layers_per_user(tmp_path):
+    """An updatable convolution (conv -> relu -> flatten -> dense -> softmax, both layers trained):
+    the per-user vmap around the per-sample vmap gives each user's UpdateTask result."""
+    from coremltools.models import datatypes
+    from coremltools.models.neural_network import NeuralNetworkBuilder, SgdParams
+    rng = np.random.default_rng(0)
+    b = NeuralNetworkBuilder([("image", datatypes.Array(2, 6, 6))], [("probs", None)], mode="classifier")
+    b.add_convolution("conv", kernel_channels=2, output_channels=3, height=3, width=3, stride_height=1,
+                      stride_width=1, border_mode="valid", groups=1,
+                      W=rng.normal(size=(3, 3, 2, 3)).astype(np.float32) * 0.3, b=np.zeros(3, np.float32),
+                      has_bias=True, input_name="image", output_name="c")
+    b.add_activation("relu", "RELU", "c", "cr")
+    b.add_flatten("flat", 0, "cr", "f")
+    b.add_inner_product("dense", W=rng.normal(size=(2, 48)).astype(np.float32) * 0.2, b=np.zeros(2, np.float32),
+                        input_channels=48, output_channels=2, has_bias=True, input_name="f", output_name="logits")
+    b.add_softmax("softmax", "logits", "probs")
+    b.set_class_labels(["x", "y"], predicted_feature_name="label", prediction_blob="probs")
+    b.make_updatable(["conv", "dense"])
+    b.set_categorical_cross_entropy_loss(name="loss", input="probs")
+    b.set_sgd_optimizer(SgdParams(lr=0.05, batch=3))
+    b.set_epochs(3)
+    ct.models.utils.save_spec(b.spec, str(tmp_path / "conv.mlmodel"))
+    model = mljax.MLModel(tmp_path / "conv.mlmodel")
+    datasets = [{"image": rng.normal(size=(n, 2, 6, 6)).astype(np.float32), "label": rng.choice(["x", "y"], n)}
+                for n in (2, 5, 7, 4)]
+    probe = {"image": rng.normal(size=(2, 6, 6)).astype(np.float32)}
+    before = model.predict(probe)["probs"]["x"]
+    for ctx, data in zip(updatable.personalize(model, datasets), datasets):
+        want = updatable.UpdateTask(model, data).run().model.predict(probe)["probs"]["x"]
+        assert abs(ctx.model.predict(probe)["probs"]["x"] - want) < 1e-4 and abs(want - before) > 1e-3
