@@ -18,6 +18,7 @@ import numpy as np
 
 from mljax.errors import InputError, OpError, UnsupportedOpError
 from mljax.mil.ir import Block, Function, Operation, Var
+from mljax.mil.opspec import check_op_inputs
 from mljax.mil.types import DTYPES, DType, StateType, TensorType
 from mljax.ops._registry import OpContext, lookup, opset_number
 
@@ -121,6 +122,9 @@ class LoweredFunction:
                    if op.type != "const" and lookup(op.type, self.opset) is None}
         if missing:
             raise UnsupportedOpError(missing, where=f"function {self.fn.name!r}")
+        for op in self.fn.block.walk():   # input names against the opset's table (never ignored silently)
+            check_op_inputs(op.type, self.opset, op.inputs, f"function {self.fn.name!r}, op {op.name!r}",
+                            op.attributes)
 
     def _materialize_constexpr(self, block: Block) -> None:
         """Evaluate constexpr_* ops once, at load, into constants."""

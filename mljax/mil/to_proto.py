@@ -21,7 +21,7 @@ from mljax.format.package import save_spec
 from mljax.mil.ir import Block, Function, Operation, Program, Var
 from mljax.mil.types import (DTYPES, DictType, DType, ListType, StateType, TensorType, TupleType,
                              ValueType, dtype_from_numpy)
-from mljax.ops._registry import lookup, opset_number
+from mljax.mil.opspec import input_order, opset_number
 from mljax.proto import MIL_pb2, Model_pb2
 
 __all__ = ["program_to_proto", "write_mlprogram_package", "value_type_to_proto", "value_to_proto",
@@ -160,14 +160,12 @@ def value_to_proto(value, vtype: ValueType | None = None) -> MIL_pb2.Value:
 
 # --- program ----------------------------------------------------------------------------
 def input_order_key(op_type: str, opset) -> Callable[[str], int]:
-    """Sort key for an op's input names: its MIL input order (the registry signature).
+    """Sort key for an op's input names: its MIL input order (:mod:`mljax.mil.opspec`'s table).
 
     Proto maps have no order; writing inline blob values in this order reproduces the
     offsets Apple's tools choose, and the text printer shows inputs in it.
     """
-    spec = lookup(op_type, opset)
-    names = [] if spec is None else [*spec.tensor_inputs, spec.variadic, *spec.static_inputs]
-    rank = {n: i for i, n in enumerate(names) if n}
+    rank = {n: i for i, n in enumerate(input_order(op_type, opset))}
     return lambda key: rank.get(key, len(rank))
 
 

@@ -19,21 +19,11 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from mljax.mil.opspec import OPSETS, opset_number
+
 __all__ = ["OpSpec", "OpContext", "register", "lookup", "registry", "OPSETS", "opset_number"]
 
-#: Opset names as they appear in a program, and the iOS release each one is.
-OPSETS = {"CoreML5": 15, "CoreML6": 16, "CoreML7": 17, "CoreML8": 18, "CoreML9": 19}
-
-
-def opset_number(opset: str | int) -> int:
-    """``"CoreML7"`` / ``"iOS17"`` / ``17`` -> ``17``."""
-    if isinstance(opset, int):
-        return opset
-    if opset in OPSETS:
-        return OPSETS[opset]
-    if opset.startswith("iOS") and opset[3:].isdigit():
-        return int(opset[3:])
-    raise ValueError(f"unknown opset {opset!r}; expected one of {sorted(OPSETS)} or 'iOS15'..'iOS18'")
+# OPSETS / opset_number: defined with the op input table in the IR layer (mljax.mil.opspec)
 
 
 @dataclass(frozen=True)
