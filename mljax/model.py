@@ -309,23 +309,28 @@ class MLModel:
         return "\n".join(parts)
 
 
-def _check_weights_like(current, new, path: str = "") -> None:
+def _check_weights_like(current, new) -> None:
     """InputError unless ``new`` has ``current``'s names, and arrays of its shapes and dtypes."""
-    if isinstance(current, dict):
-        if not isinstance(new, dict):
-            raise InputError(f"weights{path}: expected a dict of weights; found {type(new).__name__}")
-        if new.keys() != current.keys():
-            missing, extra = sorted(current.keys() - new.keys()), sorted(new.keys() - current.keys())
-            raise InputError(f"weights{path}: expected the names {sorted(current)}; "
-                             f"missing {missing}, unexpected {extra}")
-        for k in current:
-            _check_weights_like(current[k], new[k], f"{path}[{k!r}]")
-        return
-    shape, dtype = np.shape(current), np.dtype(current.dtype)
-    found = getattr(new, "dtype", None)
-    if np.shape(new) != shape or found is None or np.dtype(found) != dtype:
-        raise InputError(f"weights{path}: expected an array of shape {shape} and dtype {dtype}; found "
-                         f"{type(new).__name__} of shape {np.shape(new)} and dtype {found}")
+    flat = jax.tree_util.tree_flatten_with_path
+    want, want_tree = flat(current)
+    found, found_tree = flat(new)
+    if want_tree != found_tree:
+        names = lambda leaves: {_weight_name(k) for k, _ in leaves}   # noqa: E731
+        missing, extra = sorted(names(want) - names(found)), sorted(names(found) - names(want))
+        raise InputError(f"weights: expected {len(want)} arrays named like model.weights; missing {missing[:10]}, "
+                         f"unexpected {extra[:10]}"
+                         + ("" if missing or extra else f" (found a {type(new).__name__} structured otherwise)"))
+    for (key, a), (_, b) in zip(want, found):
+        dtype = getattr(b, "dtype", None)
+        if np.shape(b) != np.shape(a) or dtype is None or np.dtype(dtype) != np.dtype(a.dtype):
+            raise InputError(f"weights {_weight_name(key)!r}: expected an array of shape {np.shape(a)} and "
+                             f"dtype {np.dtype(a.dtype)}; found {type(b).__name__} of shape {np.shape(b)} and "
+                             f"dtype {dtype}")
+
+
+def _weight_name(path) -> str:
+    """A weights pytree path as ``stage/var`` (as ``updatable.pipeline.weight_names`` writes it)."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 class SavedPath(str):
