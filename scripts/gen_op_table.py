@@ -65,6 +65,16 @@ def _per_opset(versions: dict, render) -> str:
     return "<br>".join(f"iOS{opset}: {text}" for opset, text in texts.items())
 
 
+def dtypes_text(op: str, opset: int) -> str:
+    """The MIL dtypes the op's first input allows, from the op input table (mljax.mil.opspec)."""
+    from mljax.mil.opspec import op_inputs
+    spec = op_inputs(op, opset)
+    if not spec:
+        return "—"
+    first = spec[0]
+    return f"`{first.name}`: " + (", ".join(first.dtypes) if first.dtypes else "any")
+
+
 def _family(versions: dict) -> str:
     module = versions[min(versions)].fn.__module__
     return module.rsplit(".", 1)[-1]
@@ -81,15 +91,16 @@ def op_section(registry: dict) -> list[str]:
              "the iOS17 semantics from iOS17 on (lookup picks the highest registered opset <= the "
              "program's). Tensor inputs are traced; const inputs must be known before tracing "
              "(consts of the program). `?` marks an optional input, `=v` a default, `*name` a "
-             "variadic input.", ""]
+             "variadic input. *Dtypes* are the MIL dtypes the op's first input may have, from the op input "
+             "table (`mljax/mil/opspecs.py`) that the loader validates programs against.", ""]
     lines += ["Families: " + ", ".join(f"[{f}](#{f}) ({len(families[f])})" for f in sorted(families)), ""]
     for family in sorted(families):
-        lines += [f"### {family}", "", "| op | opsets | tensor inputs | const inputs |", "|---|---|---|---|"]
+        lines += [f"### {family}", "", "| op | opsets | tensor inputs | const inputs | dtypes |", "|---|---|---|---|---|"]
         for op in families[family]:
             versions = registry[op]
             opsets = ", ".join(f"iOS{o}" for o in sorted(versions))
             lines.append(f"| `{op}` | {opsets} | {_per_opset(versions, tensor_inputs_text)} | "
-                         f"{_per_opset(versions, const_inputs_text)} |")
+                         f"{_per_opset(versions, const_inputs_text)} | {dtypes_text(op, max(versions))} |")
         lines.append("")
     return lines
 
