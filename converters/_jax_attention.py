@@ -113,8 +113,10 @@ def fused_attention(t, eqn) -> list | None:
             keep = t.b.op("logical_and", _t("bool", both), x=keep, y=causal)
     mask = bias
     if keep is not None:
-        penalty = t.b.op("select", _tensor(dtype, keep.type.shape), cond=keep,
-                         a=np.asarray(0, dtype.numpy), b=np.asarray(_MASKED, dtype.numpy))
+        # (1 - keep) * masked: a select of two scalars would be typed as a scalar by coremltools
+        dropped = t.b.op("cast", _tensor(dtype, keep.type.shape), x=t.b.op("logical_not", keep.type, x=keep),
+                         dtype=dtype.name)
+        penalty = t.b.op("mul", dropped.type, x=dropped, y=np.asarray(_MASKED, dtype.numpy))
         if mask is None:
             mask = penalty
         else:

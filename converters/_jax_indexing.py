@@ -21,6 +21,7 @@ PARTIAL = {
     "gather": "unit slices along every indexed dim (take, take_along_axis, integer-array indexing, "
               "embedding lookups); no gathers of longer dynamic slices",
     "sort": "one sort key",
+    "approx_top_k": "aggregate_to_topk=True (answered exactly)",
     **{p: "whole windows (`.at[idx]` updates, segment sums); no partial windows or custom combiners"
        for p in ("scatter", "scatter-add", "scatter-mul", "scatter-min", "scatter-max")},
 }
@@ -261,6 +262,21 @@ def _top_k(t, eqn):
     axis = int(eqn.params.get("axis", -1) if eqn.params.get("axis") is not None else -1)
     values, indices = t.out_type(eqn, 0), t.out_type(eqn, 1)
     v, i = t.b.op("topk", [values, _t("int32", indices.shape)], x=x, k=k, axis=axis, ascending=False)
+    if indices.dtype.name != "int32":
+        i = t.b.op("cast", indices, x=i, dtype=indices.dtype.name)
+    return [v, i]
+
+
+@rule("approx_top_k")
+def _approx_top_k(t, eqn):
+    """The exact top k is a valid answer (recall 1)."""
+    p = eqn.params
+    if not p.get("aggregate_to_topk", True):
+        raise Unsupported("aggregate_to_topk=False (unaggregated partial results)")
+    x = t.read(eqn.invars[0])
+    values, indices = t.out_type(eqn, 0), t.out_type(eqn, 1)
+    v, i = t.b.op("topk", [values, _t("int32", indices.shape)], x=x, k=int(p["k"]),
+                  axis=int(p["reduction_dimension"]), ascending=not p.get("is_max_k", True))
     if indices.dtype.name != "int32":
         i = t.b.op("cast", indices, x=i, dtype=indices.dtype.name)
     return [v, i]

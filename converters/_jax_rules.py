@@ -226,6 +226,24 @@ def _inverse_hyperbolic(t, eqn):
     return [t.b.op("mul", x.type, x=t.b.op("sign", x.type, x=x), y=mag)]
 
 
+@rule("atan2")
+def _atan2(t, eqn):
+    """atan(y / x), moved by +-pi into the left half plane; atan2(0, 0) = 0 as in JAX."""
+    out = t.out_type(eqn)
+    y, x = (t.materialize(v, tuple(out.shape)) for v in (t.lazy(eqn.invars[0]), t.lazy(eqn.invars[1])))
+    b = _t("bool", out.shape)
+    zero = np.asarray(0, out.dtype.numpy)
+    base = t.b.op("atan", out, x=t.b.op("real_div", out, x=y, y=x))
+    upper = t.b.op("cast", out, x=t.b.op("greater_equal", b, x=y, y=zero), dtype=out.dtype.name)
+    turn = t.b.op("mul", out, x=t.b.op("sub", out, x=t.b.op("mul", out, x=upper, y=np.asarray(2, out.dtype.numpy)),
+                                      y=np.asarray(1, out.dtype.numpy)), y=np.asarray(np.pi, out.dtype.numpy))
+    left = t.b.op("mul", out, x=turn, y=t.b.op("cast", out, x=t.b.op("less", b, x=x, y=zero),
+                                                dtype=out.dtype.name))
+    angle = t.b.op("add", out, x=base, y=left)
+    origin = t.b.op("logical_and", b, x=t.b.op("equal", b, x=x, y=zero), y=t.b.op("equal", b, x=y, y=zero))
+    return [t.b.op("select", out, cond=origin, a=zero, b=angle)]
+
+
 @rule("round")
 def _round(t, eqn):
     x = t.read(eqn.invars[0])

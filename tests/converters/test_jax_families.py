@@ -89,7 +89,7 @@ FAMILIES = {
                                      jax.lax.dynamic_index_in_dim(x, i[2, 2], 1, keepdims=False)),
                        {"x": _X, "i": _I}),
     "sort_topk": (lambda x, i: (jnp.sort(x, -1), jnp.argsort(x, 0), jnp.sort(i, 0), *jax.lax.top_k(x, 3),
-                                jnp.argmax(x, -1)),
+                                jnp.argmax(x, -1), *jax.lax.approx_max_k(x, 2), *jax.lax.approx_min_k(x, 2)),
                   {"x": _X, "i": _I}),
     "cumulative": (lambda x: (jnp.cumsum(x, 1), jnp.cumprod(x * 0.5 + 1, 1), jax.lax.cummax(x, 0),
                               jax.lax.cummin(x, 1, reverse=True), jax.lax.cummax((x * 4).astype(jnp.int32), 1)),
@@ -117,7 +117,9 @@ FAMILIES = {
                                         i.astype(jnp.int16).astype(jnp.float32),
                                         i % 3 - i // 2, jnp.where(i > 1, i, -i)),
                           {"x": _X * 4, "i": _I}),
-    "more_elementwise": (lambda x: (jnp.isfinite(jnp.log(x)), jnp.cbrt(x), jnp.arcsinh(x), jnp.arccosh(jnp.abs(x) + 1)),
+    "more_elementwise": (lambda x: (jnp.isfinite(jnp.log(x)), jnp.cbrt(x), jnp.arcsinh(x), jnp.arccosh(jnp.abs(x) + 1),
+                                    jnp.arctan2(x, x[::-1]),
+                                    jnp.arctan2(jnp.zeros(3), jnp.array([0.0, -1.0, 1.0]))),
                          {"x": _X}),
     "attention": (lambda q, k: (jax.nn.dot_product_attention(q, k, k, is_causal=True),
                                 jax.nn.dot_product_attention(q, k, k, mask=jnp.arange(5)[None, None, None] < 3)),
@@ -152,7 +154,8 @@ def test_attention_fuses_on_ios18(precision, tol):
         keep = (jnp.arange(6) < 4)[None, None, None]
         bias = jnp.arange(60.0).reshape(1, 2, 5, 6) / 60
         return (jax.nn.dot_product_attention(q, k, k * 2, bias=bias, mask=keep),
-                jax.nn.dot_product_attention(q, k, k, is_causal=True, scale=0.3))
+                jax.nn.dot_product_attention(q, k, k, is_causal=True, scale=0.3),
+                jax.nn.dot_product_attention(q, k, k, mask=(k.sum(-1) > -1)[:, None, None, :, 0]))  # traced mask
 
     inputs = {"q": _randn(2, 5, 2, 4), "k": _randn(2, 6, 2, 4)}
     fused = export(fn, inputs, precision=precision, tol=tol, target="iOS18")
