@@ -56,7 +56,7 @@ def profile(model: mljax.MLModel, feed: dict, batch: int, rounds: int):
     LoweredFunction._call = recording
     try:
         jax.make_jaxpr(lambda w, x: jax.vmap(lambda xi: lowered(w, xi, {})[0])(x))(
-            model._weights, {k: np.stack([v] * batch) for k, v in feed.items()})
+            model.weights, {k: np.stack([v] * batch) for k, v in feed.items()})
     finally:
         LoweredFunction._call = original
 
@@ -68,7 +68,7 @@ def profile(model: mljax.MLModel, feed: dict, batch: int, rounds: int):
             env = dict(zip(_names, vals))
             return lowered._call(_op, env)
 
-        batched = [n for n in names if n not in model._weights]
+        batched = [n for n in names if n not in model.weights]
         in_axes = tuple(0 if n in batched else None for n in names)
         f = jax.jit(jax.vmap(run_op, in_axes=in_axes) if batched else run_op)
         args = []
