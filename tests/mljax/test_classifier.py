@@ -40,7 +40,6 @@ def assert_matches_torch(out: dict, expected: np.ndarray, labels, tol: float, la
 def test_predict_matches_torch(classifier):
     net, path, labels, precision = classifier
     model = mljax.MLModel(path)
-    assert model.stage.classes.labels == labels
     pictures, expected = decisive_images(net, 6, 10 * TOL[precision])
     for picture, want in zip(pictures, expected):
         assert_matches_torch(model.predict({"image": picture}), want, labels, TOL[precision])
