@@ -40,6 +40,7 @@ PARTIAL = {
     "reshape": "no `dimensions` permutation",
     "pad": "constant padding value only; no interior (dilating) padding",
     "argmax": "one axis", "argmin": "one axis",
+    "convert_element_type": "int8/uint8/int16/uint16 casts need minimum_deployment_target iOS17 or later",
 }
 
 
@@ -277,12 +278,18 @@ def _integer_pow(t, eqn):
     return [result]
 
 
+_CAST_IOS15 = {"int32", "fp16", "fp32", "bool"}
+
+
 @rule("convert_element_type")
 def _convert(t, eqn):
     out = t.out_type(eqn)
     x = t.lazy(eqn.invars[0])
     if x.type.dtype == out.dtype:
         return [x]
+    if t.ios < 17 and not {x.type.dtype.name, out.dtype.name} <= _CAST_IOS15:
+        raise Unsupported(f"casts between {x.type.dtype.name} and {out.dtype.name} before iOS17 "
+                          f"(MIL cast then takes only {sorted(_CAST_IOS15)})")
     return [t.b.op("cast", TensorType(out.dtype, x.type.shape), x=x, dtype=out.dtype.name)]
 
 

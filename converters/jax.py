@@ -74,8 +74,9 @@ class Translator:
     full shape; elementwise ops broadcast on their own.
     """
 
-    def __init__(self, builder: Builder, *, fuse_attention: bool = False):
+    def __init__(self, builder: Builder, *, fuse_attention: bool = False, ios: int = 17):
         self.b = builder
+        self.ios = ios                            # the deployment target's iOS version
         self.fuse_attention = fuse_attention      # iOS18: marked attention calls -> one MIL op
         self.env: dict = {}
         self.origins: dict[int, frozenset] = {}     # placeholder Var id -> {(primitive, why)}
@@ -369,7 +370,8 @@ def _translate(fn, example_inputs, output_names, compute_precision, minimum_depl
             raise ConversionError(f"input {name!r} has dtype {arr.dtype}; Core ML inputs must be "
                                   f"float32, float16 or int32")
         inputs.append(Var(name, t))
-    translator = Translator(b, fuse_attention=minimum_deployment_target == "iOS18")
+    translator = Translator(b, fuse_attention=minimum_deployment_target == "iOS18",
+                            ios=int(minimum_deployment_target[3:]))
     params = [_param_var(translator, n, v) for n, v in zip(param_names, param_values)]
     jaxpr = closed.jaxpr
     results = translator.run(jaxpr, list(closed.consts), [*params, *inputs])

@@ -87,6 +87,7 @@ def cast_to_fp16(fn: Function) -> None:
     names = _Names(fn)
     block = fn.block
     fp32_outputs = {id(v) for v in block.outputs if _is_fp32(v)}
+    final_names = [v.name for v in block.outputs]     # a constant output is renamed *_to_fp16 below
     replace: dict[int, Var] = {}
     head: list[Operation] = []
     for v in fn.inputs:
@@ -95,11 +96,10 @@ def cast_to_fp16(fn: Function) -> None:
             replace[id(v)] = head[-1].outputs[0]
     body = _rewrite(block.operations, replace, names)
     outputs = []
-    for v in block.outputs:
+    for v, final in zip(block.outputs, final_names):
         was_fp32 = id(v) in fp32_outputs
         v = replace.get(id(v), v)
         if was_fp32:
-            final = v.name
             names.taken.discard(v.name)
             v.name = names(f"{final}_cast_fp16")
             names.taken.add(final)

@@ -133,7 +133,8 @@ def test_primitive_family(family):
     export(fn, inputs)
 
 
-@pytest.mark.parametrize("family", ["scan_while_loop", "cond_switch", "pooling", "transposed_and_grouped_conv"])
+@pytest.mark.parametrize("family", ["scan_while_loop", "cond_switch", "pooling", "transposed_and_grouped_conv",
+                                    "more_elementwise"])
 def test_primitive_family_fp16(family):
     fn, inputs = FAMILIES[family]
     export(fn, inputs, precision="float16", tol=3e-2)
@@ -145,7 +146,7 @@ def test_control_flow_on_older_targets():
 
 
 def _op_types(model):
-    return {op.type for op in model.stage.info["program"].functions["main"].block.walk()}
+    return {op.type for op in model.stage.program.functions["main"].block.walk()}
 
 
 @pytest.mark.parametrize("precision,tol", [("float32", 1e-4), ("float16", 3e-2)])
@@ -347,3 +348,6 @@ def test_docs_table_is_up_to_date():
 def test_narrow_integer_arithmetic_is_refused_not_miscomputed():
     with pytest.raises(ConversionError, match=r"add \(arithmetic on uint8"):
         converters.convert(lambda i: jnp.uint8(200) + i.astype(jnp.uint8), {"i": _I})
+    with pytest.raises(ConversionError, match="casts between fp32 and int8 before iOS17"):
+        converters.convert(lambda x: x.astype(jnp.int8).astype(jnp.int32), {"x": _X},
+                           minimum_deployment_target="iOS15")
