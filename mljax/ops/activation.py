@@ -34,7 +34,8 @@ def clamped_relu(x, *, alpha, beta):
 @register("elu")
 def elu(x, *, alpha):
     """``x`` for ``x > 0``, else ``alpha * (exp(x) - 1)``."""
-    return jnp.where(x > 0, x, like(alpha, x) * jnp.expm1(x))
+    # expm1 of min(x, 0): the branch not taken stays finite, so gradients are not NaN for large x
+    return jnp.where(x > 0, x, like(alpha, x) * jnp.expm1(jnp.minimum(x, 0)))
 
 
 @register("gelu")

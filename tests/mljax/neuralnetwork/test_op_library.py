@@ -124,3 +124,19 @@ def test_resize_bilinear_to_one_pixel(mode, expected):
     b.add_resize_bilinear("rs", "x", "y", target_height=1, target_width=1, mode=mode)
     y = mljax.MLModel(b.spec).predict({"x": np.arange(4, dtype=np.float32).reshape(1, 1, 4)})["y"]
     np.testing.assert_allclose(y.reshape(-1), [expected], atol=1e-6)
+
+
+def test_elu_layer_gradient_is_finite_for_large_inputs():
+    """Updatable NeuralNetwork models train through these layers: d/dW sum(elu(W x)) = elu'(W x) x^T
+    with elu'(h) = 1 for h > 0, alpha * exp(h) otherwise (the untaken expm1 branch must not be inf)."""
+    import jax
+
+    from mljax.neuralnetwork.builder import network_function
+    b = NeuralNetworkBuilder([("x", datatypes.Array(3))], [("y", None)], disable_rank5_shape_mapping=True)
+    b.add_inner_product("ip", np.eye(3, dtype=np.float32), None, 3, 3, False, "x", "h")
+    b.add_activation("elu", "ELU", "h", "y", params=0.5)
+    fn, weights = network_function(b.spec)
+    x = np.array([-1.0, 0.5, 200.0], np.float32)
+    grad = jax.grad(lambda w: fn(w, {"x": x})["y"].sum())(weights)["ip/weight"]
+    slope = np.where(x > 0, 1.0, 0.5 * np.exp(x))
+    np.testing.assert_allclose(np.asarray(grad), slope[:, None] * x[None, :], rtol=1e-6)
