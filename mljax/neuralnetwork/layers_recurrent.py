@@ -9,12 +9,15 @@ the input positions.
 """
 from __future__ import annotations
 
-import jax
+from types import SimpleNamespace
+
 import jax.numpy as jnp
 
 from mljax.neuralnetwork._base import fail, layer
-from mljax.neuralnetwork.layers_core import apply_activation
+from mljax.neuralnetwork.layers_core import ACTIVATIONS, apply_activation
 from mljax.neuralnetwork.weights import decode_weights
+from mljax.ops import activation as act_ops
+from mljax.ops import elementwise_unary as un_ops
 from mljax.ops.recurrent import _gru_direction, _lstm_direction, _rnn_direction
 
 _LSTM_GATES = ("inputGate", "forgetGate", "blockInput", "outputGate")
@@ -39,17 +42,17 @@ def _state(xs, i: int, batch: int, size: int, dtype):
     return jnp.zeros((batch, size), dtype)
 
 
+#: MIL's (alpha, beta) defaults, which coremltools writes as unset (0, 0) parameters
+_MIL_DEFAULTS = {"sigmoidHard": (0.2, 0.5), "linear": (1.0, 0.0), "scaledTanh": (1.0, 1.0)}
+
+
 def recurrent_activation(a, v):
-    """An activation of a recurrent layer; parameterless hard sigmoid / linear / scaled tanh use
-    the MIL defaults (0.2, 0.5) / (1, 0) / (1, 1), as coremltools writes them without values."""
+    """An activation of a recurrent layer (the activation layer's table); parameterless hard
+    sigmoid / linear / scaled tanh take the MIL defaults."""
     kind = a.WhichOneof("NonlinearityType")
-    if kind in ("sigmoidHard", "linear", "scaledTanh"):
-        q = getattr(a, kind)
-        if q.alpha == 0 and q.beta == 0:
-            alpha, beta = {"sigmoidHard": (0.2, 0.5), "linear": (1.0, 0.0), "scaledTanh": (1.0, 1.0)}[kind]
-            if kind == "sigmoidHard":
-                return jnp.clip(alpha * v + beta, 0, 1)
-            return alpha * v + beta if kind == "linear" else alpha * jnp.tanh(beta * v)
+    if kind in _MIL_DEFAULTS and getattr(a, kind).alpha == 0 and getattr(a, kind).beta == 0:
+        alpha, beta = _MIL_DEFAULTS[kind]
+        return ACTIVATIONS[kind](v, SimpleNamespace(alpha=alpha, beta=beta), {})
     return apply_activation(a, v)
 
 
@@ -59,7 +62,7 @@ def _out5(y):
 
 
 def _clip(v):
-    return jnp.clip(v, -50.0, 50.0)
+    return un_ops.clip(v, alpha=-50.0, beta=50.0)
 
 
 def _act(a, default):
@@ -96,7 +99,7 @@ def _lstm_scan(x, h0, c0, w, prefix, params, acts, reverse, time_aligned=False):
     peep = None
     if params.hasPeepholeVectors:
         peep = jnp.concatenate([get(f"{g}PeepholeVector") for g in ("inputGate", "forgetGate", "outputGate")])
-    acts = (_act(f_act, jax.nn.sigmoid), _act(g_act, jnp.tanh), _act(h_act, jnp.tanh))
+    acts = (_act(f_act, act_ops.sigmoid), _act(g_act, un_ops.tanh), _act(h_act, un_ops.tanh))
     return _lstm_direction(x, h0, c0, w_ih, w_hh, jnp.concatenate(b), peep, acts,
                            params.cellClipThreshold or None, reverse, time_aligned,
                            coupled=params.coupledInputAndForgetGate)
@@ -171,7 +174,7 @@ def gru(p, w, xs, ctx):
     zeros = jnp.zeros((hsize,), x.dtype)
     bias = jnp.concatenate([w.get(f"{g}BiasVector", zeros) for g in order])
     ys, h = _gru_direction(x, h0, w_ih, w_hh, bias, None,
-                           (_act(f_act, jax.nn.sigmoid), _act(g_act, jnp.tanh)),
+                           (_act(f_act, act_ops.sigmoid), _act(g_act, un_ops.tanh)),
                            bool(p.reverseInput), False)
     y = ys if p.sequenceOutput else ys[-1:]
     return _out5(y), _out5(h[None])
@@ -191,7 +194,7 @@ def simple_recurrent(p, w, xs, ctx):
     hsize, batch = p.outputVectorSize, x.shape[1]
     h0 = _state(xs, 1, batch, hsize, x.dtype)
     has_act = p.HasField("activation") and p.activation.WhichOneof("NonlinearityType")
-    act = _act(p.activation if has_act else None, jnp.tanh)
+    act = _act(p.activation if has_act else None, un_ops.tanh)
     ys, h = _rnn_direction(x, h0, w["weightMatrix"], w["recursionMatrix"], w.get("biasVector"), act,
                            bool(p.reverseInput))
     y = ys if p.sequenceOutput else ys[-1:]
