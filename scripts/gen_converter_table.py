@@ -26,7 +26,7 @@ INTRO = """# JAX primitives -> Core ML (ML program) translations
 `converters.convert(fn, example_inputs)` traces `fn` (a JAX function or a Flax NNX module) to a jaxpr
 and translates each primitive into MIL ops. Every export is **verified**: the written program is run
 by mljax on the example inputs and compared with the JAX function (relative and absolute tolerance
-1e-3 of the output's magnitude for fp32 programs, 3e-2 for fp16); a mismatch raises `ConversionError`
+{tol32:g} of the output's magnitude for fp32 programs, {tol16:g} for fp16); a mismatch raises `ConversionError`
 naming the first jaxpr equation whose value diverges and the MIL op it became (`verify=False` skips
 this for very large models). Anything untranslatable that an output depends on is reported in one
 `ConversionError` listing every such primitive (nested loop and branch bodies included); untranslatable
@@ -53,6 +53,7 @@ def _rows():
 
     from converters import jax as cj
     from converters._jax_control import UNROLL_STEPS
+    from converters._verify import TOLERANCE
 
     known = {v.name for v in vars(prims).values() if isinstance(v, Primitive)}
     names = sorted(known | set(cj.RULES) | set(cj.INLINED))
@@ -69,13 +70,14 @@ def _rows():
         counts[status] += 1
         rows.append(f"| `{name}` | {status} | {note} |")
     summary = ", ".join(f"{n} {k}" for k, n in counts.items())
-    return rows, summary, UNROLL_STEPS, sorted(cj.INLINED)
+    return rows, summary, UNROLL_STEPS, sorted(cj.INLINED), TOLERANCE
 
 
 def render() -> str:
-    rows, summary, unroll, inlined = _rows()
+    rows, summary, unroll, inlined, tolerance = _rows()
     intro = INTRO.format(unroll=unroll, inlined=", ".join(f"`{n}`" for n in inlined),
-                         counts=f"Primitives: {summary}.")
+                         counts=f"Primitives: {summary}.", tol32=tolerance["float32"],
+                         tol16=tolerance["float16"])
     return HEADER + "\n" + intro + "\n".join(rows) + "\n"
 
 
