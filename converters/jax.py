@@ -154,7 +154,7 @@ class Translator:
         prim = eqn.primitive.name
         sub = next((eqn.params[k] for k in _CALL_PARAMS if k in eqn.params), None) \
             if prim in _CALLS else None
-        upstream = [self.origins[id(v)] for v in (self.env.get(a) for a in eqn.invars
+        upstream = [self.origins[id(v)] for v in (self.env.get(a) for a in _data_inputs(eqn)
                                                   if not isinstance(a, Literal))
                     if v is not None and id(v) in self.origins]
         fused = None
@@ -245,6 +245,20 @@ class Translator:
         bad = self.unsupported(values)
         if bad:
             raise Unsupported("its body uses " + "; ".join(f"{p} ({why})" for p, why in bad.items()))
+
+
+def _data_inputs(eqn) -> list:
+    """The inputs whose untranslatable values make the equation untranslatable.  A loop's or
+    branch's closed-over values only matter if its body uses them (its rule checks that), so
+    e.g. a PRNG key an eval-mode cell carries into a scan does not block the scan."""
+    p, name = eqn.params, eqn.primitive.name
+    if name == "scan":
+        return eqn.invars[int(p["num_consts"]):]
+    if name == "while":
+        return eqn.invars[int(p["cond_nconsts"]) + int(p["body_nconsts"]):]
+    if name == "cond":
+        return eqn.invars[:1]
+    return eqn.invars
 
 
 def _is_key(dtype) -> bool:

@@ -351,3 +351,21 @@ def test_narrow_integer_arithmetic_is_refused_not_miscomputed():
     with pytest.raises(ConversionError, match="casts between fp32 and int8 before iOS17"):
         converters.convert(lambda x: x.astype(jnp.int8).astype(jnp.int32), {"x": _X},
                            minimum_deployment_target="iOS15")
+
+
+def test_keys_closed_over_by_a_loop_body_matter_only_when_used():
+    key = jax.random.key(0)
+    x = _randn(20, 3)
+
+    def unused(x):
+        def step(c, xi):
+            jax.random.split(key)                   # dead inside the body
+            return jnp.tanh(c + xi), c
+        return jax.lax.scan(step, jnp.zeros(3), x)
+
+    def used(x):
+        return jax.lax.scan(lambda c, xi: (c + xi + jax.random.uniform(key, (3,)), c), jnp.zeros(3), x)
+
+    export(unused, {"x": x})
+    with pytest.raises(ConversionError, match=r"scan \(its body uses PRNG key"):
+        converters.convert(used, {"x": x})
