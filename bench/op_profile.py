@@ -41,7 +41,7 @@ def _cpu_ms(fn, budget=0.2, rounds=5) -> float:
 
 
 def profile(model: mljax.MLModel, feed: dict, batch: int, rounds: int):
-    lowered = model.stage.info["lowered"]
+    lowered = model.stage.lowered
     records = []
     original = LoweredFunction._call
 

@@ -8,7 +8,7 @@ from mljax.features import feature_specs
 from mljax.cache import program_digest
 from mljax.lower import LoweredFunction, is_weight, resolve_compute_precision
 from mljax.mil.from_proto import program_from_proto
-from mljax.stage import Stage, register_stage_builder
+from mljax.stage import ClassLabels, Stage, register_stage_builder
 
 __all__ = ["build_mlprogram_stage"]
 
@@ -39,7 +39,7 @@ def build_mlprogram_stage(spec, model_dir, *, function_name=None, compute_precis
         preprocess=_image_inputs(inputs), postprocess=_chain(_image_outputs(outputs), classifier),
         batchable=not states and not lowered.value_inputs,
         static_inputs=tuple(lowered.value_inputs),
-        info={"program": program, "function": name, "lowered": lowered, **classes},
+        program=program, function=name, lowered=lowered, classes=classes,
         digest=program_digest(spec.mlProgram.SerializeToString(deterministic=True), _baked(lowered),
                               ("mlProgram", name, precision, bool(optimize))),
     )
@@ -54,14 +54,14 @@ def _baked(lowered: LoweredFunction):
 
 
 def _classifier(function, outputs):
-    """A classifier program (a ``classify`` op; ``ct.ClassifierConfig``): its ``info`` fields
-    (``class_labels``, ``label_name``, ``prob_name``) and the postprocess that turns the op's class
+    """A classifier program (a ``classify`` op; ``ct.ClassifierConfig``): its :class:`ClassLabels`
+    and the postprocess that turns the op's class
     index and probability vector into the label and the ``{label: probability}`` dict."""
     from mljax.ops.classify import class_labels, class_outputs
     returned = {v.name for v in function.outputs}
     ops = [op for op in function.block.walk() if op.type == "classify"]
     if not ops:
-        return {}, None
+        return None, None
     if len(ops) > 1:
         raise ModelFormatError(f"function {function.name!r} has {len(ops)} classify ops; expected at most one")
     op = ops[0]
@@ -76,8 +76,7 @@ def _classifier(function, outputs):
                                f"and inputs of no other op (coremltools' rule)")
     label_name = label_var.name if label_var is not None and label_var.name in outputs else None
     probs_name = probs_var.name if probs_var is not None and probs_var.name in outputs else None
-    info = {"class_labels": labels, "label_name": label_name, "prob_name": probs_name}
-    return info, class_outputs(labels, label_name, probs_name)
+    return ClassLabels(labels, label_name, probs_name), class_outputs(labels, label_name, probs_name)
 
 
 def _chain(*steps):

@@ -188,7 +188,7 @@ class MLModel:
         if self._stage.preprocess is not None:
             data = self._stage.preprocess(data)
         inputs = convert_inputs(self._stage.inputs, data)
-        if self._stage.info.get("call_key"):
+        if self._stage.call_key:
             inputs[CALL_KEY_INPUT] = self._call_keys.next()
         return inputs
 
@@ -489,8 +489,8 @@ def _per_call(stage: Stage) -> Stage:
     """``stage`` with a fresh random key per call (ML programs with ``seed=-1`` random ops, input
     ``CALL_KEY_INPUT``) and run-time checks returned as an output (``validate_indices`` on
     computed indices: ``checkify``), so one jitted function serves every call."""
-    lowered = stage.info.get("lowered")
-    if lowered is None or stage.info.get("per_call"):
+    lowered = stage.lowered
+    if lowered is None or stage.per_call:
         return stage
     from mljax.ops import random, scatter_gather
     keyed, checked = random.uses_call_key(lowered.fn), scatter_gather.has_runtime_checks(lowered.fn)
@@ -500,7 +500,7 @@ def _per_call(stage: Stage) -> Stage:
     # checkify's error output holds tracebacks, which mljax.cache cannot store: no digest then
     return dataclasses.replace(stage, fn=_with_checks(fn) if checked else fn,
                                digest=None if checked else stage.digest,
-                               info={**stage.info, "per_call": True, "call_key": keyed})
+                               per_call=True, call_key=keyed)
 
 
 def _with_checks(fn):

@@ -62,7 +62,7 @@ def build_pipeline_stage(spec, model_dir, **options) -> Stage:
         inputs=inputs, outputs=outputs,
         preprocess=stages[0].preprocess, postprocess=stages[-1].postprocess,
         batchable=all(st.batchable for st in stages),
-        info={"stages": dict(zip(names, stages)), "names": names},
+        children=dict(zip(names, stages)),
         x64=all(st.x64 for st in stages), fn_key=fn_key,
     )
 

@@ -16,7 +16,16 @@ from typing import Any, Callable, Hashable
 from mljax.errors import UnsupportedError
 from mljax.features import FeatureSpec
 
-__all__ = ["Stage", "register_stage_builder", "build_stage", "shared_fn"]
+__all__ = ["ClassLabels", "Stage", "register_stage_builder", "build_stage", "shared_fn"]
+
+
+@dataclass(frozen=True)
+class ClassLabels:
+    """A classifier's labels, in probability order, and the names of its two outputs."""
+
+    labels: list                          # int or str class labels
+    label_name: str | None                # the predicted-label output
+    probability_name: str | None = None   # the {label: probability} output
 
 
 @dataclass
@@ -30,7 +39,19 @@ class Stage:
     postprocess: Callable[[dict], dict] | None = None   # arrays -> user features (host)
     batchable: bool = True                # fn may be vmapped over a leading batch axis
     static_inputs: tuple = ()             # inputs fn needs concrete (jit once per their value)
-    info: dict[str, Any] = field(default_factory=dict)  # model-type specific (program, layers ...)
+    classes: ClassLabels | None = None    # classifiers of every model type
+    # ML programs
+    program: Any = None                   # mljax.mil.ir.Program as loaded (what save writes)
+    function: str | None = None           # the function that runs
+    lowered: Any = None                   # mljax.lower.LoweredFunction (the optimized copy it runs)
+    # NeuralNetwork models
+    network: Any = None                   # mljax.neuralnetwork.network.Network (layers, weights)
+    rank5: bool = False                   # the network runs in the legacy [Seq, Batch, C, H, W] layout
+    # pipelines
+    children: dict[str, "Stage"] = field(default_factory=dict)   # the stages, by name, in order
+    # per-call inputs (mljax.model): a fresh random key, run-time checks
+    call_key: bool = False                # fn takes CALL_KEY_INPUT, a fresh key per call
+    per_call: bool = False                # call key and checks already wrapped around fn
     x64: bool = False                     # fn computes in float64: run it under jax.enable_x64
     fn_key: Hashable | None = None        # fn is shared_fn(fn_key, ...): equal keys, same function
     digest: bytes | None = None           # fully determines fn given argument shapes (mljax.cache)

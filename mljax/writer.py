@@ -23,14 +23,14 @@ def save_model(model, path) -> Path:
     changed = _replaced_program_weights(model)
     if changed is not None:
         from mljax.mil.to_proto import write_mlprogram_package
-        info = model._stage.info
-        return write_mlprogram_package(model._spec, info["program"], path, weights=changed,
-                                       function_name=info.get("function"))
+        stage = model._stage
+        return write_mlprogram_package(model._spec, stage.program, path, weights=changed,
+                                       function_name=stage.function)
     return save_spec(model._spec, path, weights_from=model.model_dir)
 
 
 def _pipeline_weights_changed(model) -> bool:
-    if "stages" not in model._stage.info or model._weights is model._loaded_weights:
+    if not model._stage.children or model._weights is model._loaded_weights:
         return False
     current = jax.tree_util.tree_leaves(model._weights)
     original = jax.tree_util.tree_leaves(model._stage.weights)
@@ -39,7 +39,7 @@ def _pipeline_weights_changed(model) -> bool:
 
 def _replaced_program_weights(model) -> dict | None:
     """An ML program's current weights (NumPy, by var name) when they differ from the file's."""
-    if model._spec.WhichOneof("Type") != "mlProgram" or "program" not in model._stage.info:
+    if model._spec.WhichOneof("Type") != "mlProgram" or model._stage.program is None:
         return None
     original, current = model._stage.weights, model._weights
     if not isinstance(current, dict) or current is original:

@@ -25,9 +25,9 @@ _CHUNK = 256
 
 
 def _is_deterministic(stage) -> bool:
-    program = stage.info.get("program")
+    program = stage.program
     if program is None:
-        return all(_is_deterministic(s) for s in stage.info.get("stages", {}).values())
+        return all(_is_deterministic(s) for s in stage.children.values())
     return not any(op.type in _RANDOM_OPS for f in program.functions.values() for op in f.block.walk())
 
 
@@ -38,12 +38,12 @@ class TrainableNetwork:
         self.model, self.uspec = model, uspec
         stage, prefix, weights = model.stage, [], model.weights
         for name in uspec.nn_path:
-            names = stage.info["names"]
-            prefix += [(n, stage.info["stages"][n], weights[n]) for n in names[: names.index(name)]]
-            stage, weights = stage.info["stages"][name], weights[name]
+            names = list(stage.children)
+            prefix += [(n, stage.children[n], weights[n]) for n in names[: names.index(name)]]
+            stage, weights = stage.children[name], weights[name]
         self.stage, self.prefix = stage, prefix
         self.plan = stage.fn                      # maps inputs, runs the network, selects outputs
-        self.network = stage.info["network"]
+        self.network = stage.network
         self.weights = weights
         self._keys = {}
         for layer in uspec.updatable_layers:

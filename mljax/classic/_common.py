@@ -32,7 +32,7 @@ import numpy as np
 
 from mljax.errors import InputError, ModelFormatError
 from mljax.features import FeatureSpec, feature_specs
-from mljax.stage import Stage, shared_fn
+from mljax.stage import ClassLabels, Stage, shared_fn
 
 __all__ = ["matrix", "check_width", "class_labels", "feature_vector", "float_dtype", "input_width", "probit", "classifier_stage",
            "regressor_stage", "classic_stage", "dense_dict_input", "dict_output"]
@@ -156,7 +156,7 @@ def classic_stage(key, make_fn: Callable, **fields) -> Stage:
 
 
 def classifier_stage(spec, predict: Callable, weights: dict, labels: list, *, key, batchable=True,
-                     preprocess=None, info=None) -> Stage:
+                     preprocess=None) -> Stage:
     """A classifier stage from ``predict(weights, inputs) -> (label_index, probabilities)``.
 
     ``labels`` are the class labels in probability order; the stage's outputs are the
@@ -199,8 +199,7 @@ def classifier_stage(spec, predict: Callable, weights: dict, labels: list, *, ke
     fn_key = ("classifier", key, label_name, prob_name, with_probs, _labels_key(labels))
     return classic_stage(fn_key, make_fn, weights=weights, inputs=inputs, outputs=outputs,
                          preprocess=preprocess, postprocess=postprocess, batchable=batchable,
-                         info=dict(info or {}, class_labels=labels, label_name=label_name,
-                                   prob_name=prob_name))
+                         classes=ClassLabels(labels, label_name, prob_name))
 
 
 def _labels_key(labels: list) -> tuple:
@@ -210,7 +209,7 @@ def _labels_key(labels: list) -> tuple:
     return ("index", len(labels))
 
 
-def regressor_stage(spec, predict: Callable, weights: dict, *, key, info=None) -> Stage:
+def regressor_stage(spec, predict: Callable, weights: dict, *, key) -> Stage:
     """A regressor stage from ``predict(weights, inputs) -> vector``; a ``double`` output takes element 0."""
     desc = spec.description
     inputs, outputs = feature_specs(desc.input), feature_specs(desc.output)
@@ -226,4 +225,4 @@ def regressor_stage(spec, predict: Callable, weights: dict, *, key, info=None) -
         return fn
 
     return classic_stage(("regressor", key, name, kind), make_fn, weights=weights, inputs=inputs,
-                         outputs=outputs, info=dict(info or {}))
+                         outputs=outputs)

@@ -39,7 +39,7 @@ def _as_output(value, spec):
 
 
 def _unary_stage(spec, what, compute, weights=None, *, key, input_kinds=_NUMERIC, preprocess=None,
-                 postprocess=None, info=None):
+                 postprocess=None):
     """A one-input, one-output stage ``out = compute(w, x)``; ``key``: all ``compute`` closes over."""
     inputs, outputs = _io(spec, what)
     (in_name, in_spec), (out_name, out_spec) = next(iter(inputs.items())), next(iter(outputs.items()))
@@ -53,8 +53,7 @@ def _unary_stage(spec, what, compute, weights=None, *, key, input_kinds=_NUMERIC
         return fn
 
     return classic_stage((what, key, in_name, out_name, out_spec.kind), make_fn, weights=weights or {},
-                         inputs=inputs, outputs=outputs, preprocess=preprocess, postprocess=postprocess,
-                         info=info or {})
+                         inputs=inputs, outputs=outputs, preprocess=preprocess, postprocess=postprocess)
 
 
 def _dict_postprocess(name, spec, keys=None):
@@ -145,7 +144,7 @@ def build_one_hot_encoder(spec, weights_dir=None, **_):
         weights = {"categories": np.asarray(cats, np.int32)}
     return _unary_stage(spec, "OneHotEncoder", compute, weights, input_kinds=("int64", "string", "multiArray",
                         "double"), preprocess=pre, postprocess=_dict_postprocess(out_name, out_spec),
-                        info={"categories": cats}, key=(kind, len(cats)))
+                        key=(kind, len(cats)))
 
 
 def _replace_value(p):
@@ -255,7 +254,7 @@ def build_dict_vectorizer(spec, weights_dir=None, **_):
 
     return _unary_stage(spec, "DictVectorizer", lambda w, x: x, input_kinds=("dictionary",),
                         preprocess=preprocess, postprocess=_dict_postprocess(out_name, out_spec),
-                        info={"keys": keys}, key=())
+                        key=())
 
 
 @register_stage_builder("categoricalMapping")

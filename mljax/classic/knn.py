@@ -72,5 +72,5 @@ def build_knn_classifier(spec, weights_dir=None, **_):
         votes = jnp.zeros((n_classes,), dist.dtype).at[w["sample_class"][nearest]].add(vote)
         return jnp.argmax(votes), votes / jnp.sum(votes)
 
-    return classifier_stage(spec, predict, weights, labels, info={"k": k, "inverse_distance": inverse},
+    return classifier_stage(spec, predict, weights, labels,
                             key=("kNearestNeighborsClassifier", k, inverse, n_classes, tuple(names)))

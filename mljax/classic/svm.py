@@ -211,5 +211,5 @@ def build_support_vector_classifier(spec, weights_dir=None, **_):
         probs = jnp.stack([r[0], 1.0 - r[0]]) if k == 2 else couple_probabilities(_pairwise_matrix(r, k), k)
         return jnp.argmax(probs), probs
 
-    return classifier_stage(spec, predict, weights, labels, info={"probability": with_prob},
+    return classifier_stage(spec, predict, weights, labels,
                             key=("supportVectorClassifier", k, with_prob, config, tuple(names)))

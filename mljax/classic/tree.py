@@ -198,7 +198,7 @@ def build_tree_ensemble_regressor(spec, weights_dir=None, **_):
             return _class_probabilities(s, s.shape[0], transform)
         return s
 
-    return regressor_stage(spec, predict, tables, info={"depth": int(tables["depth"])},
+    return regressor_stage(spec, predict, tables,
                            key=("treeEnsembleRegressor", transform, tuple(names)))
 
 
@@ -237,5 +237,5 @@ def build_tree_ensemble_classifier(spec, weights_dir=None, **_):
         probs = _class_probabilities(evaluate_trees(w, feature_vector(feats, names)), k, transform)
         return jnp.argmax(probs), probs
 
-    return classifier_stage(spec, predict, tables, labels, info={"depth": int(tables["depth"])},
+    return classifier_stage(spec, predict, tables, labels,
                             key=("treeEnsembleClassifier", k, transform, tuple(names)))

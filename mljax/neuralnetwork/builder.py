@@ -13,7 +13,7 @@ from mljax.neuralnetwork import images
 from mljax.neuralnetwork.layers_nd import RANDOM_LAYERS
 from mljax.neuralnetwork.network import Network, map_array_input, map_output, walk_layers
 from mljax.ops.random import with_call_key
-from mljax.stage import Stage, register_stage_builder
+from mljax.stage import ClassLabels, Stage, register_stage_builder
 
 __all__ = ["build_neuralnetwork_stage", "network_function"]
 
@@ -165,9 +165,9 @@ def build_neuralnetwork_stage(spec, weights_dir=None, **_options) -> Stage:
         fn=with_call_key(plan) if keyed else plan, weights=dict(plan.network.weights),
         inputs=_input_specs(plan), outputs=plan.outputs,
         preprocess=_preprocess(plan), postprocess=_postprocess(plan), batchable=True,
-        info={"layers": plan.network.layers, "network": plan.network, "rank5": plan.rank5,
-              "class_labels": plan.labels, "probabilities_blob": plan.prob_blob or None,
-              "call_key": keyed, "per_call": keyed},
+        network=plan.network, rank5=plan.rank5, call_key=keyed, per_call=keyed,
+        classes=(ClassLabels(plan.labels, plan.label_name or None, plan.probs_name or None)
+                 if plan.labels is not None else None),
     )
 
 

@@ -267,4 +267,4 @@ def test_dict_outputs_batchnorm_and_dropout():
     default = converters.convert(NormHead(nnx.Rngs(3)), {"x": _randn(4, 3)})
     assert [o.name for o in default.get_spec().description.output] == ["scores", "total"]
     assert "norm_mean" in model.weights or "norm_mean" in {
-        op.outputs[0].name for op in model.stage.info["program"].functions["main"].block.operations}
+        op.outputs[0].name for op in model.stage.program.functions["main"].block.operations}

@@ -47,7 +47,7 @@ def test_predict_matches_numpy_and_weights_are_arguments(package):
 
 def test_no_retrace_on_repeated_predict(package):
     model = mljax.MLModel(package)
-    lowered = model.stage.info["lowered"]
+    lowered = model.stage.lowered
     x = np.ones((2, 3), np.float32)
     for _ in range(3):
         model.predict({"x": x})
@@ -60,7 +60,7 @@ def test_batch_predict_is_one_vmapped_call(package):
     outs = model.predict([{"x": x} for x in xs])
     for x, o in zip(xs, outs):
         np.testing.assert_allclose(next(iter(o.values())), x @ W + 1.5, rtol=1e-6)
-    assert model.stage.info["lowered"].trace_count == 1  # one trace for the whole batch
+    assert model.stage.lowered.trace_count == 1  # one trace for the whole batch
 
 
 def test_in_memory_spec_and_bytes(package):
@@ -77,7 +77,7 @@ def test_in_memory_spec_and_bytes(package):
 def test_blob_is_memory_mapped(package):
     reader = BlobReader(package / "Data" / "com.apple.CoreML" / "weights" / "weight.bin")
     model = mljax.MLModel(package)
-    program = model.stage.info["program"]
+    program = model.stage.program
     blob_vars = [v for op in program.functions["main"].block.walk() for v in op.outputs if v.blob]
     assert blob_vars
     offset = blob_vars[0].blob[1]

@@ -30,7 +30,7 @@ def _convert_unoptimized(build, fp16):
 
 
 def _stats(model):
-    return model.stage.info["lowered"].optimizations
+    return model.stage.lowered.optimizations
 
 
 def _program_transposes():
@@ -55,7 +55,7 @@ def test_transposes_reshapes_and_identities(tmp_path):
     s = _stats(model)
     assert s["merge_transposes"] >= 2 and s["merge_reshapes"] >= 1 and s["remove_identity_ops"] >= 1
     assert s["dead_code"] >= 3
-    kept = [op.type for op in model.stage.info["lowered"].fn.block.operations if op.type != "const"]
+    kept = [op.type for op in model.stage.lowered.fn.block.operations if op.type != "const"]
     assert kept.count("transpose") == 1 and kept.count("reshape") == 1 and "identity" not in kept
 
 
@@ -116,7 +116,7 @@ def test_parallel_linears_merge_into_one_product():
     np.testing.assert_allclose(on["y"], want, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(on["y"], off["y"], rtol=1e-6, atol=1e-5)
     assert _stats(model)["merge_parallel_linears"] == 4
-    fn = model.stage.info["lowered"].fn
+    fn = model.stage.lowered.fn
     assert sum(op.type == "linear" for op in fn.block.walk()) == 1
     # the weights stay separate, trainable arguments
     assert {w.shape for w in model.weights.values()} >= {WQ.shape, WV.shape, WO.shape}

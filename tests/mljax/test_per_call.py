@@ -30,7 +30,7 @@ def test_seed_minus_one_draws_fresh_values_per_predict():
     a, b = model.predict(x), model.predict(x)
     assert not np.array_equal(a["u"], b["u"]) and not np.array_equal(a["n"], b["n"])
     # still one compiled function: the key is an argument, not a retrace per call
-    assert model.stage.info["lowered"].trace_count <= 1   # 0 when served from mljax.cache
+    assert model.stage.lowered.trace_count <= 1   # 0 when served from mljax.cache
     # and the distributions hold
     u, n = np.concatenate([a["u"], b["u"]]), np.concatenate([a["n"], b["n"]])
     assert u.min() >= -1.0 and u.max() < 3.0
@@ -55,7 +55,7 @@ def test_fixed_seed_repeats():
     np.testing.assert_array_equal(a["u"], a["u2"])   # same seed, same op kind: same values
     again = _random_model(7).predict(x)       # a fresh load gives the same values too
     np.testing.assert_array_equal(a["u"], again["u"])
-    assert "call_key" not in model.stage.info
+    assert not model.stage.call_key
 
 
 def _scatter_model(op: str):

@@ -163,7 +163,7 @@ def test_torch_network_matches_pytorch(name, precision):
     assert err <= tol, f"{name} {precision}: max error {err:.2e} of the largest magnitude (tolerance {tol})"
     if precision == "fp16":
         # the program really computes in fp16 by default, and fp32 on request
-        program = model.stage.info["program"]
+        program = model.stage.program
         computed = [v.type.dtype.name for op in program.functions["main"].block.walk()
                     if op.type != "const" for v in op.outputs]
         assert computed.count("fp16") > len(computed) // 2

@@ -50,7 +50,7 @@ def test_dense_classifier_labels_and_probabilities(labels):
         assert set(out["probs"]) == set(labels)
         np.testing.assert_allclose([out["probs"][k] for k in labels], ref, rtol=1e-5, atol=1e-6)
     assert m.predict({"x": xs[0]})["label"] == results[0]["label"]
-    layers = m.stage.info["layers"]
+    layers = m.stage.network.layers
     assert [(l["name"], l["type"]) for l in layers][:2] == [("dense_1", "innerProduct"), ("relu", "activation")]
     np.testing.assert_array_equal(m.weights["dense_1/weight"], w1)
     np.testing.assert_array_equal(m.weights["dense_2/bias"], b2)

@@ -36,7 +36,7 @@ def test_cnn_classifier_like_model():
         model[1].running_var.uniform_(0.5, 2)
     x = torch.randn(2, 3, 10, 10)
     m = _convert(model, x)
-    assert m.stage.info["rank5"] is False
+    assert m.stage.rank5 is False
     np.testing.assert_allclose(_only(m.predict({"x0": x.numpy()})), model(x).detach().numpy(),
                                rtol=1e-4, atol=1e-5)
 
@@ -55,7 +55,7 @@ def test_lstm_sequence_model():
     net = Net()
     x = torch.randn(7, 1, 4)
     m = _convert(net, x)
-    types = {l["type"] for l in m.stage.info["layers"]}
+    types = {l["type"] for l in m.stage.network.layers}
     assert "uniDirectionalLSTM" in types
     np.testing.assert_allclose(_only(m.predict({"x0": x.numpy()})), net(x).detach().numpy(),
                                rtol=1e-4, atol=1e-5)

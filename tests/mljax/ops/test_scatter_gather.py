@@ -133,7 +133,7 @@ def test_has_runtime_checks():
             idx = i if indices_from_input else np.array([0, 2], np.int32)
             return mb.add(x=mb.gather(x=x, indices=idx, validate_indices=validate),
                           y=mb.cast(x=mb.reduce_sum(x=i), dtype="fp32"))
-        return mljax.MLModel(convert_mil(prog)).stage.info["lowered"].fn
+        return mljax.MLModel(convert_mil(prog)).stage.lowered.fn
 
     assert sg.has_runtime_checks(function(True, True))
     assert not sg.has_runtime_checks(function(True, False))
