@@ -80,12 +80,46 @@ def _describe(eqn) -> str:
     return f"`{text}`" + (f" at {where}" if where else "")
 
 
-def _first_divergence(closed, env_of, function: Function, args, inputs: dict, precision: str) -> str:
-    """The first top-level equation whose MIL value differs from JAX's."""
+def _flat_eqns(jaxpr, call_of):
+    """The equations in order, inlined calls replaced by their bodies' equations."""
+    for eqn in jaxpr.eqns:
+        sub = call_of(eqn)
+        if sub is None:
+            yield eqn
+        else:
+            yield from _flat_eqns(sub.jaxpr, call_of)
+
+
+def _evaluate(jaxpr, consts, args, call_of, env):
+    """Run ``jaxpr`` equation by equation (calls inlined), yielding each equation after it ran."""
+    def read(a):
+        return np.asarray(a.val) if isinstance(a, Literal) else env[a]
+
+    for v, c in zip(jaxpr.constvars, consts):
+        env[v] = c
+    for v, a in zip(jaxpr.invars, args):
+        env[v] = a
+    for eqn in jaxpr.eqns:
+        sub = call_of(eqn)
+        if sub is None:
+            vals = eqn.primitive.bind(*(read(a) for a in eqn.invars), **eqn.params)
+            vals = vals if eqn.primitive.multiple_results else [vals]
+            for v, val in zip(eqn.outvars, vals):
+                env[v] = val
+            yield eqn
+        else:
+            inner = eqn.invars[len(eqn.invars) - len(sub.jaxpr.invars):]
+            yield from _evaluate(sub.jaxpr, sub.consts, [read(a) for a in inner], call_of, env)
+            for v, w in zip(eqn.outvars, sub.jaxpr.outvars):
+                env[v] = read(w)
+
+
+def _first_divergence(closed, env_of, call_of, function: Function, args, inputs: dict, precision: str) -> str:
+    """The first equation (inside inlined calls too) whose MIL value differs from JAX's."""
     from mljax.lower import LoweredFunction
     produced = {id(v) for op in function.block.operations if op.type != "const" for v in op.outputs}
     probes, seen = [], set()
-    for eqn in closed.jaxpr.eqns:
+    for eqn in _flat_eqns(closed.jaxpr, call_of):
         for v in eqn.outvars:
             var = env_of(v)
             if var is not None and id(var) in produced and id(var) not in seen:
@@ -98,28 +132,17 @@ def _first_divergence(closed, env_of, function: Function, args, inputs: dict, pr
         mil_values, _ = lowered(lowered.weights, inputs)
     except Exception as e:          # the program itself fails to run: that is the finding
         return f"the program fails to run in mljax ({type(e).__name__}: {e})"
-    env = {}
-
-    def read(a):
-        return np.asarray(a.val) if isinstance(a, Literal) else env[a]
-
-    for v, c in zip(closed.jaxpr.constvars, closed.consts):
-        env[v] = c
-    for v, a in zip(closed.jaxpr.invars, args):
-        env[v] = a
     tol = TOLERANCE[precision]
-    for i, eqn in enumerate(closed.jaxpr.eqns):
-        vals = eqn.primitive.bind(*(read(a) for a in eqn.invars), **eqn.params)
-        vals = vals if eqn.primitive.multiple_results else [vals]
-        for v, val in zip(eqn.outvars, vals):
-            env[v] = val
+    env: dict = {}
+    for i, eqn in enumerate(_evaluate(closed.jaxpr, closed.consts, args, call_of, env)):
+        for v in eqn.outvars:
             var = env_of(v)
             if var is None or not jax.dtypes.issubdtype(v.aval.dtype, np.number) and v.aval.dtype != np.bool_:
                 continue
             got = mil_values.get(var.name) if id(var) in produced else var.value
             if got is None:
                 continue
-            why = _mismatch(got, val, tol, precision)
+            why = _mismatch(got, env[v], tol, precision)
             if why:
                 op = next((op for op in function.block.operations if var in op.outputs), None)
                 mil = f"MIL op {op.name!r} ({op.type})" if op is not None else f"MIL constant {var.name!r}"
@@ -127,9 +150,12 @@ def _first_divergence(closed, env_of, function: Function, args, inputs: dict, pr
     return "no single equation differs beyond tolerance; the error accumulates over several"
 
 
-def verify(model, closed, env_of, function: Function, args: list, inputs: dict, names: list[str],
+def verify(model, closed, env_of, call_of, function: Function, args: list, inputs: dict, names: list[str],
            precision: str) -> None:
-    """Raise ConversionError when ``model`` does not predict what ``closed`` computes on ``args``."""
+    """Raise ConversionError when ``model`` does not predict what ``closed`` computes on ``args``.
+
+    ``env_of`` maps a jaxpr var to the MIL Var it was translated into; ``call_of`` gives the
+    closed body of an equation the translator inlined (else None)."""
     want = jax.jit(jaxpr_as_fun(closed))(*args)
     try:
         got = model.predict(inputs)
@@ -139,7 +165,7 @@ def verify(model, closed, env_of, function: Function, args: list, inputs: dict, 
     problems = check_outputs(got, list(want), names, precision)
     if not problems:
         return
-    where = _first_divergence(closed, env_of, function, args, inputs, precision)
+    where = _first_divergence(closed, env_of, call_of, function, args, inputs, precision)
     raise ConversionError(
         f"the exported program does not compute what the JAX function computes on the example inputs "
         f"({precision}): output {'; '.join(problems)}. First divergence: {where}. This is a converter "

@@ -152,8 +152,7 @@ class Translator:
 
     def equation(self, eqn) -> None:
         prim = eqn.primitive.name
-        sub = next((eqn.params[k] for k in _CALL_PARAMS if k in eqn.params), None) \
-            if prim in _CALLS else None
+        sub = _inlined_body(eqn)
         upstream = [self.origins[id(v)] for v in (self.env.get(a) for a in _data_inputs(eqn)
                                                   if not isinstance(a, Literal))
                     if v is not None and id(v) in self.origins]
@@ -168,9 +167,8 @@ class Translator:
         elif upstream and sub is None:        # fed by something untranslatable: untranslatable too
             outs = [self._placeholder(frozenset().union(*upstream)) for _ in eqn.outvars]
         elif sub is not None:
-            jaxpr, consts = (sub.jaxpr, sub.consts) if isinstance(sub, ClosedJaxpr) else (sub, ())
-            args = [self.lazy(a) for a in eqn.invars[len(eqn.invars) - len(jaxpr.invars):]]
-            outs = self.run(jaxpr, list(consts), args)
+            args = [self.lazy(a) for a in eqn.invars[len(eqn.invars) - len(sub.jaxpr.invars):]]
+            outs = self.run(sub.jaxpr, list(sub.consts), args)
         elif self._foldable(eqn):
             vals = eqn.primitive.bind(*(self.known(a) for a in eqn.invars), **eqn.params)
             vals = vals if eqn.primitive.multiple_results else [vals]
@@ -245,6 +243,16 @@ class Translator:
         bad = self.unsupported(values)
         if bad:
             raise Unsupported("its body uses " + "; ".join(f"{p} ({why})" for p, why in bad.items()))
+
+
+def _inlined_body(eqn):
+    """The closed jaxpr of a call primitive the translator inlines, else None."""
+    if eqn.primitive.name not in _CALLS:
+        return None
+    sub = next((eqn.params[k] for k in _CALL_PARAMS if k in eqn.params), None)
+    if sub is None:
+        return None
+    return sub if isinstance(sub, ClosedJaxpr) else ClosedJaxpr(sub, ())
 
 
 def _data_inputs(eqn) -> list:
@@ -456,7 +464,7 @@ def convert(fn, example_inputs: dict, *, output_names=None, compute_precision: s
     model = mljax.MLModel(path)
     if verify:
         main = program.functions["main"]
-        _verify.verify(model, closed, translator.env.get, main, args,
+        _verify.verify(model, closed, translator.env.get, _inlined_body, main, args,
                        {k: np.asarray(v) for k, v in example_inputs.items()},
                        [v.name for v in main.outputs], compute_precision)
     return model

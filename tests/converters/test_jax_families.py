@@ -168,8 +168,9 @@ def test_attention_fuses_on_ios18(precision, tol):
 # --- never silently wrong ----------------------------------------------------------------------------
 def test_a_wrong_translation_is_caught_and_named(monkeypatch):
     monkeypatch.setitem(cjax.RULES, "tanh", cjax.RULES["logistic"])
+    jitted = jax.jit(lambda x: jnp.tanh(jax.jit(lambda y: y * 2)(x)) @ x.T + 1)    # found inside the calls
     with pytest.raises(ConversionError, match=r"First divergence: equation 1 `.*tanh.*sigmoid") as err:
-        converters.convert(lambda x: jnp.tanh(x * 2) @ x.T + 1, {"x": _X})
+        converters.convert(jitted, {"x": _X})
     assert "does not compute what the JAX function computes" in str(err.value)
     # verify=False is the opt-out: the same wrong program is returned unchecked
     model = converters.convert(lambda x: jnp.tanh(x * 2) @ x.T + 1, {"x": _X}, verify=False)
