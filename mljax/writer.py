@@ -14,11 +14,14 @@ __all__ = ["save_model"]
 
 def save_model(model, path) -> Path:
     path = Path(path)
-    if _pipeline_weights_changed(model):
+    kind = model._spec.WhichOneof("Type")
+    if kind != "mlProgram" and _weights_replaced(model):
+        # the spec still holds the old values: writing it would silently drop the new ones
         raise UnsupportedError(
-            "this pipeline's weights were replaced (e.g. by updatable.Pipeline), and writing trained "
-            "weights back into pipeline stages is not supported yet; save the trained ML-program "
-            "stage on its own, or update the network stage with updatable.UpdateTask")
+            f"this {kind} model's weights were replaced (MLModel.with_weights without spec=, or "
+            "updatable.Pipeline), and mljax writes new weight values back only into ML programs; pass "
+            "with_weights(..., spec=) a spec holding them, save the trained ML-program stage on its own, "
+            "or update a NeuralNetwork with updatable.UpdateTask (its updated model saves)")
     # Overwriting the source is safe: both writers stage beside the target and swap atomically.
     changed = _replaced_program_weights(model)
     if changed is not None:
@@ -29,8 +32,9 @@ def save_model(model, path) -> Path:
     return save_spec(model._spec, path, weights_from=model.model_dir)
 
 
-def _pipeline_weights_changed(model) -> bool:
-    if not model._stage.children or model._weights is model._loaded_weights:
+def _weights_replaced(model) -> bool:
+    """The model's weights differ from the ones its spec holds."""
+    if model._weights is model._loaded_weights:
         return False
     current = jax.tree_util.tree_leaves(model._weights)
     original = jax.tree_util.tree_leaves(model._stage.weights)

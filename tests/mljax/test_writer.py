@@ -1,6 +1,7 @@
 """The ML-program writer (IR -> MILSpec + weight blob -> .mlpackage) and the MIL text printer."""
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -193,3 +194,33 @@ def test_text_printer(source_models):
     assert "    } -> (%relu_0)" in lines
     assert "<uint4 8x16> @ @model_path/weights/weight.bin:" in text
     assert lines[-1] == "} -> (%cond_0)"
+
+
+def test_replaced_weights_of_a_neural_network_are_not_saved_silently(tmp_path):
+    """A NeuralNetwork given new weight values without a spec that holds them cannot be saved with
+    its old values: an UnsupportedError says why (before, the file silently kept the old weights)."""
+    from coremltools.models import datatypes
+    from coremltools.models.neural_network import NeuralNetworkBuilder
+
+    from mljax.errors import UnsupportedError
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(size=(2, 3)), rng.normal(size=2)
+    builder = NeuralNetworkBuilder([("x", datatypes.Array(3))], [("y", datatypes.Array(2))])
+    builder.add_inner_product("fc", W=w, b=b, input_channels=3, output_channels=2, has_bias=True,
+                              input_name="x", output_name="y")
+    path = tmp_path / "fc.mlmodel"
+    path.write_bytes(builder.spec.SerializeToString())
+    model = mljax.MLModel(str(path))
+    x = rng.normal(size=3).astype(np.float32)
+    np.testing.assert_allclose(model.predict({"x": x})["y"], w @ x + b, rtol=1e-5, atol=1e-6)
+
+    doubled = jax.tree_util.tree_map(lambda a: np.asarray(a) * 2, model.weights)
+    other = model.with_weights(doubled)
+    np.testing.assert_allclose(other.predict({"x": x})["y"], 2 * (w @ x + b), rtol=1e-5, atol=1e-6)
+    before = path.read_bytes()
+    with pytest.raises(UnsupportedError, match="neuralNetwork model's weights were replaced"):
+        other.save(str(path))
+    assert path.read_bytes() == before                  # the source model is untouched
+    model.save(str(tmp_path / "same.mlmodel"))          # unchanged weights still save
+    same = jax.tree_util.tree_map(np.asarray, model.weights)
+    model.with_weights(same).save(str(tmp_path / "equal.mlmodel"))   # equal values: nothing is lost
