@@ -23,7 +23,8 @@ except ImportError as e:  # fail loudly: the notebooks are part of the test suit
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-EXPECTED = {"01_open_predict_inspect.ipynb", "02_frozen_vs_updatable.ipynb", "03_typed_execution.ipynb"}
+EXPECTED = {"01_open_predict_inspect.ipynb", "02_frozen_vs_updatable.ipynb", "03_typed_execution.ipynb",
+            "04_population.ipynb"}
 KERNEL = "mljax-test-python3"
 CELL_TIMEOUT_S = 300
 
