@@ -17,6 +17,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _generated import write_or_check  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "docs" / "ops.md"
 
@@ -149,17 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true", help="exit 1 when docs/ops.md is out of date")
     args = p.parse_args(argv)
-    text = render()
+    status = write_or_check(OUTPUT, render(), "python scripts/gen_op_table.py", args.check)
     if args.check:
-        current = OUTPUT.read_text() if OUTPUT.exists() else ""
-        if current != text:
-            print(f"{OUTPUT} is out of date: run python scripts/gen_op_table.py", file=sys.stderr)
-            return 1
-        print(f"{OUTPUT} is up to date")
-        return 0
-    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
-    OUTPUT.write_text(text)
-    print(f"wrote {OUTPUT}")
+        return status
     # the same registry as plain data for `mljax info` (which does not import the op modules)
     import runpy
     runpy.run_path(str(ROOT / "scripts" / "gen_supported_ops.py"))["main"]([])

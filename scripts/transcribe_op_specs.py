@@ -17,6 +17,9 @@ import pprint
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _generated import write_or_check  # noqa: E402
+
 OUT = Path(__file__).resolve().parents[1] / "mljax" / "mil" / "opspecs.py"
 OPSETS = {"iOS15": 15, "iOS16": 16, "iOS17": 17, "iOS18": 18}
 _KINDS = {"TensorInputType": "tensor", "ListInputType": "list", "TupleInputType": "tuple",
@@ -105,16 +108,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--check", action="store_true", help="exit 1 when mljax/mil/opspecs.py is out of date")
     args = p.parse_args(argv)
-    text = render()
-    if args.check:
-        current = OUT.read_text() if OUT.exists() else ""
-        if current != text:
-            print(f"{OUT} is out of date: run python scripts/transcribe_op_specs.py", file=sys.stderr)
-            return 1
-        return 0
-    OUT.write_text(text)
-    print(f"wrote {OUT} ({text.count(chr(10))} lines)")
-    return 0
+    return write_or_check(OUT, render(), "python scripts/transcribe_op_specs.py", args.check)
 
 
 if __name__ == "__main__":
