@@ -8,9 +8,11 @@ the remaining layers of the iteration keep their previous values.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mljax.errors import OpError
 from mljax.neuralnetwork._base import fail, layer
 from mljax.ops._registry import OpContext
 from mljax.ops.control_flow import while_loop
@@ -36,12 +38,17 @@ def _is_static(v) -> bool:
     return isinstance(v, (np.ndarray, np.generic, bool, int, float))
 
 
+def _concrete(*trees) -> bool:
+    """No traced value among the leaves of ``trees`` (the network runs op by op)."""
+    return not any(isinstance(v, jax.core.Tracer) for v in jax.tree_util.tree_leaves(trees))
+
+
 @layer("branch")
 def branch(p, w, xs, ctx):
     """Run ifBranch when the scalar condition is nonzero, else elseBranch."""
     env = ctx.env
     cond = xs[0]
-    if _is_static(cond):
+    if _is_static(cond) or _concrete(cond):
         chosen = p.ifBranch if np.asarray(cond).reshape(-1)[0] != 0 else p.elseBranch
         env.update(ctx.run(ctx.weights, env, chosen))
         return ()
@@ -98,6 +105,8 @@ def loop(p, w, xs, ctx):
     probe = ctx.run(ctx.weights, probe_env, p.bodyNetwork)
     init = {}
     for n in names:
+        if n not in probe:   # written only by a branch not taken: local to the iteration
+            continue
         ref = jnp.asarray(probe[n])
         start = jnp.asarray(env[n]) if n in env else jnp.zeros_like(ref)
         if start.shape != ref.shape:
@@ -128,8 +137,17 @@ def loop(p, w, xs, ctx):
         return (i + 1,) + tuple(out[n] for n in names)
 
     op_ctx = OpContext("while_loop", ctx.name, 15, blocks=(cond_block, body_block))
-    _, *values = while_loop(jnp.asarray(0), *(init[n] for n in names), ctx=op_ctx)
-    final = dict(zip(names, values))
+    try:
+        _, *values = while_loop(jnp.asarray(0), *(init[n] for n in names), ctx=op_ctx)
+        final = dict(zip(names, values))
+    except OpError:
+        # a blob changes shape across iterations (a list growing in the body): only a loop over
+        # concrete values can run it, one iteration at a time (MLModel retries op by op on OpError)
+        if not _concrete(init, env):
+            raise
+        final, i = dict(init), 0
+        while bool(keep_going(i, final)):
+            final, i = body(final), i + 1
     final.pop(_BREAK)
     env.update(final)
     if has_cond:

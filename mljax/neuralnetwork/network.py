@@ -1,6 +1,7 @@
 """A NeuralNetwork message as one JAX function over named blobs, plus the input/output shape mappings."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -125,7 +126,10 @@ class Network:
         skip = env.get("__skip__")
         for name, value in zip(lyr.output, outs):
             if skip is not None and name in env and not isinstance(skip, bool):
-                value = jnp.where(skip, env[name], value)   # after loopBreak/loopContinue
+                if isinstance(skip, jax.core.Tracer):
+                    value = jnp.where(skip, env[name], value)   # after loopBreak/loopContinue
+                elif bool(skip):                                # (concrete: shapes may differ)
+                    value = env[name]
             env[name] = value
 
 

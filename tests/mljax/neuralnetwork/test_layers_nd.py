@@ -119,3 +119,31 @@ def test_quantized_weights_decode():
     np.testing.assert_allclose(decode_weights(lut, (6,)), np.array([-1.0, 0.0, 0.5, 4.0])[q])
     half = NeuralNetwork_pb2.WeightParams(float16Value=np.array([1.5, -2.25], "<f2").tobytes())
     np.testing.assert_array_equal(decode_weights(half, (2,)), [1.5, -2.25])
+
+
+def test_loop_growing_a_list_runs_op_by_op():
+    """coremltools' MIL list-in-a-while-loop test written as a NeuralNetwork: the body appends
+    ``update * i`` to a list that grows (a branch concatenates rows), so the loop cannot keep fixed
+    shapes; it runs one iteration at a time on concrete values."""
+    from coremltools.converters.mil import Builder as mb
+
+    def body(i, n, ls, update):
+        value = mb.mul(x=update, y=mb.cast(x=i, dtype="fp32"))
+        return mb.add(x=i, y=1), n, mb.list_write(ls=ls, index=i, value=value), update
+
+    def cond(i, n, ls, update):
+        return mb.less(x=mb.cast(x=i, dtype="fp32"), y=n)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1,)), mb.TensorSpec(shape=(2,))])
+    def prog(n, update):
+        ls = mb.make_list(init_length=1, elem_shape=(2,))
+        _, _, grown, _ = mb.while_loop(_cond=cond, _body=body, loop_vars=(0, n, ls, update))
+        return mb.list_gather(ls=grown, indices=mb.range_1d(start=0, end=mb.list_length(ls=grown), step=1))
+
+    spec = ct.convert(prog, convert_to="neuralnetwork").get_spec()
+    assert any(lyr.WhichOneof("layer") == "loop" for lyr in spec.neuralNetwork.layers)
+    m = mljax.MLModel(spec)
+    update = np.array([1.0, 2.0], np.float32)
+    for n in (3, 5):
+        (got,) = m.predict({"n": np.array([n], np.float32), "update": update}).values()
+        np.testing.assert_allclose(np.asarray(got), np.arange(n)[:, None] * update[None, :])
