@@ -7,6 +7,7 @@ from typing import Callable
 import jax.numpy as jnp
 import numpy as np
 
+from mljax.cache import program_digest
 from mljax.errors import ModelFormatError
 from mljax.features import feature_specs
 from mljax.neuralnetwork import images
@@ -168,6 +169,9 @@ def build_neuralnetwork_stage(spec, weights_dir=None, **_options) -> Stage:
         network=plan.network, rank5=plan.rank5, call_key=keyed, per_call=keyed,
         classes=(ClassLabels(plan.labels, plan.label_name or None, plan.probs_name or None)
                  if plan.labels is not None else None),
+        # the spec determines the function (weights and all; they are also its arguments), so
+        # NeuralNetwork models reach the persistent executable cache as ML programs do
+        digest=program_digest(spec.SerializeToString(deterministic=True), (), (kind,)),
     )
 
 

@@ -140,3 +140,23 @@ def test_elu_layer_gradient_is_finite_for_large_inputs():
     grad = jax.grad(lambda w: fn(w, {"x": x})["y"].sum())(weights)["ip/weight"]
     slope = np.where(x > 0, 1.0, 0.5 * np.exp(x))
     np.testing.assert_allclose(np.asarray(grad), slope[:, None] * x[None, :], rtol=1e-6)
+
+
+def test_neuralnetwork_models_use_the_executable_cache(tmp_path, monkeypatch):
+    """A second load of the same NeuralNetwork deserializes the executable (as ML programs do)."""
+    import mljax.cache
+    monkeypatch.setattr(mljax.cache, "_DIR", [tmp_path])
+    rng = np.random.default_rng(3)
+    w, bias = rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=4).astype(np.float32)
+    b = NeuralNetworkBuilder([("x", datatypes.Array(3))], [("y", None)], disable_rank5_shape_mapping=True)
+    b.add_inner_product("ip", w, bias, 3, 4, True, "x", "h")
+    b.add_activation("relu", "RELU", "h", "y")
+    x = rng.normal(size=3).astype(np.float32)
+    first = mljax.MLModel(b.spec)
+    y1 = first.predict({"x": x})["y"]
+    assert first._cached_fn.loaded_from_disk == 0 and len(list(tmp_path.glob("*.bin"))) == 1
+    second = mljax.MLModel(b.spec)
+    y2 = second.predict({"x": x})["y"]
+    assert second._cached_fn.loaded_from_disk == 1
+    np.testing.assert_allclose(y2, np.maximum(w @ x + bias, 0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(y1, y2)
