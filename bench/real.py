@@ -24,7 +24,7 @@ __all__ = ["REAL", "RealModel", "torch_model", "example_input", "build", "check"
 
 REAL_VERSION = 1     # bump when a network or its conversion changes, so cached files are rebuilt
 CNN_RES = int(os.environ.get("MLJAX_BENCH_CNN_RES", 128))   # CNN input resolution
-TOL = {"fp32": 1e-3, "fp16": 1e-2}   # relative L2 error of mljax's output against torch eager
+TOL = {"fp32": 1e-3, "fp16": 1e-2, "nn": 1e-3}   # relative L2 error of mljax's output against torch eager
 
 
 def _nn():
@@ -235,14 +235,38 @@ def _convert(name, m, x, paths) -> None:
         ml.save(str(paths[precision]))
     torch.onnx.export(m, (xt,), str(paths["onnx"]), input_names=["x"], output_names=["y"],
                       dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17, dynamo=False)
+    if "nn" in paths:
+        _convert_nn(traced, x, paths["nn"])
+
+
+def _convert_nn(traced, x, path) -> None:
+    """The same network as a NeuralNetwork ``.mlmodel`` (fp32): the ML program's twin on the other path.
+    A network coremltools cannot convert that way just has no twin (the file is not written)."""
+    import coremltools as ct
+    try:
+        ml = ct.convert(traced, inputs=[ct.TensorType(name="x", shape=x.shape)], outputs=[ct.TensorType(name="y")],
+                        convert_to="neuralnetwork")
+    except Exception as e:  # noqa: BLE001 - coremltools' NeuralNetwork backend lacks some ops
+        print(f"    (no NeuralNetwork twin: {type(e).__name__}: {str(e)[:200]})")
+        return
+    ml.save(str(path))
 
 
 def build(name: str, work: Path, *, rebuild: bool = False, log=print) -> dict[str, Path]:
     """Convert ``name`` (cached): {'fp32': .mlpackage, 'fp16': .mlpackage, 'onnx': .onnx}."""
     folder = Path(work) / f"real-v{REAL_VERSION}" / f"{name}-{'x'.join(map(str, REAL[name].shape[1:]))}"
     paths = {"fp32": folder / "fp32.mlpackage", "fp16": folder / "fp16.mlpackage", "onnx": folder / "model.onnx"}
+    if not REAL[name].tokens:   # CNNs also as NeuralNetwork models (coremltools converts torch CNNs to both)
+        paths["nn"] = folder / "nn.mlmodel"
     done = folder / "done.json"
-    if done.exists() and not rebuild and all(p.exists() for p in paths.values()):
+    if done.exists() and not rebuild and all(p.exists() for k, p in paths.items() if k != "nn"):
+        if "nn" in paths and not paths["nn"].exists():   # a cache from before the NeuralNetwork twins
+            import torch
+            log(f"  converting {name} to a NeuralNetwork ...")
+            m, x = torch_model(name), example_input(name)
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                _convert_nn(torch.jit.trace(m, torch.from_numpy(x), check_trace=False), x, paths["nn"])
         return paths
     folder.mkdir(parents=True, exist_ok=True)
     log(f"  converting {name} (coremltools fp32/fp16, ONNX opset 17) ...")
@@ -327,7 +351,7 @@ def measure(names, work: Path, args, *, interleaved, log=print) -> list[dict]:
         try:
             paths = build(name, work, rebuild=args.rebuild, log=log)
             m = torch_model(name)
-            models = {p: mljax.MLModel(paths[p]) for p in ("fp32", "fp16")}
+            models = {p: mljax.MLModel(paths[p]) for p in ("fp32", "fp16", "nn") if p in paths and paths[p].exists()}
         except Exception as e:  # noqa: BLE001 - a failing model is a row of the report
             rows.append(dict(name=name, batch=None, about=REAL[name].about, error=_failed(e)))
             log(f"  real {name}: FAILED {rows[-1]['error']}")

@@ -10,7 +10,8 @@ import numpy as np
 from measure import Timing, ratio
 
 TARGETS = {"b32_vs_ort": 1.0, "b1_vs_ort": 1.5, "vs_torch": 0.5, "lowering": 1.05,
-           "cold_s": 2.0, "warm_s": 0.3, "rss_x": 1.3, "personalize_s": 1.0, "real_worst": 2.0, "fp16_x": 1.1}
+           "cold_s": 2.0, "warm_s": 0.3, "rss_x": 1.3, "personalize_s": 1.0, "real_worst": 2.0, "fp16_x": 1.1,
+           "nn_x": 1.1}
 
 
 def _cpu_model() -> str:
@@ -277,7 +278,29 @@ class Report:
             self.targets.append((f"real architectures batch {batch}: geomean mljax/ONNX Runtime <= {lim}",
                                  _x(g["fp32_ort"]), g["fp32_ort"] <= lim))
         self._real_targets(rows, ok)
+        out += self._nn_twins(ok)
         self.sections.append("\n".join(out))
+
+    def _nn_twins(self, ok: list[dict]) -> list[str]:
+        """The CNNs converted by coremltools to NeuralNetwork models too, against their ML-program twins."""
+        twins = [r for r in ok if "mljax nn" in r["t"]]
+        if not twins:
+            return []
+        out = ["", "NeuralNetwork twins: the same CNNs converted by coremltools with `convert_to=\"neuralnetwork\"` "
+               "(fp32 `.mlmodel`), whose layers mljax translates into the same `mljax.ops` calls as the ML program's "
+               "ops; ratio to the fp32 ML program, measured in the same rounds.", "",
+               "| model | batch | mljax NeuralNetwork ms | mljax ML program ms | NeuralNetwork / ML program | rel. error |",
+               "|---|---:|---:|---:|---:|---:|"]
+        worst = None
+        for r in twins:
+            nn, f32 = r["t"]["mljax nn"], r["t"]["mljax fp32"]
+            x = ratio(nn, f32)
+            worst = max(worst or x[0], x[0])
+            out.append(f"| {r['name']} | {r['batch']} | {_ms(nn.median)} | {_ms(f32.median)} | {_x(*x)} | "
+                       f"{r['errors']['nn']:.0e} |")
+        self.targets.append((f"NeuralNetwork models <= {TARGETS['nn_x']}x their ML-program twins", _x(worst),
+                             worst <= TARGETS["nn_x"]))
+        return out
 
     @staticmethod
     def _real_row(r: dict) -> str:
