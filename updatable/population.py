@@ -17,7 +17,6 @@ first user, whose results are dropped.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import jax
@@ -32,7 +31,7 @@ from mljax.model import MLModel
 from mljax.stage import shared_fn
 from updatable.knn import is_knn, update_knn
 from updatable.optimizers import from_parameters
-from updatable.task import UpdateContext, UpdateTask, _call_handler, _progress
+from updatable.task import UpdateContext, UpdateTask, _call_handler, _progress, mini_batches
 
 __all__ = ["personalize", "Population"]
 
@@ -113,9 +112,7 @@ def personalize(model, datasets: Sequence, *, parameters: dict | None = None, de
 def _schedule(sizes: list[int], p: dict, epochs: int):
     """Per epoch: sample indices ``[steps, users, B]``, weights ``[steps, users, B]`` (1/count or
     0) and ``active [steps, users]``, exactly UpdateTask's mini-batches for each user."""
-    mbs = int(p["mini_batch_size"])
-    batches = [max(1, min(mbs, n)) for n in sizes]
-    n_batches = [math.ceil(n / b) for n, b in zip(sizes, batches)]
+    batches, n_batches = zip(*(mini_batches(n, p["mini_batch_size"]) for n in sizes))
     steps, width = max(n_batches), max(batches)
     rngs = [np.random.default_rng(int(p["seed"])) for _ in sizes]
     for _ in range(epochs):
@@ -178,10 +175,10 @@ def _epoch_fn(task: UpdateTask, optimizer, key):
     return shared_fn(("population-epoch",) + key, make)
 
 
-def _place(task: UpdateTask, users: list, m, optimizer) -> dict:
-    """The population's arrays on the mesh: per-user ones split over ``users``, frozen weights
-    replicated; every user starts from the source's trainable weights."""
-    n_users = distribute.round_up(len(users), m.devices.size)
+def _place(task: UpdateTask, users: list, n_users: int, m, optimizer) -> dict:
+    """The population's arrays on the mesh (``n_users``: users padded to a multiple of the devices):
+    per-user ones split over ``users``, frozen weights replicated; every user starts from the
+    source's trainable weights."""
     by_user, replicated = NamedSharding(m, P("users")), NamedSharding(m, P())
     place = lambda tree, s: jax.tree_util.tree_map(lambda x: distribute.global_array(x, s), tree)  # noqa: E731
     feats, target = _padded(users, n_users)
@@ -201,7 +198,7 @@ def _train(task: UpdateTask, users: list, devices, handler, progress_bar) -> lis
     n_users = distribute.round_up(len(users), n_dev)
     by_step = NamedSharding(m, P(None, "users"))
     optimizer = from_parameters(task.uspec.optimizer, p)
-    arrays = _place(task, users, m, optimizer)
+    arrays = _place(task, users, n_users, m, optimizer)
     trainable, opt_state = arrays["trainable"], arrays["opt_state"]
     frozen, feats, target = arrays["frozen"], arrays["feats"], arrays["target"]
     epoch_fn = _epoch_fn(task, optimizer, task._step_key() + (n_dev,))
@@ -210,7 +207,7 @@ def _train(task: UpdateTask, users: list, devices, handler, progress_bar) -> lis
     if handler is not None:
         _call_handler(handler, UpdateContext(population, "training_begin", begin, dict(p)))
     bar = _progress(epochs, progress_bar)
-    n_batches = [math.ceil(n / max(1, min(int(p["mini_batch_size"]), n))) for n in sizes]
+    n_batches = [mini_batches(n, p["mini_batch_size"])[1] for n in sizes]
     last = np.full(len(users), np.nan)
     for e, (idx, weight, active) in enumerate(_schedule(sizes + [sizes[0]] * (n_users - len(users)), p, epochs)):
         new_t, new_o, losses = epoch_fn(trainable, opt_state, frozen, feats, target,

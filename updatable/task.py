@@ -32,6 +32,13 @@ __all__ = ["UpdateTask", "UpdateContext"]
 EVENTS = ("training_begin", "mini_batch_end", "epoch_end")
 
 
+def mini_batches(n: int, mini_batch_size) -> tuple[int, int]:
+    """``(samples per mini-batch, mini-batches per epoch)`` for ``n`` samples: Core ML's
+    mini-batches hold ``mini_batch_size`` samples (all ``n`` if fewer), the last one the rest."""
+    batch = max(1, min(int(mini_batch_size), n))
+    return batch, math.ceil(n / batch)
+
+
 @dataclass
 class UpdateContext:
     """What a progress/completion handler sees (MLUpdateContext's shape)."""
@@ -249,14 +256,13 @@ class UpdateTask:
         p = self.parameters
         features, target = self._data
         n = len(target)
-        batch = max(1, min(int(p["mini_batch_size"]), n))
+        batch, n_batches = mini_batches(n, p["mini_batch_size"])
         optimizer = from_parameters(self.uspec.optimizer, p)
         trainable = self._trainable
         opt_state = optimizer.init(trainable)
         frozen = self.network.frozen_weights()
         step = self._make_step(optimizer)
         rng = np.random.default_rng(int(p["seed"]))
-        n_batches = math.ceil(n / batch)
         metrics = {"loss": float("nan"), "epoch_index": 0, "mini_batch_index": 0}
         self._emit("training_begin", metrics)
         bar = _progress(int(p["epochs"]), self.progress_bar)
