@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from google.protobuf.message import Message
 
 from mljax import distribute
 from mljax.cache import CachedJit
@@ -153,6 +154,8 @@ class MLModel:
         This model is unchanged.
         """
         _check_weights_like(self._weights, weights)
+        if isinstance(spec, Message):   # a copy in this project's schema (coremltools' specs too)
+            spec = load_spec(spec).spec
         if spec is not None:
             mine, theirs = self._spec, getattr(spec, "description", None)
             if (theirs is None or spec.WhichOneof("Type") != mine.WhichOneof("Type")
@@ -165,7 +168,7 @@ class MLModel:
         with self._x64_scope():
             new._weights = jax.device_put(weights)
         if spec is not None:   # the spec holds these weights: they are what a save writes
-            new._spec, new._loaded_weights = copy.deepcopy(spec), new._weights
+            new._spec, new._loaded_weights = spec, new._weights
         new._call_keys = _CallKeys()
         return new
 

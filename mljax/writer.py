@@ -33,11 +33,12 @@ def save_model(model, path) -> Path:
 
 
 def _weights_replaced(model) -> bool:
-    """The model's weights differ from the ones its spec holds."""
+    """The model's weights differ from the ones its spec holds (``_loaded_weights``: the file's, or
+    those of the spec ``with_weights(spec=)`` gave)."""
     if model._weights is model._loaded_weights:
         return False
     current = jax.tree_util.tree_leaves(model._weights)
-    original = jax.tree_util.tree_leaves(model._stage.weights)
+    original = jax.tree_util.tree_leaves(model._loaded_weights)
     return len(current) != len(original) or not all(_same(a, b) for a, b in zip(current, original))
 
 

@@ -205,11 +205,14 @@ def test_replaced_weights_of_a_neural_network_are_not_saved_silently(tmp_path):
     from mljax.errors import UnsupportedError
     rng = np.random.default_rng(0)
     w, b = rng.normal(size=(2, 3)), rng.normal(size=2)
-    builder = NeuralNetworkBuilder([("x", datatypes.Array(3))], [("y", datatypes.Array(2))])
-    builder.add_inner_product("fc", W=w, b=b, input_channels=3, output_channels=2, has_bias=True,
-                              input_name="x", output_name="y")
+
+    def spec_of(w, b):
+        builder = NeuralNetworkBuilder([("x", datatypes.Array(3))], [("y", datatypes.Array(2))])
+        builder.add_inner_product("fc", W=w, b=b, input_channels=3, output_channels=2, has_bias=True,
+                                  input_name="x", output_name="y")
+        return builder.spec
     path = tmp_path / "fc.mlmodel"
-    path.write_bytes(builder.spec.SerializeToString())
+    path.write_bytes(spec_of(w, b).SerializeToString())
     model = mljax.MLModel(str(path))
     x = rng.normal(size=3).astype(np.float32)
     np.testing.assert_allclose(model.predict({"x": x})["y"], w @ x + b, rtol=1e-5, atol=1e-6)
@@ -224,3 +227,12 @@ def test_replaced_weights_of_a_neural_network_are_not_saved_silently(tmp_path):
     model.save(str(tmp_path / "same.mlmodel"))          # unchanged weights still save
     same = jax.tree_util.tree_map(np.asarray, model.weights)
     model.with_weights(same).save(str(tmp_path / "equal.mlmodel"))   # equal values: nothing is lost
+
+    # a spec holding the doubled weights saves them; going back to the file's values without a spec
+    # that holds those is refused too (compared with what the spec holds, not with the file)
+    held = model.with_weights(doubled, spec=spec_of(2 * w, 2 * b))
+    held.save(str(tmp_path / "doubled.mlmodel"))
+    np.testing.assert_allclose(mljax.MLModel(str(tmp_path / "doubled.mlmodel")).predict({"x": x})["y"],
+                               2 * (w @ x + b), rtol=1e-5, atol=1e-6)
+    with pytest.raises(UnsupportedError, match="weights were replaced"):
+        held.with_weights(same).save(str(tmp_path / "back.mlmodel"))
