@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from mljax.errors import InputError
 
 __all__ = ["local_devices", "chunk_rows", "run_batched", "predict_stream", "mesh", "global_array",
-           "to_host", "pad_rows", "round_up"]
+           "to_host", "pad_rows", "round_up", "sample_bar"]
 
 
 def local_devices() -> list:
@@ -123,7 +123,7 @@ def predict_stream(model, data: Iterable[dict], *, chunk: int = 4096, progress: 
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise InputError(f"predict_stream: chunk must be a positive int; found {chunk!r}")
     total = len(data) if hasattr(data, "__len__") else None
-    bar = _bar(total) if progress else None
+    bar = sample_bar(total, "mljax predict_stream") if progress else None
     it = iter(data)
     try:
         while True:
@@ -138,9 +138,10 @@ def predict_stream(model, data: Iterable[dict], *, chunk: int = 4096, progress: 
             bar.close()
 
 
-def _bar(total):
+def sample_bar(total: int | None, desc: str, **options):
+    """A transient tqdm bar counting samples, or None when tqdm is not installed."""
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, unit="sample", desc="mljax predict_stream", leave=False)
+    return tqdm(total=total, unit="sample", desc=desc, leave=False, **options)

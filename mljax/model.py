@@ -240,7 +240,8 @@ class MLModel:
         # padded with copies of the first row, so one compiled size serves every chunk
         n, chunk = len(prepared), distribute.chunk_rows(len(prepared), self.BATCH_CHUNK)
         results = []
-        bar = _progress_bar(n) if n > self.PROGRESS_ABOVE else None
+        # one update a chunk: shown at once (mininterval=0)
+        bar = distribute.sample_bar(n, "mljax predict", mininterval=0) if n > self.PROGRESS_ABOVE else None
         for start in range(0, n, chunk):
             rows = prepared[start:start + chunk]
             rows = rows + [prepared[0]] * (chunk - len(rows))
@@ -427,15 +428,6 @@ def _description_stage(spec, function_name) -> Stage:
             break
     return Stage(fn=None, weights={}, inputs=feature_specs(desc.input), outputs=feature_specs(desc.output),
                  states=feature_specs(desc.state), batchable=False)
-
-
-def _progress_bar(total: int):
-    """A tqdm bar over ``total`` samples, or None when tqdm is not installed."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="sample", desc="mljax predict", leave=False, mininterval=0)  # one update a chunk
 
 
 def _jit_stage(stage: Stage):
