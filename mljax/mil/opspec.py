@@ -8,6 +8,7 @@ it (:func:`check_op_inputs`), the writer and the text printer order inputs by it
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 from mljax.errors import ModelFormatError
@@ -42,6 +43,7 @@ def opset_number(opset: str | int) -> int:
     raise ValueError(f"unknown opset {opset!r}; expected one of {sorted(OPSETS)} or 'iOS15'..'iOS18'")
 
 
+@functools.lru_cache(maxsize=None)
 def op_inputs(op_type: str, opset: str | int) -> tuple[InputSpec, ...] | None:
     """The inputs of ``op_type`` at ``opset`` (the newest definition at or before it), in MIL
     order; None for an op the table does not define."""
