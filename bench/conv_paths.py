@@ -14,7 +14,7 @@ import os
 import sys
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+                           + " --xla_cpu_multi_thread_eigen=false").strip()
 
 import numpy as np  # noqa: E402
 

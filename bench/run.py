@@ -328,7 +328,7 @@ def _xla_threads(threads: int) -> None:
     """Single-threaded XLA when asked (inherited by the worker processes too); before jax starts."""
     if threads == 1:
         flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1".strip()
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
 
 
 def main(argv=None):
