@@ -15,9 +15,10 @@ import os
 import sys
 import time
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_cpu_multi_thread_eigen=false").strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mljax.threads import set_cpu_threads  # noqa: E402  (does not import JAX)
+
+set_cpu_threads(1)   # one thread, as the ONNX Runtime / torch peers get
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -433,7 +433,8 @@ class Report:
             "means other processes competed for the cores; compare ratios, not absolute times)",
             f"- Run: {mode} mode, {time.strftime('%Y-%m-%d %H:%M')}, {self.seconds:.0f} s; {a.rounds} interleaved rounds "
             f"per measurement; {a.threads} thread(s) per runtime"
-            + (" (XLA_FLAGS `--xla_cpu_multi_thread_eigen=false`, ONNX Runtime "
+            + (" (mljax: `mljax.set_cpu_threads(1)`, i.e. `PJRT_NPROC=1` and "
+               "`--xla_cpu_multi_thread_eigen=false`; ONNX Runtime "
                "`intra_op_num_threads=1`, `torch.set_num_threads(1)`)" if a.threads == 1 else ""),
             f"- Versions: {_versions()}",
             "",

@@ -327,8 +327,10 @@ def parse(argv):
 def _xla_threads(threads: int) -> None:
     """Single-threaded XLA when asked (inherited by the worker processes too); before jax starts."""
     if threads == 1:
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
+        # XLA's pools sized to one thread (PJRT_NPROC=1) and single-threaded ops; without the first,
+        # XLA still ran independent ops and YNNPACK's calls on a pool of one thread per core
+        from mljax.threads import set_cpu_threads
+        set_cpu_threads(1)
 
 
 def main(argv=None):

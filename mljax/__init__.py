@@ -1,12 +1,13 @@
 """mljax: run and update Apple Core ML models anywhere JAX runs."""
-from mljax.errors import (ConversionError, InputError, MLJaxError, ModelFormatError, OpError,
+from mljax.errors import (ConfigurationError, ConversionError, InputError, MLJaxError, ModelFormatError, OpError,
                           PredictionError, UnsupportedError, UnsupportedOpError, UpdateError)
 from mljax._lazy import lazy_attributes
+from mljax.threads import set_cpu_threads
 
 __version__ = "0.1.0"
 __all__ = ["MLModel", "MLState", "MLJaxError", "ModelFormatError", "UnsupportedError",
            "UnsupportedOpError", "InputError", "OpError", "PredictionError", "UpdateError",
-           "ConversionError"]
+           "ConversionError", "ConfigurationError", "set_cpu_threads"]
 
 # MLModel/MLState import JAX (2-3 s): loaded on first use, so `mljax --help`, `--version` and
 # `mljax info` (mljax.cli, mljax.inspect) start without it.

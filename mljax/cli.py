@@ -267,6 +267,9 @@ def _print_human(outputs: dict, prefix: str = "") -> None:
 # --- predict ---------------------------------------------------------------------------------------
 def _cmd_predict(args) -> int:
     from mljax import cache
+    if args.threads is not None:
+        from mljax.threads import set_cpu_threads
+        set_cpu_threads(args.threads)            # before MLModel starts JAX's CPU backend
     if args.no_cache:
         return _predict(args)
     with cache.using():      # an unwritable folder only costs the cache (a warning), never the prediction
@@ -363,6 +366,9 @@ def _predict_parser(sub) -> None:
                       help="do not keep compiled executables in $MLJAX_CACHE_DIR or ~/.cache/mljax "
                            "(the cache makes a second predict of the same model start in ~0.1 s)")
     pred.add_argument("--no-progress", action="store_true", help="no progress bar for --batch")
+    pred.add_argument("--threads", type=int, metavar="N",
+                      help="CPU threads for XLA (default: one per core); 1 runs every op in sequence on one "
+                           "thread, the least CPU time per prediction (see mljax.set_cpu_threads)")
     pred.set_defaults(func=_cmd_predict)
 
 

@@ -48,6 +48,11 @@ class PredictionError(MLJaxError, RuntimeError):
     of bounds for an op with ``validate_indices=True``)."""
 
 
+class ConfigurationError(MLJaxError, RuntimeError):
+    """A runtime setting that cannot take effect now (e.g. ``set_cpu_threads`` after JAX's CPU
+    backend started) or is out of its domain."""
+
+
 class UpdateError(MLJaxError):
     """On-device update could not run or produced an invalid result; the model is untouched."""
 

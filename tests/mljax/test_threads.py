@@ -1,0 +1,112 @@
+"""``mljax.set_cpu_threads`` / ``mljax predict --threads``: the size of XLA:CPU's thread pools.
+
+Each check runs in a fresh interpreter (XLA sizes its pools once per process) and counts the
+pool threads the process really has (``/proc/self/task/*/comm``), independent of the machine's
+core count; predictions are checked against NumPy.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mljax
+from helpers import convert_mil, tanh_projection_program
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "XLA_FLAGS")}
+ENV.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT) + os.pathsep + str(ROOT / "tests"))
+pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc")
+
+_COUNT = """
+def pool_threads():
+    import glob
+    names = [open(f).read().strip() for f in glob.glob("/proc/self/task/*/comm")]
+    return sum(n.startswith("tf_XLAEigen") for n in names)
+"""
+
+
+def _run(code: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _COUNT + code, *map(str, args)], capture_output=True,
+                          text=True, env=ENV, cwd="/")
+
+
+@pytest.fixture(scope="module")
+def model_path():
+    proj = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    return convert_mil(tanh_projection_program(proj)), proj
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_set_cpu_threads_sizes_xla_pool_and_predicts_exactly(model_path, n, tmp_path):
+    path, proj = model_path
+    code = f"""
+import sys, numpy as np, mljax
+mljax.set_cpu_threads({n})
+m = mljax.MLModel(sys.argv[1])
+x = np.linspace(-2, 2, 4, dtype=np.float32)
+out = next(iter(m.predict({{next(iter(m.input_description)): x}}).values()))
+print(pool_threads(), np.abs(out - np.tanh(x @ np.load(sys.argv[2]))).max())
+"""
+    np.save(tmp_path / "proj.npy", proj)
+    run = _run(code, path, tmp_path / "proj.npy")
+    assert run.returncode == 0, run.stderr
+    threads, err = run.stdout.split()
+    assert int(threads) == n
+    assert float(err) < 1e-5
+
+
+def test_after_the_backend_started_it_is_refused_and_changes_nothing():
+    code = """
+import os, jax, jax.numpy as jnp, mljax
+jax.block_until_ready(jnp.ones(3) + 1)          # the CPU backend starts here
+before = pool_threads()
+try:
+    mljax.set_cpu_threads(1)
+except mljax.ConfigurationError as e:
+    print("refused", "before JAX starts" in str(e), os.environ.get("PJRT_NPROC"), pool_threads() == before)
+"""
+    run = _run(code)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["refused", "True", "None", "True"]
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "2"])
+def test_bad_counts_are_refused(bad):
+    with pytest.raises(mljax.ConfigurationError, match="positive integer"):
+        mljax.set_cpu_threads(bad)
+
+
+def test_single_thread_flag_goes_first_and_none_restores(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    monkeypatch.delenv("PJRT_NPROC", raising=False)
+    import mljax.threads as threads
+    monkeypatch.setattr(threads, "_backend_started", lambda: False)
+    mljax.set_cpu_threads(1)
+    assert os.environ["PJRT_NPROC"] == "1"
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_cpu_multi_thread_eigen=false", "--xla_dump_to=/tmp/x"]
+    mljax.set_cpu_threads(None)
+    assert "PJRT_NPROC" not in os.environ
+    assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x"
+
+
+def test_cli_threads_option(model_path, tmp_path):
+    path, proj = model_path
+    x = np.linspace(-1, 1, 4, dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    name = next(iter(mljax.MLModel(path).input_description))
+    code = f"""
+import sys
+from mljax.cli import main
+rc = main(["predict", sys.argv[1], "--input", "{name}=" + sys.argv[2], "--threads", "1", "--no-cache", "--json"])
+print("THREADS", pool_threads(), rc)
+"""
+    run = _run(code, path, tmp_path / "x.npy")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert lines[-1].split() == ["THREADS", "1", "0"]
+    out = np.asarray(next(iter(json.loads(lines[-2]).values())))
+    np.testing.assert_allclose(out.reshape(-1), np.tanh(x @ proj).reshape(-1), rtol=1e-5, atol=1e-6)
