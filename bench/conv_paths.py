@@ -14,7 +14,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mljax.threads import set_cpu_threads  # noqa: E402  (does not import JAX)
+from mljax.cpu import set_cpu_threads  # noqa: E402  (does not import JAX)
 
 set_cpu_threads(1)   # one thread, as the ONNX Runtime / torch peers get
 

@@ -329,7 +329,7 @@ def _xla_threads(threads: int) -> None:
     if threads == 1:
         # XLA's pools sized to one thread (PJRT_NPROC=1) and single-threaded ops; without the first,
         # XLA still ran independent ops and YNNPACK's calls on a pool of one thread per core
-        from mljax.threads import set_cpu_threads
+        from mljax.cpu import set_cpu_threads
         set_cpu_threads(1)
 
 

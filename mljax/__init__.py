@@ -2,12 +2,12 @@
 from mljax.errors import (ConfigurationError, ConversionError, InputError, MLJaxError, ModelFormatError, OpError,
                           PredictionError, UnsupportedError, UnsupportedOpError, UpdateError)
 from mljax._lazy import lazy_attributes
-from mljax.threads import set_cpu_threads
+from mljax.cpu import retain_freed_memory, set_cpu_threads
 
 __version__ = "0.1.0"
 __all__ = ["MLModel", "MLState", "MLJaxError", "ModelFormatError", "UnsupportedError",
            "UnsupportedOpError", "InputError", "OpError", "PredictionError", "UpdateError",
-           "ConversionError", "ConfigurationError", "set_cpu_threads"]
+           "ConversionError", "ConfigurationError", "set_cpu_threads", "retain_freed_memory"]
 
 # MLModel/MLState import JAX (2-3 s): loaded on first use, so `mljax --help`, `--version` and
 # `mljax info` (mljax.cli, mljax.inspect) start without it.

@@ -268,7 +268,7 @@ def _print_human(outputs: dict, prefix: str = "") -> None:
 def _cmd_predict(args) -> int:
     from mljax import cache
     if args.threads is not None:
-        from mljax.threads import set_cpu_threads
+        from mljax.cpu import set_cpu_threads
         set_cpu_threads(args.threads)            # before MLModel starts JAX's CPU backend
     if args.no_cache:
         return _predict(args)

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first.  A module's layer is that of its longest listed prefix.
 LAYERS = [
-    ("mljax.errors", "mljax.proto", "mljax._lazy", "mljax.threads"),    # 0 base
+    ("mljax.errors", "mljax.proto", "mljax._lazy", "mljax.cpu"),    # 0 base
     ("mljax.mil", "mljax.format"),                                      # 1 the IR, its op table, files
     ("mljax.ops",),                                                     # 2 the op library
     ("mljax.optimize", "mljax.features"),                               # 3 graph passes, feature types

@@ -83,7 +83,7 @@ def test_bad_counts_are_refused(bad):
 def test_single_thread_flag_goes_first_and_none_restores(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
     monkeypatch.delenv("PJRT_NPROC", raising=False)
-    import mljax.threads as threads
+    import mljax.cpu as threads
     monkeypatch.setattr(threads, "_backend_started", lambda: False)
     mljax.set_cpu_threads(1)
     assert os.environ["PJRT_NPROC"] == "1"
@@ -110,3 +110,64 @@ print("THREADS", pool_threads(), rc)
     assert lines[-1].split() == ["THREADS", "1", "0"]
     out = np.asarray(next(iter(json.loads(lines[-2]).values())))
     np.testing.assert_allclose(out.reshape(-1), np.tanh(x @ proj).reshape(-1), rtol=1e-5, atol=1e-6)
+
+
+_BIG_TEMP = """
+import ctypes, sys
+import mljax
+if sys.argv[1] == "retain":
+    assert mljax.retain_freed_memory() is True
+import jax, jax.numpy as jnp
+# an 80 MiB temporary (x @ w) between two products: more than glibc keeps in a thread's arena
+f = jax.jit(lambda x, w: jnp.tanh(x @ w) @ w[:8].T)
+x, w = jnp.ones((4096, 64), jnp.float32), jnp.full((64, 5000), 1e-3, jnp.float32)
+for _ in range(3):
+    out = f(x, w).block_until_ready()
+
+class Info(ctypes.Structure):      # glibc's struct mallinfo2
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+print(libc.mallinfo2().fordblks, float(out[0, 0]))
+"""
+
+
+def _has_mallinfo2() -> bool:
+    import ctypes
+    import platform
+    return platform.libc_ver()[0] == "glibc" and hasattr(ctypes.CDLL(None), "mallinfo2")
+
+
+@pytest.mark.skipif(not _has_mallinfo2(), reason="glibc's mallopt and mallinfo2")
+def test_retain_freed_memory_keeps_the_temporaries_for_the_next_call():
+    """glibc's own account of its heap: with retain, the 80 MiB temporary freed after each call stays
+    in the heap as free memory for the next call; by default it was its own mapping, returned to the
+    kernel at free (so the next call page-faults fresh pages: bench/ and mljax/cpu.py measure that)."""
+    runs = {mode: _run(_BIG_TEMP, mode) for mode in ("default", "retain")}
+    for run in runs.values():
+        assert run.returncode == 0, run.stderr
+    (free_default, out_default), (free_retain, out_retain) = (
+        map(float, runs[m].stdout.split()) for m in ("default", "retain"))
+    # tanh(64 * 1e-3) summed over 5000 columns times 1e-3: the same value either way
+    assert out_default == out_retain == pytest.approx(5000 * 1e-3 * np.tanh(0.064), rel=1e-5)
+    temp = 4096 * 5000 * 4
+    assert free_retain >= temp > free_default, (free_default, free_retain)
+
+
+def test_retain_freed_memory_refused_after_backend_start_and_off_glibc(monkeypatch):
+    code = """
+import jax, jax.numpy as jnp, mljax
+jax.block_until_ready(jnp.ones(2) * 2)
+try:
+    mljax.retain_freed_memory()
+except mljax.ConfigurationError as e:
+    print("refused", "MALLOC_ARENA_MAX=1" in str(e))
+"""
+    run = _run(code)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["refused", "True"]
+    import mljax.cpu as cpu
+    monkeypatch.setattr(cpu, "_backend_started", lambda: False)
+    monkeypatch.setattr(cpu.platform, "libc_ver", lambda: ("musl", "1.2"))
+    assert mljax.retain_freed_memory() is False
