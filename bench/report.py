@@ -381,9 +381,18 @@ class Report:
             "lstm's remaining time is mostly the input projection and each step's 1x128 or 32x128 by 128x512 "
             "product at XLA:CPU's kernel speed.  The zoo's gru is no `gru` op: coremltools converts torch's "
             "GRU into a `while_loop` of gathers, six `linear`s and a scatter per step.  "
-            "XLA:CPU's flag sets (thunk runtime off, fast math, XNNPACK/oneDNN/YNNPACK library fusions) "
+            "XLA:CPU's flag sets (fast math, 512-bit vectors, XNNPACK/oneDNN/YNNPACK library fusions) "
             "are measured model by model in `docs/xla_flags.md` (`bench/xla_flags.py`): none wins across "
-            "the zoo, so mljax leaves XLA's defaults.")
+            "the zoo and the real architectures, so mljax leaves XLA's defaults.  mljax runs here on one "
+            "thread (`mljax.set_cpu_threads(1)`), as its peers do: XLA's default pool (one thread per core) "
+            "ran independent ops and YNNPACK's products on a second thread, which cost 10-45% more CPU time "
+            "for the same work (`docs/cpu_settings.md`, `bench/cpu_settings.py`).  Large batches also "
+            "page-fault their temporaries in again on every call (glibc returns blocks above 32 MiB to the "
+            "kernel); `mljax.retain_freed_memory()` keeps them, opt-in, measured in the same document.  "
+            "Not pursued further, measured: padding the minor axis is slow in XLA:CPU's loops (a SiLU fused "
+            "into the pad of a depthwise layer ran 5-7x slower than alone), but reading the windows through "
+            "flattened shifted slices instead left whole models unchanged (EfficientNet-B0, MobileNetV3-Small, "
+            "ResNet-18: 0.97-1.04x), so the convolutions keep `lax.pad`.")
         return out
 
     def _load_misses(self) -> list[str]:

@@ -65,17 +65,23 @@ def _worker(names: list[str], work: str) -> None:
     for line in sys.stdin:
         key, budget = line.split()
         f = fns[key]
-        times, spent = [], 0.0
+        times, walls, spent = [], [], 0.0
         while spent < float(budget) or len(times) < 3:
-            c = time.process_time()
+            c, w = time.process_time(), time.perf_counter()
             f()
             times.append(time.process_time() - c)
+            walls.append(time.perf_counter() - w)
             spent += times[-1]
-        print(json.dumps({"median": float(np.median(times))}), flush=True)
+        print(json.dumps({"median": float(np.median(times)), "wall": float(np.median(walls))}), flush=True)
 
 
-def _start(flags: str, names, work):
-    env = dict(os.environ, XLA_FLAGS=f"{_SINGLE} {flags}".strip(), JAX_PLATFORMS="cpu", PJRT_NPROC="1")
+def flag_env(flags: str) -> dict:
+    """The environment of one flag set's worker: one thread (as the peers in bench/run.py), the flags."""
+    return {"XLA_FLAGS": f"{_SINGLE} {flags}".strip(), "PJRT_NPROC": "1"}
+
+
+def _start(config: dict, names, work):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **config)
     p = subprocess.Popen([sys.executable, __file__, "--worker", "--models", ",".join(names), "--work", work],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     return p
@@ -90,27 +96,39 @@ def _read(p) -> dict:
             return json.loads(line)
 
 
-def measure(names, work, rounds: int, budget: float) -> str:
+def run_workers(configs: dict, names, work, rounds: int, budget: float):
+    """Each config (label -> environment variables) in its own worker; interleaved rounds over every
+    (model, batch).  Returns the workers' ready messages and {"cpu"/"wall": {label: {key: [s...]}}}."""
     import real
     import zoo
     for name in names:   # converted once, here: the workers only read the cache
         (real if name in real.REAL else zoo).build(name, Path(work))
-    workers = {label: _start(flags, names, work) for label, flags in FLAG_SETS.items()}
+    workers = {label: _start(env, names, work) for label, env in configs.items()}
     ready = {label: _read(p) for label, p in workers.items()}
-    keys = ready["default"]["ready"]
-    base_sums = ready["default"]["checksums"]
-    times = {label: {k: [] for k in keys} for label in workers}
     labels = list(workers)
+    keys = ready[labels[0]]["ready"]
+    times = {label: {k: [] for k in keys} for label in workers}
+    walls = {label: {k: [] for k in keys} for label in workers}
     for r in range(rounds):
         for key in keys:
             for label in labels[r % len(labels):] + labels[:r % len(labels)]:
                 p = workers[label]
                 p.stdin.write(f"{key} {budget}\n")
                 p.stdin.flush()
-                times[label][key].append(_read(p)["median"])
+                got = _read(p)
+                times[label][key].append(got["median"])
+                walls[label][key].append(got["wall"])
     for p in workers.values():
         p.stdin.close()
         p.wait()
+    return ready, {"cpu": times, "wall": walls}
+
+
+def measure(names, work, rounds: int, budget: float):
+    ready, t = run_workers({label: flag_env(flags) for label, flags in FLAG_SETS.items()},
+                           names, work, rounds, budget)
+    times, labels = t["cpu"], list(FLAG_SETS)
+    keys, base_sums = ready["default"]["ready"], ready["default"]["checksums"]
     lines = ["| flag set | " + " | ".join(keys) + " | geomean |", "|---|" + "---:|" * (len(keys) + 1)]
     winners = []
     for label in labels:
