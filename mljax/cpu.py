@@ -6,8 +6,8 @@ independent ops run side by side, large ops split, and each op library call (YNN
 products) hands its work to the pool and back.  That is the fastest wall time for one
 prediction on an idle machine, but every handoff and idle spin is CPU time: on this project's
 2-core benchmark machine, one thread took up to 35% less CPU time per prediction than the default
-pool (12% in the geomean of docs/cpu_settings.md) (EfficientNet-B0 batch 1 13 ms instead of 17 ms, MobileNetV3-Small batch 32 50 ms instead
-of 83 ms), and at batch 32 MobileNetV3's wall time was lower too.  So a server that runs one
+pool, 12% in the geomean over the zoo and the real architectures (docs/cpu_settings.md), for
+28% more wall time.  So a server that runs one
 process per core, or many users' predictions at once, wants ``set_cpu_threads(1)``; a single
 interactive prediction wants the default.
 
