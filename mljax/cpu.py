@@ -19,8 +19,9 @@ glibc's malloc serves a block above 32 MiB (64 MiB on a thread other than the ma
 fresh pages from ``mmap`` and unmaps it on ``free``, so every large prediction page-faults its
 whole temporary buffer again: ResNet-18 at batch 32 (128x128) took 64,000 page faults (256 MiB
 of zeroed pages) per call.  ``retain_freed_memory()`` keeps freed memory in the heap for the
-next call -- what ONNX Runtime's arena does: -30% CPU time for that ResNet-18, -20% for the
-zoo's depthwise CNN at batch 32.  The cost: the process keeps its peak heap (its RSS does not
+next call -- what ONNX Runtime's arena does.  With ``set_cpu_threads(1)``, that ResNet-18 and the
+zoo's depthwise CNN at batch 32 took 0.70x and 0.66x the default's CPU time, against 0.92x and
+1.03x for one thread alone (docs/cpu_settings.md).  The cost: the process keeps its peak heap (its RSS does not
 shrink after a large prediction) and all threads share one malloc arena.
 """
 from __future__ import annotations
@@ -32,9 +33,10 @@ import sys
 
 from mljax.errors import ConfigurationError
 
-__all__ = ["set_cpu_threads", "retain_freed_memory"]
+__all__ = ["set_cpu_threads", "retain_freed_memory", "RETAIN_ENV", "EIGEN_SINGLE"]
 
-_EIGEN_SINGLE = "--xla_cpu_multi_thread_eigen=false"
+EIGEN_SINGLE = "--xla_cpu_multi_thread_eigen=false"
+"""The XLA flag that keeps each op on one thread (part of ``set_cpu_threads(1)``)."""
 
 
 def _backend_started() -> bool:
@@ -63,23 +65,27 @@ def set_cpu_threads(n: int | None) -> None:
             f"set_cpu_threads({n}) must run before JAX starts its CPU backend (before the first model "
             f"loads or JAX computation runs); this process already started it with {current} thread(s). "
             "Call it first thing, or set PJRT_NPROC in the environment.")
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f != _EIGEN_SINGLE]
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f != EIGEN_SINGLE]
     if n is None:
         os.environ.pop("PJRT_NPROC", None)
     else:
         os.environ["PJRT_NPROC"] = str(n)
         if n == 1:
             # first: XLA stops reading XLA_FLAGS at a token that is not a --flag
-            flags.insert(0, _EIGEN_SINGLE)
+            flags.insert(0, EIGEN_SINGLE)
     if flags:
         os.environ["XLA_FLAGS"] = " ".join(flags)
     else:
         os.environ.pop("XLA_FLAGS", None)
 
 
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-_KEEP = 2**31 - 1            # the largest trim threshold mallopt takes: 2 GiB of free heap top kept
+# glibc's mallopt settings: (parameter number in malloc.h, value, the environment variable glibc
+# reads at start for the same setting)
+_MALLOPT = ((-8, 1, "MALLOC_ARENA_MAX"),                 # M_ARENA_MAX: every thread on the main heap
+            (-4, 0, "MALLOC_MMAP_MAX_"),                 # M_MMAP_MAX: no block of its own mapping
+            (-1, 2**31 - 1, "MALLOC_TRIM_THRESHOLD_"))   # M_TRIM_THRESHOLD: keep 2 GiB of free heap top
+RETAIN_ENV = {env: str(value) for _, value, env in _MALLOPT}
+"""The environment that does what ``retain_freed_memory()`` does, for a process about to start."""
 
 
 def retain_freed_memory() -> bool:
@@ -88,7 +94,8 @@ def retain_freed_memory() -> bool:
     Sets glibc's ``M_ARENA_MAX=1`` (every thread allocates from the main heap, which can grow
     past the 64 MiB a thread arena holds), ``M_MMAP_MAX=0`` (no block of its own mapping) and
     ``M_TRIM_THRESHOLD`` to 2 GiB (free memory stays in the heap).  Same as starting Python with
-    ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``.
+    the variables of ``RETAIN_ENV`` (``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
+    MALLOC_TRIM_THRESHOLD_=2147483647``).
 
     Returns False, changing nothing, where the C library is not glibc (macOS, musl).
 
@@ -96,14 +103,13 @@ def retain_freed_memory() -> bool:
       ConfigurationError: JAX's CPU backend has already started (its threads have their arenas).
     """
     if _backend_started():
+        env = " ".join(f"{k}={v}" for k, v in RETAIN_ENV.items())
         raise ConfigurationError(
             "retain_freed_memory() must run before JAX starts its CPU backend (before the first model "
             "loads or JAX computation runs): XLA's threads already have their malloc arenas. Call it "
-            "first thing, or start Python with MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 "
-            "MALLOC_TRIM_THRESHOLD_=2147483647.")
+            f"first thing, or start Python with {env}.")
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return all(mallopt(param, value) == 1 for param, value in
-               ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _KEEP)))
+    return all(mallopt(param, value) == 1 for param, value, _ in _MALLOPT)

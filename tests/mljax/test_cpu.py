@@ -83,8 +83,8 @@ def test_bad_counts_are_refused(bad):
 def test_single_thread_flag_goes_first_and_none_restores(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
     monkeypatch.delenv("PJRT_NPROC", raising=False)
-    import mljax.cpu as threads
-    monkeypatch.setattr(threads, "_backend_started", lambda: False)
+    import mljax.cpu as cpu
+    monkeypatch.setattr(cpu, "_backend_started", lambda: False)
     mljax.set_cpu_threads(1)
     assert os.environ["PJRT_NPROC"] == "1"
     assert os.environ["XLA_FLAGS"].split() == ["--xla_cpu_multi_thread_eigen=false", "--xla_dump_to=/tmp/x"]
