@@ -43,13 +43,20 @@ def _stack(t, values, out: TensorType):
     return t.b.op("stack", out, values=values, axis=0)
 
 
-def _scan_unrolled(t, eqn):
+def _scan_operands(t, eqn, read_carry):
+    """A scan's length, carry count and body, its consts (lazy), its carry (``read_carry``) and its
+    scanned inputs (read), taken in operand order."""
     p = eqn.params
     n, nc, nk = int(p["length"]), int(p["num_consts"]), int(p["num_carry"])
-    closed = p["jaxpr"]
     consts = [t.lazy(a) for a in eqn.invars[:nc]]
-    carry = [t.lazy(a) for a in eqn.invars[nc:nc + nk]]
+    carry = [read_carry(a) for a in eqn.invars[nc:nc + nk]]
     xs = [t.read(a) for a in eqn.invars[nc + nk:]]
+    return n, nk, p["jaxpr"], consts, carry, xs
+
+
+def _scan_unrolled(t, eqn):
+    p = eqn.params
+    n, nk, closed, consts, carry, xs = _scan_operands(t, eqn, t.lazy)
     ys: list[list] = [[None] * n for _ in eqn.outvars[nk:]]
     steps = range(n - 1, -1, -1) if p["reverse"] else range(n)
     for k in steps:
@@ -65,11 +72,7 @@ def _scan_unrolled(t, eqn):
 def _scan_loop(t, eqn):
     """A MIL while_loop over (step, carry..., ys...); each step's ys are scattered into place."""
     p = eqn.params
-    n, nc, nk = int(p["length"]), int(p["num_consts"]), int(p["num_carry"])
-    closed = p["jaxpr"]
-    consts = [t.lazy(a) for a in eqn.invars[:nc]]
-    carry = [t.read(a) for a in eqn.invars[nc:nc + nk]]
-    xs = [t.read(a) for a in eqn.invars[nc + nk:]]
+    n, nk, closed, consts, carry, xs = _scan_operands(t, eqn, t.read)
     y_types = [t.out_type(eqn, nk + j) for j in range(len(eqn.outvars) - nk)]
     if any(yt.dtype.name == "bool" for yt in y_types):
         raise Unsupported(f"a scan of {n} steps (more than {UNROLL_STEPS}) stacking boolean outputs")
