@@ -232,6 +232,35 @@ def test_depthwise_conv_avoids_grouped_convolution():
     check(conv(x, w, **kw), ref, np.float32)
 
 
+
+@pytest.mark.parametrize("pads,strides", [([(1, 0), (1, 2)], (2, 1)), ([(0, 0), (2, 2)], (1, 1)), ([(1, 1), (0, 0)], (1, 2))])
+def test_depthwise_padding_plain_vmapped_and_differentiated(pads, strides):
+    """The depthwise taps read a zero-padded input: padded by concatenation when called directly, by
+    ``lax.pad`` when vmapped over samples; both give torch's values, and d/dx, d/dw equal those through
+    XLA's grouped convolution, vmapped or not."""
+    import jax
+    from jax import lax
+    x, w, b = rand((3, 4, 9, 8)), rand((8, 1, 3, 3)), rand((8,))       # channel multiplier 2
+    kw = dict(strides=np.array(strides), pad_type="custom", pad=np.array([p for lh in pads for p in lh]), groups=4)
+    (t, bo), (le, r) = pads
+    ref = F.conv2d(F.pad(t64(x), (le, r, t, bo)), t64(w), t64(b), stride=strides, groups=4).numpy()
+    check(jax.jit(lambda a: conv(a, w, b, **kw))(x), ref, np.float32)
+    check(jax.jit(jax.vmap(lambda a: conv(a[None], w, b, **kw)[0]))(x), ref, np.float32)
+    ct = rand(ref.shape)
+
+    def grouped(a, c):
+        return lax.conv_general_dilated(a, c, strides, pads, dimension_numbers=("NCHW", "OIHW", "NCHW"),
+                                        feature_group_count=4, precision=lax.Precision.HIGHEST)
+    for vmapped in (False, True):
+        def loss(a, c, f):
+            y = jax.vmap(lambda s: f(s[None], c)[0])(a) if vmapped else f(a, c)
+            return (y * ct).sum()
+        got = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, w, lambda a, c: conv(a, c, **kw))
+        want = jax.grad(loss, argnums=(0, 1))(x, w, grouped)
+        for g, g_ref in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-4, atol=1e-4)
+
+
 # -------------------------------------------------------------------------- conv paths
 # conv_path picks im2col / Winograd / XLA's convolution by shape (rules measured in
 # bench/conv_paths.py); each path must compute the same convolution.  The thresholds are
