@@ -445,7 +445,10 @@ class Report:
             f"per measurement; {a.threads} thread(s) per runtime"
             + (" (mljax: `mljax.set_cpu_threads(1)`, i.e. `PJRT_NPROC=1` and "
                "`--xla_cpu_multi_thread_eigen=false`; ONNX Runtime "
-               "`intra_op_num_threads=1`, `torch.set_num_threads(1)`)" if a.threads == 1 else ""),
+               "`intra_op_num_threads=1`, `torch.set_num_threads(1)`)" if a.threads == 1 else "")
+            + ("; freed memory kept by the process (`mljax.retain_freed_memory()`: glibc's allocator, so for all "
+               "three runtimes; ONNX Runtime keeps its own arena anyway)" if getattr(a, "retain", False) else
+               "; glibc's default allocator settings"),
             f"- Versions: {_versions()}",
             "",
         ]

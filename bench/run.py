@@ -302,6 +302,9 @@ def parse(argv):
     p.add_argument("--threads", type=int, default=1,
                    help="threads per runtime (1: XLA, ONNX Runtime and torch single-threaded, so CPU time per "
                         "call measures work even on a loaded machine)")
+    p.add_argument("--no-retain", dest="retain", action="store_false",
+                   help="leave glibc's default of returning large freed blocks to the kernel (by default the "
+                        "benchmark process keeps them: mljax.retain_freed_memory(), for every runtime in it)")
     p.add_argument("--models", default=None, help="comma-separated zoo and real models (default: all; quick: "
                    "cnn,transformer)")
     p.add_argument("--rebuild", action="store_true", help="convert the zoo again")
@@ -340,6 +343,13 @@ def main(argv=None):
         return worker.main(argv[1:])
     args = parse(argv)
     _xla_threads(args.threads)
+    if args.retain:
+        # glibc otherwise unmaps every freed block above 32 MiB and page-faults it in again on the next
+        # call (XLA allocates each call's temporaries anew); ONNX Runtime keeps its own arena.  Set in
+        # this process only, so it holds for all three runtimes here; the load / peak-memory workers
+        # run with glibc's defaults.  docs/cpu_settings.md measures it per model.
+        from mljax.cpu import retain_freed_memory
+        args.retain = retain_freed_memory()
     warnings.filterwarnings("ignore")
     import torch
     torch.set_num_threads(args.threads)

@@ -173,14 +173,12 @@ def _dense_or_grouped(x, weight, strides, pads, dilations, groups, bias=None):
     """
     path = conv_path(x.shape, weight.shape, x.dtype, strides, pads, dilations, groups)
     bias = None if bias is None else jnp.asarray(bias)
-    if path in ("im2col", "winograd"):
+    if path in ("im2col", "winograd", "pointwise"):
         geom = (tuple(map(int, strides)), tuple((int(a), int(b)) for a, b in pads), tuple(map(int, dilations)))
         bias = jnp.zeros(weight.shape[:1], jnp.float32) if bias is None else bias
         return _batch_folding(path, geom)(x, weight, bias)
     if path == "depthwise":
         y = _depthwise(x, weight, strides, pads, dilations)
-    elif path == "pointwise":
-        y = _pointwise(x, weight, strides)
     else:
         y = lax.conv_general_dilated(
             x, weight.astype(x.dtype), window_strides=strides, padding=pads,
@@ -191,6 +189,8 @@ def _dense_or_grouped(x, weight, strides, pads, dilations, groups, bias=None):
 
 def _fast_path(path, geom, x, weight, bias):
     strides, pads, dilations = geom
+    if path == "pointwise":
+        return _add_bias(_pointwise(x, weight, strides), bias, x.ndim - 2)
     if path == "im2col":
         return _im2col(x, weight, strides, pads, dilations, bias)
     return _winograd(x, weight, pads, _WINOGRAD_F4, bias)
@@ -240,16 +240,26 @@ def _batched_gemm(w2, x3):
 
 
 def _pointwise(x, weight, strides):
-    """A 1x1 convolution as one batched matrix product over the flattened spatial positions.
+    """A 1x1 convolution as a matrix product per image over the flattened spatial positions.
 
     XLA:CPU runs it as a GEMM instead of a spatial convolution: 1.5-2.7x faster for the
-    MobileNet-style pointwise layers of docs/performance.md.
+    MobileNet-style pointwise layers of docs/performance.md.  Several images (a batch, or a
+    list predict's samples folded in by ``_batch_folding``) loop over one GEMM each
+    (``lax.map``): as one product XLA folds the images into the GEMM's columns and transposes
+    the activations to ``[C, N*P]`` and back around every layer, and a batched product needs
+    the weights broadcast per image; the loop needs neither (zoo dwcnn at batch 32: 0.76x).
     """
     if any(s != 1 for s in strides):
         x = x[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)]
     n, c, *spatial = x.shape
-    y = _batched_gemm(weight.reshape(weight.shape[:2]), x.reshape(n, c, -1))
-    return y.reshape((n, weight.shape[0], *spatial))
+    w2 = weight.reshape(weight.shape[:2])
+
+    def gemm(images):      # [m, C, *spatial] -> [m, K, *spatial]
+        return _batched_gemm(w2, images.reshape(images.shape[0], c, -1)).reshape(
+            (images.shape[0], w2.shape[0], *spatial))
+    # the loop carries images in their own shape: carrying [N, K, H*W] made XLA index every
+    # consumer through the reshape (a ReLU6 after the layer 3.5x slower)
+    return gemm(x) if n == 1 else lax.map(lambda image: gemm(image[None])[0], x)
 
 
 def _out_sizes(in_sizes, kernel, strides, pads, dilations):
