@@ -367,7 +367,7 @@ class Report:
             "in mljax's ops and in ONNX Runtime).  "
             "Already rewritten where XLA:CPU was the bottleneck: `linear` contracts the weight in place "
             "(no transposed copy per call), depthwise convolutions run as fused shifted products instead of "
-            "grouped convolutions (15-25x faster per layer), 1x1 convolutions as one batched GEMM (1.5-2.7x).  "
+            "grouped convolutions (15-25x faster per layer), 1x1 convolutions as GEMMs (1.5-2.7x).  "
             "Dense convolutions now take the path `mljax.ops.conv.conv_path` picks by shape (measured by "
             "`bench/conv_paths.py`): Winograd F(4x4,3x3) batched products for 3x3 stride-1 layers with >= 16 "
             "channels, im2col + one GEMM for first layers and small maps, Eigen's convolution for the rest; "
@@ -389,11 +389,21 @@ class Report:
             "work: one thread takes 0.65-1.03x the default's CPU time, 0.88x in the geomean "
             "(`docs/cpu_settings.md`, `bench/cpu_settings.py`).  Large batches also "
             "page-fault their temporaries in again on every call (glibc returns blocks above 32 MiB to the "
-            "kernel); `mljax.retain_freed_memory()` keeps them, opt-in, measured in the same document.  "
-            "Not pursued further, measured: padding the minor axis is slow in XLA:CPU's loops (a SiLU fused "
-            "into the pad of a depthwise layer ran 5-7x slower than alone), but reading the windows through "
-            "flattened shifted slices instead left whole models unchanged (EfficientNet-B0, MobileNetV3-Small, "
-            "ResNet-18: 0.97-1.04x), so the convolutions keep `lax.pad`.")
+            "kernel); `mljax.retain_freed_memory()` keeps them, opt-in for users, measured in the same document, "
+            "and on in this benchmark's process for all three runtimes (`--no-retain` turns it off).  "
+            "Padding the minor axis is slow in XLA:CPU's loops: a fusion whose root pads it is not vectorized, "
+            "activation included (a SiLU fused into the pad of a depthwise layer ran 5-7x slower than alone); "
+            "convolutions therefore pad the minor axis by concatenating zero columns (EfficientNet-B0 batch 1: "
+            "0.75x the XLA time), except when vmapped over a list predict's samples, where the concatenation "
+            "is faster only after expensive activations (EfficientNet-B0's SiLU: 0.80-0.86x at batch 32) and "
+            "slower after cheap ones (MobileNetV3-Small's hardswish, the dwcnn's ReLU6: 1.05-1.23x): choosing "
+            "by the producing op is the next step.  1x1 convolutions of several images loop over one GEMM per "
+            "image instead of one GEMM whose columns span the batch, which XLA fed through transposes around "
+            "every layer (dwcnn batch 32: 0.77x).  Not pursued further, measured: reading the windows through "
+            "flattened shifted slices left whole models unchanged (0.97-1.04x); holding depthwise stacks in "
+            "NHWC was faster for stride-2 blocks and slower for stride-1 ones (0.5-2x per block, per-op "
+            "transposes 1.07-1.26x slower whole); batched 1x1 products with the weights broadcast per image "
+            "(0.9-1.3x).")
         return out
 
     def _load_misses(self) -> list[str]:

@@ -270,6 +270,10 @@ def _cmd_predict(args) -> int:
     if args.threads is not None:
         from mljax.cpu import set_cpu_threads
         set_cpu_threads(args.threads)            # before MLModel starts JAX's CPU backend
+    if args.keep_memory:
+        from mljax.cpu import retain_freed_memory
+        if not retain_freed_memory():            # also before JAX starts
+            print("mljax: --keep-memory has no effect here (not glibc)", file=sys.stderr)
     if args.no_cache:
         return _predict(args)
     with cache.using():      # an unwritable folder only costs the cache (a warning), never the prediction
@@ -369,6 +373,10 @@ def _predict_parser(sub) -> None:
     pred.add_argument("--threads", type=int, metavar="N",
                       help="CPU threads for XLA (default: one per core); 1 runs every op in sequence on one "
                            "thread, the least CPU time per prediction (see mljax.set_cpu_threads)")
+    pred.add_argument("--keep-memory", action="store_true",
+                      help="keep freed memory for the next call instead of returning it to the kernel: less "
+                           "CPU time for large batches, a process that keeps its peak heap "
+                           "(see mljax.retain_freed_memory)")
     pred.set_defaults(func=_cmd_predict)
 
 

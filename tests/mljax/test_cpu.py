@@ -171,3 +171,38 @@ except mljax.ConfigurationError as e:
     monkeypatch.setattr(cpu, "_backend_started", lambda: False)
     monkeypatch.setattr(cpu.platform, "libc_ver", lambda: ("musl", "1.2"))
     assert mljax.retain_freed_memory() is False
+
+
+@pytest.mark.skipif(not _has_mallinfo2(), reason="glibc's mallopt and mallinfo2")
+@pytest.mark.parametrize("keep", [False, True])
+def test_cli_keep_memory_option(model_path, tmp_path, keep):
+    """``mljax predict --keep-memory`` predicts the same values and leaves the process keeping freed
+    memory: an 80 MiB array freed after the prediction stays in glibc's heap as free memory (by default
+    it is its own mapping, returned to the kernel)."""
+    path, proj = model_path
+    x = np.linspace(-1, 1, 4, dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    name = next(iter(mljax.MLModel(path).input_description))
+    code = f"""
+import ctypes, sys
+import numpy as np
+from mljax.cli import main
+args = ["predict", sys.argv[1], "--input", "{name}=" + sys.argv[2], "--no-cache", "--json"]
+rc = main(args + (["--keep-memory"] if sys.argv[3] == "1" else []))
+big = np.ones(80 << 18, np.float32)
+del big
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+print("FREE", libc.mallinfo2().fordblks, rc)
+"""
+    run = _run(code, path, tmp_path / "x.npy", int(keep))
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    free, rc = map(int, lines[-1].split()[1:])
+    assert rc == 0
+    assert (free >= 80 << 20) == keep, free
+    out = np.asarray(next(iter(json.loads(lines[-2]).values())))
+    np.testing.assert_allclose(out.reshape(-1), np.tanh(x @ proj).reshape(-1), rtol=1e-5, atol=1e-6)
