@@ -39,6 +39,7 @@ class LayerContext:
     env: dict = field(default_factory=dict)       # blob name -> value (for control flow)
     run: Callable | None = None        # run(network_message, env, weights) -> env (nested networks)
     weights: dict = field(default_factory=dict)   # the whole weights pytree (nested networks)
+    after_costly_op: bool = False      # the first input comes from a costly activation (conv's hint)
 
 
 _LAYERS: dict[str, LayerImpl] = {}

@@ -174,7 +174,7 @@ def convolution(p, w, xs, ctx):
                                     groups=groups)
     else:
         y = conv_ops.conv(xb, wt, w.get("bias"), strides=strides, pad_type=pad_type, pad=pad,
-                          dilations=dilations, groups=groups)
+                          dilations=dilations, groups=groups, after_costly_op=ctx.after_costly_op)
     return back(y)
 
 

@@ -49,6 +49,7 @@ class Network:
                                 "inputs": list(lyr.input), "outputs": list(lyr.output)})
             self._decode(lyr, kind)
         self.blobs = {o for lyr in walk_layers(nn) for o in lyr.output}
+        self.costly_blobs = _costly_blobs(nn)
 
     def _check_supported(self) -> None:
         missing = []
@@ -106,7 +107,8 @@ class Network:
                                    "that no input or earlier layer produces")
         w = {param: self.static[key] if key in self.static else weights[key]
              for param, key in self._params.get(lyr.name, ())}
-        ctx = LayerContext(lyr.name, kind, lyr, self.rank5, env=env, run=self.run, weights=weights)
+        ctx = LayerContext(lyr.name, kind, lyr, self.rank5, env=env, run=self.run, weights=weights,
+                           after_costly_op=bool(lyr.input) and lyr.input[0] in self.costly_blobs)
         try:
             out = impl.fn(getattr(lyr, kind), w, [env[n] for n in lyr.input], ctx)
         except (MLJaxError, JAXTypeError):
@@ -172,3 +174,30 @@ def map_output(y, declared: tuple, rank5: bool):
     lead = s[:2] if s[:2] != (1, 1) else ()
     rest = s[2:3] if s[3:] == (1, 1) and len(declared) != 3 else s[2:]
     return y.reshape(lead + rest)
+
+
+# Layers with a transcendental function per element: the ML program graph layer's COSTLY_OPS
+# (mljax.optimize.passes) in NeuralNetwork terms.
+_COSTLY_ACTIVATIONS = frozenset({"tanh", "scaledTanh", "sigmoid", "ELU", "softplus", "parametricSoftplus"})
+_COSTLY_LAYERS = frozenset({"gelu", "erf", "exp2", "tanh", "sin", "cos", "sinh", "cosh", "tan", "asin", "acos", "atan",
+                            "asinh", "acosh", "atanh"})
+_COSTLY_UNARY = frozenset({"EXP", "LOG", "POWER"})
+
+
+def _costly_blobs(nn) -> frozenset:
+    """Blobs written by costly layers, or by a multiply reading one (``x * sigmoid(x)``): a convolution
+    reading them gets ``after_costly_op`` (see :func:`mljax.ops.conv.conv`)."""
+    costly: set[str] = set()
+    for lyr in walk_layers(nn):
+        kind = lyr.WhichOneof("layer")
+        if kind == "activation":
+            hit = lyr.activation.WhichOneof("NonlinearityType") in _COSTLY_ACTIVATIONS
+        elif kind == "unary":
+            hit = type(lyr.unary).Operation.Name(lyr.unary.type) in _COSTLY_UNARY
+        elif kind in ("multiply", "multiplyBroadcastable"):
+            hit = any(i in costly for i in lyr.input)
+        else:
+            hit = kind in _COSTLY_LAYERS
+        if hit:
+            costly.update(lyr.output)
+    return frozenset(costly)

@@ -95,12 +95,18 @@ def _check_channels(op: str, c_in: int, groups: int, expected: int, found: int):
 
 @register("conv")
 def conv(x, weight, bias=None, *, strides=None, pad_type="valid", pad=None, dilations=None,
-         groups=1):
+         groups=1, after_costly_op=False):
     """N-D convolution of channel-first ``x`` with ``weight [C_out, C_in/groups, *K]``.
 
     ``same`` / ``same_lower`` padding follows TF's SAME rule (``out = ceil(in / stride)``);
     ``same_lower`` puts the odd padding element first.  iOS15's converter rejects
     ``same_lower``; it is accepted here for every opset.
+
+    ``after_costly_op`` is no MIL input but a hint of mljax's graph layer
+    (:func:`mljax.optimize.passes.mark_convs_after_costly_ops`): ``x`` comes from an
+    activation with a transcendental function (SiLU, sigmoid, GELU...), which XLA fuses into
+    the padding; the padding then takes the form that keeps that fusion vectorized.  It
+    changes no value.
     """
     x, weight = jnp.asarray(x), jnp.asarray(weight)
     n = x.ndim - 2
@@ -110,7 +116,8 @@ def conv(x, weight, bias=None, *, strides=None, pad_type="valid", pad=None, dila
     strides = _ints(strides, n, 1, "strides")
     dilations = _ints(dilations, n, 1, "dilations")
     pads = _spatial_pads(pad_type, pad, x.shape[2:], kernel, strides, dilations)
-    return _dense_or_grouped(x, weight, strides, pads, dilations, groups, bias).astype(x.dtype)
+    return _dense_or_grouped(x, weight, strides, pads, dilations, groups, bias,
+                             bool(after_costly_op)).astype(x.dtype)
 
 
 _DEPTHWISE_MAX_TAPS = 64
@@ -166,7 +173,7 @@ def conv_path(x_shape, w_shape, dtype, strides, pads, dilations, groups) -> str:
     return "lax"
 
 
-def _dense_or_grouped(x, weight, strides, pads, dilations, groups, bias=None):
+def _dense_or_grouped(x, weight, strides, pads, dilations, groups, bias=None, after_costly_op=False):
     """``conv`` by the path :func:`conv_path` picks; fp16 comes back as fp32.
 
     im2col and Winograd add the bias per batch chunk, while the chunk's output is in cache.
@@ -178,7 +185,7 @@ def _dense_or_grouped(x, weight, strides, pads, dilations, groups, bias=None):
         bias = jnp.zeros(weight.shape[:1], jnp.float32) if bias is None else bias
         return _batch_folding(path, geom)(x, weight, bias)
     if path == "depthwise":
-        y = _depthwise(x, weight, strides, pads, dilations)
+        y = _depthwise(x, weight, strides, pads, dilations, after_costly_op)
     else:
         y = lax.conv_general_dilated(
             x, weight.astype(x.dtype), window_strides=strides, padding=pads,
@@ -267,11 +274,14 @@ def _out_sizes(in_sizes, kernel, strides, pads, dilations):
             for size, k, s, (lo, hi), d in zip(in_sizes, kernel, strides, pads, dilations)]
 
 
-def _pad_spatial(x, pads):
-    """``x`` zero-padded by ``pads`` on its spatial axes (the minor one by concatenation, see below)."""
+def _pad_spatial(x, pads, after_costly_op=False):
+    """``x`` zero-padded by ``pads`` on its spatial axes (the minor one by concatenation, see below;
+    always so when ``x`` comes from a costly activation)."""
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
     if not any(lo or hi for lo, hi in pads):
         return x
+    if after_costly_op:
+        return _pad_minor_by_concat(x, pads)
     return _spatial_padder(pads)(x)
 
 
@@ -298,11 +308,13 @@ def _spatial_padder(pads):
     """The zero pad by ``pads`` as one function: by concatenation (``_pad_minor_by_concat``),
     but a plain ``lax.pad`` when vmapped over the samples of a list predict.
 
-    There the padded tensor comes out of a batched matrix product whose layout XLA transposes
-    in the same fusion; with the concatenation XLA duplicated that transpose and activation
-    into both the pad and the concatenation (EfficientNet-B0 at batch 32: 1.13x slower), with
-    ``lax.pad`` it does not.  Reverse-mode derivatives come from ``lax.pad``'s (``custom_vmap``
-    has none of its own).
+    There XLA fuses the producer into both the concatenation and the taps that read the
+    unpadded middle directly (a slice of a concatenation is simplified to its operand), which
+    costs more than the guarded loop after cheap activations (MobileNetV3-Small's hardswish,
+    ReLU6: 1.05-1.23x at batch 32) and less after costly ones (EfficientNet-B0's SiLU:
+    0.80-0.86x): the graph layer's hint (``after_costly_op``) picks the concatenation for
+    those.  Reverse-mode derivatives come from ``lax.pad``'s (``custom_vmap`` has none of its
+    own).
     """
     @custom_vmap
     def padded(x):
@@ -336,7 +348,7 @@ def _is_depthwise(x_shape, w_shape, groups, pads, strides, dilations) -> bool:
             and min(_out_sizes(x_shape[2:], kernel, strides, pads, dilations)) > 0)
 
 
-def _depthwise(x, weight, strides, pads, dilations):
+def _depthwise(x, weight, strides, pads, dilations, after_costly_op=False):
     """A depthwise convolution as a sum over kernel taps of strided slices times per-channel weights.
 
     Same result as a grouped ``conv_general_dilated`` (fp16 accumulated in fp32), but XLA:CPU
@@ -352,7 +364,8 @@ def _depthwise(x, weight, strides, pads, dilations):
     outs = _out_sizes(x.shape[2:], weight.shape[2:], strides, pads, dilations)
     w = weight.astype(acc)
     y = None
-    for tap, window in _windows(_pad_spatial(x.astype(acc), pads), weight.shape[2:], strides, dilations, outs):
+    xp = _pad_spatial(x.astype(acc), pads, after_costly_op)
+    for tap, window in _windows(xp, weight.shape[2:], strides, dilations, outs):
         term = window * w[(slice(None), 0) + tap].reshape((1, -1) + (1,) * n_sp)
         y = term if y is None else y + term
     return y

@@ -14,7 +14,7 @@ from mljax.mil.types import TensorType
 from mljax.optimize._graph import Graph
 
 __all__ = ["PASSES", "remove_noop_casts", "remove_identity_ops", "merge_transposes", "merge_reshapes",
-           "merge_parallel_linears", "dead_code"]
+           "merge_parallel_linears", "mark_convs_after_costly_ops", "dead_code", "COSTLY_OPS"]
 
 # Ops that must run even when nothing reads their outputs.
 _SIDE_EFFECTS = {"coreml_update_state", "write_state"}
@@ -215,5 +215,43 @@ def _merge(graph: Graph, block, top, ops) -> None:
     top.operations[0:0] = concats
 
 
+# Elementwise ops with a transcendental function per element (XLA:CPU vectorizes them only in
+# simple loops).
+COSTLY_OPS = frozenset({"sigmoid", "silu", "tanh", "gelu", "elu", "softplus", "softplus_parametric",
+                        "scaled_tanh", "exp", "exp2", "erf", "log", "sin", "cos", "pow"})
+
+
+def _is_costly(op, producers) -> bool:
+    """A costly op, or ``mul`` of a tensor by a costly op of the same shape (``x * sigmoid(x)``)."""
+    if op.type in COSTLY_OPS:
+        return True
+    if op.type != "mul" or not op.outputs:
+        return False
+    shape = _static_shape(op.outputs[0])
+    for key in ("x", "y"):
+        v = op.input(key)
+        p = producers.get(id(v)) if v is not None else None
+        if p is not None and p.type in COSTLY_OPS and shape is not None and _static_shape(v) == shape:
+            return True
+    return False
+
+
+def mark_convs_after_costly_ops(graph: Graph) -> int:
+    """A hint, no rewrite: ``conv`` ops whose input comes from a costly activation (SiLU, sigmoid,
+    GELU...) get the attribute ``after_costly_op`` (an argument of :func:`mljax.ops.conv.conv`,
+    never saved: the optimized copy is only lowered).  XLA fuses the activation into the
+    convolution's zero padding, and the padding then takes the form that keeps that loop
+    vectorized (EfficientNet-B0 at batch 32: 0.80-0.86x)."""
+    producers, n = graph.producers(), 0
+    for block in graph.blocks():
+        for op in block.operations:
+            x = op.input("x") if op.type == "conv" else None
+            p = producers.get(id(x)) if x is not None else None
+            if p is not None and _is_costly(p, producers):
+                op.attributes["after_costly_op"] = True
+                n += 1
+    return n
+
+
 PASSES = (remove_noop_casts, remove_identity_ops, merge_transposes, merge_reshapes, merge_parallel_linears,
-          dead_code)
+          dead_code, mark_convs_after_costly_ops)

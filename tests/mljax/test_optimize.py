@@ -136,3 +136,40 @@ def test_an_op_missing_a_required_const_input_is_an_mljax_error(tmp_path):
         with pytest.raises(MLJaxError, match="transpose"):
             mljax.MLModel(spec, weights_dir=weights, optimize=optimize).predict(
                 {"x": np.zeros((2, 3, 4, 5), np.float32)})
+
+
+def _program_convs_after_activations():
+    wd = RNG.standard_normal((4, 1, 3, 3)).astype(np.float32)
+
+    @mb.program(input_specs=[mb.TensorSpec((1, 4, 7, 6), dtype=types.fp32)], opset_version=ct.target.iOS17)
+    def prog(x):
+        dw = dict(weight=wd, pad_type="same", groups=4)
+        a = mb.conv(x=mb.silu(x=x), **dw)                          # costly
+        b = mb.conv(x=mb.mul(x=x, y=mb.sigmoid(x=x)), **dw)         # x * sigmoid(x): costly
+        c = mb.conv(x=mb.relu(x=x), **dw)                          # cheap
+        return mb.add(x=mb.add(x=a, y=b), y=c, name="y")
+    return prog, wd
+
+
+def test_convs_after_costly_activations_get_the_padding_hint():
+    """The hint marks the two convolutions fed by SiLU and x * sigmoid(x), not the one after ReLU;
+    the values equal the unoptimized program's and torch's, for one sample and for a list."""
+    import torch
+    import torch.nn.functional as F
+    prog, wd = _program_convs_after_activations()
+    xs = RNG.standard_normal((3, 1, 4, 7, 6)).astype(np.float32)
+    model, on, off = _both(lambda: prog, {"x": xs[0]})
+    assert _stats(model)["mark_convs_after_costly_ops"] == 2
+    marked = {op.input("x").name: op.attributes.get("after_costly_op", False)
+              for op in model.stage.lowered.fn.block.operations if op.type == "conv"}
+    assert sorted(marked.values()) == [False, True, True]
+
+    def ref(x):
+        t, w = torch.from_numpy(x).double(), torch.from_numpy(wd).double()
+        dw = lambda u: F.conv2d(u, w, padding=1, groups=4)  # noqa: E731
+        return (dw(F.silu(t)) + dw(t * torch.sigmoid(t)) + dw(torch.relu(t))).numpy()
+    for got in (on["y"], off["y"]):
+        np.testing.assert_allclose(got, ref(xs[0]), rtol=1e-5, atol=1e-5)
+    listed = model.predict([{"x": x} for x in xs])
+    for x, out in zip(xs, listed):
+        np.testing.assert_allclose(out["y"], ref(x), rtol=1e-5, atol=1e-5)
