@@ -358,3 +358,37 @@ def test_custom_layer_is_a_clear_error():
     b.spec.neuralNetwork.layers[0].custom.className = "MyLayer"
     with pytest.raises(UnsupportedError, match="mystery.*custom.*MyLayer"):
         _model(b)
+
+
+def test_depthwise_convolution_after_sigmoid_product_gets_the_padding_hint(monkeypatch):
+    """x * sigmoid(x) (SiLU in NeuralNetwork layers) feeding a depthwise convolution marks it for the
+    concatenated padding, a ReLU feeding one does not; both compute torch's values, single and listed."""
+    torch = pytest.importorskip("torch")
+    from mljax.neuralnetwork.network import _costly_blobs
+    c = 4
+    w_hwio = _r(3, 3, 1, c)
+    b = NeuralNetworkBuilder([("x", datatypes.Array(c, 7, 6))], [("y", None)])
+    b.add_activation("sig", "SIGMOID", "x", "s")
+    b.add_elementwise("silu", ["x", "s"], "m", mode="MULTIPLY")
+    b.add_activation("relu", "RELU", "x", "r")
+    for name, src in (("dw_silu", "m"), ("dw_relu", "r")):
+        b.add_convolution(name, 1, c, 3, 3, 1, 1, "same", c, w_hwio, None, False, input_name=src,
+                          output_name=name + "_out")
+    b.add_elementwise("sum", ["dw_silu_out", "dw_relu_out"], "y", mode="ADD")
+    assert _costly_blobs(b.spec.neuralNetwork) == {"s", "m"}
+    from mljax.ops import conv as conv_ops
+    hints, plain = [], conv_ops.conv
+    monkeypatch.setattr(conv_ops, "conv", lambda *a, **k: hints.append(k.get("after_costly_op")) or plain(*a, **k))
+    model = _model(b)
+    w = torch.tensor(w_hwio.transpose(3, 2, 0, 1))
+
+    def ref(x):
+        t = torch.tensor(x[None])
+        dw = lambda u: torch.nn.functional.conv2d(u, w, padding=1, groups=c)  # noqa: E731
+        return (dw(t * torch.sigmoid(t)) + dw(torch.relu(t)))[0].numpy()
+    xs = [_r(c, 7, 6) for _ in range(3)]
+    np.testing.assert_allclose(np.asarray(model.predict({"x": xs[0]})["y"]).reshape(c, 7, 6), ref(xs[0]),
+                               rtol=1e-4, atol=1e-4)
+    for x, out in zip(xs, model.predict([{"x": x} for x in xs])):
+        np.testing.assert_allclose(np.asarray(out["y"]).reshape(c, 7, 6), ref(x), rtol=1e-4, atol=1e-4)
+    assert hints[:2] == [True, False]           # dw_silu, dw_relu (per trace)
