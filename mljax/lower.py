@@ -20,7 +20,7 @@ from mljax.errors import InputError, OpError, UnsupportedOpError
 from mljax.mil.ir import Block, Function, Operation, Var
 from mljax.mil.opspec import check_op_inputs
 from mljax.mil.types import DTYPES, DType, StateType, TensorType
-from mljax.ops._registry import OpContext, lookup, opset_number
+from mljax.ops._registry import HINTS, OpContext, lookup, opset_number
 
 __all__ = ["COMPUTE_PRECISIONS", "LoweredFunction", "compute_dtype_fn", "is_weight", "jax_dtype",
            "resolve_compute_precision"]
@@ -260,7 +260,8 @@ class LoweredFunction:
                 output_types=tuple(v.type for v in op.outputs),
                 blocks=tuple(self._block_fn(b, env, state) for b in op.blocks),
                 compute_dtype=self.compute_dtype, state=state if state is not None else {},
-                input_vars={k: (v[0] if len(v) == 1 else v) for k, v in op.inputs.items()})
+                input_vars={k: (v[0] if len(v) == 1 else v) for k, v in op.inputs.items()},
+                hints=op.attributes.get(HINTS, {}))
         concrete = eager or all(_is_concrete(a) for a in (*args, *kwargs.values())
                                 if not isinstance(a, OpContext))
         try:

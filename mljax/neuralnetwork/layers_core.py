@@ -173,8 +173,8 @@ def convolution(p, w, xs, ctx):
                                     pad_type=pad_type, strides=strides, dilations=dilations,
                                     groups=groups)
     else:
-        y = conv_ops.conv(xb, wt, w.get("bias"), strides=strides, pad_type=pad_type, pad=pad,
-                          dilations=dilations, groups=groups, after_costly_op=ctx.after_costly_op)
+        y = conv_ops.convolution(xb, wt, w.get("bias"), strides=strides, pad_type=pad_type, pad=pad,
+                                 dilations=dilations, groups=groups, after_costly_op=ctx.after_costly_op)
     return back(y)
 
 

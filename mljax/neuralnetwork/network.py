@@ -186,7 +186,7 @@ _COSTLY_UNARY = frozenset({"EXP", "LOG", "POWER"})
 
 def _costly_blobs(nn) -> frozenset:
     """Blobs written by costly layers, or by a multiply reading one (``x * sigmoid(x)``): a convolution
-    reading them gets ``after_costly_op`` (see :func:`mljax.ops.conv.conv`)."""
+    reading them gets ``after_costly_op`` (see :func:`mljax.ops.conv.convolution`)."""
     costly: set[str] = set()
     for lyr in walk_layers(nn):
         kind = lyr.WhichOneof("layer")

@@ -49,7 +49,9 @@ class OpContext:
     nested blocks as callables ``block(*inputs) -> tuple(outputs)``, ``compute_dtype``
     maps a declared dtype to the one to compute in (fp16 -> fp32 when the model runs
     at ``compute_precision="float32"``), ``rng`` a fresh PRNG key for random ops.
-    ``state`` is the mutable mapping of state variables for state ops.
+    ``state`` is the mutable mapping of state variables for state ops.  ``hints`` are what
+    mljax's graph passes noted on the op (``Operation.attributes[HINTS]``), e.g. conv's
+    ``after_costly_op``; never inputs of the program.
     """
 
     op_type: str
@@ -61,7 +63,11 @@ class OpContext:
     rng: Any = None
     state: dict = field(default_factory=dict)
     input_vars: dict = field(default_factory=dict)
+    hints: dict = field(default_factory=dict)     # the graph layer's notes on this op (mljax.optimize)
 
+
+# The attribute under which graph passes leave hints for an op's implementation (OpContext.hints).
+HINTS = "_mljax_hints"
 
 _REGISTRY: dict[str, dict[int, OpSpec]] = {}
 

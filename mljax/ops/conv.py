@@ -26,7 +26,7 @@ from jax.custom_batching import custom_vmap
 from mljax.errors import OpError
 from mljax.ops._registry import register
 
-__all__ = ["conv", "conv_path", "conv_transpose"]
+__all__ = ["conv", "convolution", "conv_path", "conv_transpose"]
 
 _PAD_TYPES = ("valid", "same", "same_lower", "custom")
 
@@ -95,14 +95,23 @@ def _check_channels(op: str, c_in: int, groups: int, expected: int, found: int):
 
 @register("conv")
 def conv(x, weight, bias=None, *, strides=None, pad_type="valid", pad=None, dilations=None,
-         groups=1, after_costly_op=False):
+         groups=1, ctx=None):
+    """MIL ``conv``: :func:`convolution`, with the graph layer's hint from the lowering's ``ctx``
+    (``OpContext.hints``; no input of the program)."""
+    hinted = ctx is not None and bool(ctx.hints.get("after_costly_op"))
+    return convolution(x, weight, bias, strides=strides, pad_type=pad_type, pad=pad, dilations=dilations,
+                       groups=groups, after_costly_op=hinted)
+
+
+def convolution(x, weight, bias=None, *, strides=None, pad_type="valid", pad=None, dilations=None,
+                groups=1, after_costly_op=False):
     """N-D convolution of channel-first ``x`` with ``weight [C_out, C_in/groups, *K]``.
 
     ``same`` / ``same_lower`` padding follows TF's SAME rule (``out = ceil(in / stride)``);
     ``same_lower`` puts the odd padding element first.  iOS15's converter rejects
     ``same_lower``; it is accepted here for every opset.
 
-    ``after_costly_op`` is no MIL input but a hint of mljax's graph layer
+    ``after_costly_op`` is a hint of mljax's graph layer
     (:func:`mljax.optimize.passes.mark_convs_after_costly_ops`): ``x`` comes from an
     activation with a transcendental function (SiLU, sigmoid, GELU...), which XLA fuses into
     the padding; the padding then takes the form that keeps that fusion vectorized.  It

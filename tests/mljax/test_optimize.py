@@ -151,16 +151,21 @@ def _program_convs_after_activations():
     return prog, wd
 
 
-def test_convs_after_costly_activations_get_the_padding_hint():
-    """The hint marks the two convolutions fed by SiLU and x * sigmoid(x), not the one after ReLU;
-    the values equal the unoptimized program's and torch's, for one sample and for a list."""
+def test_convs_after_costly_activations_get_the_padding_hint(monkeypatch):
+    """The hint marks the two convolutions fed by SiLU and x * sigmoid(x), not the one after ReLU, and
+    reaches the convolution through the lowering (not with optimize=False); the values equal the
+    unoptimized program's and torch's, for one sample and for a list."""
     import torch
     import torch.nn.functional as F
+    from mljax.ops import conv as conv_ops
     prog, wd = _program_convs_after_activations()
     xs = RNG.standard_normal((3, 1, 4, 7, 6)).astype(np.float32)
+    hints, plain = [], conv_ops.convolution
+    monkeypatch.setattr(conv_ops, "convolution", lambda *a, **k: hints.append(k["after_costly_op"]) or plain(*a, **k))
     model, on, off = _both(lambda: prog, {"x": xs[0]})
+    assert sorted(hints) == [False] * 4 + [True] * 2       # optimized: 2 of 3 hinted; unoptimized: none
     assert _stats(model)["mark_convs_after_costly_ops"] == 2
-    marked = {op.input("x").name: op.attributes.get("after_costly_op", False)
+    marked = {op.input("x").name: op.attributes.get("_mljax_hints", {}).get("after_costly_op", False)
               for op in model.stage.lowered.fn.block.operations if op.type == "conv"}
     assert sorted(marked.values()) == [False, True, True]
 

@@ -377,8 +377,9 @@ def test_depthwise_convolution_after_sigmoid_product_gets_the_padding_hint(monke
     b.add_elementwise("sum", ["dw_silu_out", "dw_relu_out"], "y", mode="ADD")
     assert _costly_blobs(b.spec.neuralNetwork) == {"s", "m"}
     from mljax.ops import conv as conv_ops
-    hints, plain = [], conv_ops.conv
-    monkeypatch.setattr(conv_ops, "conv", lambda *a, **k: hints.append(k.get("after_costly_op")) or plain(*a, **k))
+    hints, plain = [], conv_ops.convolution
+    monkeypatch.setattr(conv_ops, "convolution",
+                        lambda *a, **k: hints.append(k.get("after_costly_op")) or plain(*a, **k))
     model = _model(b)
     w = torch.tensor(w_hwio.transpose(3, 2, 0, 1))
 
