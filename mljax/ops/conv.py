@@ -304,7 +304,7 @@ def _pad_minor_by_concat(x, pads):
     XLA:CPU's loop emitter guards every element of a fusion whose root pads the minor axis, so
     nothing in it is vectorized, including the activation XLA fuses in (a SiLU before a
     depthwise layer: 1x96x64x64 ran 7x slower than the SiLU alone); a concatenation it emits
-    per operand.  EfficientNet-B0 at batch 1: 0.75x the predict time (docs/performance.md).
+    per operand.  EfficientNet-B0 at batch 1: 0.75x the XLA time, 0.84x the predict time.
     """
     *major, (lo, hi) = pads
     x = _pad_all(x, tuple(major) + ((0, 0),))
@@ -321,7 +321,7 @@ def _spatial_padder(pads):
     unpadded middle directly (a slice of a concatenation is simplified to its operand), which
     costs more than the guarded loop after cheap activations (MobileNetV3-Small's hardswish,
     ReLU6: 1.05-1.23x at batch 32) and less after costly ones (EfficientNet-B0's SiLU:
-    0.80-0.86x): the graph layer's hint (``after_costly_op``) picks the concatenation for
+    0.90-0.93x): the graph layer's hint (``after_costly_op``) picks the concatenation for
     those.  Reverse-mode derivatives come from ``lax.pad``'s (``custom_vmap`` has none of its
     own).
     """

@@ -158,6 +158,7 @@ def test_convs_after_costly_activations_get_the_padding_hint(monkeypatch):
     import torch
     import torch.nn.functional as F
     from mljax.ops import conv as conv_ops
+    from mljax.ops._registry import HINTS
     prog, wd = _program_convs_after_activations()
     xs = RNG.standard_normal((3, 1, 4, 7, 6)).astype(np.float32)
     hints, plain = [], conv_ops.convolution
@@ -165,7 +166,7 @@ def test_convs_after_costly_activations_get_the_padding_hint(monkeypatch):
     model, on, off = _both(lambda: prog, {"x": xs[0]})
     assert sorted(hints) == [False] * 4 + [True] * 2       # optimized: 2 of 3 hinted; unoptimized: none
     assert _stats(model)["mark_convs_after_costly_ops"] == 2
-    marked = {op.input("x").name: op.attributes.get("_mljax_hints", {}).get("after_costly_op", False)
+    marked = {op.input("x").name: op.attributes.get(HINTS, {}).get("after_costly_op", False)
               for op in model.stage.lowered.fn.block.operations if op.type == "conv"}
     assert sorted(marked.values()) == [False, True, True]
 

@@ -220,6 +220,19 @@ def test_pointwise_conv_is_a_matrix_product():
     check(conv(x, w, strides=np.array([2, 1])), F.conv2d(t64(x), t64(w), stride=(2, 1)).numpy(), np.float32)
 
 
+def _check_gradients(f, ref, x, w, ct):
+    """d/dx and d/dw of ``sum(f(x, w) * ct)`` equal the reference formula's, with ``f`` called on the
+    whole batch and vmapped over its samples (as a list predict runs it)."""
+    import jax
+    for vmapped in (False, True):
+        def loss(a, c, g):
+            y = jax.vmap(lambda s: g(s[None], c)[0])(a) if vmapped else g(a, c)
+            return (y * ct).sum()
+        got = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, w, f)
+        want = jax.grad(loss, argnums=(0, 1))(x, w, ref)
+        for g, g_ref in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-4, atol=1e-4)
+
 
 @pytest.mark.parametrize("strides", [(1, 1), (2, 1)])
 def test_pointwise_conv_batched_vmapped_and_differentiated(strides):
@@ -234,19 +247,11 @@ def test_pointwise_conv_batched_vmapped_and_differentiated(strides):
     ws = np.stack([w, -2 * w])
     check(jax.vmap(lambda c: conv(x, c, b, **kw))(ws),
           np.stack([F.conv2d(t64(x), t64(c), t64(b), stride=strides).numpy() for c in ws]), np.float32)
-    ct = rand(ref.shape)
 
     def einsum_conv(a, c):
         a = a[:, :, ::strides[0], ::strides[1]]
         return jax.numpy.einsum("kc,nchw->nkhw", c[:, :, 0, 0], a, precision="highest") + b[:, None, None]
-    for vmapped in (False, True):
-        def loss(a, c, f):
-            y = jax.vmap(lambda s: f(s[None], c)[0])(a) if vmapped else f(a, c)
-            return (y * ct).sum()
-        got = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, w, lambda a, c: conv(a, c, b, **kw))
-        want = jax.grad(loss, argnums=(0, 1))(x, w, einsum_conv)
-        for g, g_ref in zip(got, want):
-            np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-4, atol=1e-4)
+    _check_gradients(lambda a, c: conv(a, c, b, **kw), einsum_conv, x, w, rand(ref.shape))
 
 
 def test_depthwise_conv_avoids_grouped_convolution():
@@ -259,7 +264,6 @@ def test_depthwise_conv_avoids_grouped_convolution():
     ref = F.conv2d(torch_pad(t64(x), same_pads((10, 10), (3, 3), (2, 2), (1, 1))), t64(w), stride=2,
                    groups=6).numpy()
     check(conv(x, w, **kw), ref, np.float32)
-
 
 
 @pytest.mark.parametrize("pads,strides", [([(1, 0), (1, 2)], (2, 1)), ([(0, 0), (2, 2)], (1, 1)), ([(1, 1), (0, 0)], (1, 2))])
@@ -275,19 +279,11 @@ def test_depthwise_padding_plain_vmapped_and_differentiated(pads, strides):
     ref = F.conv2d(F.pad(t64(x), (le, r, t, bo)), t64(w), t64(b), stride=strides, groups=4).numpy()
     check(jax.jit(lambda a: conv(a, w, b, **kw))(x), ref, np.float32)
     check(jax.jit(jax.vmap(lambda a: conv(a[None], w, b, **kw)[0]))(x), ref, np.float32)
-    ct = rand(ref.shape)
 
     def grouped(a, c):
         return lax.conv_general_dilated(a, c, strides, pads, dimension_numbers=("NCHW", "OIHW", "NCHW"),
                                         feature_group_count=4, precision=lax.Precision.HIGHEST)
-    for vmapped in (False, True):
-        def loss(a, c, f):
-            y = jax.vmap(lambda s: f(s[None], c)[0])(a) if vmapped else f(a, c)
-            return (y * ct).sum()
-        got = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, w, lambda a, c: conv(a, c, **kw))
-        want = jax.grad(loss, argnums=(0, 1))(x, w, grouped)
-        for g, g_ref in zip(got, want):
-            np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-4, atol=1e-4)
+    _check_gradients(lambda a, c: conv(a, c, **kw), grouped, x, w, rand(ref.shape))
 
 
 # -------------------------------------------------------------------------- conv paths
