@@ -28,6 +28,13 @@ __all__ = ["COMPUTE_PRECISIONS", "LoweredFunction", "compute_dtype_fn", "is_weig
 _NON_INPUT_ATTRIBUTES = {"name"}
 _SHAPE_ONLY_OPS = {"shape"}   # their outputs depend on static shapes only, never on values
 
+# Ops of the weight prologue: re-layouts and concatenations of constant weights that the graph
+# layer adds (mljax.optimize), computed once per weight values instead of once per call.
+_PROLOGUE_OPS = frozenset({"transpose", "concat", "reshape"})
+
+#: the key of a weights pytree under which :meth:`LoweredFunction.prepare`'s values are passed
+PREPARED = "mljax:prepared"
+
 
 # Typed execution.  Core ML treats an ML program's declared types as the *minimum* compute
 # precision: a backend may compute fp16 ops in fp32 where fp16 arithmetic is slow.  XLA:CPU has
@@ -110,6 +117,7 @@ class LoweredFunction:
             self.fn, self.optimizations = run_passes(fn, self.compute_dtype)
         self.weights: dict[str, np.ndarray] = {}
         self._collect_weights(self.fn.block)
+        self.prologue = self._find_prologue()
         self.input_names = [v.name for v in fn.inputs if not isinstance(v.type, StateType)]
         self.state_names = [v.name for v in fn.inputs if isinstance(v.type, StateType)]
         self.output_names = [v.name for v in fn.outputs]
@@ -170,10 +178,35 @@ class LoweredFunction:
                     if var.name.startswith("_imm") and is_weight(var):
                         self.weights[var.name] = var.value
 
+    def _find_prologue(self) -> tuple:
+        """Top-block ops computed from constants and weights alone (``_PROLOGUE_OPS``)."""
+        known, found = set(), []
+        for op in self.fn.block.operations:
+            if op.type in _PROLOGUE_OPS and not op.blocks and op.outputs and all(
+                    v.value is not None or id(v) in known for bound in op.inputs.values() for v in bound):
+                found.append(op)
+                known.update(id(v) for v in op.outputs)
+        return tuple(found)
+
+    def prepare(self, weights: dict) -> dict:
+        """The weight prologue's values for these weights: ``{var name: array}``.
+
+        Passed back as ``weights[PREPARED]``, the call skips the prologue (a predict computes it
+        once per weight values, see ``MLModel``); without it each call computes it, so training
+        differentiates through it to the weights themselves."""
+        env = {k: v for k, v in weights.items() if k != PREPARED}
+        for op in self.prologue:
+            for var, val in zip(op.outputs, self._call(op, env)):
+                env[var.name] = self._cast_output(var, val)
+        return {v.name: env[v.name] for op in self.prologue for v in op.outputs}
+
     # --- the interpreter ----------------------------------------------------------------
     def __call__(self, weights: dict, inputs: dict, states: dict | None = None):
         self.trace_count += 1
-        env: dict[str, Any] = dict(weights)
+        prepared = weights.get(PREPARED) if self.prologue else None
+        env: dict[str, Any] = {k: v for k, v in weights.items() if k != PREPARED}
+        if prepared is not None:
+            env.update(prepared)
         for v in self.fn.inputs:
             if isinstance(v.type, StateType):
                 env[v.name] = states[v.name]
@@ -187,7 +220,8 @@ class LoweredFunction:
                         val = jnp.asarray(val, want)
                 env[v.name] = val
         state = {k: env[k] for k in self.state_names}
-        outs = self._run_block(self.fn.block, env, state)
+        skip = frozenset(id(op) for op in self.prologue) if prepared is not None else frozenset()
+        outs = self._run_block(self.fn.block, env, state, skip=skip)
         # Typed execution computes at *least* the declared precision; what leaves the function
         # (outputs, states) has the declared dtypes, so a pipeline's next stage, a training
         # step's features and predict all see the same values (fp16 outputs rounded once, here).
@@ -203,11 +237,11 @@ class LoweredFunction:
             return var.value
         raise OpError(f"variable {var.name!r} has no value (an input that was not provided?)")
 
-    def _run_block(self, block: Block, env, state, args=()) -> tuple:
+    def _run_block(self, block: Block, env, state, args=(), skip=frozenset()) -> tuple:
         for var, val in zip(block.inputs, args):
             env[var.name] = val
         for op in block.operations:
-            if op.type == "const" or op.type.startswith("constexpr_"):
+            if op.type == "const" or op.type.startswith("constexpr_") or id(op) in skip:
                 continue
             values = self._call(op, env, state=state)
             for var, val in zip(op.outputs, values):

@@ -20,7 +20,7 @@ from mljax.cache import CachedJit
 from mljax.errors import InputError, OpError, PredictionError
 from mljax.features import Features, convert_inputs, convert_output, feature_specs
 from mljax.format.package import load_spec, save_spec
-from mljax.lower import resolve_compute_precision
+from mljax.lower import PREPARED, resolve_compute_precision
 from mljax.ops.random import CALL_KEY_INPUT
 from mljax.stage import Stage, build_stage, shared_fn
 
@@ -248,7 +248,7 @@ class MLModel:
             stacked = {k: np.stack([p[k] for p in rows]) for k in prepared[0]}
             try:
                 with self._x64_scope():
-                    outputs, _ = distribute.run_batched(self._batched_fn, self._weights, stacked)
+                    outputs, _ = distribute.run_batched(self._batched_fn, self._run_weights(), stacked)
                 outputs = _raise_failed_checks(outputs)
             except _NEEDS_CONCRETE:
                 return [self.predict(d, state) for d in items]
@@ -267,13 +267,23 @@ class MLModel:
             if not self._eager:
                 try:
                     if self._cached_fn is not None and self._weights is self._loaded_weights:
-                        return self._cached_fn(self._weights, inputs, states)
-                    return self._predict_fn(self._weights, inputs, states)
+                        return self._cached_fn(self._run_weights(), inputs, states)
+                    return self._predict_fn(self._run_weights(), inputs, states)
                 except _NEEDS_CONCRETE:
                     # e.g. non_zero, or a slice whose bounds are model inputs: XLA needs static shapes,
                     # so this model runs un-jitted from now on (each op still a compiled kernel)
                     self._eager = True
             return self._stage.fn(self._weights, {k: jnp.asarray(v) for k, v in inputs.items()}, states)
+
+    def _run_weights(self):
+        """The weights a predict passes: with the stage's prepared values (``Stage.prepare``),
+        computed once per weight values (a model from ``with_weights`` computes its own)."""
+        if self._stage.prepare is None:
+            return self._weights
+        cached = getattr(self, "_prepared", None)
+        if cached is None or cached[0] is not self._weights:
+            cached = self._prepared = (self._weights, {**self._weights, PREPARED: self._stage.prepare(self._weights)})
+        return cached[1]
 
     # --- state ---------------------------------------------------------------------------
     def make_state(self) -> "MLState":

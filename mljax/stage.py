@@ -44,6 +44,9 @@ class Stage:
     program: Any = None                   # mljax.mil.ir.Program as loaded (what save writes)
     function: str | None = None           # the function that runs
     lowered: Any = None                   # mljax.lower.LoweredFunction (the optimized copy it runs)
+    # weights -> values fn also accepts precomputed, as weights[mljax.lower.PREPARED] (re-laid-out
+    # weights: computed once per weight values by MLModel's predict; fn computes them otherwise)
+    prepare: Callable[[dict], dict] | None = None
     # NeuralNetwork models
     network: Any = None                   # mljax.neuralnetwork.network.Network (layers, weights)
     rank5: bool = False                   # the network runs in the legacy [Seq, Batch, C, H, W] layout

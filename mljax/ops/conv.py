@@ -98,13 +98,15 @@ def conv(x, weight, bias=None, *, strides=None, pad_type="valid", pad=None, dila
          groups=1, ctx=None):
     """MIL ``conv``: :func:`convolution`, with the graph layer's hint from the lowering's ``ctx``
     (``OpContext.hints``; no input of the program)."""
-    hinted = ctx is not None and bool(ctx.hints.get("after_costly_op"))
+    hints = ctx.hints if ctx is not None else {}
     return convolution(x, weight, bias, strides=strides, pad_type=pad_type, pad=pad, dilations=dilations,
-                       groups=groups, after_costly_op=hinted)
+                       groups=groups, after_costly_op=bool(hints.get("after_costly_op")),
+                       channels_last=bool(hints.get("channels_last")),
+                       weight_hwc=bool(hints.get("weight_hwc")))
 
 
 def convolution(x, weight, bias=None, *, strides=None, pad_type="valid", pad=None, dilations=None,
-                groups=1, after_costly_op=False):
+                groups=1, after_costly_op=False, channels_last=False, weight_hwc=False):
     """N-D convolution of channel-first ``x`` with ``weight [C_out, C_in/groups, *K]``.
 
     ``same`` / ``same_lower`` padding follows TF's SAME rule (``out = ceil(in / stride)``);
@@ -116,8 +118,18 @@ def convolution(x, weight, bias=None, *, strides=None, pad_type="valid", pad=Non
     activation with a transcendental function (SiLU, sigmoid, GELU...), which XLA fuses into
     the padding; the padding then takes the form that keeps that fusion vectorized.  It
     changes no value.
+
+    ``channels_last`` is the graph layer's layout
+    (:func:`mljax.optimize.passes.channels_last_regions`): ``x`` is ``[N, *D, C_in]`` and so is
+    the result (``[N, *D', C_out]``); the weight keeps MIL's layout, unless ``weight_hwc``: a
+    depthwise weight laid out ``[*K, C_out, 1]`` at load (a ``transpose`` of the program's
+    ``[C_out, 1, *K]`` weight that the lowering computes once per weight values): each tap's
+    weights one contiguous channel vector, which XLA's tap loop needs to vectorize.
     """
     x, weight = jnp.asarray(x), jnp.asarray(weight)
+    if channels_last:
+        return _channels_last(x, weight, bias, strides, pad_type, pad, dilations, int(groups),
+                              bool(after_costly_op), bool(weight_hwc)).astype(x.dtype)
     n = x.ndim - 2
     groups = int(groups)
     _check_channels("conv", x.shape[1], groups, x.shape[1] // max(groups, 1), weight.shape[1])
@@ -378,6 +390,62 @@ def _depthwise(x, weight, strides, pads, dilations, after_costly_op=False):
         term = window * w[(slice(None), 0) + tap].reshape((1, -1) + (1,) * n_sp)
         y = term if y is None else y + term
     return y
+
+
+def _channels_last(x, weight, bias, strides, pad_type, pad, dilations, groups, after_costly_op, weight_hwc):
+    """``convolution`` of a channel-last ``x [N, *D, C]``: depthwise and 1x1 layers in that layout
+    (every tap and product reads whole channel vectors), others through the channel-first paths."""
+    n = x.ndim - 2
+    if weight_hwc:    # [*K, C_out, 1] -> MIL's [C_out, 1, *K] for the checks and path rules
+        weight_hwc, weight = weight, jnp.moveaxis(weight, (n, n + 1), (0, 1))
+    _check_channels("conv", x.shape[-1], groups, x.shape[-1] // max(groups, 1), weight.shape[1])
+    kernel = weight.shape[2:]
+    strides = _ints(strides, n, 1, "strides")
+    dilations = _ints(dilations, n, 1, "dilations")
+    pads = _spatial_pads(pad_type, pad, x.shape[1:-1], kernel, strides, dilations)
+    first = (x.shape[0], x.shape[-1]) + tuple(x.shape[1:-1])
+    path = conv_path(first, weight.shape, x.dtype, strides, pads, dilations, groups)
+    if path == "depthwise":
+        y = _depthwise_last(x, weight if weight_hwc is False else weight_hwc, strides, pads, dilations,
+                            weight_hwc is not False)
+    elif path == "pointwise":
+        y = _pointwise_last(x, weight, strides)
+    else:
+        y = _dense_or_grouped(jnp.moveaxis(x, -1, 1), weight, strides, pads, dilations, groups, bias,
+                              after_costly_op)
+        return jnp.moveaxis(y, 1, -1)
+    return y if bias is None else y + jnp.asarray(bias).astype(y.dtype)
+
+
+def _depthwise_last(x, weight, strides, pads, dilations, hwc=False):
+    """``_depthwise`` of a channel-last ``x``: each tap a strided window times a channel vector
+    (``weight [*K, C_out, 1]`` when ``hwc``, else MIL's ``[C_out, 1, *K]``)."""
+    n = x.ndim - 2
+    w = (weight[..., 0] if hwc else jnp.moveaxis(weight[:, 0], 0, -1)).astype(_accumulate_dtype(x.dtype) or x.dtype)
+    mult = w.shape[-1] // x.shape[-1]
+    if mult > 1:
+        x = jnp.repeat(x, mult, axis=-1)
+    acc = w.dtype
+    outs = _out_sizes(x.shape[1:-1], w.shape[:n], strides, pads, dilations)
+    xp = lax.pad(x.astype(acc), jnp.zeros((), acc), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)])
+    y = None
+    for tap in np.ndindex(*w.shape[:n]):
+        start = tuple(t * d for t, d in zip(tap, dilations))
+        limit = tuple(b + (o - 1) * s + 1 for b, o, s in zip(start, outs, strides))
+        window = lax.slice(xp, (0,) + start + (0,), (xp.shape[0],) + limit + (xp.shape[-1],),
+                           (1,) + tuple(strides) + (1,))
+        term = window * w[tap]
+        y = term if y is None else y + term
+    return y
+
+
+def _pointwise_last(x, weight, strides):
+    """A 1x1 convolution of a channel-last ``x``: one GEMM over all positions (and images)."""
+    if any(s != 1 for s in strides):
+        x = x[(slice(None),) + tuple(slice(None, None, s) for s in strides)]
+    w2 = weight.reshape(weight.shape[:2]).astype(x.dtype)
+    return lax.dot_general(x, w2, (((x.ndim - 1,), (1,)), ((), ())),
+                           preferred_element_type=_accumulate_dtype(x.dtype))
 
 
 def _im2col(x, weight, strides, pads, dilations, bias=None):

@@ -15,7 +15,8 @@ from mljax.ops._registry import HINTS
 from mljax.optimize._graph import Graph
 
 __all__ = ["PASSES", "remove_noop_casts", "remove_identity_ops", "merge_transposes", "merge_reshapes",
-           "merge_parallel_linears", "mark_convs_after_costly_ops", "dead_code", "COSTLY_OPS"]
+           "merge_parallel_linears", "mark_convs_after_costly_ops", "channels_last_regions", "dead_code",
+           "COSTLY_OPS"]
 
 # Ops that must run even when nothing reads their outputs.
 _SIDE_EFFECTS = {"coreml_update_state", "write_state"}
@@ -254,5 +255,167 @@ def mark_convs_after_costly_ops(graph: Graph) -> int:
     return n
 
 
+
+
+
+# --- channel-last regions ------------------------------------------------------------------
+# Ops that compute the same thing whatever the order of their rank-4 operands' axes (every
+# other input a scalar constant).
+_LAYOUT_FREE_UNARY = frozenset({
+    "relu", "relu6", "sigmoid", "sigmoid_hard", "silu", "tanh", "thresholded_relu", "clip", "leaky_relu",
+    "elu", "softplus", "scaled_tanh", "linear_activation", "erf", "exp", "abs", "sqrt", "square", "gelu",
+    "cast", "identity"})
+_LAYOUT_FREE_BINARY = frozenset({"add", "sub", "mul", "real_div", "maximum", "minimum"})
+_REDUCTIONS = frozenset({"reduce_mean", "reduce_sum", "reduce_max", "reduce_min"})
+_TO_LAST, _TO_FIRST = (0, 2, 3, 1), (0, 3, 1, 2)
+
+
+def _rank4(var) -> bool:
+    shape = _static_shape(var)
+    return var.value is None and shape is not None and len(shape) == 4
+
+
+def _scalar_const(var) -> bool:
+    return var.value is not None and np.size(var.value) == 1
+
+
+def _layout_free(op) -> bool:
+    """``op`` computes alike on channel-last operands, given remapped axes (see ``_remap``)."""
+    if len(op.outputs) != 1 or not _rank4(op.outputs[0]) or op.blocks:
+        return False
+    tensors = {k: v for k, v in op.inputs.items()}
+    if op.type == "conv":
+        x, w = op.input("x"), op.input("weight")
+        return x is not None and _rank4(x) and w is not None and len(_static_shape(w) or ()) == 4
+    if op.type in _LAYOUT_FREE_UNARY:
+        return op.input("x") is not None and _rank4(op.input("x")) and all(
+            all(_scalar_const(v) or isinstance(v.value, str) for v in bound) for k, bound in tensors.items() if k != "x")
+    if op.type in _LAYOUT_FREE_BINARY:
+        vs = [op.input("x"), op.input("y")]
+        return all(v is not None and (_rank4(v) or _scalar_const(v)) for v in vs)
+    if op.type in _REDUCTIONS:
+        axes, keep = op.input("axes"), op.input("keep_dims")
+        return (_rank4(op.input("x")) and axes is not None and axes.value is not None
+                and keep is not None and keep.value is not None and bool(keep.value))
+    if op.type == "concat":
+        inter, axis = op.input("interleave"), op.input("axis")
+        return (all(_rank4(v) for v in op.inputs.get("values", ())) and axis is not None
+                and axis.value is not None and (inter is None or not bool(inter.value)))
+    return False
+
+
+def _is_depthwise_conv(op, channel_axis=1) -> bool:
+    w, x = _static_shape(op.input("weight")), _static_shape(op.input("x"))
+    groups = op.input("groups")
+    g = int(groups.value) if groups is not None and groups.value is not None else 1
+    return w[1] == 1 and g == x[channel_axis] and g > 1
+
+
+def channels_last_regions(graph: Graph) -> int:
+    """Runs depthwise networks channel-last: the role of ONNX Runtime's NCHWc layout transformer.
+
+    A depthwise convolution in MIL's channel-first layout slides its taps along the minor axis,
+    a few pixels wide in a network's late layers: XLA:CPU vectorizes such loops poorly.
+    Channel-last, every tap is a contiguous channel vector and a 1x1 convolution one GEMM.  A
+    *region* is a connected set of ops that compute alike in either layout (conv, elementwise
+    activations and arithmetic on rank-4 tensors and scalars, reductions keeping their axes,
+    concat), holding at least one depthwise convolution; its values are held ``[N, H, W, C]``,
+    one ``transpose`` converts each value that enters or leaves it, reduction axes and concat
+    axes are renumbered, and its convs get the hint ``channels_last``.  Vars read outside the
+    region keep their identity (and channel-first layout).  Returns the number of ops moved."""
+    block = graph.fn.block
+    ops = [op for op in block.operations if op.type != "const"]
+    free = {id(op) for op in ops if _layout_free(op)}
+    producers = graph.producers()
+    readers: dict[int, set] = {}
+    for b in graph.blocks():
+        for op in b.operations:
+            for bound in op.inputs.values():
+                for v in bound:
+                    readers.setdefault(id(v), set()).add(id(op))
+    # a reduction read only outside (a network's global pool before its classifier) stays
+    # channel-first: XLA's YNNPACK fusion takes a matrix product, its activation and a
+    # channel-last reduction as one fusion that ran 10x slower (EfficientNet-B0's last layer)
+    free -= {id(op) for op in ops if op.type in _REDUCTIONS
+             and not any(r in free for r in readers.get(id(op.outputs[0]), ()))}
+    parent: dict[int, int] = {i: i for i in free}
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+    for op in ops:
+        if id(op) not in free:
+            continue
+        for bound in op.inputs.values():
+            for v in bound:
+                p = producers.get(id(v))
+                if p is not None and id(p) in free:
+                    parent[find(id(p))] = find(id(op))
+    seeds = {find(id(op)) for op in ops if id(op) in free and op.type == "conv" and _is_depthwise_conv(op)}
+    region = {id(op) for op in ops if id(op) in free and find(id(op)) in seeds}
+    if not region:
+        return 0
+    protected = graph.protected()
+    moved: dict[int, Var] = {}        # id(channel-first Var) -> its channel-last twin
+    entering: dict[int, Var] = {}
+    rewritten = []
+    for op in block.operations:
+        if id(op) not in region:
+            rewritten.append(op)
+            continue
+        before = []
+        for key, bound in op.inputs.items():
+            new = []
+            for v in bound:
+                if id(v) in moved:
+                    v = moved[id(v)]
+                elif _rank4(v):
+                    if id(v) not in entering:
+                        entering[id(v)] = _transposed(graph, v, _TO_LAST, before)
+                    v = entering[id(v)]
+                new.append(v)
+            op.inputs[key] = tuple(new)
+        _remap(graph, op, before)
+        after = []
+        for i, v in enumerate(op.outputs):
+            twin = Var(f"{v.name}__last", TensorType(v.type.dtype, tuple(v.type.shape[j] for j in _TO_LAST)))
+            op.outputs[i] = twin
+            moved[id(v)] = twin
+            if id(v) in protected or any(r not in region for r in readers.get(id(v), ())):
+                after.append(Operation("transpose", v.name + "__first", {
+                    "x": (twin,), "perm": (graph.const(v.name + "_perm", np.array(_TO_FIRST)),)}, [v]))
+        rewritten += before + [op] + after
+    block.operations[:] = rewritten
+    return len(region)
+
+
+def _transposed(graph: Graph, v: Var, perm, out: list) -> Var:
+    t = Var(f"{v.name}__" + "".join(map(str, perm)), TensorType(v.type.dtype, tuple(v.type.shape[j] for j in perm)))
+    out.append(Operation("transpose", t.name + "_op", {
+        "x": (v,), "perm": (graph.const(v.name + "_perm", np.array(perm)),)}, [t]))
+    return t
+
+
+def _remap(graph: Graph, op, before: list) -> None:
+    """Axis inputs renumbered for channel-last operands; convs get the hint, and a depthwise
+    conv's constant weight a ``transpose`` to ``[*K, C_out, 1]`` (the lowering's weight prologue
+    computes it once per weight values, see :mod:`mljax.lower`)."""
+    new_axis = {a: _TO_LAST.index(a) for a in range(4)}
+    if op.type == "conv":
+        hints = {**op.attributes.get(HINTS, {}), "channels_last": True}
+        w = op.input("weight")
+        if _is_depthwise_conv(op, channel_axis=3) and w.value is not None:
+            op.inputs["weight"] = (_transposed(graph, w, (2, 3, 0, 1), before),)
+            hints["weight_hwc"] = True
+        op.attributes[HINTS] = hints
+    elif op.type in _REDUCTIONS:
+        axes = [int(a) % 4 for a in np.asarray(op.input("axes").value).reshape(-1)]
+        op.inputs["axes"] = (graph.const(op.name + "_axes", np.array([new_axis[a] for a in axes])),)
+    elif op.type == "concat":
+        op.inputs["axis"] = (graph.const(op.name + "_axis", np.array(new_axis[int(op.input("axis").value) % 4])),)
+
+
 PASSES = (remove_noop_casts, remove_identity_ops, merge_transposes, merge_reshapes, merge_parallel_linears,
-          dead_code, mark_convs_after_costly_ops)
+          dead_code, mark_convs_after_costly_ops, channels_last_regions)
