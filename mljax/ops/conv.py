@@ -102,11 +102,11 @@ def conv(x, weight, bias=None, *, strides=None, pad_type="valid", pad=None, dila
     return convolution(x, weight, bias, strides=strides, pad_type=pad_type, pad=pad, dilations=dilations,
                        groups=groups, after_costly_op=bool(hints.get("after_costly_op")),
                        channels_last=bool(hints.get("channels_last")),
-                       weight_hwc=bool(hints.get("weight_hwc")))
+                       weight_hwc=bool(hints.get("weight_hwc")), first_in=bool(hints.get("first_in")))
 
 
 def convolution(x, weight, bias=None, *, strides=None, pad_type="valid", pad=None, dilations=None,
-                groups=1, after_costly_op=False, channels_last=False, weight_hwc=False):
+                groups=1, after_costly_op=False, channels_last=False, weight_hwc=False, first_in=False):
     """N-D convolution of channel-first ``x`` with ``weight [C_out, C_in/groups, *K]``.
 
     ``same`` / ``same_lower`` padding follows TF's SAME rule (``out = ceil(in / stride)``);
@@ -125,9 +125,13 @@ def convolution(x, weight, bias=None, *, strides=None, pad_type="valid", pad=Non
     depthwise weight laid out ``[*K, C_out, 1]`` at load (a ``transpose`` of the program's
     ``[C_out, 1, *K]`` weight that the lowering computes once per weight values): each tap's
     weights one contiguous channel vector, which XLA's tap loop needs to vectorize.
+    ``first_in``: ``x`` is channel-first (MIL's layout) and the result channel-last (a region's
+    first layer, run as im2col).
     """
     x, weight = jnp.asarray(x), jnp.asarray(weight)
     if channels_last:
+        if first_in:
+            return _im2col_last(x, weight, bias, strides, pad_type, pad, dilations).astype(x.dtype)
         return _channels_last(x, weight, bias, strides, pad_type, pad, dilations, int(groups),
                               bool(after_costly_op), bool(weight_hwc)).astype(x.dtype)
     n = x.ndim - 2
@@ -221,6 +225,8 @@ def _fast_path(path, geom, x, weight, bias):
         return _add_bias(_pointwise(x, weight, strides), bias, x.ndim - 2)
     if path == "im2col":
         return _im2col(x, weight, strides, pads, dilations, bias)
+    if path == "im2col_last":
+        return _im2col_rows(x, weight, bias, strides, pads, dilations)
     return _winograd(x, weight, pads, _WINOGRAD_F4, bias)
 
 
@@ -243,7 +249,9 @@ def _batch_folding(path: str, geom):
     def _rule(axis_size, in_batched, x, weight, bias):
         if in_batched[0] and not any(in_batched[1:]):
             strides, pads, dilations = geom
-            y = _dense_or_grouped(x.reshape((-1,) + x.shape[2:]), weight, strides, pads, dilations, 1, bias)
+            folded_x = x.reshape((-1,) + x.shape[2:])
+            y = (plain(folded_x, weight, bias) if path == "im2col_last" else
+                 _dense_or_grouped(folded_x, weight, strides, pads, dilations, 1, bias))
             return y.reshape((axis_size, -1) + y.shape[1:]), True
         return jax.vmap(plain, in_axes=tuple(0 if b else None for b in in_batched))(x, weight, bias), True
 
@@ -437,6 +445,33 @@ def _depthwise_last(x, weight, strides, pads, dilations, hwc=False):
         term = window * w[tap]
         y = term if y is None else y + term
     return y
+
+
+def _im2col_last(x, weight, bias, strides, pad_type, pad, dilations):
+    """im2col of a channel-*first* ``x`` (the network's input) into a channel-last result: the
+    same patches as ``_im2col``, the GEMM transposed (positions as rows), so the region after
+    the layer starts channel-last without a transpose.  One GEMM per image (``_batch_folding``)."""
+    n = x.ndim - 2
+    _check_channels("conv", x.shape[1], 1, x.shape[1], weight.shape[1])
+    kernel = weight.shape[2:]
+    strides = _ints(strides, n, 1, "strides")
+    dilations = _ints(dilations, n, 1, "dilations")
+    pads = _spatial_pads(pad_type, pad, x.shape[2:], kernel, strides, dilations)
+    geom = (tuple(map(int, strides)), tuple((int(a), int(b)) for a, b in pads), tuple(map(int, dilations)))
+    bias = jnp.zeros(weight.shape[:1], jnp.float32) if bias is None else jnp.asarray(bias)
+    return _batch_folding("im2col_last", geom)(x, weight, bias)
+
+
+def _im2col_rows(x, weight, bias, strides, pads, dilations):
+    outs = _out_sizes(x.shape[2:], weight.shape[2:], strides, pads, dilations)
+    w2 = weight.reshape(weight.shape[0], -1).astype(x.dtype)
+
+    def image(xi):       # [C, *D] -> [*D', K]
+        wins = [v for _, v in _windows(_pad_spatial(xi[None], pads), weight.shape[2:], strides, dilations, outs)]
+        patches = jnp.stack(wins, axis=2).reshape(-1, math.prod(outs))               # [C*taps, P]
+        y = lax.dot_general(patches, w2, (((0,), (1,)), ((), ())), preferred_element_type=_accumulate_dtype(x.dtype))
+        return (y + bias.astype(y.dtype)).reshape((*outs, weight.shape[0]))
+    return image(x[0])[None] if x.shape[0] == 1 else lax.map(image, x)
 
 
 def _pointwise_last(x, weight, strides):

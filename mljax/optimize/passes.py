@@ -268,6 +268,9 @@ _LAYOUT_FREE_UNARY = frozenset({
 _LAYOUT_FREE_BINARY = frozenset({"add", "sub", "mul", "real_div", "maximum", "minimum"})
 _REDUCTIONS = frozenset({"reduce_mean", "reduce_sum", "reduce_max", "reduce_min"})
 _TO_LAST, _TO_FIRST = (0, 2, 3, 1), (0, 3, 1, 2)
+# Dense convs with at most this many weights per output channel (a network's first layer) get
+# their weight laid out for channel-last im2col; mljax.ops.conv's own im2col threshold.
+_IM2COL_MAX_ROWS = 32
 
 
 def _rank4(var) -> bool:
@@ -333,11 +336,6 @@ def channels_last_regions(graph: Graph) -> int:
             for bound in op.inputs.values():
                 for v in bound:
                     readers.setdefault(id(v), set()).add(id(op))
-    # a reduction read only outside (a network's global pool before its classifier) stays
-    # channel-first: XLA's YNNPACK fusion takes a matrix product, its activation and a
-    # channel-last reduction as one fusion that ran 10x slower (EfficientNet-B0's last layer)
-    free -= {id(op) for op in ops if op.type in _REDUCTIONS
-             and not any(r in free for r in readers.get(id(op.outputs[0]), ()))}
     parent: dict[int, int] = {i: i for i in free}
 
     def find(i):
@@ -366,10 +364,14 @@ def channels_last_regions(graph: Graph) -> int:
             rewritten.append(op)
             continue
         before = []
+        # a region's first layer reads its channel-first input as it is (see _first_in)
+        first_in = op.type == "conv" and id(op.input("x")) not in moved and _first_in(op)
         for key, bound in op.inputs.items():
             new = []
             for v in bound:
-                if id(v) in moved:
+                if first_in and key == "x":
+                    pass
+                elif id(v) in moved:
                     v = moved[id(v)]
                 elif _rank4(v):
                     if id(v) not in entering:
@@ -377,7 +379,10 @@ def channels_last_regions(graph: Graph) -> int:
                     v = entering[id(v)]
                 new.append(v)
             op.inputs[key] = tuple(new)
-        _remap(graph, op, before)
+        # a reduction read only outside (a network's global pool before its classifier)
+        pool = op.type in ("reduce_mean", "reduce_sum") and not any(
+            r in region for r in readers.get(id(op.outputs[0]), ()))
+        _remap(graph, op, before, first_in, pool)
         after = []
         for i, v in enumerate(op.outputs):
             twin = Var(f"{v.name}__last", TensorType(v.type.dtype, tuple(v.type.shape[j] for j in _TO_LAST)))
@@ -398,7 +403,40 @@ def _transposed(graph: Graph, v: Var, perm, out: list) -> Var:
     return t
 
 
-def _remap(graph: Graph, op, before: list) -> None:
+def _axes(op) -> list:
+    return [int(a) % 4 for a in np.asarray(op.input("axes").value).reshape(-1)]
+
+
+def _reduce_by_product(graph: Graph, op, before: list) -> None:
+    """A channel-last global pool (spatial ``reduce_mean``/``reduce_sum`` read outside the region)
+    as ``matmul`` by a constant row: XLA's YNNPACK reduction fusion otherwise takes the
+    reduction together with the matrix products and activation before it (EfficientNet-B0's
+    last layers: 3 ms instead of 0.6 ms).  Inside the region (squeeze-and-excitation) the
+    reduction stays: there its input is a depthwise convolution, which YNNPACK does not take."""
+    x = op.input("x")
+    n, h, w, c = _static_shape(x)
+    dtype = x.type.dtype
+    flat = Var(f"{op.name}__rows", TensorType(dtype, (n, h * w, c)))
+    before.append(Operation("reshape", flat.name + "_op", {
+        "x": (x,), "shape": (graph.const(op.name + "_rows_shape", np.array([n, h * w, c])),)}, [flat]))
+    scale = 1.0 / (h * w) if op.type == "reduce_mean" else 1.0
+    row = Var(f"{op.name}__row", TensorType(dtype, (1, h * w)),
+              np.full((1, h * w), scale, dtype.numpy))
+    prod = Var(f"{op.name}__prod", TensorType(dtype, (n, 1, c)))
+    before.append(Operation("matmul", prod.name + "_op", {"x": (row,), "y": (flat,)}, [prod]))
+    op.type = "reshape"
+    op.inputs = {"x": (prod,), "shape": (graph.const(op.name + "_shape", np.array([n, 1, 1, c])),)}
+
+
+def _first_in(op) -> bool:
+    """A dense conv with few weights per output channel (a network's first layer, im2col)."""
+    groups, w = op.input("groups"), op.input("weight")
+    return ((groups is None or groups.value is None or int(groups.value) == 1) and w is not None
+            and (_static_shape(w) or (0, 0, 1, 1))[2:] != (1, 1)
+            and int(np.prod(_static_shape(w)[1:])) <= _IM2COL_MAX_ROWS)
+
+
+def _remap(graph: Graph, op, before: list, first_in=False, pool=False) -> None:
     """Axis inputs renumbered for channel-last operands; convs get the hint, and a depthwise
     conv's constant weight a ``transpose`` to ``[*K, C_out, 1]`` (the lowering's weight prologue
     computes it once per weight values, see :mod:`mljax.lower`)."""
@@ -406,12 +444,17 @@ def _remap(graph: Graph, op, before: list) -> None:
     if op.type == "conv":
         hints = {**op.attributes.get(HINTS, {}), "channels_last": True}
         w = op.input("weight")
-        if _is_depthwise_conv(op, channel_axis=3) and w.value is not None:
+        if not first_in and _is_depthwise_conv(op, channel_axis=3) and w.value is not None:
             op.inputs["weight"] = (_transposed(graph, w, (2, 3, 0, 1), before),)
             hints["weight_hwc"] = True
+        elif first_in:
+            hints["first_in"] = True
         op.attributes[HINTS] = hints
-    elif op.type in _REDUCTIONS:
-        axes = [int(a) % 4 for a in np.asarray(op.input("axes").value).reshape(-1)]
+    elif pool and sorted(new_axis[a] for a in _axes(op)) == [1, 2]:
+        _reduce_by_product(graph, op, before)
+        return
+    if op.type in _REDUCTIONS:
+        axes = _axes(op)
         op.inputs["axes"] = (graph.const(op.name + "_axes", np.array([new_axis[a] for a in axes])),)
     elif op.type == "concat":
         op.inputs["axis"] = (graph.const(op.name + "_axis", np.array(new_axis[int(op.input("axis").value) % 4])),)

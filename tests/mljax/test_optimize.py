@@ -179,3 +179,81 @@ def test_convs_after_costly_activations_get_the_padding_hint(monkeypatch):
     listed = model.predict([{"x": x} for x in xs])
     for x, out in zip(xs, listed):
         np.testing.assert_allclose(out["y"], ref(x), rtol=1e-5, atol=1e-5)
+
+
+def _program_depthwise_block():
+    """A MobileNet-style block: first layer (im2col), depthwise, squeeze-and-excitation, 1x1, pool."""
+    w0 = RNG.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3
+    wd = RNG.standard_normal((8, 1, 3, 3)).astype(np.float32) * 0.3
+    w1 = RNG.standard_normal((4, 8, 1, 1)).astype(np.float32) * 0.3
+    w2 = RNG.standard_normal((8, 4, 1, 1)).astype(np.float32) * 0.3
+    wp = RNG.standard_normal((6, 8, 1, 1)).astype(np.float32) * 0.3
+
+    @mb.program(input_specs=[mb.TensorSpec((1, 3, 12, 10), dtype=types.fp32)], opset_version=ct.target.iOS17)
+    def prog(x):
+        a = mb.relu(x=mb.conv(x=x, weight=w0, strides=[2, 2], pad_type="custom", pad=[1, 1, 1, 1]))
+        d = mb.silu(x=mb.conv(x=a, weight=wd, pad_type="same", groups=8))
+        se = mb.reduce_mean(x=d, axes=[2, 3], keep_dims=True)
+        se = mb.sigmoid(x=mb.conv(x=mb.relu(x=mb.conv(x=se, weight=w1)), weight=w2))
+        p = mb.conv(x=mb.mul(x=d, y=se), weight=wp)
+        pooled = mb.reduce_mean(x=mb.add(x=p, y=np.float32(0.5)), axes=[2, 3], keep_dims=True)
+        return mb.reshape(x=pooled, shape=[1, 6], name="y"), mb.identity(x=p, name="map")
+    return prog, (w0, wd, w1, w2, wp)
+
+
+def _torch_block(x, ws):
+    import torch
+    import torch.nn.functional as F
+    w0, wd, w1, w2, wp = (torch.from_numpy(w).double() for w in ws)
+    a = torch.relu(F.conv2d(torch.from_numpy(x).double(), w0, stride=2, padding=1))
+    d = F.silu(F.conv2d(a, wd, padding=1, groups=8))
+    se = torch.sigmoid(F.conv2d(torch.relu(F.conv2d(d.mean((2, 3), keepdim=True), w1)), w2))
+    p = F.conv2d(d * se, wp)
+    return (p + 0.5).mean((2, 3)).numpy(), p.numpy()
+
+
+def test_depthwise_networks_run_channel_last():
+    """The block's ops become one channel-last region (its convs hinted, the depthwise weight
+    re-laid out by the weight prologue); single and list predicts equal torch's and the
+    unoptimized program's, the output read inside the region (``map``) keeps its layout."""
+    from mljax.ops._registry import HINTS
+    prog, ws = _program_depthwise_block()
+    xs = RNG.standard_normal((3, 1, 3, 12, 10)).astype(np.float32)
+    model, on, off = _both(lambda: prog, {"x": xs[0]})
+    assert _stats(model)["channels_last_regions"] >= 10
+    convs = [op.attributes.get(HINTS, {}) for op in model.stage.lowered.fn.block.operations if op.type == "conv"]
+    assert all(h.get("channels_last") for h in convs) and sum(bool(h.get("weight_hwc")) for h in convs) == 1
+    assert sum(bool(h.get("first_in")) for h in convs) == 1
+    assert [op.type for op in model.stage.lowered.prologue] == ["transpose"]
+    y, fmap = _torch_block(xs[0], ws)
+    for got in (on, off):
+        np.testing.assert_allclose(got["y"], y, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got["map"], fmap, rtol=1e-5, atol=1e-5)
+    for x, out in zip(xs, model.predict([{"x": x} for x in xs])):
+        y, fmap = _torch_block(x, ws)
+        np.testing.assert_allclose(out["y"], y, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out["map"], fmap, rtol=1e-5, atol=1e-5)
+
+
+def test_prepared_weights_follow_the_weights():
+    """Predict computes the prologue once per weight values: a model with other weights
+    (``with_weights``) predicts with them, and gradients through ``stage.fn`` (which computes the
+    prologue itself) reach the program's own weight, equal to the unoptimized program's."""
+    import jax
+    prog, ws = _program_depthwise_block()
+    x = RNG.standard_normal((1, 3, 12, 10)).astype(np.float32)
+    model, _, _ = _both(lambda: prog, {"x": x})
+    plain = mljax.MLModel(model.package_path, optimize=False)
+    name = next(k for k, v in model.weights.items() if np.shape(v) == (8, 1, 3, 3))
+    new = {**model.weights, name: model.weights[name] * -2.0}
+    ws2 = (ws[0], np.asarray(new[name]), *ws[2:])
+    before = model.predict({"x": x})["y"]
+    np.testing.assert_allclose(model.with_weights(new).predict({"x": x})["y"], _torch_block(x, ws2)[0],
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.predict({"x": x})["y"], before)        # the model itself is unchanged
+
+    def grad(m):
+        loss = lambda w: m.stage.fn(w, {"x": x}, {})[0]["y"].sum()   # noqa: E731
+        return np.asarray(jax.grad(loss)(m.weights)[name])
+    np.testing.assert_allclose(grad(model), grad(plain), rtol=1e-4, atol=1e-6)
+    assert np.abs(grad(model)).max() > 0
