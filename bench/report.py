@@ -400,11 +400,18 @@ class Report:
             "a convolution fed by SiLU, sigmoid, GELU... to concatenate there too (EfficientNet-B0 batch 32: "
             "0.90-0.93x).  1x1 convolutions of several images loop over one GEMM per "
             "image instead of one GEMM whose columns span the batch, which XLA fed through transposes around "
-            "every layer (dwcnn batch 32: 0.77x).  Not pursued further, measured: reading the windows through "
-            "flattened shifted slices left whole models unchanged (0.97-1.04x); holding depthwise stacks in "
-            "NHWC was faster for stride-2 blocks and slower for stride-1 ones (0.5-2x per block, per-op "
-            "transposes 1.07-1.26x slower whole); batched 1x1 products with the weights broadcast per image "
-            "(0.9-1.3x).")
+            "every layer (dwcnn batch 32: 0.77x).  Depthwise networks run channel-last: the graph pass "
+            "`channels_last_regions` holds each connected region of layout-free ops around depthwise "
+            "convolutions as [N, H, W, C] (ONNX Runtime's NCHWc transformer does the same), with the depthwise "
+            "weights re-laid out [kh, kw, C] once per weight values by the lowering's weight prologue: with "
+            "MIL's weight layout each tap gathered its channel weights at a stride and XLA's loop ran 2-5x "
+            "slower than channel-first; with it, depthwise layers ran 1-5x faster per layer, and "
+            "MobileNetV3-Small / EfficientNet-B0 at batch 32 take 0.75-0.9x their channel-first time (batch 1: "
+            "0.8-1.05x).  Not pursued further, measured: reading the windows through "
+            "flattened shifted slices left whole models unchanged (0.97-1.04x); per-op transposes to NHWC "
+            "around depthwise layers (1.07-1.26x slower whole); batched 1x1 products with the weights "
+            "broadcast per image (0.9-1.3x); running a list predict as a loop over micro-batches of 1-8 "
+            "samples instead of one vmapped call (MobileNetV3-Small batch 32: 1.1-1.3x slower).")
         return out
 
     def _load_misses(self) -> list[str]:
