@@ -21,6 +21,7 @@ from mljax.mil.ir import Block, Function, Operation, Var
 from mljax.mil.opspec import check_op_inputs
 from mljax.mil.types import DTYPES, DType, StateType, TensorType
 from mljax.ops._registry import HINTS, OpContext, lookup, opset_number
+from mljax.stage import PREPARED
 
 __all__ = ["COMPUTE_PRECISIONS", "LoweredFunction", "compute_dtype_fn", "is_weight", "jax_dtype",
            "resolve_compute_precision"]
@@ -32,8 +33,6 @@ _SHAPE_ONLY_OPS = {"shape"}   # their outputs depend on static shapes only, neve
 # layer adds (mljax.optimize), computed once per weight values instead of once per call.
 _PROLOGUE_OPS = frozenset({"transpose", "concat", "reshape"})
 
-#: the key of a weights pytree under which :meth:`LoweredFunction.prepare`'s values are passed
-PREPARED = "mljax:prepared"
 
 
 # Typed execution.  Core ML treats an ML program's declared types as the *minimum* compute

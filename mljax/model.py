@@ -20,9 +20,9 @@ from mljax.cache import CachedJit
 from mljax.errors import InputError, OpError, PredictionError
 from mljax.features import Features, convert_inputs, convert_output, feature_specs
 from mljax.format.package import load_spec, save_spec
-from mljax.lower import PREPARED, resolve_compute_precision
+from mljax.lower import resolve_compute_precision
 from mljax.ops.random import CALL_KEY_INPUT
-from mljax.stage import Stage, build_stage, shared_fn
+from mljax.stage import PREPARED, Stage, build_stage, shared_fn
 
 __all__ = ["MLModel"]
 

@@ -16,7 +16,11 @@ from typing import Any, Callable, Hashable
 from mljax.errors import UnsupportedError
 from mljax.features import FeatureSpec
 
-__all__ = ["ClassLabels", "Stage", "register_stage_builder", "build_stage", "shared_fn"]
+__all__ = ["ClassLabels", "Stage", "register_stage_builder", "build_stage", "shared_fn", "PREPARED"]
+
+#: the key of a weights pytree under which a stage's ``prepare(weights)`` values are passed back
+#: to its ``fn`` (re-laid-out weights, computed once per weight values by ``MLModel``'s predict)
+PREPARED = "mljax:prepared"
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,7 @@ class Stage:
     program: Any = None                   # mljax.mil.ir.Program as loaded (what save writes)
     function: str | None = None           # the function that runs
     lowered: Any = None                   # mljax.lower.LoweredFunction (the optimized copy it runs)
-    # weights -> values fn also accepts precomputed, as weights[mljax.lower.PREPARED] (re-laid-out
+    # weights -> values fn also accepts precomputed, as weights[PREPARED] (re-laid-out
     # weights: computed once per weight values by MLModel's predict; fn computes them otherwise)
     prepare: Callable[[dict], dict] | None = None
     # NeuralNetwork models

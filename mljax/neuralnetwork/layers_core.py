@@ -160,7 +160,7 @@ def convolution(p, w, xs, ctx):
     xb, back = channels_first(xs[0])
     wt = w["weight"] if "weight" in w else xs[1]
     k = [int(v) for v in (list(p.kernelSize) or [3, 3])]
-    if tuple(wt.shape[2:]) != tuple(k):
+    if tuple(wt.shape[:2] if ctx.weight_hwc else wt.shape[2:]) != tuple(k):
         fail(ctx, f"expected a {k[0]}x{k[1]} kernel; found weight shape {tuple(wt.shape)}")
     strides = [int(v) for v in (list(p.stride) or [1, 1])]
     dilations = [int(v) for v in (list(p.dilationFactor) or [1, 1])]
@@ -173,8 +173,11 @@ def convolution(p, w, xs, ctx):
                                     pad_type=pad_type, strides=strides, dilations=dilations,
                                     groups=groups)
     else:
+        # a channel-last region's layer ([N, H, W, C]; see mljax.neuralnetwork.network)
         y = conv_ops.convolution(xb, wt, w.get("bias"), strides=strides, pad_type=pad_type, pad=pad,
-                                 dilations=dilations, groups=groups, after_costly_op=ctx.after_costly_op)
+                                 dilations=dilations, groups=groups, after_costly_op=ctx.after_costly_op,
+                                 channels_last=ctx.channels_last, weight_hwc=ctx.weight_hwc,
+                                 first_in=ctx.first_in)
     return back(y)
 
 
@@ -221,6 +224,10 @@ def pooling(p, w, xs, ctx):
     x = xs[0]
     if p.type not in _POOL_OPS:
         fail(ctx, f"expected pooling type MAX, AVERAGE or L2; found {p.type}")
+    if p.globalPooling and ctx.channels_last:    # [N, H, W, C]
+        if ctx.pool_by_product:
+            return pool_ops.spatial_mean_by_product(x)
+        return _GLOBAL_POOL_OPS[p.type](x, axes=[1, 2], keep_dims=True)
     if p.globalPooling:
         return _GLOBAL_POOL_OPS[p.type](x, axes=[-2, -1], keep_dims=True)
     xb, back = channels_first(x)

@@ -1,6 +1,8 @@
 """A NeuralNetwork message as one JAX function over named blobs, plus the input/output shape mappings."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ from jax.errors import JAXTypeError
 
 from mljax.errors import InputError, MLJaxError, ModelFormatError, UnsupportedError
 from mljax.neuralnetwork._base import LayerContext, lookup_layer
+from mljax.stage import PREPARED
 
 __all__ = ["Network", "map_array_input", "map_output", "walk_layers", "STATIC_MAX"]
 
@@ -50,6 +53,14 @@ class Network:
             self._decode(lyr, kind)
         self.blobs = {o for lyr in walk_layers(nn) for o in lyr.output}
         self.costly_blobs = _costly_blobs(nn)
+        self.channels_last = _channel_last_layers(nn)
+
+    def prepare(self, weights: dict) -> dict:
+        """Depthwise weights of channel-last regions laid out ``[kh, kw, C, 1]`` (``Stage.prepare``)."""
+        return {key: jnp.transpose(weights[key], (2, 3, 0, 1)) for key in self._hwc_keys() if key in weights}
+
+    def _hwc_keys(self) -> list[str]:
+        return [f"{name}/weight" for name, role in self.channels_last.items() if role.weight_hwc]
 
     def _check_supported(self) -> None:
         missing = []
@@ -92,13 +103,32 @@ class Network:
 
     # --- running --------------------------------------------------------------------------
     def run(self, weights: dict, env: dict, nn=None) -> dict:
-        """Run the layers of ``nn`` (default: the whole network) over ``env``; returns the new env."""
+        """Run the layers of ``nn`` (default: the whole network) over ``env``; returns the new env.
+
+        Blobs of channel-last regions (the top network's) are kept in both layouts: the
+        ``[N, H, W, C]`` value the region's layers read, and its transpose in ``env`` for every
+        other reader (XLA drops the transposes nothing reads)."""
         env = dict(env)
+        last = {} if nn is None or nn is self.nn else None
         for lyr in (nn or self.nn).layers:
-            self._run_layer(lyr, weights, env)
+            self._run_layer(lyr, weights, env, last)
         return env
 
-    def _run_layer(self, lyr, weights: dict, env: dict) -> None:
+    def _region_inputs(self, lyr, role, env, last):
+        """The layer's inputs channel-last, or None when one is not a rank-4 array (run it as is)."""
+        xs = []
+        for i, n in enumerate(lyr.input):
+            if role.first_in and i == 0:
+                xs.append(env[n])
+            elif n in last:
+                xs.append(last[n])
+            elif getattr(env[n], "ndim", 0) == 4 and not isinstance(env[n], np.ndarray):
+                xs.append(last.setdefault(n, jnp.transpose(env[n], (0, 2, 3, 1))))
+            else:
+                return None
+        return xs
+
+    def _run_layer(self, lyr, weights: dict, env: dict, last: dict | None = None) -> None:
         kind = lyr.WhichOneof("layer")
         impl = lookup_layer(kind)
         missing = [n for n in lyr.input if n not in env]
@@ -107,10 +137,19 @@ class Network:
                                    "that no input or earlier layer produces")
         w = {param: self.static[key] if key in self.static else weights[key]
              for param, key in self._params.get(lyr.name, ())}
+        role = self.channels_last.get(lyr.name) if last is not None else None
+        xs = self._region_inputs(lyr, role, env, last) if role is not None else None
+        if xs is None:
+            role, xs = None, [env[n] for n in lyr.input]
+        elif role.weight_hwc:
+            key = f"{lyr.name}/weight"
+            prepared = weights.get(PREPARED) or {}
+            w["weight"] = prepared[key] if key in prepared else jnp.transpose(w["weight"], (2, 3, 0, 1))
         ctx = LayerContext(lyr.name, kind, lyr, self.rank5, env=env, run=self.run, weights=weights,
-                           after_costly_op=bool(lyr.input) and lyr.input[0] in self.costly_blobs)
+                           after_costly_op=bool(lyr.input) and lyr.input[0] in self.costly_blobs,
+                           **(role._asdict() if role is not None else {}))
         try:
-            out = impl.fn(getattr(lyr, kind), w, [env[n] for n in lyr.input], ctx)
+            out = impl.fn(getattr(lyr, kind), w, xs, ctx)
         except (MLJaxError, JAXTypeError):
             raise   # JAX's concretization errors tell MLModel to run op by op
         except (IndexError, KeyError) as e:
@@ -125,6 +164,10 @@ class Network:
                 f"NeuralNetwork layer {lyr.name!r} ({kind}): its parameters do not fit its inputs "
                 f"of shapes {shapes} ({e})") from None
         outs = out if isinstance(out, (tuple, list)) else (out,)
+        if role is not None:
+            for name, value in zip(lyr.output, outs):
+                last[name] = value
+            outs = tuple(jnp.transpose(v, (0, 3, 1, 2)) for v in outs)
         skip = env.get("__skip__")
         for name, value in zip(lyr.output, outs):
             if skip is not None and name in env and not isinstance(skip, bool):
@@ -201,3 +244,87 @@ def _costly_blobs(nn) -> frozenset:
         if hit:
             costly.update(lyr.output)
     return frozenset(costly)
+
+
+# --- channel-last regions ---------------------------------------------------------------------
+class _Role(NamedTuple):
+    """How a layer of a channel-last region runs (the LayerContext fields of that name)."""
+
+    channels_last: bool = True
+    first_in: bool = False
+    weight_hwc: bool = False
+    pool_by_product: bool = False
+
+
+def _region_layer(lyr) -> bool:
+    """Layers that compute alike on ``[N, H, W, C]`` blobs (given a ``LayerContext.channels_last``)."""
+    kind = lyr.WhichOneof("layer")
+    if kind == "convolution":
+        return not lyr.convolution.isDeconvolution and len(lyr.input) == 1 and len(lyr.output) == 1
+    if kind == "activation":
+        return lyr.activation.WhichOneof("NonlinearityType") not in (None, "PReLU", "parametricSoftplus")
+    if kind in ("add", "multiply"):
+        return len(lyr.output) == 1
+    if kind == "pooling":
+        return bool(lyr.pooling.globalPooling) and lyr.pooling.type in (0, 1) and len(lyr.output) == 1
+    return False
+
+
+def _is_depthwise(lyr) -> bool:
+    p = lyr.convolution
+    return p.kernelChannels == 1 and p.nGroups > 1
+
+
+def _channel_last_layers(nn) -> dict:
+    """``{layer name: _Role}``: the top network's channel-last regions, as the ML-program graph
+    layer forms them (:func:`mljax.optimize.passes.channels_last_regions`): connected layers that
+    compute alike channel-last, holding a depthwise convolution.  A region's first dense layer
+    with few weights per output (im2col) reads its channel-first input; its depthwise weights are
+    laid out ``[kh, kw, C, 1]`` (``Network.prepare``); a global average pool read outside it runs
+    as a product."""
+    layers = list(nn.layers)
+    names = [lyr.name for lyr in layers]
+    if len(set(names)) != len(names):
+        return {}
+    producer = {o: i for i, lyr in enumerate(layers) for o in lyr.output}
+    free = {i for i, lyr in enumerate(layers) if _region_layer(lyr)}
+    parent = {i: i for i in free}
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+    for i in free:
+        for b in layers[i].input:
+            j = producer.get(b)
+            if j in free:
+                parent[find(j)] = find(i)
+    seeds = {find(i) for i in free if layers[i].WhichOneof("layer") == "convolution" and _is_depthwise(layers[i])}
+    region = {i for i in free if find(i) in seeds}
+    readers: dict[str, set] = {}
+    for i, lyr in enumerate(layers):
+        for b in lyr.input:
+            readers.setdefault(b, set()).add(i)
+    roles = {}
+    for i in sorted(region):
+        lyr = layers[i]
+        kind = lyr.WhichOneof("layer")
+        role = _Role()
+        if kind == "convolution":
+            p = lyr.convolution
+            k = tuple(int(v) for v in (list(p.kernelSize) or [3, 3]))
+            if producer.get(lyr.input[0]) not in region and p.nGroups <= 1 and k != (1, 1) \
+                    and p.kernelChannels * k[0] * k[1] <= _IM2COL_MAX_ROWS:
+                role = role._replace(first_in=True)
+            elif _is_depthwise(lyr) and lyr.convolution.HasField("weights"):
+                role = role._replace(weight_hwc=True)
+        elif kind == "pooling" and lyr.pooling.type == 1 and not (readers.get(lyr.output[0], set()) & region):
+            role = role._replace(pool_by_product=True)
+        roles[lyr.name] = role
+    return roles
+
+
+# A region's first layer reads its channel-first input when it has at most this many weights per
+# output channel (im2col; mljax.ops.conv's threshold).
+_IM2COL_MAX_ROWS = 32

@@ -393,3 +393,74 @@ def test_depthwise_convolution_after_sigmoid_product_gets_the_padding_hint(monke
     for x, out in zip(xs, model.predict([{"x": x} for x in xs])):
         np.testing.assert_allclose(np.asarray(out["y"]).reshape(c, 7, 6), ref(x), rtol=1e-4, atol=1e-4)
     assert hints[:2] == [True, False]           # dw_silu, dw_relu (per trace)
+
+
+def _depthwise_block_builder(ws):
+    """A MobileNet-style network in NeuralNetwork layers (exact array mapping, [1, 3, 12, 10])."""
+    w0, wd, w1, w2, wp, wfc = ws
+    hwio = lambda w: np.ascontiguousarray(w.transpose(2, 3, 1, 0))   # noqa: E731 - OIHW -> builder's HWIO
+    b = NeuralNetworkBuilder([("x", datatypes.Array(1, 3, 12, 10))], [("y", None)],
+                             disable_rank5_shape_mapping=True)
+    b.add_convolution("stem", 3, 8, 3, 3, 1, 1, "same", 1, hwio(w0), None, False, input_name="x", output_name="a0")
+    b.add_activation("relu0", "RELU", "a0", "a")
+    b.add_convolution("dw", 1, 8, 3, 3, 1, 1, "same", 8, hwio(wd), None, False, input_name="a", output_name="d0")
+    b.add_activation("sig", "SIGMOID", "d0", "s")
+    b.add_elementwise("silu", ["d0", "s"], "d", mode="MULTIPLY")
+    b.add_pooling("se_pool", 1, 1, 1, 1, "AVERAGE", "VALID", input_name="d", output_name="p", is_global=True)
+    b.add_convolution("se1", 8, 4, 1, 1, 1, 1, "valid", 1, hwio(w1), None, False, input_name="p", output_name="q0")
+    b.add_activation("se_relu", "RELU", "q0", "q")
+    b.add_convolution("se2", 4, 8, 1, 1, 1, 1, "valid", 1, hwio(w2), None, False, input_name="q", output_name="g0")
+    b.add_activation("se_sig", "SIGMOID", "g0", "g")
+    b.add_elementwise("se_mul", ["d", "g"], "e", mode="MULTIPLY")
+    b.add_convolution("pw", 8, 6, 1, 1, 1, 1, "valid", 1, hwio(wp), None, False, input_name="e", output_name="f")
+    b.add_pooling("pool", 1, 1, 1, 1, "AVERAGE", "VALID", input_name="f", output_name="h", is_global=True)
+    b.add_flatten("flat", 0, "h", "hf")
+    b.add_inner_product("fc", wfc, None, 6, 5, False, input_name="hf", output_name="y")
+    return b
+
+
+def _depthwise_block_torch(x, ws, torch):
+    import torch.nn.functional as F
+    w0, wd, w1, w2, wp, wfc = (w if isinstance(w, torch.Tensor) else torch.tensor(w, dtype=torch.float64)
+                               for w in ws)
+    a = torch.relu(F.conv2d(torch.tensor(x, dtype=torch.float64), w0, padding=1))
+    d0 = F.conv2d(a, wd, padding=1, groups=8)
+    d = d0 * torch.sigmoid(d0)
+    g = torch.sigmoid(F.conv2d(torch.relu(F.conv2d(d.mean((2, 3), keepdim=True), w1)), w2))
+    return F.conv2d(d * g, wp).mean((2, 3)) @ wfc.T
+
+
+def test_depthwise_network_runs_channel_last():
+    """The NeuralNetwork translator forms the ML-program graph layer's channel-last region: its
+    first layer reads the channel-first input, the depthwise weight comes laid out by
+    ``Stage.prepare`` (and follows ``with_weights``), the global pool before the classifier runs
+    as a product; values equal torch's for one sample and a list, and gradients through the
+    differentiable network function equal torch's."""
+    torch = pytest.importorskip("torch")
+    import jax
+    from mljax.neuralnetwork.builder import network_function
+    ws = [_r(8, 3, 3, 3) * 0.3, _r(8, 1, 3, 3) * 0.3, _r(4, 8, 1, 1) * 0.3, _r(8, 4, 1, 1) * 0.3,
+          _r(6, 8, 1, 1) * 0.3, _r(5, 6) * 0.3]
+    b = _depthwise_block_builder(ws)
+    model = _model(b)
+    roles = model.stage.network.channels_last
+    assert set(roles) == {"stem", "relu0", "dw", "sig", "silu", "se_pool", "se1", "se_relu", "se2", "se_sig",
+                          "se_mul", "pw", "pool"}
+    assert [n for n, r in roles.items() if r.first_in] == ["stem"]
+    assert [n for n, r in roles.items() if r.weight_hwc] == ["dw"]
+    assert [n for n, r in roles.items() if r.pool_by_product] == ["pool"]
+    xs = [_r(1, 3, 12, 10) for _ in range(3)]
+    ref = lambda x, w=ws: _depthwise_block_torch(x, w, torch).numpy().reshape(-1)   # noqa: E731
+    np.testing.assert_allclose(np.asarray(model.predict({"x": xs[0]})["y"]).reshape(-1), ref(xs[0]),
+                               rtol=1e-5, atol=1e-5)
+    for x, out in zip(xs, model.predict([{"x": x} for x in xs])):
+        np.testing.assert_allclose(np.asarray(out["y"]).reshape(-1), ref(x), rtol=1e-5, atol=1e-5)
+    new = {**model.weights, "dw/weight": model.weights["dw/weight"] * -2.0}
+    other = model.with_weights(new)
+    np.testing.assert_allclose(np.asarray(other.predict({"x": xs[0]})["y"]).reshape(-1),
+                               ref(xs[0], [ws[0], ws[1] * -2.0, *ws[2:]]), rtol=1e-5, atol=1e-5)
+    fn, weights = network_function(b.spec)
+    grad = jax.grad(lambda w: fn(w, {"x": xs[0]})["y"].sum())(weights)["dw/weight"]
+    wd = torch.tensor(ws[1], dtype=torch.float64, requires_grad=True)
+    _depthwise_block_torch(xs[0], [ws[0], wd, *ws[2:]], torch).sum().backward()
+    np.testing.assert_allclose(np.asarray(grad), wd.grad.numpy(), rtol=1e-4, atol=1e-6)
