@@ -326,6 +326,8 @@ def channels_last_regions(graph: Graph) -> int:
     one ``transpose`` converts each value that enters or leaves it, reduction axes and concat
     axes are renumbered, and its convs get the hint ``channels_last``.  Vars read outside the
     region keep their identity (and channel-first layout).  Returns the number of ops moved."""
+    if not graph.static:     # a flexible input: declared shapes (the global pool's) are just one case
+        return 0
     block = graph.fn.block
     ops = [op for op in block.operations if op.type != "const"]
     free = {id(op) for op in ops if _layout_free(op)}

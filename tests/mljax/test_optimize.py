@@ -257,3 +257,29 @@ def test_prepared_weights_follow_the_weights():
         return np.asarray(jax.grad(loss)(m.weights)[name])
     np.testing.assert_allclose(grad(model), grad(plain), rtol=1e-4, atol=1e-6)
     assert np.abs(grad(model)).max() > 0
+
+
+def test_flexible_inputs_keep_the_channel_first_layout():
+    """With a flexible input the shapes are one case among many (symbolic in the program): no region
+    forms (its global pool's product would bake one size in), and every size equals torch's."""
+    import torch
+    import torch.nn.functional as F
+    from coremltools.converters.mil.mil import get_new_symbol
+    wd = RNG.standard_normal((4, 1, 3, 3)).astype(np.float32)
+    h, w = get_new_symbol(), get_new_symbol()
+
+    @mb.program(input_specs=[mb.TensorSpec((1, 4, h, w), dtype=types.fp32)], opset_version=ct.target.iOS17)
+    def prog(x):
+        d = mb.relu(x=mb.conv(x=x, weight=wd, pad_type="same", groups=4))
+        return mb.reduce_mean(x=d, axes=[2, 3], keep_dims=True, name="y")
+    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17,
+                       inputs=[ct.TensorType("x", shape=(1, 4, ct.RangeDim(3, 12), ct.RangeDim(3, 12)))],
+                       compute_precision=ct.precision.FLOAT32)
+    path = tmp_path_for("flexible.mlpackage")
+    model.save(str(path))
+    m = mljax.MLModel(path)
+    assert _stats(m)["channels_last_regions"] == 0
+    for shape in ((1, 4, 5, 7), (1, 4, 12, 9)):
+        x = RNG.standard_normal(shape).astype(np.float32)
+        ref = F.relu(F.conv2d(torch.from_numpy(x), torch.from_numpy(wd), padding=1, groups=4)).mean((2, 3), keepdim=True)
+        np.testing.assert_allclose(m.predict({"x": x})["y"], ref.numpy(), rtol=1e-5, atol=1e-6)
