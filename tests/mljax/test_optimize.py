@@ -283,3 +283,36 @@ def test_flexible_inputs_keep_the_channel_first_layout():
         x = RNG.standard_normal(shape).astype(np.float32)
         ref = F.relu(F.conv2d(torch.from_numpy(x), torch.from_numpy(wd), padding=1, groups=4)).mean((2, 3), keepdim=True)
         np.testing.assert_allclose(m.predict({"x": x})["y"], ref.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_channel_last_regions_cover_concat_reductions_multipliers_and_outside_operands():
+    """A region holding a depthwise conv with a channel multiplier, a strided dilated one, a concat
+    along channels, a max over channels, and the input entering twice through one transpose:
+    the optimized program equals torch's and the unoptimized program's."""
+    import torch
+    import torch.nn.functional as F
+    w1 = RNG.standard_normal((8, 1, 3, 3)).astype(np.float32)      # multiplier 2 over 4 channels
+    w2 = RNG.standard_normal((8, 1, 3, 3)).astype(np.float32)
+    wp = RNG.standard_normal((4, 16, 1, 1)).astype(np.float32)
+
+    @mb.program(input_specs=[mb.TensorSpec((1, 4, 11, 9), dtype=types.fp32)], opset_version=ct.target.iOS17)
+    def prog(x):
+        a = mb.relu(x=mb.conv(x=x, weight=w1, pad_type="same", groups=4))                     # 8 channels
+        b = mb.conv(x=a, weight=w2, groups=8, strides=[2, 2], dilations=[2, 2], pad_type="custom", pad=[2, 2, 2, 2])
+        up = mb.conv(x=a, weight=np.ones((8, 1, 1, 1), np.float32), groups=8, strides=[2, 2])  # 8 channels, 6x5
+        c = mb.concat(values=[b, up], axis=1)                                                  # 16 channels
+        m = mb.reduce_max(x=c, axes=[1], keep_dims=True)
+        p = mb.conv(x=mb.sub(x=c, y=m), weight=wp)
+        xs = mb.conv(x=x, weight=np.ones((4, 1, 1, 1), np.float32), groups=4, strides=[2, 2])  # 4 channels, 6x5
+        return mb.add(x=p, y=mb.mul(x=xs, y=np.float32(0.5)), name="y")
+    x = RNG.standard_normal((1, 4, 11, 9)).astype(np.float32)
+    model, on, off = _both(lambda: prog, {"x": x})
+    assert _stats(model)["channels_last_regions"] >= 9
+    t = torch.from_numpy(x).double()
+    tw = lambda w: torch.from_numpy(w).double()   # noqa: E731
+    a = torch.relu(F.conv2d(t, tw(w1), padding=1, groups=4))
+    b = F.conv2d(a, tw(w2), stride=2, dilation=2, padding=2, groups=8)
+    c = torch.cat([b, a[:, :, ::2, ::2]], 1)
+    ref = F.conv2d(c - c.amax(1, keepdim=True), tw(wp)) + 0.5 * t[:, :, ::2, ::2]
+    for got in (on["y"], off["y"]):
+        np.testing.assert_allclose(got, ref.numpy(), rtol=1e-5, atol=1e-5)
