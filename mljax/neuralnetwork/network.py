@@ -11,6 +11,7 @@ from jax.errors import JAXTypeError
 
 from mljax.errors import InputError, MLJaxError, ModelFormatError, UnsupportedError
 from mljax.neuralnetwork._base import LayerContext, lookup_layer
+from mljax.optimize._graph import seeded_components
 from mljax.stage import PREPARED
 
 __all__ = ["Network", "map_array_input", "map_output", "walk_layers", "STATIC_MAX"]
@@ -288,20 +289,9 @@ def _channel_last_layers(nn) -> dict:
         return {}
     producer = {o: i for i, lyr in enumerate(layers) for o in lyr.output}
     free = {i for i, lyr in enumerate(layers) if _region_layer(lyr)}
-    parent = {i: i for i in free}
-
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-    for i in free:
-        for b in layers[i].input:
-            j = producer.get(b)
-            if j in free:
-                parent[find(j)] = find(i)
-    seeds = {find(i) for i in free if layers[i].WhichOneof("layer") == "convolution" and _is_depthwise(layers[i])}
-    region = {i for i in free if find(i) in seeds}
+    edges = [(producer[b], i) for i in free for b in layers[i].input if producer.get(b) in free]
+    region = seeded_components(free, edges, {i for i in free if layers[i].WhichOneof("layer") == "convolution"
+                                             and _is_depthwise(layers[i])})
     readers: dict[str, set] = {}
     for i, lyr in enumerate(layers):
         for b in lyr.input:

@@ -8,7 +8,7 @@ import numpy as np
 from mljax.mil.ir import Block, Function, Operation, Var
 from mljax.mil.types import DTYPES, TensorType
 
-__all__ = ["Graph"]
+__all__ = ["Graph", "seeded_components"]
 
 
 def _copy_block(block: Block) -> Block:
@@ -71,3 +71,18 @@ class Graph:
         self._counter += 1
         value = np.asarray(value, np.int32)
         return Var(f"{hint}__opt{self._counter}", TensorType(DTYPES["int32"], tuple(value.shape)), value)
+
+
+def seeded_components(nodes, edges, seeds) -> set:
+    """The nodes of every connected component (``edges``: pairs of nodes) holding a node of ``seeds``."""
+    parent = {n: n for n in nodes}
+
+    def find(n):
+        while parent[n] != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+    for a, b in edges:
+        parent[find(a)] = find(b)
+    roots = {find(n) for n in seeds}
+    return {n for n in nodes if find(n) in roots}

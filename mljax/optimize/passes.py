@@ -12,7 +12,7 @@ import numpy as np
 from mljax.mil.ir import Operation, Var
 from mljax.mil.types import TensorType
 from mljax.ops._registry import HINTS
-from mljax.optimize._graph import Graph
+from mljax.optimize._graph import Graph, seeded_components
 
 __all__ = ["PASSES", "remove_noop_casts", "remove_identity_ops", "merge_transposes", "merge_reshapes",
            "merge_parallel_linears", "mark_convs_after_costly_ops", "channels_last_regions", "dead_code",
@@ -338,23 +338,14 @@ def channels_last_regions(graph: Graph) -> int:
             for bound in op.inputs.values():
                 for v in bound:
                     readers.setdefault(id(v), set()).add(id(op))
-    parent: dict[int, int] = {i: i for i in free}
-
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
+    edges = []
     for op in ops:
-        if id(op) not in free:
-            continue
-        for bound in op.inputs.values():
-            for v in bound:
-                p = producers.get(id(v))
-                if p is not None and id(p) in free:
-                    parent[find(id(p))] = find(id(op))
-    seeds = {find(id(op)) for op in ops if id(op) in free and op.type == "conv" and _is_depthwise_conv(op)}
-    region = {id(op) for op in ops if id(op) in free and find(id(op)) in seeds}
+        for v in (v for bound in op.inputs.values() for v in bound) if id(op) in free else ():
+            p = producers.get(id(v))
+            if p is not None and id(p) in free:
+                edges.append((id(p), id(op)))
+    region = seeded_components(free, edges, {id(op) for op in ops if id(op) in free and op.type == "conv"
+                                             and _is_depthwise_conv(op)})
     if not region:
         return 0
     protected = graph.protected()
