@@ -213,10 +213,15 @@ class LoweredFunction:
                 val = inputs[v.name]
                 if isinstance(v.type, TensorType):
                     want = jax_dtype(self.compute_dtype(v.type.dtype))
+                    # a float32 value of a float16 input: rounded to float16 here (MLModel leaves
+                    # it to XLA: Stage.fp16_in_graph), then held in the compute dtype
+                    declared = jax_dtype(v.type.dtype) if v.type.dtype.name == "fp16" else None
                     if v.name in self.value_inputs and _is_concrete(val):
-                        val = np.asarray(val).astype(want)   # stays concrete for static uses
+                        val = np.asarray(val)
+                        val = (val.astype(declared) if declared is not None else val).astype(want)
                     else:
-                        val = jnp.asarray(val, want)
+                        val = jnp.asarray(val)
+                        val = (val.astype(declared) if declared is not None else val).astype(want)
                 env[v.name] = val
         state = {k: env[k] for k in self.state_names}
         skip = frozenset(id(op) for op in self.prologue) if prepared is not None else frozenset()

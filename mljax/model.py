@@ -190,7 +190,7 @@ class MLModel:
                                   "the model but cannot predict; load it without skip_model_load")
         if self._stage.preprocess is not None:
             data = self._stage.preprocess(data)
-        inputs = convert_inputs(self._stage.inputs, data)
+        inputs = convert_inputs(self._stage.inputs, data, fp16_in_graph=self._stage.fp16_in_graph)
         if self._stage.call_key:
             inputs[CALL_KEY_INPUT] = self._call_keys.next()
         return inputs

@@ -51,6 +51,7 @@ class Stage:
     # weights -> values fn also accepts precomputed, as weights[PREPARED] (re-laid-out
     # weights: computed once per weight values by MLModel's predict; fn computes them otherwise)
     prepare: Callable[[dict], dict] | None = None
+    fp16_in_graph: bool = False           # fn rounds float32 values of float16 inputs itself
     # NeuralNetwork models
     network: Any = None                   # mljax.neuralnetwork.network.Network (layers, weights)
     rank5: bool = False                   # the network runs in the legacy [Seq, Batch, C, H, W] layout

@@ -68,3 +68,28 @@ def test_auto_on_cpu_computes_fp16_programs_in_fp32(fp16_path):
     # the two modes really differ (fp16 intermediate rounding), and auto is the closer to fp32
     exact = _reference(x, np.float64)
     assert np.abs(got_auto - exact).max() < np.abs(got_declared.astype(np.float64) - exact).max()
+
+
+@pytest.mark.parametrize("precision", ["auto", "declared"])
+def test_float32_values_of_float16_inputs_are_rounded_to_float16(precision):
+    """MLModel leaves the rounding of float32 values for a float16 input to the compiled function
+    (NumPy's conversion is slow); the values are still rounded first: sin(1000 x) shows any
+    difference, and feeding the rounded values gives the same outputs, single and listed."""
+    @mb.program(input_specs=[mb.TensorSpec((64,), dtype=types.fp16)], opset_version=ct.target.iOS17)
+    def prog(x):
+        return mb.sin(x=mb.mul(x=x, y=np.float16(1000.0)), name="y")
+    m = mljax.MLModel(convert_mil(prog, fp16=True), compute_precision=precision)
+    assert m.input_description["x"].dtype == np.float16
+    x = np.random.default_rng(1).uniform(-1, 1, 64).astype(np.float32)
+    x16 = x.astype(np.float16)
+    assert np.abs(x16.astype(np.float32) - x).max() > 1e-5          # rounding matters here
+    got, rounded = m.predict({"x": x})["y"], m.predict({"x": x16})["y"]
+    np.testing.assert_array_equal(got, rounded)
+    for out in m.predict([{"x": x}, {"x": x}]):
+        np.testing.assert_array_equal(out["y"], rounded)
+    if precision == "auto":       # fp32 arithmetic on the rounded input
+        ref = np.sin(x16.astype(np.float64) * 1000.0)
+    else:                         # the product rounded to fp16 too
+        ref = np.sin((x16 * np.float16(1000.0)).astype(np.float64))
+    unrounded = np.sin(x.astype(np.float64) * 1000.0)
+    assert np.abs(got.astype(np.float64) - ref).max() < 2e-3 < 0.05 < np.abs(unrounded - ref).max()
