@@ -361,12 +361,17 @@ def _spatial_padder(pads):
     return fn
 
 
-def _windows(xp, kernel, strides, dilations, outs):
-    """``(tap, window)`` per kernel tap, row-major: the ``[N, C, *outs]`` slice of padded ``xp`` it reads."""
+def _windows(xp, kernel, strides, dilations, outs, channels_last=False):
+    """``(tap, window)`` per kernel tap, row-major: the ``[N, C, *outs]`` slice of padded ``xp`` it
+    reads (``[N, *outs, C]`` of a channel-last ``xp``)."""
     for tap in np.ndindex(*kernel):
         start = tuple(t * d for t, d in zip(tap, dilations))
         limit = tuple(b + (o - 1) * s + 1 for b, o, s in zip(start, outs, strides))
-        yield tap, lax.slice(xp, (0, 0) + start, xp.shape[:2] + limit, (1, 1) + tuple(strides))
+        if channels_last:
+            yield tap, lax.slice(xp, (0,) + start + (0,), (xp.shape[0],) + limit + (xp.shape[-1],),
+                                 (1,) + tuple(strides) + (1,))
+        else:
+            yield tap, lax.slice(xp, (0, 0) + start, xp.shape[:2] + limit, (1, 1) + tuple(strides))
 
 
 def _is_depthwise(x_shape, w_shape, groups, pads, strides, dilations) -> bool:
@@ -404,8 +409,9 @@ def _channels_last(x, weight, bias, strides, pad_type, pad, dilations, groups, a
     """``convolution`` of a channel-last ``x [N, *D, C]``: depthwise and 1x1 layers in that layout
     (every tap and product reads whole channel vectors), others through the channel-first paths."""
     n = x.ndim - 2
+    hwc = weight if weight_hwc else None
     if weight_hwc:    # [*K, C_out, 1] -> MIL's [C_out, 1, *K] for the checks and path rules
-        weight_hwc, weight = weight, jnp.moveaxis(weight, (n, n + 1), (0, 1))
+        weight = jnp.moveaxis(weight, (n, n + 1), (0, 1))
     _check_channels("conv", x.shape[-1], groups, x.shape[-1] // max(groups, 1), weight.shape[1])
     kernel = weight.shape[2:]
     strides = _ints(strides, n, 1, "strides")
@@ -414,8 +420,8 @@ def _channels_last(x, weight, bias, strides, pad_type, pad, dilations, groups, a
     first = (x.shape[0], x.shape[-1]) + tuple(x.shape[1:-1])
     path = conv_path(first, weight.shape, x.dtype, strides, pads, dilations, groups)
     if path == "depthwise":
-        y = _depthwise_last(x, weight if weight_hwc is False else weight_hwc, strides, pads, dilations,
-                            weight_hwc is not False)
+        taps = hwc[..., 0] if hwc is not None else jnp.moveaxis(weight[:, 0], 0, -1)   # [*K, C_out]
+        y = _depthwise_last(x, taps, strides, pads, dilations)
     elif path == "pointwise":
         y = _pointwise_last(x, weight, strides)
     else:
@@ -425,23 +431,18 @@ def _channels_last(x, weight, bias, strides, pad_type, pad, dilations, groups, a
     return y if bias is None else y + jnp.asarray(bias).astype(y.dtype)
 
 
-def _depthwise_last(x, weight, strides, pads, dilations, hwc=False):
-    """``_depthwise`` of a channel-last ``x``: each tap a strided window times a channel vector
-    (``weight [*K, C_out, 1]`` when ``hwc``, else MIL's ``[C_out, 1, *K]``)."""
-    n = x.ndim - 2
-    w = (weight[..., 0] if hwc else jnp.moveaxis(weight[:, 0], 0, -1)).astype(_accumulate_dtype(x.dtype) or x.dtype)
+def _depthwise_last(x, taps, strides, pads, dilations):
+    """``_depthwise`` of a channel-last ``x`` with ``taps [*K, C_out]``: each tap a strided window
+    times a contiguous channel vector."""
+    w = taps.astype(_accumulate_dtype(x.dtype) or x.dtype)
     mult = w.shape[-1] // x.shape[-1]
     if mult > 1:
         x = jnp.repeat(x, mult, axis=-1)
-    acc = w.dtype
-    outs = _out_sizes(x.shape[1:-1], w.shape[:n], strides, pads, dilations)
-    xp = lax.pad(x.astype(acc), jnp.zeros((), acc), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)])
+    kernel = w.shape[:-1]
+    outs = _out_sizes(x.shape[1:-1], kernel, strides, pads, dilations)
+    xp = lax.pad(x.astype(w.dtype), jnp.zeros((), w.dtype), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)])
     y = None
-    for tap in np.ndindex(*w.shape[:n]):
-        start = tuple(t * d for t, d in zip(tap, dilations))
-        limit = tuple(b + (o - 1) * s + 1 for b, o, s in zip(start, outs, strides))
-        window = lax.slice(xp, (0,) + start + (0,), (xp.shape[0],) + limit + (xp.shape[-1],),
-                           (1,) + tuple(strides) + (1,))
+    for tap, window in _windows(xp, kernel, strides, dilations, outs, channels_last=True):
         term = window * w[tap]
         y = term if y is None else y + term
     return y
