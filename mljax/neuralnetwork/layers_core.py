@@ -226,7 +226,7 @@ def pooling(p, w, xs, ctx):
         fail(ctx, f"expected pooling type MAX, AVERAGE or L2; found {p.type}")
     if p.globalPooling and ctx.channels_last:    # [N, H, W, C]
         if ctx.pool_by_product:
-            return pool_ops.spatial_mean_by_product(x)
+            return reduce_ops.spatial_pool_by_product(x, mean=True)
         return _GLOBAL_POOL_OPS[p.type](x, axes=[1, 2], keep_dims=True)
     if p.globalPooling:
         return _GLOBAL_POOL_OPS[p.type](x, axes=[-2, -1], keep_dims=True)

@@ -17,7 +17,7 @@ from mljax.errors import OpError
 from mljax.ops._registry import register
 from mljax.ops.conv import _accumulate_dtype, _ints, _spatial_pads
 
-__all__ = ["avg_pool", "max_pool", "l2_pool", "spatial_mean_by_product"]
+__all__ = ["avg_pool", "max_pool", "l2_pool"]
 
 
 def _out_size(size: int, before: int, after: int, k: int, s: int, ceil_mode: bool) -> int:
@@ -120,13 +120,3 @@ def l2_pool(x, *, kernel_sizes, strides=None, pad_type="valid", pad=None, ceil_m
                         kernel, strides, pads, extra)
     return jnp.sqrt(total).astype(x.dtype)
 
-
-def spatial_mean_by_product(x):
-    """The mean of a channel-last ``x [N, H, W, C]`` over ``H, W`` (``[N, 1, 1, C]``) as a product by
-    a constant row.  For a network's global pool: as a reduction, XLA's YNNPACK reduction fusion
-    takes it together with the matrix products and activation before it, and ran EfficientNet-B0's
-    last layers 5x slower (the ML-program graph layer's ``channels_last_regions`` does the same)."""
-    n, h, w, c = x.shape
-    row = jnp.full((h * w,), 1.0 / (h * w), x.dtype)
-    y = lax.dot_general(row, x.reshape(n, h * w, c), (((0,), (1,)), ((), ())))
-    return y.reshape(n, 1, 1, c)

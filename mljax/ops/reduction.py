@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from mljax.errors import OpError
 from mljax.ops._elementwise_util import normalize_axes, normalize_axis
@@ -17,7 +18,7 @@ from mljax.ops._registry import register
 __all__ = [
     "reduce_sum", "reduce_mean", "reduce_prod", "reduce_max", "reduce_min", "reduce_l1_norm",
     "reduce_l2_norm", "reduce_log_sum", "reduce_log_sum_exp", "reduce_sum_square",
-    "reduce_argmax", "reduce_argmin", "reduce_argmax_ios17", "reduce_argmin_ios17",
+    "reduce_argmax", "reduce_argmin", "reduce_argmax_ios17", "reduce_argmin_ios17", "spatial_pool_by_product",
 ]
 
 
@@ -61,12 +62,32 @@ _REDUCTIONS = {
 }
 
 
+def spatial_pool_by_product(x, *, mean: bool = True):
+    """The sum (``mean``: the mean) of a channel-last ``x [N, H, W, C]`` over ``H, W``, as
+    ``[N, 1, 1, C]``: a product by a constant row.  For a network's global pool before its
+    classifier (the graph layer's hint ``pool_by_product``): as a reduction, XLA's YNNPACK
+    reduction fusion took it together with the matrix products and activation before it
+    (EfficientNet-B0's last layers: 3 ms instead of 0.6 ms)."""
+    n, h, w, c = x.shape
+    row = jnp.full((h * w,), 1.0 / (h * w) if mean else 1.0, x.dtype)
+    return lax.dot_general(row, x.reshape(n, h * w, c), (((0,), (1,)), ((), ()))).reshape(n, 1, 1, c)
+
+
 def _make_reduction(name: str, fn, doc: str):
-    def op(x, *, axes=None, keep_dims=False):
-        rank = jnp.ndim(x)
-        axis = normalize_axes(axes, rank)
+    def reduce(x, axes, keep_dims):
+        axis = normalize_axes(axes, jnp.ndim(x))
         out = fn(x, axis=axis, keepdims=bool(keep_dims))
         return jnp.asarray(out).astype(jnp.result_type(x))
+
+    if name in ("reduce_sum", "reduce_mean"):
+        def op(x, *, axes=None, keep_dims=False, ctx=None):
+            if (ctx is not None and ctx.hints.get("pool_by_product") and jnp.ndim(x) == 4 and keep_dims
+                    and normalize_axes(axes, 4) == (1, 2) and jnp.issubdtype(jnp.result_type(x), jnp.floating)):
+                return spatial_pool_by_product(x, mean=name == "reduce_mean")
+            return reduce(x, axes, keep_dims)
+    else:
+        def op(x, *, axes=None, keep_dims=False):
+            return reduce(x, axes, keep_dims)
     op.__name__ = op.__qualname__ = name
     op.__doc__ = f"{doc} Over ``axes`` (None = all axes)."
     return register(name)(op)

@@ -400,27 +400,6 @@ def _axes(op) -> list:
     return [int(a) % 4 for a in np.asarray(op.input("axes").value).reshape(-1)]
 
 
-def _reduce_by_product(graph: Graph, op, before: list) -> None:
-    """A channel-last global pool (spatial ``reduce_mean``/``reduce_sum`` read outside the region)
-    as ``matmul`` by a constant row: XLA's YNNPACK reduction fusion otherwise takes the
-    reduction together with the matrix products and activation before it (EfficientNet-B0's
-    last layers: 3 ms instead of 0.6 ms).  Inside the region (squeeze-and-excitation) the
-    reduction stays: there its input is a depthwise convolution, which YNNPACK does not take."""
-    x = op.input("x")
-    n, h, w, c = _static_shape(x)
-    dtype = x.type.dtype
-    flat = Var(f"{op.name}__rows", TensorType(dtype, (n, h * w, c)))
-    before.append(Operation("reshape", flat.name + "_op", {
-        "x": (x,), "shape": (graph.const(op.name + "_rows_shape", np.array([n, h * w, c])),)}, [flat]))
-    scale = 1.0 / (h * w) if op.type == "reduce_mean" else 1.0
-    row = Var(f"{op.name}__row", TensorType(dtype, (1, h * w)),
-              np.full((1, h * w), scale, dtype.numpy))
-    prod = Var(f"{op.name}__prod", TensorType(dtype, (n, 1, c)))
-    before.append(Operation("matmul", prod.name + "_op", {"x": (row,), "y": (flat,)}, [prod]))
-    op.type = "reshape"
-    op.inputs = {"x": (prod,), "shape": (graph.const(op.name + "_shape", np.array([n, 1, 1, c])),)}
-
-
 def _first_in(op) -> bool:
     """A dense conv with few weights per output channel (a network's first layer, im2col)."""
     groups, w = op.input("groups"), op.input("weight")
@@ -430,9 +409,10 @@ def _first_in(op) -> bool:
 
 
 def _remap(graph: Graph, op, before: list, first_in=False, pool=False) -> None:
-    """Axis inputs renumbered for channel-last operands; convs get the hint, and a depthwise
-    conv's constant weight a ``transpose`` to ``[*K, C_out, 1]`` (the lowering's weight prologue
-    computes it once per weight values, see :mod:`mljax.lower`)."""
+    """Axis inputs renumbered for channel-last operands; convs get the hint, a depthwise conv's
+    constant weight a ``transpose`` to ``[*K, C_out, 1]`` (the lowering's weight prologue
+    computes it once per weight values, see :mod:`mljax.lower`), a global pool (``pool``: read
+    only outside the region) the hint ``pool_by_product``."""
     new_axis = {a: _TO_LAST.index(a) for a in range(4)}
     if op.type == "conv":
         hints = {**op.attributes.get(HINTS, {}), "channels_last": True}
@@ -444,8 +424,8 @@ def _remap(graph: Graph, op, before: list, first_in=False, pool=False) -> None:
             hints["first_in"] = True
         op.attributes[HINTS] = hints
     elif pool and sorted(new_axis[a] for a in _axes(op)) == [1, 2]:
-        _reduce_by_product(graph, op, before)
-        return
+        # a global pool read outside the region: as a product (mljax.ops.reduction.spatial_pool_by_product)
+        op.attributes[HINTS] = {**op.attributes.get(HINTS, {}), "pool_by_product": True}
     if op.type in _REDUCTIONS:
         axes = _axes(op)
         op.inputs["axes"] = (graph.const(op.name + "_axes", np.array([new_axis[a] for a in axes])),)

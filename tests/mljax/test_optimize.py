@@ -225,6 +225,9 @@ def test_depthwise_networks_run_channel_last():
     assert all(h.get("channels_last") for h in convs) and sum(bool(h.get("weight_hwc")) for h in convs) == 1
     assert sum(bool(h.get("first_in")) for h in convs) == 1
     assert [op.type for op in model.stage.lowered.prologue] == ["transpose"]
+    pools = [op.attributes.get(HINTS, {}).get("pool_by_product", False)
+             for op in model.stage.lowered.fn.block.operations if op.type == "reduce_mean"]
+    assert sorted(pools) == [False, True]     # squeeze-and-excitation stays a reduction; the global pool not
     y, fmap = _torch_block(xs[0], ws)
     for got in (on, off):
         np.testing.assert_allclose(got["y"], y, rtol=1e-5, atol=1e-5)
