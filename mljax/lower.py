@@ -34,7 +34,6 @@ _SHAPE_ONLY_OPS = {"shape"}   # their outputs depend on static shapes only, neve
 _PROLOGUE_OPS = frozenset({"transpose", "concat", "reshape"})
 
 
-
 # Typed execution.  Core ML treats an ML program's declared types as the *minimum* compute
 # precision: a backend may compute fp16 ops in fp32 where fp16 arithmetic is slow.  XLA:CPU has
 # no fp16 arithmetic (it converts around every op, and fp16 programs ran up to 2.1x slower than
@@ -215,13 +214,11 @@ class LoweredFunction:
                     want = jax_dtype(self.compute_dtype(v.type.dtype))
                     # a float32 value of a float16 input: rounded to float16 here (MLModel leaves
                     # it to XLA: Stage.fp16_in_graph), then held in the compute dtype
-                    declared = jax_dtype(v.type.dtype) if v.type.dtype.name == "fp16" else None
-                    if v.name in self.value_inputs and _is_concrete(val):
-                        val = np.asarray(val)
-                        val = (val.astype(declared) if declared is not None else val).astype(want)
-                    else:
-                        val = jnp.asarray(val)
-                        val = (val.astype(declared) if declared is not None else val).astype(want)
+                    # (concrete values of inputs ops need before tracing stay NumPy)
+                    val = np.asarray(val) if v.name in self.value_inputs and _is_concrete(val) else jnp.asarray(val)
+                    if v.type.dtype.name == "fp16":
+                        val = val.astype(jax_dtype(v.type.dtype))
+                    val = val.astype(want)
                 env[v.name] = val
         state = {k: env[k] for k in self.state_names}
         skip = frozenset(id(op) for op in self.prologue) if prepared is not None else frozenset()

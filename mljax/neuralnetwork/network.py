@@ -11,6 +11,7 @@ from jax.errors import JAXTypeError
 
 from mljax.errors import InputError, MLJaxError, ModelFormatError, UnsupportedError
 from mljax.neuralnetwork._base import LayerContext, lookup_layer
+from mljax.ops.conv import is_depthwise_weight, reads_channel_first
 from mljax.optimize._graph import seeded_components
 from mljax.stage import PREPARED
 
@@ -58,7 +59,7 @@ class Network:
 
     def prepare(self, weights: dict) -> dict:
         """Depthwise weights of channel-last regions laid out ``[kh, kw, C, 1]`` (``Stage.prepare``)."""
-        return {key: jnp.transpose(weights[key], (2, 3, 0, 1)) for key in self._hwc_keys() if key in weights}
+        return {key: _hwc(weights[key]) for key in self._hwc_keys() if key in weights}
 
     def _hwc_keys(self) -> list[str]:
         return [f"{name}/weight" for name, role in self.channels_last.items() if role.weight_hwc]
@@ -145,7 +146,7 @@ class Network:
         elif role.weight_hwc:
             key = f"{lyr.name}/weight"
             prepared = weights.get(PREPARED) or {}
-            w["weight"] = prepared[key] if key in prepared else jnp.transpose(w["weight"], (2, 3, 0, 1))
+            w["weight"] = prepared[key] if key in prepared else _hwc(w["weight"])
         ctx = LayerContext(lyr.name, kind, lyr, self.rank5, env=env, run=self.run, weights=weights,
                            after_costly_op=bool(lyr.input) and lyr.input[0] in self.costly_blobs,
                            **(role._asdict() if role is not None else {}))
@@ -271,9 +272,15 @@ def _region_layer(lyr) -> bool:
     return False
 
 
-def _is_depthwise(lyr) -> bool:
+def _hwc(weight):
+    """A depthwise weight ``[C, 1, kh, kw]`` laid out ``[kh, kw, C, 1]`` (``LayerContext.weight_hwc``)."""
+    return jnp.transpose(weight, (2, 3, 0, 1))
+
+
+def _conv_weight(lyr):
+    """A convolution layer's ``(weight shape [C_out, C_in/groups, kh, kw], groups)``."""
     p = lyr.convolution
-    return p.kernelChannels == 1 and p.nGroups > 1
+    return (p.outputChannels, p.kernelChannels, *(int(v) for v in (list(p.kernelSize) or [3, 3]))), max(p.nGroups, 1)
 
 
 def _channel_last_layers(nn) -> dict:
@@ -291,7 +298,7 @@ def _channel_last_layers(nn) -> dict:
     free = {i for i, lyr in enumerate(layers) if _region_layer(lyr)}
     edges = [(producer[b], i) for i in free for b in layers[i].input if producer.get(b) in free]
     region = seeded_components(free, edges, {i for i in free if layers[i].WhichOneof("layer") == "convolution"
-                                             and _is_depthwise(layers[i])})
+                                             and is_depthwise_weight(*_conv_weight(layers[i]))})
     readers: dict[str, set] = {}
     for i, lyr in enumerate(layers):
         for b in lyr.input:
@@ -302,19 +309,12 @@ def _channel_last_layers(nn) -> dict:
         kind = lyr.WhichOneof("layer")
         role = _Role()
         if kind == "convolution":
-            p = lyr.convolution
-            k = tuple(int(v) for v in (list(p.kernelSize) or [3, 3]))
-            if producer.get(lyr.input[0]) not in region and p.nGroups <= 1 and k != (1, 1) \
-                    and p.kernelChannels * k[0] * k[1] <= _IM2COL_MAX_ROWS:
+            if producer.get(lyr.input[0]) not in region and reads_channel_first(*_conv_weight(lyr)):
                 role = role._replace(first_in=True)
-            elif _is_depthwise(lyr) and lyr.convolution.HasField("weights"):
+            elif is_depthwise_weight(*_conv_weight(lyr)) and lyr.convolution.HasField("weights"):
                 role = role._replace(weight_hwc=True)
         elif kind == "pooling" and lyr.pooling.type == 1 and not (readers.get(lyr.output[0], set()) & region):
             role = role._replace(pool_by_product=True)
         roles[lyr.name] = role
     return roles
 
-
-# A region's first layer reads its channel-first input when it has at most this many weights per
-# output channel (im2col; mljax.ops.conv's threshold).
-_IM2COL_MAX_ROWS = 32

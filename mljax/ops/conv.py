@@ -26,7 +26,7 @@ from jax.custom_batching import custom_vmap
 from mljax.errors import OpError
 from mljax.ops._registry import register
 
-__all__ = ["conv", "convolution", "conv_path", "conv_transpose"]
+__all__ = ["conv", "convolution", "conv_path", "conv_transpose", "is_depthwise_weight", "reads_channel_first"]
 
 _PAD_TYPES = ("valid", "same", "same_lower", "custom")
 
@@ -196,6 +196,18 @@ def conv_path(x_shape, w_shape, dtype, strides, pads, dilations, groups) -> str:
             and x_shape[0] * math.prod(-(-o // _WINOGRAD_F4.m) for o in outs) >= _WINOGRAD_MIN_TILES):
         return "winograd"
     return "lax"
+
+
+def is_depthwise_weight(w_shape, groups: int) -> bool:
+    """A ``[C_out, 1, *K]`` weight in ``groups > 1`` groups: one filter (or a few) per input channel."""
+    return groups > 1 and w_shape[1] == 1
+
+
+def reads_channel_first(w_shape, groups: int) -> bool:
+    """A dense conv (not 1x1) with at most ``_IM2COL_MAX_ROWS`` weights per output channel: a
+    network's first layer, which starts a channel-last region from its channel-first input
+    (``convolution(first_in=True)``, im2col)."""
+    return groups == 1 and any(k != 1 for k in w_shape[2:]) and math.prod(w_shape[1:]) <= _IM2COL_MAX_ROWS
 
 
 def _dense_or_grouped(x, weight, strides, pads, dilations, groups, bias=None, after_costly_op=False):

@@ -12,6 +12,7 @@ import numpy as np
 from mljax.mil.ir import Operation, Var
 from mljax.mil.types import TensorType
 from mljax.ops._registry import HINTS
+from mljax.ops.conv import is_depthwise_weight, reads_channel_first
 from mljax.optimize._graph import Graph, seeded_components
 
 __all__ = ["PASSES", "remove_noop_casts", "remove_identity_ops", "merge_transposes", "merge_reshapes",
@@ -148,8 +149,6 @@ def dead_code(graph: Graph) -> int:
             return removed
 
 
-
-
 def merge_parallel_linears(graph: Graph) -> int:
     """``linear`` ops reading the same input with constant weights become one ``linear`` over
     the concatenated weights, then a ``split`` back into the original outputs (q/k/v
@@ -255,9 +254,6 @@ def mark_convs_after_costly_ops(graph: Graph) -> int:
     return n
 
 
-
-
-
 # --- channel-last regions ------------------------------------------------------------------
 # Ops that compute the same thing whatever the order of their rank-4 operands' axes (every
 # other input a scalar constant).
@@ -268,9 +264,6 @@ _LAYOUT_FREE_UNARY = frozenset({
 _LAYOUT_FREE_BINARY = frozenset({"add", "sub", "mul", "real_div", "maximum", "minimum"})
 _REDUCTIONS = frozenset({"reduce_mean", "reduce_sum", "reduce_max", "reduce_min"})
 _TO_LAST, _TO_FIRST = (0, 2, 3, 1), (0, 3, 1, 2)
-# Dense convs with at most this many weights per output channel (a network's first layer) get
-# their weight laid out for channel-last im2col; mljax.ops.conv's own im2col threshold.
-_IM2COL_MAX_ROWS = 32
 
 
 def _rank4(var) -> bool:
@@ -286,13 +279,12 @@ def _layout_free(op) -> bool:
     """``op`` computes alike on channel-last operands, given remapped axes (see ``_remap``)."""
     if len(op.outputs) != 1 or not _rank4(op.outputs[0]) or op.blocks:
         return False
-    tensors = {k: v for k, v in op.inputs.items()}
     if op.type == "conv":
         x, w = op.input("x"), op.input("weight")
         return x is not None and _rank4(x) and w is not None and len(_static_shape(w) or ()) == 4
     if op.type in _LAYOUT_FREE_UNARY:
         return op.input("x") is not None and _rank4(op.input("x")) and all(
-            all(_scalar_const(v) or isinstance(v.value, str) for v in bound) for k, bound in tensors.items() if k != "x")
+            all(_scalar_const(v) or isinstance(v.value, str) for v in bound) for k, bound in op.inputs.items() if k != "x")
     if op.type in _LAYOUT_FREE_BINARY:
         vs = [op.input("x"), op.input("y")]
         return all(v is not None and (_rank4(v) or _scalar_const(v)) for v in vs)
@@ -307,11 +299,9 @@ def _layout_free(op) -> bool:
     return False
 
 
-def _is_depthwise_conv(op, channel_axis=1) -> bool:
-    w, x = _static_shape(op.input("weight")), _static_shape(op.input("x"))
+def _groups(op) -> int:
     groups = op.input("groups")
-    g = int(groups.value) if groups is not None and groups.value is not None else 1
-    return w[1] == 1 and g == x[channel_axis] and g > 1
+    return int(groups.value) if groups is not None and groups.value is not None else 1
 
 
 def channels_last_regions(graph: Graph) -> int:
@@ -345,7 +335,7 @@ def channels_last_regions(graph: Graph) -> int:
             if p is not None and id(p) in free:
                 edges.append((id(p), id(op)))
     region = seeded_components(free, edges, {id(op) for op in ops if id(op) in free and op.type == "conv"
-                                             and _is_depthwise_conv(op)})
+                                             and is_depthwise_weight(_static_shape(op.input("weight")), _groups(op))})
     if not region:
         return 0
     protected = graph.protected()
@@ -357,8 +347,9 @@ def channels_last_regions(graph: Graph) -> int:
             rewritten.append(op)
             continue
         before = []
-        # a region's first layer reads its channel-first input as it is (see _first_in)
-        first_in = op.type == "conv" and id(op.input("x")) not in moved and _first_in(op)
+        # a region's first layer reads its channel-first input as it is
+        first_in = (op.type == "conv" and id(op.input("x")) not in moved
+                    and reads_channel_first(_static_shape(op.input("weight")), _groups(op)))
         for key, bound in op.inputs.items():
             new = []
             for v in bound:
@@ -400,14 +391,6 @@ def _axes(op) -> list:
     return [int(a) % 4 for a in np.asarray(op.input("axes").value).reshape(-1)]
 
 
-def _first_in(op) -> bool:
-    """A dense conv with few weights per output channel (a network's first layer, im2col)."""
-    groups, w = op.input("groups"), op.input("weight")
-    return ((groups is None or groups.value is None or int(groups.value) == 1) and w is not None
-            and (_static_shape(w) or (0, 0, 1, 1))[2:] != (1, 1)
-            and int(np.prod(_static_shape(w)[1:])) <= _IM2COL_MAX_ROWS)
-
-
 def _remap(graph: Graph, op, before: list, first_in=False, pool=False) -> None:
     """Axis inputs renumbered for channel-last operands; convs get the hint, a depthwise conv's
     constant weight a ``transpose`` to ``[*K, C_out, 1]`` (the lowering's weight prologue
@@ -417,7 +400,7 @@ def _remap(graph: Graph, op, before: list, first_in=False, pool=False) -> None:
     if op.type == "conv":
         hints = {**op.attributes.get(HINTS, {}), "channels_last": True}
         w = op.input("weight")
-        if not first_in and _is_depthwise_conv(op, channel_axis=3) and w.value is not None:
+        if not first_in and is_depthwise_weight(_static_shape(w), _groups(op)) and w.value is not None:
             op.inputs["weight"] = (_transposed(graph, w, (2, 3, 0, 1), before),)
             hints["weight_hwc"] = True
         elif first_in:
