@@ -167,29 +167,33 @@ def test_personalize_updatable_pipeline(optimizer, tmp_path):
     events = set()
     data = [{"pixels": x[i][None], "digit": str(y[i])} for i in train]
     ctx = updatable.UpdateTask(model, data, progress_handler=lambda c: events.add(c.event)).run()
-    acc_after = accuracy(ctx.model)
-    # The bar comes from an independent run of the same training on this machine: PyTorch
-    # trains the same head on the same embeddings (50 epochs, shuffled by its own seeds).  How
-    # well 100 samples teach three new classes depends on the extractor, whose training rounds
-    # differently on each CPU; the reference moves with it, so the bar never sits at the edge
-    # of one machine's rounding.  SGD at lr 0.1 / momentum 0.9 is chaotic: five shuffle orders
-    # of the reference span 0.76-0.85 on one machine, so the bar is their median less 0.10.
+    # SGD at lr 0.1 / momentum 0.9 is chaotic: after a few epochs the trajectory amplifies
+    # rounding differences of 1e-7 (one CPU's kernels against another's) into a different
+    # outcome, so one run's accuracy is a draw from a spread (0.58-0.86 over eight shuffle
+    # seeds on one Intel machine, where torch's runs of the same orders spanned 0.71-0.85).
+    # The test therefore compares distributions, not draws: mljax trains with shuffle seeds
+    # 0-4 (0 is the model's default, the run above), PyTorch trains the same head on the same
+    # embeddings in exactly those per-epoch orders (mljax draws one permutation per epoch from
+    # NumPy's generator seeded with ``seed``), and the medians must agree within 0.10.
     extractor = _extractor(model)
     embed = lambda ids: np.concatenate(  # noqa: E731
         [extractor.predict({"pixels": x[i][None]})["embedding"] for i in ids]).astype(np.float32)
     emb_train, emb_test = embed(train), embed(test)
     w0, b0 = _head_weights(pipeline_of(model.get_spec()).models[-1])
-    ref_accs = []
+    accs, ref_accs = [accuracy(ctx.model)], []
     for seed in range(5):
-        order_rng = np.random.default_rng(100 + seed)
+        if seed:
+            accs.append(accuracy(updatable.UpdateTask(model, data, parameters={"seed": seed}).run().model))
+        order_rng = np.random.default_rng(seed)
         ref = _torch_head_training(w0, b0, emb_train, y[train].astype(np.int64),
                                    [order_rng.permutation(len(train)) for _ in range(50)], optimizer)
         with torch.no_grad():
             ref_accs.append(float(np.mean(ref(torch.from_numpy(emb_test)).argmax(-1).numpy() == y[test])))
     assert acc_before < 0.2
     assert min(ref_accs) > acc_before + 0.4, f"the reference training itself did not learn: {ref_accs}"
-    assert acc_after >= float(np.median(ref_accs)) - 0.10, \
-        f"{optimizer}: accuracy on unseen samples of new classes {acc_after:.3f}, torch reference {ref_accs}"
+    assert min(accs) > acc_before + 0.3, f"{optimizer}: a run did not learn: {accs} (before: {acc_before:.3f})"
+    assert np.median(accs) >= np.median(ref_accs) - 0.10, \
+        f"{optimizer}: accuracy on unseen samples of new classes {accs}, torch reference {ref_accs}"
     assert events == {"training_begin", "mini_batch_end", "epoch_end"}
 
     out = ctx.model.save(tmp_path / "personal.mlpackage")
