@@ -42,11 +42,11 @@ class LayerContext:
     after_costly_op: bool = False      # the first input comes from a costly activation (conv's hint)
     # channel-last regions (mljax.neuralnetwork.network): the layer's rank-4 inputs and outputs
     # are [N, H, W, C]; ``first_in``: a convolution reads its input channel-first nonetheless;
-    # ``weight_hwc``: its depthwise weight is laid out [kh, kw, C, 1]; ``pool_by_product``: a
+    # ``weight_hwio``: its depthwise or 1x1 weight is laid out HWIO [kh, kw, C_in/groups, C_out]; ``pool_by_product``: a
     # global average pool read outside the region
     channels_last: bool = False
     first_in: bool = False
-    weight_hwc: bool = False
+    weight_hwio: bool = False
     pool_by_product: bool = False
 
 

@@ -168,7 +168,7 @@ def build_neuralnetwork_stage(spec, weights_dir=None, **_options) -> Stage:
         inputs=_input_specs(plan), outputs=plan.outputs,
         preprocess=_preprocess(plan), postprocess=_postprocess(plan), batchable=True,
         network=plan.network, rank5=plan.rank5, call_key=keyed, per_call=keyed,
-        prepare=jax.jit(plan.network.prepare) if plan.network._hwc_keys() else None,
+        prepare=jax.jit(plan.network.prepare) if plan.network._hwio_keys() else None,
         classes=(ClassLabels(plan.labels, plan.label_name or None, plan.probs_name or None)
                  if plan.labels is not None else None),
         # the spec determines the function (weights and all; they are also its arguments), so

@@ -160,7 +160,7 @@ def convolution(p, w, xs, ctx):
     xb, back = channels_first(xs[0])
     wt = w["weight"] if "weight" in w else xs[1]
     k = [int(v) for v in (list(p.kernelSize) or [3, 3])]
-    if tuple(wt.shape[:2] if ctx.weight_hwc else wt.shape[2:]) != tuple(k):
+    if tuple(wt.shape[:2] if ctx.weight_hwio else wt.shape[2:]) != tuple(k):
         fail(ctx, f"expected a {k[0]}x{k[1]} kernel; found weight shape {tuple(wt.shape)}")
     strides = [int(v) for v in (list(p.stride) or [1, 1])]
     dilations = [int(v) for v in (list(p.dilationFactor) or [1, 1])]
@@ -176,7 +176,7 @@ def convolution(p, w, xs, ctx):
         # a channel-last region's layer ([N, H, W, C]; see mljax.neuralnetwork.network)
         y = conv_ops.convolution(xb, wt, w.get("bias"), strides=strides, pad_type=pad_type, pad=pad,
                                  dilations=dilations, groups=groups, after_costly_op=ctx.after_costly_op,
-                                 channels_last=ctx.channels_last, weight_hwc=ctx.weight_hwc,
+                                 channels_last=ctx.channels_last, weight_hwio=ctx.weight_hwio,
                                  first_in=ctx.first_in)
     return back(y)
 

@@ -11,7 +11,7 @@ from jax.errors import JAXTypeError
 
 from mljax.errors import InputError, MLJaxError, ModelFormatError, UnsupportedError
 from mljax.neuralnetwork._base import LayerContext, lookup_layer
-from mljax.ops.conv import is_depthwise_weight, reads_channel_first
+from mljax.ops.conv import hwio, is_depthwise_weight, lays_out_weight, reads_channel_first
 from mljax.optimize._graph import seeded_components
 from mljax.stage import PREPARED
 
@@ -58,11 +58,11 @@ class Network:
         self.channels_last = _channel_last_layers(nn)
 
     def prepare(self, weights: dict) -> dict:
-        """Depthwise weights of channel-last regions laid out ``[kh, kw, C, 1]`` (``Stage.prepare``)."""
-        return {key: _hwc(weights[key]) for key in self._hwc_keys() if key in weights}
+        """Depthwise and 1x1 weights of channel-last regions laid out HWIO (``Stage.prepare``)."""
+        return {key: hwio(weights[key]) for key in self._hwio_keys() if key in weights}
 
-    def _hwc_keys(self) -> list[str]:
-        return [f"{name}/weight" for name, role in self.channels_last.items() if role.weight_hwc]
+    def _hwio_keys(self) -> list[str]:
+        return [f"{name}/weight" for name, role in self.channels_last.items() if role.weight_hwio]
 
     def _check_supported(self) -> None:
         missing = []
@@ -143,10 +143,10 @@ class Network:
         xs = self._region_inputs(lyr, role, env, last) if role is not None else None
         if xs is None:
             role, xs = None, [env[n] for n in lyr.input]
-        elif role.weight_hwc:
+        elif role.weight_hwio:
             key = f"{lyr.name}/weight"
             prepared = weights.get(PREPARED) or {}
-            w["weight"] = prepared[key] if key in prepared else _hwc(w["weight"])
+            w["weight"] = prepared[key] if key in prepared else hwio(w["weight"])
         ctx = LayerContext(lyr.name, kind, lyr, self.rank5, env=env, run=self.run, weights=weights,
                            after_costly_op=bool(lyr.input) and lyr.input[0] in self.costly_blobs,
                            **(role._asdict() if role is not None else {}))
@@ -254,7 +254,7 @@ class _Role(NamedTuple):
 
     channels_last: bool = True
     first_in: bool = False
-    weight_hwc: bool = False
+    weight_hwio: bool = False
     pool_by_product: bool = False
 
 
@@ -272,11 +272,6 @@ def _region_layer(lyr) -> bool:
     return False
 
 
-def _hwc(weight):
-    """A depthwise weight ``[C, 1, kh, kw]`` laid out ``[kh, kw, C, 1]`` (``LayerContext.weight_hwc``)."""
-    return jnp.transpose(weight, (2, 3, 0, 1))
-
-
 def _conv_weight(lyr):
     """A convolution layer's ``(weight shape [C_out, C_in/groups, kh, kw], groups)``."""
     p = lyr.convolution
@@ -287,8 +282,8 @@ def _channel_last_layers(nn) -> dict:
     """``{layer name: _Role}``: the top network's channel-last regions, as the ML-program graph
     layer forms them (:func:`mljax.optimize.passes.channels_last_regions`): connected layers that
     compute alike channel-last, holding a depthwise convolution.  A region's first dense layer
-    with few weights per output (im2col) reads its channel-first input; its depthwise weights are
-    laid out ``[kh, kw, C, 1]`` (``Network.prepare``); a global average pool read outside it runs
+    with few weights per output (im2col) reads its channel-first input; its depthwise and 1x1
+    weights are laid out HWIO (``Network.prepare``); a global average pool read outside it runs
     as a product."""
     layers = list(nn.layers)
     names = [lyr.name for lyr in layers]
@@ -311,8 +306,8 @@ def _channel_last_layers(nn) -> dict:
         if kind == "convolution":
             if producer.get(lyr.input[0]) not in region and reads_channel_first(*_conv_weight(lyr)):
                 role = role._replace(first_in=True)
-            elif is_depthwise_weight(*_conv_weight(lyr)) and lyr.convolution.HasField("weights"):
-                role = role._replace(weight_hwc=True)
+            elif lays_out_weight(*_conv_weight(lyr)) and lyr.convolution.HasField("weights"):
+                role = role._replace(weight_hwio=True)
         elif kind == "pooling" and lyr.pooling.type == 1 and not (readers.get(lyr.output[0], set()) & region):
             role = role._replace(pool_by_product=True)
         roles[lyr.name] = role

@@ -102,11 +102,11 @@ def conv(x, weight, bias=None, *, strides=None, pad_type="valid", pad=None, dila
     return convolution(x, weight, bias, strides=strides, pad_type=pad_type, pad=pad, dilations=dilations,
                        groups=groups, after_costly_op=bool(hints.get("after_costly_op")),
                        channels_last=bool(hints.get("channels_last")),
-                       weight_hwc=bool(hints.get("weight_hwc")), first_in=bool(hints.get("first_in")))
+                       weight_hwio=bool(hints.get("weight_hwio")), first_in=bool(hints.get("first_in")))
 
 
 def convolution(x, weight, bias=None, *, strides=None, pad_type="valid", pad=None, dilations=None,
-                groups=1, after_costly_op=False, channels_last=False, weight_hwc=False, first_in=False):
+                groups=1, after_costly_op=False, channels_last=False, weight_hwio=False, first_in=False):
     """N-D convolution of channel-first ``x`` with ``weight [C_out, C_in/groups, *K]``.
 
     ``same`` / ``same_lower`` padding follows TF's SAME rule (``out = ceil(in / stride)``);
@@ -121,10 +121,13 @@ def convolution(x, weight, bias=None, *, strides=None, pad_type="valid", pad=Non
 
     ``channels_last`` is the graph layer's layout
     (:func:`mljax.optimize.passes.channels_last_regions`): ``x`` is ``[N, *D, C_in]`` and so is
-    the result (``[N, *D', C_out]``); the weight keeps MIL's layout, unless ``weight_hwc``: a
-    depthwise weight laid out ``[*K, C_out, 1]`` at load (a ``transpose`` of the program's
-    ``[C_out, 1, *K]`` weight that the lowering computes once per weight values): each tap's
-    weights one contiguous channel vector, which XLA's tap loop needs to vectorize.
+    the result (``[N, *D', C_out]``); the weight keeps MIL's layout, unless ``weight_hwio``: a
+    depthwise or 1x1 weight laid out ``[*K, C_in/groups, C_out]`` at load (TF's HWIO; a
+    ``transpose`` of the program's ``[C_out, C_in/groups, *K]`` weight that the lowering computes
+    once per weight values, see :func:`lays_out_weight`).  Depthwise, each tap's weights are one
+    contiguous channel vector, which XLA's tap loop needs to vectorize; 1x1, the GEMM's right
+    operand is ``[C_in, C_out]``, the orientation XLA:CPU's matrix products run fastest (up to
+    2x at a few rows; transposing MIL's ``[C_out, C_in]`` per call would cost a copy).
     ``first_in``: ``x`` is channel-first (MIL's layout) and the result channel-last (a region's
     first layer, run as im2col).
     """
@@ -133,7 +136,7 @@ def convolution(x, weight, bias=None, *, strides=None, pad_type="valid", pad=Non
         if first_in:
             return _im2col_last(x, weight, bias, strides, pad_type, pad, dilations).astype(x.dtype)
         return _channels_last(x, weight, bias, strides, pad_type, pad, dilations, int(groups),
-                              bool(after_costly_op), bool(weight_hwc)).astype(x.dtype)
+                              bool(after_costly_op), bool(weight_hwio)).astype(x.dtype)
     n = x.ndim - 2
     groups = int(groups)
     _check_channels("conv", x.shape[1], groups, x.shape[1] // max(groups, 1), weight.shape[1])
@@ -201,6 +204,22 @@ def conv_path(x_shape, w_shape, dtype, strides, pads, dilations, groups) -> str:
 def is_depthwise_weight(w_shape, groups: int) -> bool:
     """A ``[C_out, 1, *K]`` weight in ``groups > 1`` groups: one filter (or a few) per input channel."""
     return groups > 1 and w_shape[1] == 1
+
+
+def lays_out_weight(w_shape, groups: int) -> bool:
+    """A channel-last region's conv whose constant weight the graph layer lays out HWIO at load
+    (``convolution(weight_hwio=True)``): depthwise, and 1x1 of one group."""
+    return is_depthwise_weight(w_shape, groups) or (groups == 1 and all(k == 1 for k in w_shape[2:]))
+
+
+def hwio(weight):
+    """``[C_out, C_in/groups, *K]`` laid out ``[*K, C_in/groups, C_out]`` (``weight_hwio``)."""
+    n = weight.ndim - 2
+    return jnp.transpose(weight, (*range(2, n + 2), 1, 0))
+
+
+HWIO_PERM = (2, 3, 1, 0)
+"""``hwio``'s permutation of a 2-D convolution's weight."""
 
 
 def reads_channel_first(w_shape, groups: int) -> bool:
@@ -417,13 +436,13 @@ def _depthwise(x, weight, strides, pads, dilations, after_costly_op=False):
     return y
 
 
-def _channels_last(x, weight, bias, strides, pad_type, pad, dilations, groups, after_costly_op, weight_hwc):
+def _channels_last(x, weight, bias, strides, pad_type, pad, dilations, groups, after_costly_op, weight_hwio):
     """``convolution`` of a channel-last ``x [N, *D, C]``: depthwise and 1x1 layers in that layout
     (every tap and product reads whole channel vectors), others through the channel-first paths."""
     n = x.ndim - 2
-    hwc = weight if weight_hwc else None
-    if weight_hwc:    # [*K, C_out, 1] -> MIL's [C_out, 1, *K] for the checks and path rules
-        weight = jnp.moveaxis(weight, (n, n + 1), (0, 1))
+    laid_out = weight if weight_hwio else None
+    if weight_hwio:    # [*K, C_in/groups, C_out] -> MIL's [C_out, C_in/groups, *K] for the checks and path rules
+        weight = jnp.transpose(weight, (n + 1, n, *range(n)))
     _check_channels("conv", x.shape[-1], groups, x.shape[-1] // max(groups, 1), weight.shape[1])
     kernel = weight.shape[2:]
     strides = _ints(strides, n, 1, "strides")
@@ -432,10 +451,11 @@ def _channels_last(x, weight, bias, strides, pad_type, pad, dilations, groups, a
     first = (x.shape[0], x.shape[-1]) + tuple(x.shape[1:-1])
     path = conv_path(first, weight.shape, x.dtype, strides, pads, dilations, groups)
     if path == "depthwise":
-        taps = hwc[..., 0] if hwc is not None else jnp.moveaxis(weight[:, 0], 0, -1)   # [*K, C_out]
+        taps = laid_out[..., 0, :] if laid_out is not None else jnp.moveaxis(weight[:, 0], 0, -1)   # [*K, C_out]
         y = _depthwise_last(x, taps, strides, pads, dilations)
     elif path == "pointwise":
-        y = _pointwise_last(x, weight, strides)
+        y = (_pointwise_last(x, laid_out.reshape(weight.shape[1::-1]), 0, strides) if laid_out is not None
+             else _pointwise_last(x, weight.reshape(weight.shape[:2]), 1, strides))
     else:
         y = _dense_or_grouped(jnp.moveaxis(x, -1, 1), weight, strides, pads, dilations, groups, bias,
                               after_costly_op)
@@ -489,12 +509,12 @@ def _im2col_rows(x, weight, bias, strides, pads, dilations):
     return image(x[0])[None] if x.shape[0] == 1 else lax.map(image, x)
 
 
-def _pointwise_last(x, weight, strides):
-    """A 1x1 convolution of a channel-last ``x``: one GEMM over all positions (and images)."""
+def _pointwise_last(x, w2, w_in_axis, strides):
+    """A 1x1 convolution of a channel-last ``x``: one GEMM over all positions (and images) with
+    ``w2``, ``[C_in, C_out]`` (``w_in_axis`` 0, HWIO) or MIL's ``[C_out, C_in]`` (1)."""
     if any(s != 1 for s in strides):
         x = x[(slice(None),) + tuple(slice(None, None, s) for s in strides)]
-    w2 = weight.reshape(weight.shape[:2]).astype(x.dtype)
-    return lax.dot_general(x, w2, (((x.ndim - 1,), (1,)), ((), ())),
+    return lax.dot_general(x, w2.astype(x.dtype), (((x.ndim - 1,), (w_in_axis,)), ((), ())),
                            preferred_element_type=_accumulate_dtype(x.dtype))
 
 

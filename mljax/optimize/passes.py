@@ -12,7 +12,7 @@ import numpy as np
 from mljax.mil.ir import Operation, Var
 from mljax.mil.types import TensorType
 from mljax.ops._registry import HINTS
-from mljax.ops.conv import is_depthwise_weight, reads_channel_first
+from mljax.ops.conv import HWIO_PERM, is_depthwise_weight, lays_out_weight, reads_channel_first
 from mljax.optimize._graph import Graph, seeded_components
 
 __all__ = ["PASSES", "remove_noop_casts", "remove_identity_ops", "merge_transposes", "merge_reshapes",
@@ -392,17 +392,17 @@ def _axes(op) -> list:
 
 
 def _remap(graph: Graph, op, before: list, first_in=False, pool=False) -> None:
-    """Axis inputs renumbered for channel-last operands; convs get the hint, a depthwise conv's
-    constant weight a ``transpose`` to ``[*K, C_out, 1]`` (the lowering's weight prologue
+    """Axis inputs renumbered for channel-last operands; convs get the hint, a depthwise or 1x1
+    conv's constant weight a ``transpose`` to HWIO ``[*K, C_in/groups, C_out]`` (the lowering's weight prologue
     computes it once per weight values, see :mod:`mljax.lower`), a global pool (``pool``: read
     only outside the region) the hint ``pool_by_product``."""
     new_axis = {a: _TO_LAST.index(a) for a in range(4)}
     if op.type == "conv":
         hints = {**op.attributes.get(HINTS, {}), "channels_last": True}
         w = op.input("weight")
-        if not first_in and is_depthwise_weight(_static_shape(w), _groups(op)) and w.value is not None:
-            op.inputs["weight"] = (_transposed(graph, w, (2, 3, 0, 1), before),)
-            hints["weight_hwc"] = True
+        if not first_in and lays_out_weight(_static_shape(w), _groups(op)) and w.value is not None:
+            op.inputs["weight"] = (_transposed(graph, w, HWIO_PERM, before),)
+            hints["weight_hwio"] = True
         elif first_in:
             hints["first_in"] = True
         op.attributes[HINTS] = hints

@@ -213,8 +213,8 @@ def _torch_block(x, ws):
 
 
 def test_depthwise_networks_run_channel_last():
-    """The block's ops become one channel-last region (its convs hinted, the depthwise weight
-    re-laid out by the weight prologue); single and list predicts equal torch's and the
+    """The block's ops become one channel-last region (its convs hinted, the depthwise and 1x1
+    weights re-laid out by the weight prologue); single and list predicts equal torch's and the
     unoptimized program's, the output read inside the region (``map``) keeps its layout."""
     from mljax.ops._registry import HINTS
     prog, ws = _program_depthwise_block()
@@ -222,9 +222,11 @@ def test_depthwise_networks_run_channel_last():
     model, on, off = _both(lambda: prog, {"x": xs[0]})
     assert _stats(model)["channels_last_regions"] >= 10
     convs = [op.attributes.get(HINTS, {}) for op in model.stage.lowered.fn.block.operations if op.type == "conv"]
-    assert all(h.get("channels_last") for h in convs) and sum(bool(h.get("weight_hwc")) for h in convs) == 1
-    assert sum(bool(h.get("first_in")) for h in convs) == 1
-    assert [op.type for op in model.stage.lowered.prologue] == ["transpose"]
+    assert all(h.get("channels_last") for h in convs)
+    # the depthwise and the three 1x1 weights laid out HWIO; the stem reads the channel-first input
+    assert [bool(h.get("weight_hwio")) for h in convs] == [False, True, True, True, True]
+    assert [bool(h.get("first_in")) for h in convs] == [True, False, False, False, False]
+    assert [op.type for op in model.stage.lowered.prologue] == ["transpose"] * 4
     pools = [op.attributes.get(HINTS, {}).get("pool_by_product", False)
              for op in model.stage.lowered.fn.block.operations if op.type == "reduce_mean"]
     assert sorted(pools) == [False, True]     # squeeze-and-excitation stays a reduction; the global pool not

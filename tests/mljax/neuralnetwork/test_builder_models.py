@@ -447,7 +447,7 @@ def test_depthwise_network_runs_channel_last():
     assert set(roles) == {"stem", "relu0", "dw", "sig", "silu", "se_pool", "se1", "se_relu", "se2", "se_sig",
                           "se_mul", "pw", "pool"}
     assert [n for n, r in roles.items() if r.first_in] == ["stem"]
-    assert [n for n, r in roles.items() if r.weight_hwc] == ["dw"]
+    assert [n for n, r in roles.items() if r.weight_hwio] == ["dw", "se1", "se2", "pw"]
     assert [n for n, r in roles.items() if r.pool_by_product] == ["pool"]
     xs = [_r(1, 3, 12, 10) for _ in range(3)]
     ref = lambda x, w=ws: _depthwise_block_torch(x, w, torch).numpy().reshape(-1)   # noqa: E731
