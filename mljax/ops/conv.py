@@ -172,9 +172,18 @@ _DEPTHWISE_MAX_TAPS = 64
 #   (1,512,7,7)->512                 0.54x   0.85x            1.41x (4 tiles: the weight transform dominates)
 # 1x1 as one GEMM (pointwise) (32,64,24,24)->128: 0.52x.
 _IM2COL_MAX_ROWS = 32         # C_in * taps of a patch: im2col for first layers (few input channels)
-_IM2COL_MAX_POSITIONS = 256   # N * output positions: im2col for small maps (few Winograd tiles)
+_IM2COL_MAX_POSITIONS = 128   # N * output positions: im2col for small maps (few Winograd tiles)
 _WINOGRAD_MIN_CHANNELS = 16   # C_in and C_out at least this: the transforms pay for themselves
 _WINOGRAD_MIN_TILES = 16      # N * output tiles at least this: the weight transform is amortized
+# N * 4x4 tiles at least this for F(4x4, 3x3), else F(2x2, 3x3).  Each call transforms the
+# weight into 36 (F4) or 16 (F2) matrices of C_out x C_in, and with few tiles the products
+# stream those matrices more than they compute: F2's 16 win (Intel Xeon, ResNet-18's last
+# stage, (32,512,4,4)->512, 32 tiles: F2 0.50x lax, F4 1.12x; (32,256,8,8)->256, 128 tiles:
+# F4 0.54x, F2 0.67x; (1,128,16,16)->128, 16 tiles: F2 0.69x, F4 0.76x, im2col 0.99x, hence
+# im2col only up to 128 positions).  Through conv() (batch 32 as a list predict's vmap), F2 against the
+# previous rules: (32,512,4,4) 0.81x, (1,128,16,16) 0.62-0.73x, (1,64,20,20) 0.83x,
+# (1,256,14,14) 1.00-1.02x.
+_WINOGRAD_F4_MIN_TILES = 64
 _FAST_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -182,7 +191,8 @@ def conv_path(x_shape, w_shape, dtype, strides, pads, dilations, groups) -> str:
     """The implementation ``conv`` runs for these shapes and attributes.
 
     One of ``depthwise``, ``pointwise`` (1x1 as one GEMM), ``im2col`` (patches + one GEMM),
-    ``winograd`` (F(4x4, 3x3)) or ``lax`` (XLA's convolution); see the table above.
+    ``winograd`` (F(4x4, 3x3)), ``winograd2`` (F(2x2, 3x3): few 4x4 tiles) or ``lax`` (XLA's
+    convolution); see the table above.
     """
     pads = [tuple(p) for p in pads]
     if _is_depthwise(x_shape, w_shape, groups, pads, strides, dilations):
@@ -195,9 +205,12 @@ def conv_path(x_shape, w_shape, dtype, strides, pads, dilations, groups) -> str:
     if math.prod(w_shape[1:]) <= _IM2COL_MAX_ROWS or x_shape[0] * math.prod(outs) <= _IM2COL_MAX_POSITIONS:
         return "im2col"
     if (len(outs) == 2 and tuple(w_shape[2:]) == (3, 3) and tuple(strides) == (1, 1)
-            and tuple(dilations) == (1, 1) and min(w_shape[:2]) >= _WINOGRAD_MIN_CHANNELS
-            and x_shape[0] * math.prod(-(-o // _WINOGRAD_F4.m) for o in outs) >= _WINOGRAD_MIN_TILES):
-        return "winograd"
+            and tuple(dilations) == (1, 1) and min(w_shape[:2]) >= _WINOGRAD_MIN_CHANNELS):
+        tiles = {f.m: x_shape[0] * math.prod(-(-o // f.m) for o in outs) for f in (_WINOGRAD_F2, _WINOGRAD_F4)}
+        if tiles[4] >= _WINOGRAD_F4_MIN_TILES:
+            return "winograd"
+        if tiles[2] >= _WINOGRAD_MIN_TILES:
+            return "winograd2"
     return "lax"
 
 
@@ -236,7 +249,7 @@ def _dense_or_grouped(x, weight, strides, pads, dilations, groups, bias=None, af
     """
     path = conv_path(x.shape, weight.shape, x.dtype, strides, pads, dilations, groups)
     bias = None if bias is None else jnp.asarray(bias)
-    if path in ("im2col", "winograd", "pointwise"):
+    if path in ("im2col", "winograd", "winograd2", "pointwise"):
         geom = (tuple(map(int, strides)), tuple((int(a), int(b)) for a, b in pads), tuple(map(int, dilations)))
         bias = jnp.zeros(weight.shape[:1], jnp.float32) if bias is None else bias
         return _batch_folding(path, geom)(x, weight, bias)
@@ -258,7 +271,7 @@ def _fast_path(path, geom, x, weight, bias):
         return _im2col(x, weight, strides, pads, dilations, bias)
     if path == "im2col_last":
         return _im2col_rows(x, weight, bias, strides, pads, dilations)
-    return _winograd(x, weight, pads, _WINOGRAD_F4, bias)
+    return _winograd(x, weight, pads, _WINOGRAD_F2 if path == "winograd2" else _WINOGRAD_F4, bias)
 
 
 @functools.lru_cache(maxsize=None)

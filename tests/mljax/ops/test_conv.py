@@ -308,6 +308,7 @@ def fast_paths(monkeypatch):
     monkeypatch.setattr(conv_mod, "_IM2COL_MAX_POSITIONS", 0)
     monkeypatch.setattr(conv_mod, "_WINOGRAD_MIN_CHANNELS", 1)
     monkeypatch.setattr(conv_mod, "_WINOGRAD_MIN_TILES", 1)
+    monkeypatch.setattr(conv_mod, "_WINOGRAD_F4_MIN_TILES", 1)
     monkeypatch.setattr(conv_mod, "_TEMP_BYTES", 1)    # one image per lax.map'd batch chunk
     return conv_mod
 
@@ -407,7 +408,10 @@ def test_fast_path_gradients_match_lax(monkeypatch, path, chunked):
     ((32, 64, 16, 16), (128, 64, 3, 3), (1, 1), 1, np.float16, "winograd"),
     ((1, 64, 8, 8), (64, 64, 3, 3), (1, 1), 1, np.float32, "im2col"),      # small map: few tiles
     ((1, 256, 14, 14), (256, 256, 3, 3), (2, 2), 1, np.float32, "im2col"),
-    ((1, 64, 20, 20), (64, 64, 3, 3), (1, 1), 1, np.float16, "winograd"),
+    ((1, 64, 20, 20), (64, 64, 3, 3), (1, 1), 1, np.float16, "winograd2"),   # 25 4x4 tiles
+    ((32, 512, 4, 4), (512, 512, 3, 3), (1, 1), 1, np.float32, "winograd2"),  # ResNet-18's last stage
+    ((32, 256, 8, 8), (256, 256, 3, 3), (1, 1), 1, np.float32, "winograd"),   # 128 4x4 tiles
+    ((1, 128, 16, 16), (128, 128, 3, 3), (1, 1), 1, np.float32, "winograd2"),
     ((8, 3, 112, 112), (64, 3, 7, 7), (2, 2), 1, np.float32, "lax"),       # 147-row patches
     ((32, 64, 32, 32), (128, 64, 3, 3), (1, 1), 1, np.float64, "lax"),
     ((32, 64, 32, 32), (128, 64, 3, 3), (2, 2), 1, np.float32, "lax"),     # strided, many channels
@@ -419,6 +423,19 @@ def test_conv_path_rules(x_shape, w_shape, strides, groups, dtype, expected):
     from mljax.ops.conv import conv_path
     pads = [(w_shape[2] // 2,) * 2] * 2
     assert conv_path(x_shape, w_shape, dtype, strides, pads, (1, 1), groups) == expected
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_winograd2_path_matches_torch(fast_paths, batch):
+    """Few 4x4 tiles: conv() takes F(2x2, 3x3), alone and vmapped over a list predict's samples."""
+    import jax
+    fast_paths._WINOGRAD_F4_MIN_TILES = 10 ** 6   # restored by monkeypatch
+    x, w, b = rand((batch, 1, 5, 7, 6)), rand((4, 5, 3, 3)), rand((4,))
+    assert fast_paths.conv_path((batch, 5, 7, 6), w.shape, np.float32, (1, 1), [(1, 1)] * 2, (1, 1), 1) == "winograd2"
+    kw = dict(strides=np.array([1, 1]), pad_type="custom", pad=np.array([1, 1, 1, 1]))
+    ref = np.stack([_conv_ref(x[i], w, b, [(1, 1)] * 2, (1, 1), (1, 1)) for i in range(batch)])
+    check(conv(x[:, 0], w, b, **kw), ref[:, 0], np.float32)
+    check(jax.jit(jax.vmap(lambda a: conv(a, w, b, **kw)))(x), ref, np.float32)
 
 
 @pytest.mark.parametrize("c_in,strides,expected", [(5, (1, 1), "winograd"), (3, (2, 2), "im2col")])
