@@ -6,7 +6,7 @@ import numpy as np
 
 from mljax.errors import InputError, ModelFormatError
 from mljax.features import feature_specs
-from mljax.stage import Stage, build_stage, register_stage_builder, shared_fn
+from mljax.stage import PREPARED, Stage, build_stage, register_stage_builder, shared_fn
 
 __all__ = ["build_pipeline_stage", "pipeline_of", "stage_names"]
 
@@ -56,6 +56,7 @@ def build_pipeline_stage(spec, model_dir, **options) -> Stage:
     fn_key = None if None in keys else ("pipeline", tuple(names), tuple(keys),
                                         tuple(p[2] for p in plan), tuple(out_names))
     make = lambda: _pipeline_fn(plan, out_names)   # noqa: E731
+    preps = tuple((name, st.prepare) for name, st in zip(names, stages) if st.prepare is not None)
     return Stage(
         fn=make() if fn_key is None else shared_fn(fn_key, make),
         weights={n: st.weights for n, st in zip(names, stages)},
@@ -64,17 +65,27 @@ def build_pipeline_stage(spec, model_dir, **options) -> Stage:
         batchable=all(st.batchable for st in stages),
         children=dict(zip(names, stages)),
         x64=all(st.x64 for st in stages), fn_key=fn_key,
+        prepare=_pipeline_prepare(preps) if preps else None,
     )
+
+
+def _pipeline_prepare(preps: tuple):
+    """``Stage.prepare`` of a pipeline: each stage's own prepared values, by stage name."""
+    def prepare(weights):
+        return {name: fn(weights[name]) for name, fn in preps}
+    return prepare
 
 
 def _pipeline_fn(plan: tuple, out_names: list):
     """The stages' functions in sequence, features flowing by name."""
     def fn(weights, features, states):
         feats, outs = dict(features), {}
+        prepared = weights.get(PREPARED) or {}
         for name, stage_fn, stage_inputs in plan:
             specs = dict(stage_inputs)
             ins = {k: _fit(jnp.asarray(feats[k]), specs.get(k)) for k in specs if k in feats}
-            outs, _ = stage_fn(weights[name], ins, {})
+            w = weights[name] if name not in prepared else {**weights[name], PREPARED: prepared[name]}
+            outs, _ = stage_fn(w, ins, {})
             feats.update(outs)
         # the last stage's raw outputs feed its postprocess (e.g. class labels)
         return {**outs, **{k: feats[k] for k in out_names if k in feats}}, states
