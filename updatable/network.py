@@ -15,7 +15,7 @@ import numpy as np
 from mljax.errors import UpdateError
 from mljax.model import MLModel
 from mljax.pipeline import _fit, pipeline_of, stage_names
-from mljax.stage import shared_fn
+from mljax.stage import PREPARED, shared_fn
 from updatable.spec import UpdateSpec
 
 __all__ = ["TrainableNetwork"]
@@ -89,6 +89,8 @@ class TrainableNetwork:
                 raise UpdateError("the frozen stages before the network use random ops; mljax "
                                   "caches frozen features and needs deterministic stages")
             for name, st, w in self.prefix:
+                if st.prepare is not None:    # re-laid-out weights once, not once per chunk
+                    w = {**w, PREPARED: st.prepare(w)}
                 # one compiled function per frozen stage, reused by every task on this model
                 run = shared_fn(("frozen-prefix", id(st.fn)), lambda st=st: jax.jit(
                     jax.vmap(lambda w, x: st.fn(w, x, {})[0], in_axes=(None, 0))))

@@ -211,3 +211,59 @@ def test_personalize_updatable_pipeline(optimizer, tmp_path):
         assert a["digit"] == b["digit"] and a["probs"] == b["probs"]
     # the source package is byte-identical
     assert _tree_digest(path) == before
+
+
+def test_update_behind_a_channel_last_extractor_matches_torch():
+    """The frozen stage is a convolutional ML program whose weights the lowering lays out once
+    (a channel-last depthwise block: its weight prologue); the features it gives the updatable
+    head, and so the head's training, equal PyTorch's on the same convolutions, step for step."""
+    from coremltools.converters.mil.mil import Builder as mb, types
+    from coremltools.models import datatypes
+    from coremltools.models.neural_network import NeuralNetworkBuilder, SgdParams
+    from helpers import convert_mil
+    rng = np.random.default_rng(5)
+    wd = rng.normal(size=(4, 1, 3, 3)).astype(np.float32)
+    wp = rng.normal(size=(6, 4, 1, 1)).astype(np.float32) * 0.5
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 4, 6, 5), dtype=types.fp32)], opset_version=ct.target.iOS16)
+    def features(x):
+        d = mb.relu(x=mb.conv(x=x, weight=wd, pad_type="same", groups=4))
+        return mb.reduce_mean(x=mb.conv(x=d, weight=wp), axes=[2, 3], keep_dims=False, name="embedding")
+
+    extractor = ct.models.MLModel(str(convert_mil(features, opset="iOS16")))
+    w0, b0 = rng.normal(size=(3, 6)).astype(np.float32) * 0.3, np.zeros(3, np.float32)
+    builder = NeuralNetworkBuilder([("embedding", datatypes.Array(1, 6))], [("probs", None)], mode="classifier")
+    builder.add_inner_product("head", W=w0, b=b0, input_channels=6, output_channels=3, has_bias=True,
+                              input_name="embedding", output_name="logits")
+    builder.add_softmax("softmax", "logits", "probs")
+    builder.set_class_labels(["0", "1", "2"], predicted_feature_name="digit", prediction_blob="probs")
+    builder.make_updatable(["head"])
+    builder.set_categorical_cross_entropy_loss(name="loss", input="probs")
+    builder.set_sgd_optimizer(SgdParams(lr=0.1, batch=10, momentum=0.9))
+    builder.set_epochs(3)
+    pipeline = ct.utils.make_pipeline(extractor, ct.models.MLModel(builder.spec))
+    spec = pipeline.get_spec()
+    spec.isUpdatable = True
+    del spec.description.trainingInput[:]
+    spec.description.trainingInput.add().CopyFrom(spec.description.input[0])
+    label = spec.description.trainingInput.add()
+    label.name = "digit"
+    label.type.stringType.SetInParent()
+    path = tmp_path_for("conv-pipeline.mlpackage")
+    ct.models.MLModel(spec, weights_dir=pipeline.weights_dir, skip_model_load=True).save(str(path))
+    model = mljax.MLModel(path)
+    assert model.stage.children[next(iter(model.stage.children))].prepare is not None   # the extractor has a prologue
+
+    xs = rng.normal(size=(30, 1, 4, 6, 5)).astype(np.float32)
+    labels = rng.integers(0, 3, 30)
+    ctx = updatable.UpdateTask(model, [{"x": x, "digit": str(c)} for x, c in zip(xs, labels)],
+                               parameters={"shuffle": False}).run()
+    with torch.no_grad():
+        t = torch.from_numpy
+        emb = torch.nn.functional.conv2d(torch.relu(torch.nn.functional.conv2d(t(xs[:, 0]), t(wd), padding=1, groups=4)),
+                                         t(wp)).mean((2, 3)).numpy()
+    ref = _torch_head_training(w0, b0, emb, labels.astype(np.int64), [np.arange(30)] * 3, "sgd")
+    with torch.no_grad():
+        want = torch.softmax(ref(torch.from_numpy(emb)), -1).numpy()
+    got = np.stack([[o["probs"][str(c)] for c in range(3)] for o in ctx.model.predict([{"x": x} for x in xs])])
+    np.testing.assert_allclose(got, want, atol=1e-4)
