@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from mljax.mil.ir import Operation, Var
-from mljax.mil.types import TensorType
+from mljax.mil.types import DTYPES, TensorType
 from mljax.ops._registry import HINTS
 from mljax.ops.conv import HWIO_PERM, is_depthwise_weight, lays_out_weight, reads_channel_first
 from mljax.optimize._graph import Graph, seeded_components
@@ -416,5 +416,77 @@ def _remap(graph: Graph, op, before: list, first_in=False, pool=False) -> None:
         op.inputs["axis"] = (graph.const(op.name + "_axis", np.array(new_axis[int(op.input("axis").value) % 4])),)
 
 
+def fold_channel_scales(graph: Graph) -> int:
+    """A channel-last 1x1 conv reading ``x * s``, ``s`` one scale per image and channel (a
+    squeeze-and-excitation gate), becomes one batched product of ``x`` by the per-image weights
+    ``s * W``: the multiply no longer makes a pass over ``x``, the largest tensor of the block.
+    Only where each image has at least ``2 * C_in`` positions (EfficientNet-B0's first stages):
+    with fewer, the per-image weights cost more than the pass (batch 32: 0.46-0.61x there,
+    1.1-4.4x on later stages), and only where the block computes in fp32 (the fold changes where
+    a product rounds).  Returns the number of convs folded."""
+    block = graph.fn.block
+    uses, protected, producers = graph.use_counts(), graph.protected(), graph.producers()
+    fp32 = graph.compute_dtype(DTYPES["fp32"]).name
+    folded, drop, rewritten = 0, set(), []
+    for op in block.operations:
+        new = _fold_scale(graph, op, producers, uses, protected, fp32)
+        if new is None:
+            rewritten.append(op)
+            continue
+        drop.add(id(producers[id(op.input("x"))]))
+        rewritten += new
+        folded += 1
+    block.operations[:] = [op for op in rewritten if id(op) not in drop]
+    return folded
+
+
+def _fold_scale(graph: Graph, op, producers, uses, protected, fp32):
+    hints = op.attributes.get(HINTS, {})
+    if op.type != "conv" or not hints.get("weight_hwio") or hints.get("first_in") or _groups(op) != 1:
+        return None
+    w, x, bias = op.input("weight"), op.input("x"), op.input("bias")
+    strides, pad = op.input("strides"), op.input("pad")
+    shape_w = _static_shape(w)
+    if (shape_w is None or tuple(shape_w[:2]) != (1, 1)
+            or (strides is not None and (strides.value is None or np.any(np.asarray(strides.value) != 1)))
+            or (pad is not None and (pad.value is None or np.any(np.asarray(pad.value) != 0)))
+            or (bias is not None and bias.value is None)):
+        return None
+    mul = producers.get(id(x))
+    if mul is None or mul.type != "mul" or uses.get(id(x), 0) != 1 or id(x) in protected or mul.blocks:
+        return None
+    a, b = mul.input("x"), mul.input("y")
+    shapes = [_static_shape(v) for v in (a, b)]
+    if any(v is None or v.value is not None or s is None or len(s) != 4 for v, s in zip((a, b), shapes)):
+        return None
+    if shapes[0][1:3] == (1, 1) and shapes[1][1:3] != (1, 1):
+        a, b = b, a
+        shapes = shapes[::-1]
+    (n, h, wd, c), sshape = shapes
+    if tuple(sshape) != (n, 1, 1, c) or h * wd < 2 * c or graph.compute_dtype(a.type.dtype).name != fp32:
+        return None
+    k, dt, name = shape_w[3], a.type.dtype, op.name
+    out = op.outputs[0]
+
+    def var(tag, shape):
+        return Var(f"{name}__fold_{tag}", TensorType(dt, tuple(shape)))
+
+    def reshape(tag, v, shape, r=None):
+        r = r if r is not None else var(tag, shape)
+        return r, Operation("reshape", r.name + "_op", {
+            "x": (v,), "shape": (graph.const(r.name + "_shape", np.array(shape)),)}, [r])
+
+    s3, op_s = reshape("scale", b, (n, c, 1))
+    w2, op_w = reshape("weight", w, (c, k))
+    wn = var("weights", (n, c, k))
+    op_wn = Operation("mul", wn.name + "_op", {"x": (s3,), "y": (w2,)}, [wn])
+    xr, op_x = reshape("x", a, (n, h * wd, c))
+    y = var("y", (n, h * wd, k))
+    op_y = Operation("matmul", y.name + "_op", {"x": (xr,), "y": (wn,)}, [y])
+    y4, op_y4 = reshape("y4", y, (n, h, wd, k), out if bias is None else None)
+    ops = [op_s, op_w, op_wn, op_x, op_y, op_y4]
+    return ops if bias is None else ops + [Operation("add", name + "__fold_op", {"x": (y4,), "y": (bias,)}, [out])]
+
+
 PASSES = (remove_noop_casts, remove_identity_ops, merge_transposes, merge_reshapes, merge_parallel_linears,
-          dead_code, mark_convs_after_costly_ops, channels_last_regions)
+          dead_code, mark_convs_after_costly_ops, channels_last_regions, fold_channel_scales)

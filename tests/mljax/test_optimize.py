@@ -223,10 +223,13 @@ def test_depthwise_networks_run_channel_last():
     assert _stats(model)["channels_last_regions"] >= 10
     convs = [op.attributes.get(HINTS, {}) for op in model.stage.lowered.fn.block.operations if op.type == "conv"]
     assert all(h.get("channels_last") for h in convs)
-    # the depthwise and the three 1x1 weights laid out HWIO; the stem reads the channel-first input
-    assert [bool(h.get("weight_hwio")) for h in convs] == [False, True, True, True, True]
-    assert [bool(h.get("first_in")) for h in convs] == [True, False, False, False, False]
-    assert [op.type for op in model.stage.lowered.prologue] == ["transpose"] * 4
+    # the depthwise and 1x1 weights laid out HWIO; the stem reads the channel-first input; the
+    # projection reading the squeeze-and-excitation product became a batched product by
+    # per-image weights (30 positions per image >= 2 * 8 channels)
+    assert _stats(model)["fold_channel_scales"] == 1
+    assert [bool(h.get("weight_hwio")) for h in convs] == [False, True, True, True]
+    assert [bool(h.get("first_in")) for h in convs] == [True, False, False, False]
+    assert sorted(op.type for op in model.stage.lowered.prologue) == ["reshape"] + ["transpose"] * 4
     pools = [op.attributes.get(HINTS, {}).get("pool_by_product", False)
              for op in model.stage.lowered.fn.block.operations if op.type == "reduce_mean"]
     assert sorted(pools) == [False, True]     # squeeze-and-excitation stays a reduction; the global pool not
@@ -257,11 +260,44 @@ def test_prepared_weights_follow_the_weights():
                                rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(model.predict({"x": x})["y"], before)        # the model itself is unchanged
 
-    def grad(m):
+    def grad(m, key):
         loss = lambda w: m.stage.fn(w, {"x": x}, {})[0]["y"].sum()   # noqa: E731
-        return np.asarray(jax.grad(loss)(m.weights)[name])
-    np.testing.assert_allclose(grad(model), grad(plain), rtol=1e-4, atol=1e-6)
-    assert np.abs(grad(model)).max() > 0
+        return np.asarray(jax.grad(loss)(m.weights)[key])
+    proj = next(k for k, v in model.weights.items() if np.shape(v) == (6, 8, 1, 1))   # the folded projection
+    for key in (name, proj):
+        np.testing.assert_allclose(grad(model, key), grad(plain, key), rtol=1e-4, atol=1e-6)
+        assert np.abs(grad(model, key)).max() > 0
+
+
+@pytest.mark.parametrize("c,h,w,folds", [(4, 4, 3, 1), (8, 3, 2, 0)])
+def test_channel_scales_fold_into_the_projection_where_maps_are_large(c, h, w, folds):
+    """A 1x1 conv with bias reading a depthwise output times a per-image channel gate: folded into
+    one product by per-image weights where an image has at least 2 * C positions, left alone
+    where it has fewer; torch's values either way, single and list predicts."""
+    import torch
+    import torch.nn.functional as F
+    wd = RNG.standard_normal((c, 1, 3, 3)).astype(np.float32)
+    wg = RNG.standard_normal((c, c, 1, 1)).astype(np.float32) * 0.5
+    wp, bp = RNG.standard_normal((5, c, 1, 1)).astype(np.float32), RNG.standard_normal(5).astype(np.float32)
+
+    @mb.program(input_specs=[mb.TensorSpec((1, c, h, w), dtype=types.fp32)], opset_version=ct.target.iOS17)
+    def prog(x):
+        d = mb.relu(x=mb.conv(x=x, weight=wd, pad_type="same", groups=c))
+        gate = mb.sigmoid(x=mb.conv(x=mb.reduce_mean(x=d, axes=[2, 3], keep_dims=True), weight=wg))
+        return mb.conv(x=mb.mul(x=gate, y=d), weight=wp, bias=bp, name="y")
+    xs = RNG.standard_normal((3, 1, c, h, w)).astype(np.float32)
+    model, on, off = _both(lambda: prog, {"x": xs[0]})
+    assert _stats(model)["fold_channel_scales"] == folds
+
+    def ref(x):
+        t = torch.from_numpy
+        d = F.relu(F.conv2d(t(x).double(), t(wd).double(), padding=1, groups=c))
+        gate = torch.sigmoid(F.conv2d(d.mean((2, 3), keepdim=True), t(wg).double()))
+        return F.conv2d(d * gate, t(wp).double(), t(bp).double()).numpy()
+    for got in (on, off):
+        np.testing.assert_allclose(got["y"], ref(xs[0]), rtol=1e-5, atol=1e-5)
+    for x, out in zip(xs, model.predict([{"x": x} for x in xs])):
+        np.testing.assert_allclose(out["y"], ref(x), rtol=1e-5, atol=1e-5)
 
 
 def test_flexible_inputs_keep_the_channel_first_layout():
