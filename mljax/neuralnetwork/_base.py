@@ -48,6 +48,9 @@ class LayerContext:
     first_in: bool = False
     weight_hwio: bool = False
     pool_by_product: bool = False
+    # a 1x1 convolution reading a region's ``x * gate``: the multiply's two input blobs, passed
+    # (channel-last) after its own input; it may run as one product by per-image weights
+    scaled_by: tuple = ()
 
 
 _LAYERS: dict[str, LayerImpl] = {}

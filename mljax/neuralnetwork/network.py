@@ -119,13 +119,15 @@ class Network:
     def _region_inputs(self, lyr, role, env, last):
         """The layer's inputs channel-last, or None when one is not a rank-4 array (run it as is)."""
         xs = []
-        for i, n in enumerate(lyr.input):
+        for i, n in enumerate(list(lyr.input) + list(role.scaled_by)):
             if role.first_in and i == 0:
                 xs.append(env[n])
             elif n in last:
                 xs.append(last[n])
             elif getattr(env[n], "ndim", 0) == 4 and not isinstance(env[n], np.ndarray):
                 xs.append(last.setdefault(n, jnp.transpose(env[n], (0, 2, 3, 1))))
+            elif i >= len(lyr.input):
+                return xs[:len(lyr.input)]      # the multiply's operands: the conv reads its product
             else:
                 return None
         return xs
@@ -256,6 +258,7 @@ class _Role(NamedTuple):
     first_in: bool = False
     weight_hwio: bool = False
     pool_by_product: bool = False
+    scaled_by: tuple = ()
 
 
 def _region_layer(lyr) -> bool:
@@ -270,6 +273,22 @@ def _region_layer(lyr) -> bool:
     if kind == "pooling":
         return bool(lyr.pooling.globalPooling) and lyr.pooling.type in (0, 1) and len(lyr.output) == 1
     return False
+
+
+def _scaled_by(lyr, layers, producer, readers, region) -> tuple:
+    """The two input blobs of the region's ``multiply`` layer that only this 1x1 convolution
+    (stride 1, no padding) reads, or ``()``; whether one is a per-image channel gate is known at
+    trace time (:func:`mljax.ops.conv.folds_channel_scale`)."""
+    p = lyr.convolution
+    w_shape, groups = _conv_weight(lyr)
+    j = producer.get(lyr.input[0])
+    if (groups != 1 or any(k != 1 for k in w_shape[2:]) or any(v != 1 for v in p.stride)
+            or p.WhichOneof("ConvolutionPaddingType") == "valid" and any(
+                a.startEdgeSize or a.endEdgeSize for a in p.valid.paddingAmounts.borderAmounts)
+            or j is None or j not in region or layers[j].WhichOneof("layer") != "multiply"
+            or len(layers[j].input) != 2 or readers.get(lyr.input[0]) != {layers.index(lyr)}):
+        return ()
+    return tuple(layers[j].input)
 
 
 def _conv_weight(lyr):
@@ -307,7 +326,7 @@ def _channel_last_layers(nn) -> dict:
             if producer.get(lyr.input[0]) not in region and reads_channel_first(*_conv_weight(lyr)):
                 role = role._replace(first_in=True)
             elif lays_out_weight(*_conv_weight(lyr)) and lyr.convolution.HasField("weights"):
-                role = role._replace(weight_hwio=True)
+                role = role._replace(weight_hwio=True, scaled_by=_scaled_by(lyr, layers, producer, readers, region))
         elif kind == "pooling" and lyr.pooling.type == 1 and not (readers.get(lyr.output[0], set()) & region):
             role = role._replace(pool_by_product=True)
         roles[lyr.name] = role

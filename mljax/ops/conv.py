@@ -235,6 +235,25 @@ HWIO_PERM = (2, 3, 1, 0)
 """``hwio``'s permutation of a 2-D convolution's weight."""
 
 
+def folds_channel_scale(x_shape, gate_shape) -> bool:
+    """A channel-last 1x1 conv of ``x * gate`` (``gate [N, 1, 1, C]``, one scale per image and
+    channel) that runs as one product by per-image weights (:func:`scaled_pointwise_last`): an
+    image has at least ``2 * C`` positions.  With fewer the per-image weights cost more than the
+    multiply's pass over ``x`` (batch 32: 0.46-0.61x at EfficientNet-B0's first stages, 1.1-4.4x
+    on later ones)."""
+    return (len(x_shape) == 4 and tuple(gate_shape) == (x_shape[0], 1, 1, x_shape[3])
+            and x_shape[1] * x_shape[2] >= 2 * x_shape[3])
+
+
+def scaled_pointwise_last(x, gate, w_io, bias=None):
+    """``conv(x * gate)`` for a channel-last ``x [N, H, W, C]``, ``gate [N, 1, 1, C]`` and a 1x1
+    weight ``w_io [C, K]``: one batched product of ``x`` by the per-image weights ``gate * w_io``."""
+    n, h, w, c = x.shape
+    weights = gate.reshape(n, c, 1) * w_io.astype(x.dtype)
+    y = jnp.matmul(x.reshape(n, h * w, c), weights).reshape(n, h, w, -1)
+    return y if bias is None else y + jnp.asarray(bias).astype(y.dtype)
+
+
 def reads_channel_first(w_shape, groups: int) -> bool:
     """A dense conv (not 1x1) with at most ``_IM2COL_MAX_ROWS`` weights per output channel: a
     network's first layer, which starts a channel-last region from its channel-first input

@@ -12,7 +12,7 @@ import numpy as np
 from mljax.mil.ir import Operation, Var
 from mljax.mil.types import DTYPES, TensorType
 from mljax.ops._registry import HINTS
-from mljax.ops.conv import HWIO_PERM, is_depthwise_weight, lays_out_weight, reads_channel_first
+from mljax.ops.conv import HWIO_PERM, folds_channel_scale, is_depthwise_weight, lays_out_weight, reads_channel_first
 from mljax.optimize._graph import Graph, seeded_components
 
 __all__ = ["PASSES", "remove_noop_casts", "remove_identity_ops", "merge_transposes", "merge_reshapes",
@@ -420,10 +420,10 @@ def fold_channel_scales(graph: Graph) -> int:
     """A channel-last 1x1 conv reading ``x * s``, ``s`` one scale per image and channel (a
     squeeze-and-excitation gate), becomes one batched product of ``x`` by the per-image weights
     ``s * W``: the multiply no longer makes a pass over ``x``, the largest tensor of the block.
-    Only where each image has at least ``2 * C_in`` positions (EfficientNet-B0's first stages):
-    with fewer, the per-image weights cost more than the pass (batch 32: 0.46-0.61x there,
-    1.1-4.4x on later stages), and only where the block computes in fp32 (the fold changes where
-    a product rounds).  Returns the number of convs folded."""
+    Where :func:`mljax.ops.conv.folds_channel_scale` (an image has at least ``2 * C_in``
+    positions), and only where the block computes in fp32 (the fold changes where a product
+    rounds).  The NeuralNetwork translator does the same (``LayerContext.scaled_by``).  Returns
+    the number of convs folded."""
     block = graph.fn.block
     uses, protected, producers = graph.use_counts(), graph.protected(), graph.producers()
     fp32 = graph.compute_dtype(DTYPES["fp32"]).name
@@ -463,7 +463,7 @@ def _fold_scale(graph: Graph, op, producers, uses, protected, fp32):
         a, b = b, a
         shapes = shapes[::-1]
     (n, h, wd, c), sshape = shapes
-    if tuple(sshape) != (n, 1, 1, c) or h * wd < 2 * c or graph.compute_dtype(a.type.dtype).name != fp32:
+    if not folds_channel_scale(shapes[0], sshape) or graph.compute_dtype(a.type.dtype).name != fp32:
         return None
     k, dt, name = shape_w[3], a.type.dtype, op.name
     out = op.outputs[0]

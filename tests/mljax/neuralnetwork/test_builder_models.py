@@ -448,6 +448,8 @@ def test_depthwise_network_runs_channel_last():
                           "se_mul", "pw", "pool"}
     assert [n for n, r in roles.items() if r.first_in] == ["stem"]
     assert [n for n, r in roles.items() if r.weight_hwio] == ["dw", "se1", "se2", "pw"]
+    # the projection of the gated map runs as one product by per-image weights (120 positions >= 2 * 8)
+    assert {n: r.scaled_by for n, r in roles.items() if r.scaled_by} == {"pw": ("d", "g")}
     assert [n for n, r in roles.items() if r.pool_by_product] == ["pool"]
     xs = [_r(1, 3, 12, 10) for _ in range(3)]
     ref = lambda x, w=ws: _depthwise_block_torch(x, w, torch).numpy().reshape(-1)   # noqa: E731
