@@ -71,8 +71,13 @@ def _build_pipeline(optimizer: str):
     else:
         builder.set_adam_optimizer(AdamParams(lr=0.01, batch=10))
     builder.set_epochs(50)
-    classifier = ct.models.MLModel(builder.spec)
-    pipeline = ct.utils.make_pipeline(extractor, classifier)
+    return _updatable_pipeline(extractor, builder, f"pipeline-{optimizer}.mlpackage"), (x, y)
+
+
+def _updatable_pipeline(extractor, builder, file_name: str) -> Path:
+    """``extractor`` then the updatable classifier of ``builder``, as coremltools users join them:
+    ``make_pipeline``, marked updatable, trained from the pipeline's input and a ``digit`` label."""
+    pipeline = ct.utils.make_pipeline(extractor, ct.models.MLModel(builder.spec))
     spec = pipeline.get_spec()
     spec.isUpdatable = True
     del spec.description.trainingInput[:]
@@ -80,9 +85,9 @@ def _build_pipeline(optimizer: str):
     label = spec.description.trainingInput.add()
     label.name = "digit"
     label.type.stringType.SetInParent()
-    path = tmp_path_for(f"pipeline-{optimizer}.mlpackage")
+    path = tmp_path_for(file_name)
     ct.models.MLModel(spec, weights_dir=pipeline.weights_dir, skip_model_load=True).save(str(path))
-    return path, (x, y)
+    return path
 
 
 def _tree_digest(path: Path) -> str:
@@ -241,17 +246,7 @@ def test_update_behind_a_channel_last_extractor_matches_torch():
     builder.set_categorical_cross_entropy_loss(name="loss", input="probs")
     builder.set_sgd_optimizer(SgdParams(lr=0.1, batch=10, momentum=0.9))
     builder.set_epochs(3)
-    pipeline = ct.utils.make_pipeline(extractor, ct.models.MLModel(builder.spec))
-    spec = pipeline.get_spec()
-    spec.isUpdatable = True
-    del spec.description.trainingInput[:]
-    spec.description.trainingInput.add().CopyFrom(spec.description.input[0])
-    label = spec.description.trainingInput.add()
-    label.name = "digit"
-    label.type.stringType.SetInParent()
-    path = tmp_path_for("conv-pipeline.mlpackage")
-    ct.models.MLModel(spec, weights_dir=pipeline.weights_dir, skip_model_load=True).save(str(path))
-    model = mljax.MLModel(path)
+    model = mljax.MLModel(_updatable_pipeline(extractor, builder, "conv-pipeline.mlpackage"))
     assert model.stage.children[next(iter(model.stage.children))].prepare is not None   # the extractor has a prologue
 
     xs = rng.normal(size=(30, 1, 4, 6, 5)).astype(np.float32)
