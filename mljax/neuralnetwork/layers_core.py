@@ -172,10 +172,9 @@ def convolution(p, w, xs, ctx):
         y = conv_ops.conv_transpose(xb, wt, w.get("bias"), pad=pad, output_shape=out_shape,
                                     pad_type=pad_type, strides=strides, dilations=dilations,
                                     groups=groups)
-    elif len(xs) == 3 and xs[0].dtype == jnp.float32 and _gate(xs[1:]) is not None:
+    elif len(xs) == 3 and xs[0].dtype == jnp.float32 and (gated := _gate(xs[1:])) is not None:
         # a region's 1x1 convolution of x * gate (LayerContext.scaled_by): per-image weights
-        x, gate = _gate(xs[1:])
-        y = conv_ops.scaled_pointwise_last(x, gate, wt.reshape(wt.shape[2:]), w.get("bias"))
+        y = conv_ops.scaled_pointwise_last(*gated, wt.reshape(wt.shape[2:]), w.get("bias"))
     else:
         # a channel-last region's layer ([N, H, W, C]; see mljax.neuralnetwork.network)
         y = conv_ops.convolution(xb, wt, w.get("bias"), strides=strides, pad_type=pad_type, pad=pad,

@@ -275,10 +275,11 @@ def _region_layer(lyr) -> bool:
     return False
 
 
-def _scaled_by(lyr, layers, producer, readers, region) -> tuple:
-    """The two input blobs of the region's ``multiply`` layer that only this 1x1 convolution
-    (stride 1, no padding) reads, or ``()``; whether one is a per-image channel gate is known at
-    trace time (:func:`mljax.ops.conv.folds_channel_scale`)."""
+def _scaled_by(i, layers, producer, readers, region) -> tuple:
+    """The two input blobs of the region's ``multiply`` layer that only the 1x1 convolution
+    ``layers[i]`` (stride 1, no padding) reads, or ``()``; whether one is a per-image channel
+    gate is known at trace time (:func:`mljax.ops.conv.folds_channel_scale`)."""
+    lyr = layers[i]
     p = lyr.convolution
     w_shape, groups = _conv_weight(lyr)
     j = producer.get(lyr.input[0])
@@ -286,7 +287,7 @@ def _scaled_by(lyr, layers, producer, readers, region) -> tuple:
             or p.WhichOneof("ConvolutionPaddingType") == "valid" and any(
                 a.startEdgeSize or a.endEdgeSize for a in p.valid.paddingAmounts.borderAmounts)
             or j is None or j not in region or layers[j].WhichOneof("layer") != "multiply"
-            or len(layers[j].input) != 2 or readers.get(lyr.input[0]) != {layers.index(lyr)}):
+            or len(layers[j].input) != 2 or readers.get(lyr.input[0]) != {i}):
         return ()
     return tuple(layers[j].input)
 
@@ -326,7 +327,7 @@ def _channel_last_layers(nn) -> dict:
             if producer.get(lyr.input[0]) not in region and reads_channel_first(*_conv_weight(lyr)):
                 role = role._replace(first_in=True)
             elif lays_out_weight(*_conv_weight(lyr)) and lyr.convolution.HasField("weights"):
-                role = role._replace(weight_hwio=True, scaled_by=_scaled_by(lyr, layers, producer, readers, region))
+                role = role._replace(weight_hwio=True, scaled_by=_scaled_by(i, layers, producer, readers, region))
         elif kind == "pooling" and lyr.pooling.type == 1 and not (readers.get(lyr.output[0], set()) & region):
             role = role._replace(pool_by_product=True)
         roles[lyr.name] = role

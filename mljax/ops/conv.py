@@ -225,14 +225,15 @@ def lays_out_weight(w_shape, groups: int) -> bool:
     return is_depthwise_weight(w_shape, groups) or (groups == 1 and all(k == 1 for k in w_shape[2:]))
 
 
+def hwio_perm(rank: int) -> tuple:
+    """The permutation that lays a rank-``rank`` ``[C_out, C_in/groups, *K]`` weight out
+    ``[*K, C_in/groups, C_out]`` (``weight_hwio``)."""
+    return (*range(2, rank), 1, 0)
+
+
 def hwio(weight):
-    """``[C_out, C_in/groups, *K]`` laid out ``[*K, C_in/groups, C_out]`` (``weight_hwio``)."""
-    n = weight.ndim - 2
-    return jnp.transpose(weight, (*range(2, n + 2), 1, 0))
-
-
-HWIO_PERM = (2, 3, 1, 0)
-"""``hwio``'s permutation of a 2-D convolution's weight."""
+    """``weight`` laid out HWIO (:func:`hwio_perm`)."""
+    return jnp.transpose(weight, hwio_perm(weight.ndim))
 
 
 def folds_channel_scale(x_shape, gate_shape) -> bool:

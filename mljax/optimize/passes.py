@@ -12,7 +12,7 @@ import numpy as np
 from mljax.mil.ir import Operation, Var
 from mljax.mil.types import DTYPES, TensorType
 from mljax.ops._registry import HINTS
-from mljax.ops.conv import HWIO_PERM, folds_channel_scale, is_depthwise_weight, lays_out_weight, reads_channel_first
+from mljax.ops.conv import folds_channel_scale, hwio_perm, is_depthwise_weight, lays_out_weight, reads_channel_first
 from mljax.optimize._graph import Graph, seeded_components
 
 __all__ = ["PASSES", "remove_noop_casts", "remove_identity_ops", "merge_transposes", "merge_reshapes",
@@ -401,7 +401,7 @@ def _remap(graph: Graph, op, before: list, first_in=False, pool=False) -> None:
         hints = {**op.attributes.get(HINTS, {}), "channels_last": True}
         w = op.input("weight")
         if not first_in and lays_out_weight(_static_shape(w), _groups(op)) and w.value is not None:
-            op.inputs["weight"] = (_transposed(graph, w, HWIO_PERM, before),)
+            op.inputs["weight"] = (_transposed(graph, w, hwio_perm(4), before),)
             hints["weight_hwio"] = True
         elif first_in:
             hints["first_in"] = True
