@@ -24,6 +24,13 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
+def _one_thread_as_parent(mljax) -> None:
+    """``set_cpu_threads(1)`` when the parent ran single-threaded (``PJRT_NPROC=1`` in the inherited
+    environment): its inline calls are a JAX config setting, which the environment does not carry."""
+    if os.environ.get("PJRT_NPROC") == "1":
+        mljax.set_cpu_threads(1)
+
+
 def _load_mljax(path, x, cache, compute_precision):
     t0, c0 = time.perf_counter(), cpu_seconds()
     import jax
@@ -32,6 +39,7 @@ def _load_mljax(path, x, cache, compute_precision):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     import mljax
+    _one_thread_as_parent(mljax)
     jax.devices()
     t1, c1, base = time.perf_counter(), cpu_seconds(), rss_mb()
     m = mljax.MLModel(path, compute_precision=compute_precision)
@@ -75,6 +83,7 @@ def _phases(path, x, cache):
     import mljax
     from mljax.format.package import load_spec
     from mljax.stage import build_stage
+    _one_thread_as_parent(mljax)
     jax.devices()
     mark("import jax + mljax")
     loaded = load_spec(path)
@@ -110,8 +119,10 @@ def _personalize(samples: int, epochs: int):
     """Personalize the demo pipeline twice in this process: the first task compiles, the second not."""
     import numpy as np
 
+    import mljax
     from mljax import MLModel
     from updatable import UpdateTask
+    _one_thread_as_parent(mljax)
     from updatable.demo import demo_data, demo_model_path
     x, y = demo_data()
     idx = np.random.default_rng(0).permutation(np.arange(int(len(x) * 0.6), len(x)))[:samples]

@@ -49,14 +49,17 @@ mljax.set_cpu_threads({n})
 m = mljax.MLModel(sys.argv[1])
 x = np.linspace(-2, 2, 4, dtype=np.float32)
 out = next(iter(m.predict({{next(iter(m.input_description)): x}}).values()))
-print(pool_threads(), np.abs(out - np.tanh(x @ np.load(sys.argv[2]))).max())
+import jax
+print(pool_threads(), np.abs(out - np.tanh(x @ np.load(sys.argv[2]))).max(), jax.config.read("jax_cpu_enable_async_dispatch"))
 """
     np.save(tmp_path / "proj.npy", proj)
     run = _run(code, path, tmp_path / "proj.npy")
     assert run.returncode == 0, run.stderr
-    threads, err = run.stdout.split()
+    threads, err, dispatch = run.stdout.split()
     assert int(threads) == n
     assert float(err) < 1e-5
+    # one thread: each call runs inline on the caller's thread (no handoff to the pool)
+    assert dispatch == ("False" if n == 1 else "True")
 
 
 def test_after_the_backend_started_it_is_refused_and_changes_nothing():
@@ -83,14 +86,17 @@ def test_bad_counts_are_refused(bad):
 def test_single_thread_flag_goes_first_and_none_restores(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
     monkeypatch.delenv("PJRT_NPROC", raising=False)
+    import jax
     import mljax.cpu as cpu
     monkeypatch.setattr(cpu, "_backend_started", lambda: False)
     mljax.set_cpu_threads(1)
     assert os.environ["PJRT_NPROC"] == "1"
     assert os.environ["XLA_FLAGS"].split() == ["--xla_cpu_multi_thread_eigen=false", "--xla_dump_to=/tmp/x"]
+    assert jax.config.read("jax_cpu_enable_async_dispatch") is False
     mljax.set_cpu_threads(None)
     assert "PJRT_NPROC" not in os.environ
     assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x"
+    assert jax.config.read("jax_cpu_enable_async_dispatch") is True
 
 
 def test_cli_threads_option(model_path, tmp_path):
@@ -167,6 +173,7 @@ except mljax.ConfigurationError as e:
     run = _run(code)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["refused", "True"]
+    import jax
     import mljax.cpu as cpu
     monkeypatch.setattr(cpu, "_backend_started", lambda: False)
     monkeypatch.setattr(cpu.platform, "libc_ver", lambda: ("musl", "1.2"))
