@@ -8,8 +8,10 @@ the default worker's outputs first: a flag set that changes results beyond 1e-4 
 
     python bench/xla_flags.py [--models cnn,dwcnn,...,resnet18,bert,...] [--rounds 5]
 
-Writes a markdown table to stdout (and ``--out`` if given).  mljax sets none of these flags
-by default unless a set wins on this table; see docs/performance.md.
+Writes a markdown table to stdout (and ``--out`` if given).  mljax sets a flag set by default
+only if it wins on this table (today: LLVM's full unroll limit, ``mljax.cpu.LLVM_UNROLL``, which
+``import mljax`` adds); every worker here runs with ``MLJAX_XLA_DEFAULTS=0``, so the *default* row
+is XLA's own defaults and each other row exactly its flags.  See docs/performance.md.
 """
 from __future__ import annotations
 
@@ -27,11 +29,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 sys.path.insert(0, str(HERE.parent))
-from mljax.cpu import EIGEN_SINGLE as _SINGLE  # noqa: E402  (does not import JAX)
+from mljax.cpu import DEFAULTS_ENV, LLVM_UNROLL  # noqa: E402  (does not import JAX)
+from mljax.cpu import EIGEN_SINGLE as _SINGLE  # noqa: E402
 
 WIN_GEOMEAN, WIN_WORST = 0.95, 1.05
 FLAG_SETS = {
     "default": "",
+    "LLVM full unroll up to 8 iterations (mljax's default)": LLVM_UNROLL,
     "no thunk runtime": "--xla_cpu_use_thunk_runtime=false",
     "fast math": "--xla_cpu_enable_fast_math=true",
     "XNNPACK graph fusion (greedy)": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
@@ -79,9 +83,11 @@ def _worker(names: list[str], work: str) -> None:
         print(json.dumps({"median": float(np.median(times)), "wall": float(np.median(walls))}), flush=True)
 
 
-def flag_env(flags: str) -> dict:
-    """The environment of one flag set's worker: one thread (as the peers in bench/run.py), the flags."""
-    return {"XLA_FLAGS": f"{_SINGLE} {flags}".strip(), "PJRT_NPROC": "1"}
+def flag_env(flags: str, mljax_defaults: bool = False) -> dict:
+    """The environment of one flag set's worker: one thread (as the peers in bench/run.py), the
+    flags, and mljax's default flags only if ``mljax_defaults``."""
+    env = {"XLA_FLAGS": f"{_SINGLE} {flags}".strip(), "PJRT_NPROC": "1"}
+    return env if mljax_defaults else {**env, DEFAULTS_ENV: "0"}
 
 
 def outputs_differ(got: float, want: float) -> bool:
@@ -170,8 +176,7 @@ def measure(names, work, rounds: int, budget: float):
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {geo:.2f}x |")
     base = ", ".join(f"{k} {1e3 * np.median(times['default'][k]):.2f} ms" for k in keys)
     verdict = (f"Flag sets that win across the table: {', '.join(winners)}." if winners else
-               "No flag set wins across the table, so mljax leaves XLA's defaults; `XLA_FLAGS` stays the user's "
-               "to set.")
+               "No flag set wins across the table.")
     return verdict, "\n".join(lines) + f"\n\nDefault flags, CPU ms per call (model/batch): {base}.\n"
 
 

@@ -2,7 +2,10 @@
 from mljax.errors import (ConfigurationError, ConversionError, InputError, MLJaxError, ModelFormatError, OpError,
                           PredictionError, UnsupportedError, UnsupportedOpError, UpdateError)
 from mljax._lazy import lazy_attributes
-from mljax.cpu import retain_freed_memory, set_cpu_threads
+from mljax.cpu import default_xla_flags, retain_freed_memory, set_cpu_threads
+
+default_xla_flags()      # XLA reads its flags when JAX starts its backend: before any model loads
+del default_xla_flags
 
 __version__ = "0.1.0"
 __all__ = ["MLModel", "MLState", "MLJaxError", "ModelFormatError", "UnsupportedError",

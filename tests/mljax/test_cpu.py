@@ -213,3 +213,61 @@ print("FREE", libc.mallinfo2().fordblks, rc)
     assert (free >= 80 << 20) == keep, free
     out = np.asarray(next(iter(json.loads(lines[-2]).values())))
     np.testing.assert_allclose(out.reshape(-1), np.tanh(x @ proj).reshape(-1), rtol=1e-5, atol=1e-6)
+
+
+_FLAGS = """
+import os, sys
+before = os.environ.get("XLA_FLAGS")
+if sys.argv[1] == "started":
+    import jax, jax.numpy as jnp
+    jax.block_until_ready(jnp.ones(3) + 1)      # the CPU backend starts before mljax is imported
+import mljax
+print(repr(before), repr(os.environ.get("XLA_FLAGS")))
+"""
+
+
+@pytest.mark.parametrize("case, env, added", [
+    ("fresh", {}, True),
+    ("fresh", {"MLJAX_XLA_DEFAULTS": "0"}, False),                                  # opted out
+    ("fresh", {"XLA_FLAGS": "--xla_backend_extra_options=-unroll-threshold=50"}, False),  # the user's own
+    ("started", {}, False),                                                         # too late to take effect
+])
+def test_import_adds_the_unroll_flag_only_where_it_can_and_may(case, env, added):
+    from mljax.cpu import LLVM_UNROLL
+    run = subprocess.run([sys.executable, "-c", _FLAGS, case], capture_output=True, text=True, cwd="/",
+                         env={**ENV, **env})
+    assert run.returncode == 0, run.stderr
+    before, after = (eval(v) for v in run.stdout.split())
+    expected = f"{before or ''} {LLVM_UNROLL}".strip() if added else before
+    assert after == expected
+
+
+_BITS = """
+import hashlib, sys, numpy as np, mljax
+import jax, jax.numpy as jnp
+m = mljax.MLModel(sys.argv[1])
+x = np.linspace(-2, 2, 4, dtype=np.float32)
+out = next(iter(m.predict({next(iter(m.input_description)): x}).values()))
+# channel-last maps of 16 and 24 channels: the loops the flag keeps LLVM from unrolling
+a = np.random.default_rng(0).standard_normal((64, 32, 16)).astype(np.float32)
+b = np.random.default_rng(1).standard_normal((64, 32, 24)).astype(np.float32)
+hsw = jax.jit(lambda v: v * jnp.clip(v + 3, 0, 6) / 6)
+ys = [np.asarray(out), np.asarray(hsw(a)), np.asarray(hsw(b))]
+np.save(sys.argv[2], ys[1])
+print(" ".join(hashlib.sha256(y.tobytes()).hexdigest() for y in ys))
+"""
+
+
+def test_the_unroll_flag_changes_no_bits(model_path, tmp_path):
+    """Unrolling reorders no arithmetic: the same bits with and without mljax's default flag,
+    and the values NumPy computes."""
+    path, _ = model_path
+    runs = {}
+    for label, env in (("mljax", {}), ("xla", {"MLJAX_XLA_DEFAULTS": "0"})):
+        run = subprocess.run([sys.executable, "-c", _BITS, str(path), str(tmp_path / f"{label}.npy")],
+                             capture_output=True, text=True, cwd="/", env={**ENV, **env})
+        assert run.returncode == 0, run.stderr
+        runs[label] = run.stdout.split()
+    assert runs["mljax"] == runs["xla"]
+    a = np.random.default_rng(0).standard_normal((64, 32, 16)).astype(np.float32)
+    np.testing.assert_allclose(np.load(tmp_path / "mljax.npy"), a * np.clip(a + 3, 0, 6) / 6, rtol=1e-6, atol=1e-7)
