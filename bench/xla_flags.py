@@ -56,6 +56,7 @@ def _worker(names: list[str], work: str) -> None:
     import mljax
     if os.environ.get("PJRT_NPROC") == "1":
         mljax.set_cpu_threads(1)      # flag_env's one thread, and calls inline as set_cpu_threads(1) runs them
+    mljax.retain_freed_memory()       # as bench/run.py: no page faults of fresh temporaries in the times
     import real
     import zoo
     fns = {}
@@ -177,6 +178,11 @@ def measure(names, work, rounds: int, budget: float):
     base = ", ".join(f"{k} {1e3 * np.median(times['default'][k]):.2f} ms" for k in keys)
     verdict = (f"Flag sets that win across the table: {', '.join(winners)}." if winners else
                "No flag set wins across the table.")
+    mine = next(label for label, flags in FLAG_SETS.items() if flags == LLVM_UNROLL)
+    ratios = [float(np.median(np.asarray(times[mine][k]) / np.asarray(times["default"][k]))) for k in keys]
+    verdict += (f"  mljax's default, *{mine}*: geomean {np.exp(np.mean(np.log(ratios))):.2f}x, best "
+                f"{min(ratios):.2f}x, worst {max(ratios):.2f}x (`mljax.cpu.default_xla_flags` gives the "
+                "elementwise loops it fixes, 4-6x per element).")
     return verdict, "\n".join(lines) + f"\n\nDefault flags, CPU ms per call (model/batch): {base}.\n"
 
 
