@@ -518,7 +518,8 @@ def _im2col_last(x, weight, bias, strides, pad_type, pad, dilations):
     same patches and GEMM as ``_im2col``, one per image (``_batch_folding``), whose ``[C_out, P]``
     result XLA transposes inside the next layer's fusion.  Positions as the GEMM's rows instead
     (a transposed left operand) fell back from YNNPACK to a 4x slower product: MobileNetV3-Small
-    0.84-0.9x with the transpose."""
+    0.84-0.9x with the transpose.  A single image with at least ``_ROWS_MIN_CHANNELS`` output
+    channels transposes its patches instead (:func:`_im2col_rows`)."""
     n = x.ndim - 2
     _check_channels("conv", x.shape[1], 1, x.shape[1], weight.shape[1])
     kernel = weight.shape[2:]
@@ -530,9 +531,24 @@ def _im2col_last(x, weight, bias, strides, pad_type, pad, dilations):
     return _batch_folding("im2col_last", geom)(x, weight, bias)
 
 
+# A single image's first layer with at least this many output channels multiplies transposed
+# patches, [P, C*taps] @ [C*taps, C_out]: its result is channel-last as computed.  Transposing
+# the [C_out, P] product instead is done inside every consumer fusion, where the strided reads
+# cost more the more channels there are (first layer + SiLU + depthwise 3x3 + SiLU, batch 1,
+# 128x128: C_out 16 1.06-1.3x slower with transposed patches, 24 0.82-0.84x, 32 0.35-0.42x
+# (EfficientNet-B0's stem), 48 0.33-0.38x).  Batches keep the per-image loop (32 images, 32
+# channels: 1.13x slower transposed).
+_ROWS_MIN_CHANNELS = 24
+
+
 def _im2col_rows(x, weight, bias, strides, pads, dilations):
     outs = _out_sizes(x.shape[2:], weight.shape[2:], strides, pads, dilations)
     w2 = weight.reshape(weight.shape[0], -1).astype(x.dtype)
+    if x.shape[0] == 1 and weight.shape[0] >= _ROWS_MIN_CHANNELS:
+        wins = [v for _, v in _windows(_pad_spatial(x, pads), weight.shape[2:], strides, dilations, outs)]
+        patches = jnp.stack(wins, axis=2).reshape(-1, math.prod(outs)).T              # [P, C*taps]
+        y = lax.dot_general(patches, w2, (((1,), (1,)), ((), ())), preferred_element_type=_accumulate_dtype(x.dtype))
+        return (y + bias.astype(y.dtype)).reshape((1, *outs, weight.shape[0]))
 
     def image(xi):       # [C, *D] -> [*D', K]
         wins = [v for _, v in _windows(_pad_spatial(xi[None], pads), weight.shape[2:], strides, dilations, outs)]

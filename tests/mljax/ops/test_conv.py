@@ -459,3 +459,28 @@ def test_fast_paths_under_vmap(fast_paths, c_in, strides, expected):
                 "NCHW", "OIHW", "NCHW"), precision=jax.lax.Precision.HIGHEST) + b[:, None, None])
         return (jax.vmap(f)(x) ** 2).sum()
     np.testing.assert_allclose(jax.grad(loss)(w, True), jax.grad(loss)(w, False), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("c_out", [8, 32])
+def test_first_layer_into_channel_last(c_out):
+    """A channel-last region's first layer reads the channel-first input and returns [N, H', W', C]:
+    one image with many output channels multiplies transposed patches, other images loop the
+    channel-first product; both, alone, vmapped and differentiated, equal torch's convolution."""
+    import jax
+    from mljax.ops import conv as conv_module
+    from mljax.ops.conv import convolution
+    x, w, b = rand((3, 3, 13, 11)), rand((c_out, 3, 3, 3)), rand((c_out,))
+    pads = [(1, 0), (1, 1)]
+    kw = dict(strides=(2, 2), pad_type="custom", pad=(1, 0, 1, 1), channels_last=True, first_in=True)
+    ref = np.moveaxis(F.conv2d(torch_pad(t64(x), pads), t64(w), t64(b), stride=2).numpy(), 1, -1)
+    assert (c_out >= conv_module._ROWS_MIN_CHANNELS) == (c_out == 32)
+    check(convolution(x[:1], w, b, **kw), ref[:1], np.float32)        # batch 1: the path by channels
+    check(convolution(x, w, b, **kw), ref, np.float32)                # a batch: the per-image loop
+    check(jax.jit(jax.vmap(lambda a: convolution(a, w, b, **kw)))(x[:, None]), ref[:, None], np.float32)
+
+    def loss(w, first):
+        y = convolution(x[:1], w, b, **kw) if first else jax.lax.conv_general_dilated(
+            x[:1], w, (2, 2), pads, dimension_numbers=("NCHW", "OIHW", "NHWC"),
+            precision=jax.lax.Precision.HIGHEST) + b
+        return (y ** 2).sum()
+    np.testing.assert_allclose(jax.grad(loss)(w, True), jax.grad(loss)(w, False), rtol=1e-4, atol=1e-3)
