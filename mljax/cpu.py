@@ -109,9 +109,10 @@ def default_xla_flags() -> bool:
     dimension has 9 to 24 elements (a channel-last map of 16 or 24 channels, Winograd's tiles),
     LLVM's default fully unrolls that innermost loop and then vectorizes the loop around it, with a
     gather and a scatter per vector: a hardswish over ``[8192, 64, 16]`` took 0.46 ns per element
-    against 0.10 at 32 channels, and 0.09 with the flag (``bench/xla_flags.py``; whole models:
-    ResNet-18 batch 32 0.88x, MobileNetV3-Small and EfficientNet-B0 batch 32 0.93-0.95x, BERT
-    0.94-0.98x, the rest within noise).  Unrolling changes no arithmetic: results are the same bits.
+    against 0.10 at 32 channels, and 0.09 with the flag.  Whole models, where such loops are a
+    small share of the time, moved less: 0.98x in the geomean of the zoo and the real
+    architectures, 0.94x at best and 1.02x at worst (docs/xla_flags.md, ``bench/xla_flags.py``).
+    Unrolling changes no arithmetic: results are the same bits.
 
     Changes nothing, returning False, when JAX's backend has already started (XLA has read its
     flags), when ``XLA_FLAGS`` already sets ``--xla_backend_extra_options`` (the user's own LLVM
