@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE))
 import xla_flags  # noqa: E402  (puts the project root on sys.path)
 from mljax.cpu import RETAIN_ENV  # noqa: E402
 
-_ONE_THREAD = xla_flags.flag_env("", mljax_defaults=True)   # what set_cpu_threads(1) sets
+_ONE_THREAD = xla_flags.flag_env("", mljax_defaults=True, retain=False)   # what set_cpu_threads(1) sets
 CONFIGS = {
     "default (a pool of one thread per core)": {},
     "set_cpu_threads(1)": _ONE_THREAD,
