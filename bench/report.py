@@ -394,7 +394,7 @@ class Report:
             "(JAX's asynchronous dispatch to a one-thread pool cost two thread wake-ups, 50-80 us, per call): "
             "XLA's default pool (one thread per core) "
             "ran independent ops and YNNPACK's products on a second thread, for more CPU time with the same "
-            "work: one thread takes 0.65-1.03x the default's CPU time, 0.88x in the geomean "
+            "work: one thread takes 0.60-1.06x the default's CPU time, 0.82x in the geomean "
             "(`docs/cpu_settings.md`, `bench/cpu_settings.py`).  Large batches also "
             "page-fault their temporaries in again on every call (glibc returns blocks above 32 MiB to the "
             "kernel); `mljax.retain_freed_memory()` keeps them, opt-in for users, measured in the same document, "

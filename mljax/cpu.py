@@ -5,9 +5,9 @@ XLA:CPU runs a compiled program on a pool of threads, one per core the process m
 independent ops run side by side, large ops split, and each op library call (YNNPACK's matrix
 products) hands its work to the pool and back.  That is the fastest wall time for one
 prediction on an idle machine, but every handoff and idle spin is CPU time: on this project's
-2-core benchmark machine, one thread took up to 35% less CPU time per prediction than the default
-pool, 12% in the geomean over the zoo and the real architectures (docs/cpu_settings.md), for
-28% more wall time.  So a server that runs one
+2-core benchmark machine, one thread took up to 40% less CPU time per prediction than the default
+pool, 18% in the geomean over the zoo and the real architectures (docs/cpu_settings.md), for
+20% more wall time.  So a server that runs one
 process per core, or many users' predictions at once, wants ``set_cpu_threads(1)``; a single
 interactive prediction wants the default.
 
@@ -22,8 +22,8 @@ fresh pages from ``mmap`` and unmaps it on ``free``, so every large prediction p
 whole temporary buffer again: ResNet-18 at batch 32 (128x128) took 64,000 page faults (256 MiB
 of zeroed pages) per call.  ``retain_freed_memory()`` keeps freed memory in the heap for the
 next call -- what ONNX Runtime's arena does.  With ``set_cpu_threads(1)``, that ResNet-18 and the
-zoo's depthwise CNN at batch 32 took 0.70x and 0.66x the default's CPU time, against 0.92x and
-1.03x for one thread alone (docs/cpu_settings.md).  The cost: the process keeps its peak heap (its RSS does not
+zoo's depthwise CNN at batch 32 took 0.61x and 0.51x the default's CPU time, against 1.02x and
+0.87x for one thread alone (docs/cpu_settings.md).  The cost: the process keeps its peak heap (its RSS does not
 shrink after a large prediction) and all threads share one malloc arena.
 """
 from __future__ import annotations
