@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["Timing", "interleaved", "ratio", "rss_mb", "cpu_seconds", "run_worker"]
+__all__ = ["Timing", "interleaved", "ratio", "rss_mb", "cpu_seconds", "run_worker", "one_thread_as_parent"]
 
 
 @dataclass
@@ -103,3 +103,11 @@ def run_worker(args: list[str], *, env: dict | None = None, timeout: float = 600
     if p.returncode != 0 or not lines:
         raise RuntimeError(f"worker {' '.join(args)} failed (rc {p.returncode}):\n{p.stderr[-3000:]}")
     return json.loads(lines[-1])
+
+
+def one_thread_as_parent(mljax) -> None:
+    """``mljax.set_cpu_threads(1)`` in a worker whose parent ran single-threaded (``PJRT_NPROC=1`` in
+    the inherited environment): its inline calls are a JAX config setting, which the environment
+    does not carry.  Before the worker's first JAX computation."""
+    if os.environ.get("PJRT_NPROC") == "1":
+        mljax.set_cpu_threads(1)

@@ -12,7 +12,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import cpu_seconds, rss_mb  # noqa: E402
+from measure import cpu_seconds, one_thread_as_parent, rss_mb  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -24,13 +24,6 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def _one_thread_as_parent(mljax) -> None:
-    """``set_cpu_threads(1)`` when the parent ran single-threaded (``PJRT_NPROC=1`` in the inherited
-    environment): its inline calls are a JAX config setting, which the environment does not carry."""
-    if os.environ.get("PJRT_NPROC") == "1":
-        mljax.set_cpu_threads(1)
-
-
 def _load_mljax(path, x, cache, compute_precision):
     t0, c0 = time.perf_counter(), cpu_seconds()
     import jax
@@ -39,7 +32,7 @@ def _load_mljax(path, x, cache, compute_precision):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     import mljax
-    _one_thread_as_parent(mljax)
+    one_thread_as_parent(mljax)
     jax.devices()
     t1, c1, base = time.perf_counter(), cpu_seconds(), rss_mb()
     m = mljax.MLModel(path, compute_precision=compute_precision)
@@ -83,7 +76,7 @@ def _phases(path, x, cache):
     import mljax
     from mljax.format.package import load_spec
     from mljax.stage import build_stage
-    _one_thread_as_parent(mljax)
+    one_thread_as_parent(mljax)
     jax.devices()
     mark("import jax + mljax")
     loaded = load_spec(path)
@@ -122,7 +115,7 @@ def _personalize(samples: int, epochs: int):
     import mljax
     from mljax import MLModel
     from updatable import UpdateTask
-    _one_thread_as_parent(mljax)
+    one_thread_as_parent(mljax)
     from updatable.demo import demo_data, demo_model_path
     x, y = demo_data()
     idx = np.random.default_rng(0).permutation(np.arange(int(len(x) * 0.6), len(x)))[:samples]

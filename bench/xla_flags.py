@@ -54,8 +54,8 @@ FLAG_SETS = {
 def _worker(names: list[str], work: str) -> None:
     import jax
     import mljax
-    if os.environ.get("PJRT_NPROC") == "1":
-        mljax.set_cpu_threads(1)      # flag_env's one thread, and calls inline as set_cpu_threads(1) runs them
+    from measure import one_thread_as_parent
+    one_thread_as_parent(mljax)       # flag_env's one thread, and calls inline as set_cpu_threads(1) runs them
     import real
     import zoo
     fns = {}

@@ -544,16 +544,18 @@ _ROWS_MIN_CHANNELS = 24
 def _im2col_rows(x, weight, bias, strides, pads, dilations):
     outs = _out_sizes(x.shape[2:], weight.shape[2:], strides, pads, dilations)
     w2 = weight.reshape(weight.shape[0], -1).astype(x.dtype)
+
+    def patches(x1):     # [1, C, *D] -> [C*taps, P]
+        wins = [v for _, v in _windows(_pad_spatial(x1, pads), weight.shape[2:], strides, dilations, outs)]
+        return jnp.stack(wins, axis=2).reshape(-1, math.prod(outs))
+
     if x.shape[0] == 1 and weight.shape[0] >= _ROWS_MIN_CHANNELS:
-        wins = [v for _, v in _windows(_pad_spatial(x, pads), weight.shape[2:], strides, dilations, outs)]
-        patches = jnp.stack(wins, axis=2).reshape(-1, math.prod(outs)).T              # [P, C*taps]
-        y = lax.dot_general(patches, w2, (((1,), (1,)), ((), ())), preferred_element_type=_accumulate_dtype(x.dtype))
+        y = lax.dot_general(patches(x).T, w2, (((1,), (1,)), ((), ())),              # [P, C*taps] @ [C*taps, K]
+                            preferred_element_type=_accumulate_dtype(x.dtype))
         return (y + bias.astype(y.dtype)).reshape((1, *outs, weight.shape[0]))
 
     def image(xi):       # [C, *D] -> [*D', K]
-        wins = [v for _, v in _windows(_pad_spatial(xi[None], pads), weight.shape[2:], strides, dilations, outs)]
-        patches = jnp.stack(wins, axis=2).reshape(-1, math.prod(outs))               # [C*taps, P]
-        y = lax.dot_general(w2, patches, (((1,), (0,)), ((), ())), preferred_element_type=_accumulate_dtype(x.dtype))
+        y = lax.dot_general(w2, patches(xi[None]), (((1,), (0,)), ((), ())), preferred_element_type=_accumulate_dtype(x.dtype))
         return jnp.moveaxis((y + bias.astype(y.dtype)[:, None]).reshape((weight.shape[0], *outs)), 0, -1)
     return image(x[0])[None] if x.shape[0] == 1 else lax.map(image, x)
 
