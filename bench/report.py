@@ -389,7 +389,7 @@ class Report:
             "dimensions of 9-24 elements (16- and 24-channel maps, Winograd's tiles) and vectorized the loop "
             "around them with gathers, elementwise fusions 4-6x slower per element than at 32 channels; "
             "limited to 8 iterations, those loops run at the 32-channel speed and whole models 0.98x "
-            "(0.94-1.02x), no model slower beyond noise.  mljax runs here on one "
+            "in the geomean, single models within the study's noise.  mljax runs here on one "
             "thread (`mljax.set_cpu_threads(1)`), as its peers do, each call inline on the calling thread "
             "(JAX's asynchronous dispatch to a one-thread pool cost two thread wake-ups, 50-80 us, per call): "
             "XLA's default pool (one thread per core) "

@@ -111,7 +111,8 @@ def default_xla_flags() -> bool:
     gather and a scatter per vector: a hardswish over ``[8192, 64, 16]`` took 0.46 ns per element
     against 0.10 at 32 channels, and 0.09 with the flag.  Whole models, where such loops are a
     small share of the time, moved less: 0.98x in the geomean of the zoo and the real
-    architectures, 0.94x at best and 1.02x at worst (docs/xla_flags.md, ``bench/xla_flags.py``).
+    architectures in each of two runs of ``bench/xla_flags.py`` (docs/xla_flags.md); single models
+    moved within that study's noise (0.94-1.02x in one run, 0.83-1.16x in a busier one).
     Unrolling changes no arithmetic: results are the same bits.
 
     Changes nothing, returning False, when JAX's backend has already started (XLA has read its
