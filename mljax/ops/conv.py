@@ -151,9 +151,9 @@ def convolution(x, weight, bias=None, *, strides=None, pad_type="valid", pad=Non
 _DEPTHWISE_MAX_TAPS = 64
 # Path rules for XLA:CPU, from bench/conv_paths.py: single thread, fp32, CPU ms of the path over
 # lax.conv_general_dilated's (median of interleaved rounds on a shared 2-core AMD EPYC; +-10%),
-# im2col and Winograd in 2 MiB batch chunks (with today's 32 MiB chunks, whole batches here:
+# im2col and Winograd in 2 MiB batch chunks (_TEMP_BYTES; with whole batches:
 # (32,3,64,64)->32 im2col 0.43-0.63x, (32,32,32,32)->64 F(4x4) 0.92-1.02x, (32,64,16,16)->128
-# 0.79-0.86x; see _TEMP_BYTES for why):
+# 0.79-0.86x):
 #   shape (N,C_in,H,W)->C_out 3x3    im2col  winograd F(2x2)  F(4x4)
 #   (32,3,64,64)->32                 0.47x   0.60x            0.65x
 #   (32,3,96,96)->32 stride 2        0.56x   -                -
@@ -587,12 +587,16 @@ def _im2col(x, weight, strides, pads, dilations, bias=None):
     return y.reshape((x.shape[0], weight.shape[0], *outs))
 
 
-# Temporaries per batch chunk of im2col / Winograd: glibc's largest mmap threshold.  A bigger
-# buffer is fresh pages, page-faulted on every call: Winograd at (32,64,56,56)->64 1.36x
-# lax.conv whole, 0.71-0.76x in chunks.  Smaller chunks (2 MiB) were faster still per layer
-# ((32,32,32,32)->64 0.67x instead of 0.94x) but slower inside the cnn network (whole predict
-# 0.99-1.27x lax.conv against 0.84-0.91x unchunked: the lax.map loop's copies and layouts).
-_TEMP_BYTES = 32 << 20
+# Temporaries per batch chunk of im2col / Winograd (one image per chunk where an image needs
+# more): a chunk's patches or tiles, products and output stay in the core's caches between the
+# transform, the product and the next layer's read.  Inside whole networks (one thread, freed
+# memory retained, in-process interleaved rounds against ONNX Runtime, AMD EPYC): ResNet-18
+# batch 32 0.95x ONNX Runtime with 2-4 MiB chunks against 1.07x with 32 MiB (two runs; 1 MiB
+# 1.02x, whole batches 1.14x), the zoo's cnn batch 32 1.14-1.18x against 1.38-1.44x; batch 8
+# and the depthwise CNN unchanged within noise.  Without retain_freed_memory() the executable's
+# temporaries are fresh pages on every call whatever the chunk (ResNet-18 batch 32 1.53-1.63x
+# with every size).  The per-layer path rules above were measured with these chunks.
+_TEMP_BYTES = 2 << 20
 
 
 def _in_batch_chunks(fn, x, bytes_per_image: int):
