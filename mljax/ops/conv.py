@@ -333,10 +333,17 @@ def _is_pointwise(w_shape, groups, pads) -> bool:
 
 
 def _batched_gemm(w2, x3):
-    """``w2 [K, R]`` times each ``x3[n] [R, P]``: ``[N, K, P]`` (fp16 accumulated in fp32)."""
-    w = jnp.broadcast_to(w2.astype(x3.dtype), (x3.shape[0],) + tuple(w2.shape))
-    return lax.dot_general(w, x3, (((2,), (1,)), ((0,), (0,))),
-                           preferred_element_type=_accumulate_dtype(x3.dtype))
+    """``w2 [K, R]`` times each ``x3[n] [R, P]``: ``[N, K, P]`` (fp16 accumulated in fp32).
+
+    As a batched product the weight is copied once per image; where a weight is larger than an
+    image's output (``R > P``: late layers' small maps) one product ``[K, N, P]`` is transposed
+    instead (ResNet-18's last stage as a list predict of 8: a [4, 512, 4608] copy per layer)."""
+    acc, w2 = _accumulate_dtype(x3.dtype), w2.astype(x3.dtype)
+    if x3.shape[0] > 1 and w2.shape[1] > x3.shape[2]:
+        y = lax.dot_general(w2, x3, (((1,), (1,)), ((), ())), preferred_element_type=acc)
+        return jnp.transpose(y, (1, 0, 2))
+    w = jnp.broadcast_to(w2, (x3.shape[0],) + tuple(w2.shape))
+    return lax.dot_general(w, x3, (((2,), (1,)), ((0,), (0,))), preferred_element_type=acc)
 
 
 def _pointwise(x, weight, strides):

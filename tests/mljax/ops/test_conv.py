@@ -346,6 +346,31 @@ def test_fast_paths_match_torch(fast_paths, case, pad_type, dtype):
         assert "scan" in str(jax.make_jaxpr(lambda a, c: conv(a, c, **kw))(x, w))
 
 
+@pytest.mark.parametrize("c_in,sizes", [(8, (5, 4)), (2, (9, 8))])   # patch rows R 72 > P 20; R 18 < P 72
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_im2col_several_images_per_chunk(fast_paths, c_in, sizes, dtype):
+    """Chunks of several images take one product: the weight broadcast per image where it is
+    smaller than an image's output, else one [K, N, P] product transposed; both forms match
+    torch, plain, under vmap (a list predict) and in their gradients."""
+    import jax
+    fast_paths._TEMP_BYTES = 1 << 30      # the whole batch in one chunk (restored by monkeypatch)
+    fast_paths._IM2COL_MAX_ROWS = 10 ** 6
+    x, w, b = rand((3, c_in) + sizes, dtype), rand((6, c_in, 3, 3), dtype), rand((6,), dtype)
+    kw = dict(strides=np.array([1, 1]), pad_type="valid")
+    assert fast_paths.conv_path(x.shape, w.shape, dtype, (1, 1), [(0, 0)] * 2, (1, 1), 1) == "im2col"
+    ref = _conv_ref(x, w, b, [(0, 0)] * 2, (1, 1), (1, 1))
+    check(conv(x, w, b, **kw), ref, dtype)
+    vmapped = jax.vmap(lambda xi: conv(xi, w, b, **kw))(x[:, None])
+    check(vmapped[:, 0], ref, dtype)
+    if dtype == np.float32:
+        loss = lambda a, c: (conv(a, c, b, **kw) ** 2).sum()   # noqa: E731
+        got = jax.grad(loss, argnums=(0, 1))(x, w)
+        xt, wt = t64(x).requires_grad_(), t64(w).requires_grad_()
+        (F.conv2d(xt, wt, t64(b)) ** 2).sum().backward()
+        for g, e in zip(got, (xt.grad.numpy(), wt.grad.numpy())):
+            np.testing.assert_allclose(np.asarray(g, np.float64), e, rtol=1e-4, atol=1e-4)
+
+
 WINOGRAD_CASES = [  # batch, c_in, c_out, (H, W), pads
     (1, 4, 3, (6, 6), [(1, 1), (1, 1)]),
     (2, 7, 5, (9, 13), [(0, 0), (0, 0)]),
