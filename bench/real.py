@@ -182,14 +182,14 @@ class RealModel:
 
 _IMG = (1, 3, CNN_RES, CNN_RES)
 REAL = {m.name: m for m in [
-    RealModel("resnet18", _resnet18, _IMG, 0, (1, 32), f"ResNet-18 (He et al.), {CNN_RES}x{CNN_RES}x3"),
-    RealModel("mobilenet_v3_small", _mobilenet_v3_small, _IMG, 0, (1, 32),
+    RealModel("resnet18", _resnet18, _IMG, 0, (1, 8, 32), f"ResNet-18 (He et al.), {CNN_RES}x{CNN_RES}x3"),
+    RealModel("mobilenet_v3_small", _mobilenet_v3_small, _IMG, 0, (1, 8, 32),
               f"MobileNetV3-Small (Howard et al.; SE, hardswish), {CNN_RES}x{CNN_RES}x3"),
-    RealModel("efficientnet_b0", _efficientnet_b0, _IMG, 0, (1, 32),
+    RealModel("efficientnet_b0", _efficientnet_b0, _IMG, 0, (1, 8, 32),
               f"EfficientNet-B0 (Tan & Le; MBConv, SE, SiLU), {CNN_RES}x{CNN_RES}x3"),
-    RealModel("bert", _bert, (1, 128), 8192, (1, 32),
+    RealModel("bert", _bert, (1, 128), 8192, (1, 8, 32),
               "transformers BertModel: 4 layers, hidden 256, 4 heads, FFN 1024; 128 tokens"),
-    RealModel("llama", _llama, (1, 64), 4096, (1, 32),
+    RealModel("llama", _llama, (1, 64), 4096, (1, 8, 32),
               "transformers LlamaForCausalLM: 4 layers, hidden 256, 8 heads (4 KV), SwiGLU 688, "
               "vocab 4096; 64 tokens, no KV cache"),
 ]}
