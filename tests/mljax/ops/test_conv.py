@@ -509,3 +509,29 @@ def test_first_layer_into_channel_last(c_out):
             precision=jax.lax.Precision.HIGHEST) + b
         return (y ** 2).sum()
     np.testing.assert_allclose(jax.grad(loss)(w, True), jax.grad(loss)(w, False), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("op", ["conv", "conv_transpose"])
+def test_xla_convolution_inside_a_loop_runs_channel_last(op):
+    """XLA:CPU ran a channel-first convolution inside a while body (``lax.map``, ``lax.scan``, a MIL
+    ``while_loop``) as a generic loop, 13-140x slower than outside; mljax issues XLA's convolution
+    channel-last.  Values against torch; the compiled loop's convolution is NHWC."""
+    import re
+
+    import jax
+    from mljax.ops.conv import conv_path
+    x = rand((2, 1, 3, 40, 40))
+    if op == "conv":
+        w = rand((8, 3, 7, 7))
+        assert conv_path((1, 3, 40, 40), w.shape, np.float32, (2, 2), [(3, 3)] * 2, (1, 1), 1) == "lax"
+        one = lambda xi: conv(xi, w, strides=np.array([2, 2]), pad_type="custom", pad=np.array([3, 3, 3, 3]))   # noqa: E731
+        ref = [F.conv2d(t64(xi), t64(w), stride=2, padding=3).numpy() for xi in x]
+    else:
+        w = rand((3, 4, 3, 3))
+        one = lambda xi: conv_transpose(xi, w, strides=np.array([2, 2]))   # noqa: E731
+        ref = [F.conv_transpose2d(t64(xi), t64(w), stride=2).numpy() for xi in x]
+    looped = jax.jit(lambda a: jax.lax.map(one, a))
+    check(looped(x), np.stack(ref), np.float32)
+    hlo = looped.lower(x).compile().as_text()
+    labels = [re.search(r"dim_labels=([\w>-]+)", line).group(1) for line in hlo.split("\n") if " convolution(" in line]
+    assert labels == ["b01f_01io->b01f"], labels
