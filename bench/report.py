@@ -426,8 +426,16 @@ class Report:
             "within noise, for a second copy of the weights); reading the windows through "
             "flattened shifted slices left whole models unchanged (0.97-1.04x); per-op transposes to NHWC "
             "around depthwise layers (1.07-1.26x slower whole); batched 1x1 products with the weights "
-            "broadcast per image (0.9-1.3x); running a list predict as a loop over micro-batches of 1-8 "
-            "samples instead of one vmapped call (MobileNetV3-Small batch 32: 1.1-1.3x slower).")
+            "broadcast per image (0.9-1.3x); running a list predict as a loop over micro-batches of k "
+            "samples instead of one vmapped call, which helps some models and hurts others with no rule from "
+            "shapes that tells them apart (batch 32 against ONNX Runtime, one call / micro-batches: BERT "
+            "1.05x / 0.88x at k = 8-16, EfficientNet-B0 1.30x / 1.17x at k = 8, MobileNetV3-Small 1.21x / "
+            "1.38x, Llama 1.08x / 1.12x, ResNet-18 1.02x / 1.08x; in BERT YNNPACK's products ran faster on "
+            "1024 rows than on 4096, and XLA gave its layer norms to a slow YNNPACK reduce fusion only at "
+            "batch 32); `linear` looping over blocks of 1024 rows (faster alone, [4096, 1024] @ [1024, 256] "
+            "181 against 150 GFLOP/s, but 1.08-1.18x slower inside BERT and Llama); YNNPACK fusions of "
+            "single products only (`--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`: "
+            "BERT batch 32 0.92x, EfficientNet-B0 1.26x).")
         return out
 
     def _load_misses(self) -> list[str]:
