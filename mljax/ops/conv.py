@@ -85,7 +85,7 @@ def _lax_conv(x, weight, **options):
     forms (the same time, the same bits)."""
     n = x.ndim - 2
     sp = _spatial_letters(n)
-    y = lax.conv_general_dilated(jnp.moveaxis(x, 1, -1), jnp.transpose(weight, (*range(2, n + 2), 1, 0)),
+    y = lax.conv_general_dilated(jnp.moveaxis(x, 1, -1), hwio(weight),
                                  dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"), **options)
     return jnp.moveaxis(y, -1, 1)
 

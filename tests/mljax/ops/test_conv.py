@@ -346,7 +346,7 @@ def test_fast_paths_match_torch(fast_paths, case, pad_type, dtype):
         assert "scan" in str(jax.make_jaxpr(lambda a, c: conv(a, c, **kw))(x, w))
 
 
-@pytest.mark.parametrize("c_in,sizes", [(8, (5, 4)), (2, (9, 8))])   # patch rows R 72 > P 20; R 18 < P 72
+@pytest.mark.parametrize("c_in,sizes", [(8, (5, 4)), (2, (9, 8))])   # patch rows R 72 > positions P 6; R 18 < P 42
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_im2col_several_images_per_chunk(fast_paths, c_in, sizes, dtype):
     """Chunks of several images take one product: the weight broadcast per image where it is
