@@ -201,10 +201,20 @@ class LoweredFunction:
     # --- the interpreter ----------------------------------------------------------------
     def __call__(self, weights: dict, inputs: dict, states: dict | None = None):
         self.trace_count += 1
+        env, state, skip = self._start(weights, inputs, states)
+        return self._finish(self._run_block(self.fn.block, env, state, skip=skip), state)
+
+    def _weights_env(self, weights: dict) -> tuple[dict, frozenset]:
+        """The environment of the weights (and the prologue's prepared values, whose ops are then
+        skipped)."""
         prepared = weights.get(PREPARED) if self.prologue else None
         env: dict[str, Any] = {k: v for k, v in weights.items() if k != PREPARED}
         if prepared is not None:
             env.update(prepared)
+        return env, (frozenset(id(op) for op in self.prologue) if prepared is not None else frozenset())
+
+    def _start(self, weights: dict, inputs: dict, states: dict | None):
+        env, skip = self._weights_env(weights)
         for v in self.fn.inputs:
             if isinstance(v.type, StateType):
                 env[v.name] = states[v.name]
@@ -220,9 +230,9 @@ class LoweredFunction:
                         val = val.astype(jax_dtype(v.type.dtype))
                     val = val.astype(want)
                 env[v.name] = val
-        state = {k: env[k] for k in self.state_names}
-        skip = frozenset(id(op) for op in self.prologue) if prepared is not None else frozenset()
-        outs = self._run_block(self.fn.block, env, state, skip=skip)
+        return env, {k: env[k] for k in self.state_names}, skip
+
+    def _finish(self, outs, state: dict):
         # Typed execution computes at *least* the declared precision; what leaves the function
         # (outputs, states) has the declared dtypes, so a pipeline's next stage, a training
         # step's features and predict all see the same values (fp16 outputs rounded once, here).
@@ -230,6 +240,79 @@ class LoweredFunction:
         declared = {v.name: v.type.wrapped for v in self.fn.inputs if isinstance(v.type, StateType)}
         state.update({k: _cast_to(declared[k], val) for k, val in state.items()})
         return dict(zip(self.output_names, outs)), state
+
+    # --- batches ------------------------------------------------------------------------
+    def map_batch(self, weights: dict, inputs: dict, states: dict | None = None):
+        """``jax.vmap(self)`` over the leading axis of ``inputs`` (a list predict's samples), run
+        by the chunk plan of :mod:`mljax.schedule` where it has one: the activation-heavy prefix
+        over chunks of a few samples, the rest over the whole batch.  Same values."""
+        n = len(next(iter(jax.tree.leaves(inputs)), ()))
+        plan = self.chunk_plan(n) if not states and _chunked_backend() else None
+        if plan is None:
+            return jax.vmap(self, in_axes=(None, 0, None))(weights, inputs, states)
+        self.trace_count += 1
+        if self.prologue and PREPARED not in weights:     # once, not once per chunk
+            weights = {**weights, PREPARED: self.prepare(weights)}
+        ops = self.fn.block.operations
+
+        def prefix(sample):
+            env, state, skip = self._start(weights, sample, {})
+            self._run_ops(ops[:plan.cut], env, state, skip)
+            return {name: env[name] for name in plan.live}
+
+        def suffix(live):
+            env, skip = self._weights_env(weights)
+            env.update(live)
+            self._run_ops(ops[plan.cut:], env, {}, skip)
+            return self._finish([self._value(v, env) for v in self.fn.block.outputs], {})
+
+        k = plan.chunk
+        chunks = jax.tree.map(lambda a: a.reshape((n // k, k) + a.shape[1:]), inputs)
+        live = jax.tree.map(lambda a: a.reshape((n,) + a.shape[2:]), jax.lax.map(jax.vmap(prefix), chunks))
+        return jax.vmap(suffix)(live)
+
+    def chunk_plan(self, n: int):
+        """:func:`mljax.schedule.chunk_plan` of this function's top-level ops for ``n`` samples."""
+        from mljax.schedule import chunk_plan
+        if self.state_names or self.value_inputs:
+            return None
+        steps = self._steps()
+        if steps is None:
+            return None
+        inputs = {v.name: self._bytes(v) for v in self.fn.inputs}
+        if any(b is None for b in inputs.values()):
+            return None
+        return chunk_plan(steps, inputs, [v.name for v in self.fn.block.outputs], n)
+
+    def _steps(self):
+        """One :class:`mljax.schedule.Step` per top-level op (constants and the weight prologue
+        write nothing: their values come with the weights)."""
+        cached = getattr(self, "_steps_cache", None)
+        if cached is None:
+            from mljax.schedule import Step
+            prologue = {id(op) for op in self.prologue}
+            laid_out = {v.name for op in self.prologue for v in op.outputs}
+            steps = []
+            for op in self.fn.block.operations:
+                if op.type == "const" or op.type.startswith("constexpr_") or id(op) in prologue:
+                    steps.append(Step(frozenset(), ()))
+                    continue
+                reads = frozenset(v.name for o in [op, *_nested_ops(op)] for bound in o.inputs.values()
+                                  for v in bound if v.value is None)
+                weights = sum(self._bytes(v) or 0 for bound in op.inputs.values() for v in bound
+                              if is_weight(v) or v.name in laid_out)
+                steps.append(Step(reads, tuple((v.name, self._bytes(v)) for v in op.outputs), weights, _own_chunks(op)))
+            cached = self._steps_cache = (steps,)
+        return cached[0]
+
+    def _bytes(self, var: Var):
+        """Bytes per sample of ``var`` as computed (None: not a tensor of static shape)."""
+        typ = var.type
+        if not isinstance(typ, TensorType) or not all(isinstance(d, (int, np.integer)) for d in typ.shape):
+            return None
+        if typ.dtype.name == "string":
+            return None
+        return int(np.prod(typ.shape, dtype=np.int64)) * jax_dtype(self.compute_dtype(typ.dtype)).itemsize
 
     def _value(self, var: Var, env) -> Any:
         if var.name in env:
@@ -241,13 +324,16 @@ class LoweredFunction:
     def _run_block(self, block: Block, env, state, args=(), skip=frozenset()) -> tuple:
         for var, val in zip(block.inputs, args):
             env[var.name] = val
-        for op in block.operations:
+        self._run_ops(block.operations, env, state, skip)
+        return tuple(self._value(v, env) for v in block.outputs)
+
+    def _run_ops(self, ops, env, state, skip=frozenset()) -> None:
+        for op in ops:
             if op.type == "const" or op.type.startswith("constexpr_") or id(op) in skip:
                 continue
             values = self._call(op, env, state=state)
             for var, val in zip(op.outputs, values):
                 env[var.name] = self._cast_output(var, val)
-        return tuple(self._value(v, env) for v in block.outputs)
 
     def _cast_output(self, var: Var, val):
         return _cast_to(var.type, val, self.compute_dtype)
@@ -310,6 +396,31 @@ class LoweredFunction:
         except jax.dtypes.TypePromotionError as e:
             raise OpError(f"{where}: its inputs' dtypes do not combine ({e})") from None
         return out if isinstance(out, tuple) else (out,)
+
+
+def _nested_ops(op: Operation):
+    for b in op.blocks:
+        for inner in b.operations:
+            yield inner
+            yield from _nested_ops(inner)
+
+
+def _own_chunks(op: Operation) -> bool:
+    """A convolution that runs its own batch chunks (:func:`mljax.ops.conv.runs_own_batch_chunks`)."""
+    from mljax.ops.conv import runs_own_batch_chunks
+    w = op.input("weight") if op.type in ("conv", "conv_transpose") else None
+    if w is None or not isinstance(w.type, TensorType):
+        return False
+    shape = tuple(w.type.shape)
+    if op.attributes.get(HINTS, {}).get("weight_hwio"):     # [*K, C_in/groups, C_out] -> MIL's layout
+        shape = shape[-1:] + shape[-2:-1] + shape[:-2]
+    groups = op.input("groups")
+    return runs_own_batch_chunks(shape, int(groups.value) if groups is not None and groups.value is not None else 1)
+
+
+def _chunked_backend() -> bool:
+    """Chunk plans are for the CPU's caches, on one device (a sharded batch is split already)."""
+    return jax.default_backend() == "cpu" and jax.local_device_count() == 1
 
 
 def _cast_to(typ, val, dtype_of: Callable[[DType], DType] = lambda dt: dt):

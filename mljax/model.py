@@ -476,7 +476,10 @@ def _jit_packing_scalars(fn):
 
 
 def _jit_batched(stage: Stage):
-    """``jax.jit(jax.vmap(stage.fn))`` over inputs; shared by stages with the same ``fn_key``."""
+    """``jax.jit(jax.vmap(stage.fn))`` over inputs (``stage.map_batch``, its schedule of the same,
+    where the stage has one); shared by stages with the same ``fn_key``."""
+    if stage.map_batch is not None:
+        return jax.jit(stage.map_batch)
     make = lambda: jax.jit(jax.vmap(stage.fn, in_axes=(None, 0, None)))   # noqa: E731
     return make() if stage.fn_key is None else shared_fn(("vmap", stage.fn_key), make)
 
@@ -503,7 +506,7 @@ def _per_call(stage: Stage) -> Stage:
         return stage
     fn = random.with_call_key(stage.fn) if keyed else stage.fn
     # checkify's error output holds tracebacks, which mljax.cache cannot store: no digest then
-    return dataclasses.replace(stage, fn=_with_checks(fn) if checked else fn,
+    return dataclasses.replace(stage, fn=_with_checks(fn) if checked else fn, map_batch=None,
                                digest=None if checked else stage.digest,
                                per_call=True, call_key=keyed)
 

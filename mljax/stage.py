@@ -52,6 +52,8 @@ class Stage:
     # weights: computed once per weight values by MLModel's predict; fn computes them otherwise)
     prepare: Callable[[dict], dict] | None = None
     fp16_in_graph: bool = False           # fn rounds float32 values of float16 inputs itself
+    # vmap(fn) over inputs' leading axis, by a schedule of its own (LoweredFunction.map_batch)
+    map_batch: Callable | None = None
     # NeuralNetwork models
     network: Any = None                   # mljax.neuralnetwork.network.Network (layers, weights)
     rank5: bool = False                   # the network runs in the legacy [Seq, Batch, C, H, W] layout

@@ -82,10 +82,52 @@ class _Plan:
 
     def __call__(self, weights, inputs, states):
         env = {n: self.map_input(n, v) for n, v in inputs.items()}
-        env = self.network.run(weights, env)
+        return self._outputs(self.network.run(weights, env)), states
+
+    def _wanted(self) -> list:
         wanted = [n for n in self.outputs if n not in (self.label_name, self.probs_name)]
-        wanted += [self.prob_blob] if self.labels is not None else []
-        missing = [n for n in wanted if n not in env]
+        return wanted + ([self.prob_blob] if self.labels is not None else [])
+
+    def map_batch(self, weights, inputs, states):
+        """``jax.vmap(self)`` over the leading axis of ``inputs``, by the chunk plan of
+        :mod:`mljax.schedule` where it has one (as ML programs: ``LoweredFunction.map_batch``)."""
+        from mljax.lower import _chunked_backend
+        from mljax.schedule import chunk_plan
+        n = len(next(iter(jax.tree.leaves(inputs)), ()))
+        plan = None
+        if not states and _chunked_backend():
+            one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), inputs)
+            shapes = jax.eval_shape(lambda w, x: self.network.run(w, {k: self.map_input(k, v) for k, v in x.items()}),
+                                    weights, one)
+            steps = self.network.steps(shapes)
+            plan = chunk_plan(steps, _input_bytes(shapes, inputs), self._wanted(), n)
+        if plan is None:
+            return jax.vmap(self, in_axes=(None, 0, None))(weights, inputs, states)
+        twins = set()      # live blobs passed channel-last (a region's layout; the same every trace)
+
+        def prefix(sample):
+            env, last = {k: self.map_input(k, v) for k, v in sample.items()}, {}
+            self.network.run_span(weights, env, last, 0, plan.cut)
+            twins.update(name for name in plan.live if name in last)
+            return {name: last.get(name, env[name]) for name in plan.live}
+
+        def suffix(live):
+            env, last = {}, {}
+            for name, v in live.items():
+                if name in twins:
+                    last[name], env[name] = v, jnp.transpose(v, (0, 3, 1, 2))
+                else:
+                    env[name] = v
+            self.network.run_span(weights, env, last, plan.cut)
+            return self._outputs(env), {}
+
+        k = plan.chunk
+        chunks = jax.tree.map(lambda a: a.reshape((n // k, k) + a.shape[1:]), inputs)
+        live = jax.tree.map(lambda a: a.reshape((n,) + a.shape[2:]), jax.lax.map(jax.vmap(prefix), chunks))
+        return jax.vmap(suffix)(live)
+
+    def _outputs(self, env: dict) -> dict:
+        missing = [n for n in self._wanted() if n not in env]
         if missing:
             raise ModelFormatError(f"the network describes outputs {missing} that no input or layer produces")
         out = {}
@@ -102,12 +144,18 @@ class _Plan:
                 out[self.probs_name] = probs
             if self.label_name:
                 out[self.label_name] = jnp.argmax(probs).astype(jnp.int32)
-        return out, states
+        return out
 
     def _output(self, y, spec):
         if spec.kind == "image":
             return y.reshape(y.shape[-3:])
         return map_output(y, tuple(spec.shape or ()), self.rank5)
+
+
+def _input_bytes(shapes: dict, inputs: dict) -> dict:
+    """Bytes per sample of each input blob as the network sees it (after its input mapping)."""
+    return {k: int(np.prod(shapes[k].shape, dtype=np.int64)) * np.dtype(shapes[k].dtype).itemsize
+            for k in inputs if k in shapes}
 
 
 def _input_specs(plan: _Plan) -> dict:
@@ -165,6 +213,7 @@ def build_neuralnetwork_stage(spec, weights_dir=None, **_options) -> Stage:
     keyed = _draws_per_call(nn)
     return Stage(
         fn=with_call_key(plan) if keyed else plan, weights=dict(plan.network.weights),
+        map_batch=None if keyed else plan.map_batch,
         inputs=_input_specs(plan), outputs=plan.outputs,
         preprocess=_preprocess(plan), postprocess=_postprocess(plan), batchable=True,
         network=plan.network, rank5=plan.rank5, call_key=keyed, per_call=keyed,

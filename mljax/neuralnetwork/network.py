@@ -116,6 +116,32 @@ class Network:
             self._run_layer(lyr, weights, env, last)
         return env
 
+    def run_span(self, weights: dict, env: dict, last: dict, start: int, stop: int | None = None) -> None:
+        """Run the top network's layers ``[start:stop]`` over ``env`` and ``last`` (the channel-last
+        twins of region blobs), in place: a part of :meth:`run`."""
+        for lyr in self.nn.layers[start:stop]:
+            self._run_layer(lyr, weights, env, last)
+
+    def steps(self, shapes: dict) -> list:
+        """One :class:`mljax.schedule.Step` per top-level layer, blob bytes from ``shapes``
+        (``{blob: ShapeDtypeStruct}`` of one sample; a blob not in it is not static)."""
+        from mljax.ops.conv import runs_own_batch_chunks
+        from mljax.schedule import Step
+
+        def nbytes(name):
+            a = shapes.get(name)
+            return None if a is None else int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
+
+        out = []
+        for lyr in self.nn.layers:
+            kind = lyr.WhichOneof("layer")
+            reads = frozenset(n for inner in [lyr, *list(walk_layers(_NestedOnly(lyr)))] for n in inner.input)
+            weights = sum(int(np.asarray(self.static[k] if k in self.static else self.weights[k]).nbytes)
+                          for _, k in self._params.get(lyr.name, ()))
+            own = kind == "convolution" and runs_own_batch_chunks(*_conv_weight(lyr))
+            out.append(Step(reads, tuple((o, nbytes(o)) for o in lyr.output), weights, own))
+        return out
+
     def _region_inputs(self, lyr, role, env, last):
         """The layer's inputs channel-last, or None when one is not a rank-4 array (run it as is)."""
         xs = []
@@ -290,6 +316,16 @@ def _scaled_by(i, layers, producer, readers, region) -> tuple:
             or len(layers[j].input) != 2 or readers.get(lyr.input[0]) != {i}):
         return ()
     return tuple(layers[j].input)
+
+
+class _NestedOnly:
+    """A layer's nested networks as one network's layers (for :func:`walk_layers`)."""
+
+    def __init__(self, lyr):
+        kind = lyr.WhichOneof("layer")
+        params = getattr(lyr, kind) if kind else None
+        self.layers = [inner for field in _NESTED.get(kind, ()) if params.HasField(field)
+                       for inner in getattr(params, field).layers]
 
 
 def _conv_weight(lyr):

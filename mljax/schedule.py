@@ -1,0 +1,103 @@
+"""Batch schedules: how a list predict's batch goes through a program.
+
+A list predict runs the per-sample program vmapped over the batch: every op then processes the
+whole batch before the next one starts.  Where the batch's activations are large (the first
+stages of a CNN, a transformer's FFN and attention scores), each op streams them through
+memory; ONNX Runtime does the same, and is limited the same way.  A *chunk plan* runs the
+program's activation-heavy prefix over chunks of a few samples instead (``lax.map`` over
+chunks, each chunk vmapped), so an op's output is still in the core's caches when the next op
+reads it, then the rest of the program over the whole batch, where the activations are small
+and the weights large (a chunk loop there would stream the weights once per chunk).
+
+The plan is decided at trace time from static shapes (:func:`chunk_plan`); it changes no
+value (each sample's ops are the same ops).  Measured on one thread against ONNX Runtime
+(bench/real.py, in-process interleaved rounds, AMD EPYC; docs/performance.md): batch 32
+EfficientNet-B0 1.22-1.25x ONNX Runtime against 1.34-1.42x without, BERT 0.88-0.90x against
+1.01-1.02x, MobileNetV3-Small 1.24-1.25x against 1.29x, the Llama-style decoder unchanged
+within noise (1.05-1.08x against 1.05x).  Networks of dense 3x3 convolutions get no plan:
+their convolutions already run in cache-sized batch chunks of their own (im2col and Winograd,
+:mod:`mljax.ops.conv`), and a chunk loop around them recomputed their weight transforms per
+chunk (ResNet-18 0.88-0.90x against 0.86x).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Step", "ChunkPlan", "chunk_plan", "HEAVY_BYTES", "CHUNK_BYTES"]
+
+# An op is activation-heavy when its outputs for the whole batch take at least this many bytes:
+# more than a core's share of the caches (the machines measured: 1-2 MiB L2 per core, 32 MiB of
+# L3 shared).  Batch 32 of EfficientNet-B0 at 128x128: its 32x32 stage, not its 16x16 one.
+HEAVY_BYTES = 8 << 20
+# A chunk's largest activation at most this many bytes: the chunk size is the largest divisor of
+# the batch that keeps it so.  4 MiB was worse for the Llama-style decoder (1.10x against
+# 1.05x: its 1 MiB logits per sample made chunks of 4); 8 MiB chunks BERT by 16 (0.90x), its
+# best 8 (0.88x).
+CHUNK_BYTES = 8 << 20
+# How far past the last heavy op the cut may move to find the fewest bytes crossing it.
+_CUT_WINDOW = 16
+
+
+@dataclass(frozen=True)
+class Step:
+    """One op (or layer) of a program, for planning: the names it reads (its nested blocks'
+    too), the names it writes with their bytes per sample (None: not static), the bytes of the
+    weights it reads, and whether it is a convolution that runs its own batch chunks (a dense
+    spatial convolution)."""
+    reads: frozenset
+    writes: tuple             # ((name, bytes per sample or None), ...)
+    weight_bytes: int = 0
+    own_chunks: bool = False
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    cut: int                  # steps[:cut] run per chunk, steps[cut:] over the whole batch
+    chunk: int                # samples per chunk (divides the batch)
+    live: tuple               # names written before the cut (or inputs) that the rest reads
+
+
+def chunk_plan(steps: list, inputs: dict, outputs, n: int, *, heavy: int | None = None,
+               target: int | None = None) -> ChunkPlan | None:
+    """The plan for a batch of ``n`` samples, or None (vmap the whole program).
+
+    ``inputs``: {name: bytes per sample}; ``outputs``: the names the program returns; ``heavy``
+    and ``target`` default to :data:`HEAVY_BYTES` and :data:`CHUNK_BYTES`."""
+    heavy = HEAVY_BYTES if heavy is None else heavy
+    target = CHUNK_BYTES if target is None else target
+    if n < 2 or not steps:
+        return None
+    sizes = dict(inputs)
+    for s in steps:
+        for name, size in s.writes:
+            if size is None:
+                return None     # a shape that is not static: no plan
+            sizes[name] = size
+    out_bytes = [sum(size for _, size in s.writes) for s in steps]
+    # weight-dominated ops (a transformer's FFN and vocabulary projections) are not heavy: a chunk
+    # loop streams their weights once per chunk
+    heavy_at = [i for i, (b, s) in enumerate(zip(out_bytes, steps)) if b * n >= heavy and s.weight_bytes <= b]
+    if not heavy_at:
+        return None
+    last = heavy_at[-1]
+    if any(s.own_chunks for s in steps[:last + 1]):
+        return None
+    # names live after position p: written before p (or inputs) and read at or after p
+    needed_after = [set() for _ in range(len(steps) + 1)]
+    acc = set(outputs)
+    for i in range(len(steps), 0, -1):
+        needed_after[i] = set(acc)
+        acc |= steps[i - 1].reads
+    written, live_at = set(inputs), {}
+    for p in range(1, len(steps) + 1):
+        written.update(name for name, _ in steps[p - 1].writes)
+        if p > last:
+            live_at[p] = tuple(sorted(written & needed_after[p]))
+        if p >= last + 1 + _CUT_WINDOW:
+            break
+    cut = min(live_at, key=lambda p: (sum(sizes[name] for name in live_at[p]), p))
+    largest = max(out_bytes[:cut])
+    chunk = max((d for d in range(1, n) if n % d == 0 and d * largest <= target), default=None)
+    if chunk is None:
+        return None
+    return ChunkPlan(cut, chunk, live_at[cut])
