@@ -9,6 +9,7 @@ inputs are all concrete run eagerly at trace time, so shape arithmetic never rea
 """
 from __future__ import annotations
 
+import functools
 from collections import ChainMap
 from typing import Any, Callable
 
@@ -16,11 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mljax import schedule
 from mljax.errors import InputError, OpError, UnsupportedOpError
 from mljax.mil.ir import Block, Function, Operation, Var
 from mljax.mil.opspec import check_op_inputs
 from mljax.mil.types import DTYPES, DType, StateType, TensorType
 from mljax.ops._registry import HINTS, OpContext, lookup, opset_number
+from mljax.ops.conv import runs_own_batch_chunks
 from mljax.stage import PREPARED
 
 __all__ = ["COMPUTE_PRECISIONS", "LoweredFunction", "compute_dtype_fn", "is_weight", "jax_dtype",
@@ -246,8 +249,7 @@ class LoweredFunction:
         """``jax.vmap(self)`` over the leading axis of ``inputs`` (a list predict's samples), run
         by the chunk plan of :mod:`mljax.schedule` where it has one: the activation-heavy prefix
         over chunks of a few samples, the rest over the whole batch.  Same values."""
-        n = len(next(iter(jax.tree.leaves(inputs)), ()))
-        plan = self.chunk_plan(n) if not states and _chunked_backend() else None
+        plan = self.chunk_plan(schedule.batch_size(inputs)) if not states and schedule.chunked_backend() else None
         if plan is None:
             return jax.vmap(self, in_axes=(None, 0, None))(weights, inputs, states)
         self.trace_count += 1
@@ -265,45 +267,35 @@ class LoweredFunction:
             env.update(live)
             self._run_ops(ops[plan.cut:], env, {}, skip)
             return self._finish([self._value(v, env) for v in self.fn.block.outputs], {})
-
-        k = plan.chunk
-        chunks = jax.tree.map(lambda a: a.reshape((n // k, k) + a.shape[1:]), inputs)
-        live = jax.tree.map(lambda a: a.reshape((n,) + a.shape[2:]), jax.lax.map(jax.vmap(prefix), chunks))
-        return jax.vmap(suffix)(live)
+        return schedule.run_chunked(plan, inputs, prefix, suffix)
 
     def chunk_plan(self, n: int):
         """:func:`mljax.schedule.chunk_plan` of this function's top-level ops for ``n`` samples."""
-        from mljax.schedule import chunk_plan
         if self.state_names or self.value_inputs:
-            return None
-        steps = self._steps()
-        if steps is None:
             return None
         inputs = {v.name: self._bytes(v) for v in self.fn.inputs}
         if any(b is None for b in inputs.values()):
             return None
-        return chunk_plan(steps, inputs, [v.name for v in self.fn.block.outputs], n)
+        return schedule.chunk_plan(self._steps, inputs, [v.name for v in self.fn.block.outputs], n)
 
-    def _steps(self):
+    @functools.cached_property
+    def _steps(self) -> list:
         """One :class:`mljax.schedule.Step` per top-level op (constants and the weight prologue
         write nothing: their values come with the weights)."""
-        cached = getattr(self, "_steps_cache", None)
-        if cached is None:
-            from mljax.schedule import Step
-            prologue = {id(op) for op in self.prologue}
-            laid_out = {v.name for op in self.prologue for v in op.outputs}
-            steps = []
-            for op in self.fn.block.operations:
-                if op.type == "const" or op.type.startswith("constexpr_") or id(op) in prologue:
-                    steps.append(Step(frozenset(), ()))
-                    continue
-                reads = frozenset(v.name for o in [op, *_nested_ops(op)] for bound in o.inputs.values()
-                                  for v in bound if v.value is None)
-                weights = sum(self._bytes(v) or 0 for bound in op.inputs.values() for v in bound
-                              if is_weight(v) or v.name in laid_out)
-                steps.append(Step(reads, tuple((v.name, self._bytes(v)) for v in op.outputs), weights, _own_chunks(op)))
-            cached = self._steps_cache = (steps,)
-        return cached[0]
+        prologue = {id(op) for op in self.prologue}
+        laid_out = {v.name for op in self.prologue for v in op.outputs}
+        steps = []
+        for op in self.fn.block.operations:
+            if op.type == "const" or op.type.startswith("constexpr_") or id(op) in prologue:
+                steps.append(schedule.Step(frozenset(), ()))
+                continue
+            reads = frozenset(v.name for o in [op, *_nested_ops(op)] for bound in o.inputs.values()
+                              for v in bound if v.value is None)
+            weights = sum(self._bytes(v) or 0 for bound in op.inputs.values() for v in bound
+                          if is_weight(v) or v.name in laid_out)
+            writes = tuple((v.name, self._bytes(v)) for v in op.outputs)
+            steps.append(schedule.Step(reads, writes, weights, _own_chunks(op)))
+        return steps
 
     def _bytes(self, var: Var):
         """Bytes per sample of ``var`` as computed (None: not a tensor of static shape)."""
@@ -407,7 +399,6 @@ def _nested_ops(op: Operation):
 
 def _own_chunks(op: Operation) -> bool:
     """A convolution that runs its own batch chunks (:func:`mljax.ops.conv.runs_own_batch_chunks`)."""
-    from mljax.ops.conv import runs_own_batch_chunks
     w = op.input("weight") if op.type in ("conv", "conv_transpose") else None
     if w is None or not isinstance(w.type, TensorType):
         return False
@@ -416,11 +407,6 @@ def _own_chunks(op: Operation) -> bool:
         shape = shape[-1:] + shape[-2:-1] + shape[:-2]
     groups = op.input("groups")
     return runs_own_batch_chunks(shape, int(groups.value) if groups is not None and groups.value is not None else 1)
-
-
-def _chunked_backend() -> bool:
-    """Chunk plans are for the CPU's caches, on one device (a sharded batch is split already)."""
-    return jax.default_backend() == "cpu" and jax.local_device_count() == 1
 
 
 def _cast_to(typ, val, dtype_of: Callable[[DType], DType] = lambda dt: dt):

@@ -22,8 +22,12 @@ chunk (ResNet-18 0.88-0.90x against 0.86x).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
-__all__ = ["Step", "ChunkPlan", "chunk_plan", "HEAVY_BYTES", "CHUNK_BYTES"]
+import jax
+
+__all__ = ["Step", "ChunkPlan", "chunk_plan", "run_chunked", "batch_size", "one_sample", "chunked_backend",
+           "HEAVY_BYTES", "CHUNK_BYTES"]
 
 # An op is activation-heavy when its outputs for the whole batch take at least this many bytes:
 # more than a core's share of the caches (the machines measured: 1-2 MiB L2 per core, 32 MiB of
@@ -101,3 +105,30 @@ def chunk_plan(steps: list, inputs: dict, outputs, n: int, *, heavy: int | None 
     if chunk is None:
         return None
     return ChunkPlan(cut, chunk, live_at[cut])
+
+
+# --- running a plan --------------------------------------------------------------------------
+def chunked_backend() -> bool:
+    """Chunk plans are for the CPU's caches, on one device (a sharded batch is split already)."""
+    return jax.default_backend() == "cpu" and jax.local_device_count() == 1
+
+
+def batch_size(inputs) -> int:
+    """The leading axis of a batch's arrays (0 for none)."""
+    leaves = jax.tree.leaves(inputs)
+    return len(leaves[0]) if leaves else 0
+
+
+def one_sample(inputs):
+    """Shapes and dtypes of one sample of a batch (for ``jax.eval_shape``)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), inputs)
+
+
+def run_chunked(plan: ChunkPlan, inputs, prefix: Callable, suffix: Callable):
+    """``vmap(suffix)`` over the batch of ``prefix``'s values, ``prefix`` (one sample's inputs ->
+    the plan's live values) run over ``lax.map``'d chunks of ``plan.chunk`` samples, vmapped in
+    each: the same values as ``vmap(lambda x: suffix(prefix(x)))(inputs)``."""
+    n, k = batch_size(inputs), plan.chunk
+    chunks = jax.tree.map(lambda a: a.reshape((n // k, k) + a.shape[1:]), inputs)
+    live = jax.tree.map(lambda a: a.reshape((n,) + a.shape[2:]), jax.lax.map(jax.vmap(prefix), chunks))
+    return jax.vmap(suffix)(live)

@@ -13,7 +13,7 @@ LAYERS = [
     ("mljax.errors", "mljax.proto", "mljax._lazy", "mljax.cpu"),    # 0 base
     ("mljax.mil", "mljax.format"),                                      # 1 the IR, its op table, files
     ("mljax.ops",),                                                     # 2 the op library
-    ("mljax.optimize", "mljax.features"),                               # 3 graph passes, feature types
+    ("mljax.optimize", "mljax.features", "mljax.schedule"),            # 3 graph passes, feature types, batch plans
     ("mljax.lower", "mljax.stage", "mljax.classic", "mljax.neuralnetwork", "mljax.pipeline"),  # 4 stages
     ("mljax.mlprogram", "mljax.cache", "mljax.distribute", "mljax.writer", "mljax.inspect"),  # 5 services
     ("mljax.model",),                                                   # 6 MLModel

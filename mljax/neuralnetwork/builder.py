@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mljax import schedule
 from mljax.errors import ModelFormatError
 from mljax.features import feature_specs
 from mljax.neuralnetwork import images
@@ -91,16 +92,12 @@ class _Plan:
     def map_batch(self, weights, inputs, states):
         """``jax.vmap(self)`` over the leading axis of ``inputs``, by the chunk plan of
         :mod:`mljax.schedule` where it has one (as ML programs: ``LoweredFunction.map_batch``)."""
-        from mljax.lower import _chunked_backend
-        from mljax.schedule import chunk_plan
-        n = len(next(iter(jax.tree.leaves(inputs)), ()))
         plan = None
-        if not states and _chunked_backend():
-            one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), inputs)
+        if not states and schedule.chunked_backend():
             shapes = jax.eval_shape(lambda w, x: self.network.run(w, {k: self.map_input(k, v) for k, v in x.items()}),
-                                    weights, one)
-            steps = self.network.steps(shapes)
-            plan = chunk_plan(steps, _input_bytes(shapes, inputs), self._wanted(), n)
+                                    weights, schedule.one_sample(inputs))
+            plan = schedule.chunk_plan(self.network.steps(shapes), _input_bytes(shapes, inputs), self._wanted(),
+                                       schedule.batch_size(inputs))
         if plan is None:
             return jax.vmap(self, in_axes=(None, 0, None))(weights, inputs, states)
         twins = set()      # live blobs passed channel-last (a region's layout; the same every trace)
@@ -120,11 +117,7 @@ class _Plan:
                     env[name] = v
             self.network.run_span(weights, env, last, plan.cut)
             return self._outputs(env), {}
-
-        k = plan.chunk
-        chunks = jax.tree.map(lambda a: a.reshape((n // k, k) + a.shape[1:]), inputs)
-        live = jax.tree.map(lambda a: a.reshape((n,) + a.shape[2:]), jax.lax.map(jax.vmap(prefix), chunks))
-        return jax.vmap(suffix)(live)
+        return schedule.run_chunked(plan, inputs, prefix, suffix)
 
     def _outputs(self, env: dict) -> dict:
         missing = [n for n in self._wanted() if n not in env]
