@@ -17,6 +17,7 @@ from google.protobuf.message import Message
 
 from mljax import distribute
 from mljax.cache import CachedJit
+from mljax.cpu import aligned, aligned_empty
 from mljax.errors import InputError, OpError, PredictionError
 from mljax.features import Features, convert_inputs, convert_output, feature_specs
 from mljax.format.package import load_spec, save_spec
@@ -108,6 +109,8 @@ class MLModel:
         self._cached_fn = (CachedJit(self._predict_fn, self._stage.digest)
                            if self._stage.digest is not None and not self._stage.static_inputs else None)
         self._batched_fn = _jit_batched(self._stage)
+        # XLA:CPU takes 64-byte aligned input arrays without a copy (mljax.cpu.aligned)
+        self._zero_copy = jax.default_backend() == "cpu"
 
     @property
     def weights_dir(self) -> Path | None:
@@ -245,7 +248,7 @@ class MLModel:
         for start in range(0, n, chunk):
             rows = prepared[start:start + chunk]
             rows = rows + [prepared[0]] * (chunk - len(rows))
-            stacked = {k: np.stack([p[k] for p in rows]) for k in prepared[0]}
+            stacked = {k: _stack([p[k] for p in rows], self._zero_copy) for k in prepared[0]}
             try:
                 with self._x64_scope():
                     outputs, _ = distribute.run_batched(self._batched_fn, self._run_weights(), stacked)
@@ -265,6 +268,8 @@ class MLModel:
         """The jitted function; op by op on concrete values when a shape depends on the data."""
         with self._x64_scope():
             if not self._eager:
+                if self._zero_copy:
+                    inputs = {k: v if k in self._stage.static_inputs else aligned(v) for k, v in inputs.items()}
                 try:
                     if self._cached_fn is not None and self._weights is self._loaded_weights:
                         return self._cached_fn(self._run_weights(), inputs, states)
@@ -473,6 +478,14 @@ def _jit_packing_scalars(fn):
         packed = np.array([inputs[n] for n in names], np.float64)
         return run(weights, {n: v for n, v in inputs.items() if n not in names}, packed, states, names)
     return call
+
+
+def _stack(arrays: list, zero_copy: bool) -> np.ndarray:
+    """``np.stack(arrays)``, into a 64-byte aligned array for XLA:CPU (``mljax.cpu.aligned``)."""
+    first = np.asarray(arrays[0])
+    if not zero_copy or first.dtype == object or first.dtype.kind in "USV":
+        return np.stack(arrays)
+    return np.stack(arrays, out=aligned_empty((len(arrays),) + first.shape, first.dtype))
 
 
 def _jit_batched(stage: Stage):

@@ -271,3 +271,57 @@ def test_the_unroll_flag_changes_no_bits(model_path, tmp_path):
     assert runs["mljax"] == runs["xla"]
     a = np.random.default_rng(0).standard_normal((64, 32, 16)).astype(np.float32)
     np.testing.assert_allclose(np.load(tmp_path / "mljax.npy"), a * np.clip(a + 3, 0, 6) / 6, rtol=1e-6, atol=1e-7)
+
+
+def _unaligned(x):
+    """``x``'s values in an array whose data starts 4 bytes past a 64-byte boundary."""
+    buf = np.empty(x.nbytes + 128, np.uint8)
+    start = (-buf.ctypes.data) % 64 + 4
+    out = buf[start:start + x.nbytes].view(x.dtype).reshape(x.shape)
+    out[...] = x
+    return out
+
+
+def test_aligned_arrays_reach_xla_without_a_copy():
+    """The premise of predict's aligned inputs: XLA:CPU uses a 64-byte aligned array's memory as
+    the device buffer, and copies an unaligned one; ``aligned`` keeps values and passes others by."""
+    import jax
+    x = np.arange(5 * 7 * 9, dtype=np.float32).reshape(5, 7, 9)
+    u = _unaligned(x)
+    assert u.ctypes.data % 64 == 4
+    a = mljax.cpu.aligned(u)
+    assert a.ctypes.data % 64 == 0 and a.flags.c_contiguous
+    np.testing.assert_array_equal(a, x)
+    assert mljax.cpu.aligned(a) is a
+    assert jax.device_put(a).unsafe_buffer_pointer() == a.ctypes.data
+    assert jax.device_put(u).unsafe_buffer_pointer() != u.ctypes.data
+    strided = mljax.cpu.aligned(x[:, ::2])          # not contiguous: an aligned contiguous copy
+    assert strided.flags.c_contiguous and strided.ctypes.data % 64 == 0
+    np.testing.assert_array_equal(strided, x[:, ::2])
+    labels = np.array(["a", "b"])
+    assert mljax.cpu.aligned(labels) is labels and mljax.cpu.aligned(3.0) == 3.0
+    e = mljax.cpu.aligned_empty((3, 0, 2), np.float16)
+    assert e.shape == (3, 0, 2) and e.dtype == np.float16
+
+
+def test_predict_passes_aligned_inputs(model_path, monkeypatch):
+    """Single and list predicts hand XLA 64-byte aligned inputs (unaligned ones are copied once),
+    with the values NumPy computes."""
+    path, proj = model_path
+    model = mljax.MLModel(path)
+    seen = []
+    for attr in ("_cached_fn", "_predict_fn", "_batched_fn"):
+        fn = getattr(model, attr)
+        if fn is None:
+            continue
+
+        def spy(weights, inputs, states, _fn=fn):
+            seen.append(inputs["x"].ctypes.data % 64)
+            return _fn(weights, inputs, states)
+        monkeypatch.setattr(model, attr, spy)
+    xs = np.random.default_rng(3).standard_normal((6, 4)).astype(np.float32)
+    got = model.predict({"x": _unaligned(xs[0])})["emb"]
+    np.testing.assert_allclose(got, np.tanh(xs[0] @ proj), rtol=1e-5, atol=1e-6)
+    outs = model.predict([{"x": _unaligned(x)} for x in xs])
+    np.testing.assert_allclose(np.stack([o["emb"] for o in outs]), np.tanh(xs @ proj), rtol=1e-5, atol=1e-6)
+    assert seen == [0, 0]
