@@ -41,7 +41,7 @@ import sys
 
 from mljax.errors import ConfigurationError
 
-__all__ = ["set_cpu_threads", "retain_freed_memory", "aligned", "aligned_empty", "RETAIN_ENV", "EIGEN_SINGLE",
+__all__ = ["set_cpu_threads", "retain_freed_memory", "memory_retained", "aligned", "aligned_empty", "RETAIN_ENV", "EIGEN_SINGLE",
            "LLVM_UNROLL", "DEFAULTS_ENV"]
 
 #: the alignment at which XLA:CPU uses a host array's memory as it is
@@ -185,7 +185,18 @@ def retain_freed_memory() -> bool:
         return False
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return all(mallopt(param, value) == 1 for param, value, _ in _MALLOPT)
+    global _retained
+    _retained = all(mallopt(param, value) == 1 for param, value, _ in _MALLOPT)
+    return _retained
+
+
+_retained = False
+
+
+def memory_retained() -> bool:
+    """Whether freed memory stays in this process's heap: :func:`retain_freed_memory` ran, or
+    Python started with ``RETAIN_ENV``'s variables (read by glibc at startup)."""
+    return _retained or all(os.environ.get(k) == v for k, v in RETAIN_ENV.items())
 
 
 def aligned_empty(shape, dtype):

@@ -12,18 +12,20 @@ and the weights large (a chunk loop there would stream the weights once per chun
 The plan is decided at trace time from static shapes (:func:`chunk_plan`); it changes no
 value (each sample's ops are the same ops).  Measured on one thread against ONNX Runtime
 (bench/real.py, in-process interleaved rounds, AMD EPYC; docs/performance.md): batch 32
-EfficientNet-B0 1.22-1.25x ONNX Runtime against 1.34-1.42x without, BERT 0.88-0.90x against
-1.01-1.02x, MobileNetV3-Small 1.24-1.25x against 1.29x, the Llama-style decoder unchanged
-within noise (1.05-1.08x against 1.05x).  Networks of dense 3x3 convolutions get no plan:
-their convolutions already run in cache-sized batch chunks of their own (im2col and Winograd,
-:mod:`mljax.ops.conv`), and a chunk loop around them recomputed their weight transforms per
-chunk (ResNet-18 0.88-0.90x against 0.86x).
+EfficientNet-B0 1.19-1.25x ONNX Runtime against 1.34-1.42x without, BERT 0.88-0.90x against
+0.95-1.02x, the zoo's depthwise CNN 0.89x against 1.17x; MobileNetV3-Small and the Llama-style
+decoder unchanged within noise (1.38-1.44x against 1.43-1.44x, 1.04-1.07x against 1.02-1.08x).
 
 A plan also shrinks the executable's temporaries, since the heavy activations exist for one
 chunk at a time: EfficientNet-B0 at batch 32 99 MiB -> 28 MiB, BERT 40 -> 22 MiB (XLA's buffer
 assignment).  So it helps most where freed memory goes back to the kernel after each call
-(glibc's default, without :func:`mljax.cpu.retain_freed_memory`): EfficientNet-B0 1.05x ONNX
-Runtime against 1.69x, BERT 0.83x against 1.08x.
+(glibc's default, without :func:`mljax.cpu.retain_freed_memory`), and every call page-faults its
+temporaries in again: EfficientNet-B0 1.05x ONNX Runtime against 1.69x, BERT 0.83x against
+1.08x, the zoo's cnn (dense 3x3 convolutions) 1.11x against 2.54x, ResNet-18 1.50x against
+1.66x.  Where freed memory is retained, networks of dense spatial convolutions get no plan:
+their convolutions already run in cache-sized batch chunks of their own (im2col and Winograd,
+:mod:`mljax.ops.conv`), and a plan around them cost 1-5% (the zoo's cnn 1.20x against 1.17x,
+ResNet-18 at batch 8 1.11x against 1.08x).
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import jax
+
+from mljax.cpu import memory_retained
 
 __all__ = ["Step", "ChunkPlan", "chunk_plan", "run_chunked", "batch_size", "one_sample", "chunked_backend",
            "HEAVY_BYTES", "CHUNK_BYTES"]
@@ -90,7 +94,7 @@ def chunk_plan(steps: list, inputs: dict, outputs, n: int, *, heavy: int | None 
     if not heavy_at:
         return None
     last = heavy_at[-1]
-    if any(s.own_chunks for s in steps[:last + 1]):
+    if memory_retained() and any(s.own_chunks for s in steps[:last + 1]):
         return None
     # names live after position p: written before p (or inputs) and read at or after p
     needed_after = [set() for _ in range(len(steps) + 1)]

@@ -237,7 +237,8 @@ def is_depthwise_weight(w_shape, groups: int) -> bool:
 def runs_own_batch_chunks(w_shape, groups: int) -> bool:
     """A dense spatial convolution (one group, a kernel of several taps, more patch rows than a
     first layer's): its im2col or Winograd path runs the batch in cache-sized chunks of its own
-    (``_TEMP_BYTES``), so :mod:`mljax.schedule` plans no chunk loop around it."""
+    (``_TEMP_BYTES``), so where freed memory is retained :mod:`mljax.schedule` plans no chunk loop
+    around it."""
     taps = math.prod(w_shape[2:]) if len(w_shape) > 2 else 1
     return groups == 1 and taps > 1 and w_shape[1] * taps > _IM2COL_MAX_ROWS
 

@@ -56,12 +56,38 @@ def test_a_skip_connection_crosses_the_cut():
 @pytest.mark.parametrize("steps,why", [
     (_steps((64, 0), (32, 0)), "nothing heavy at 32 samples"),
     (_steps((512, 2000), (32, 0)), "the heavy op is weight-dominated"),
-    (_steps((512, 1, True), (32, 0)), "a convolution that runs its own batch chunks"),
     (_steps((16 * 1024, 0), (32, 0)), "one sample's activation exceeds the target"),
     ([Step(frozenset({"x"}), (("a0", None),))], "a shape that is not static"),
 ])
 def test_no_plan(steps, why):
     assert chunk_plan(steps, {"x": KiB}, [steps[-1].writes[0][0]], 32) is None, why
+
+
+@pytest.mark.parametrize("retained", [True, False])
+def test_dense_convolutions_get_a_plan_only_where_freed_memory_goes_back(retained, monkeypatch):
+    """A convolution that runs its own batch chunks needs no plan where freed memory is retained;
+    under glibc's default the plan's smaller temporaries spare page faults."""
+    monkeypatch.setattr(schedule, "memory_retained", lambda: retained)
+    steps = _steps((512, 1, True), (32, 0))
+    plan = chunk_plan(steps, {"x": KiB}, ["a1"], 32)
+    assert (plan is None) == retained
+    if not retained:
+        assert plan.cut == 2 and plan.chunk == 16
+
+
+def test_memory_retained_follows_the_call_and_the_environment(monkeypatch):
+    from mljax import cpu
+    monkeypatch.setattr(cpu, "_retained", False)
+    for k in cpu.RETAIN_ENV:
+        monkeypatch.delenv(k, raising=False)
+    assert not cpu.memory_retained()
+    for k, v in cpu.RETAIN_ENV.items():
+        monkeypatch.setenv(k, v)
+    assert cpu.memory_retained()
+    monkeypatch.delenv(next(iter(cpu.RETAIN_ENV)))
+    assert not cpu.memory_retained()
+    monkeypatch.setattr(cpu, "_retained", True)
+    assert cpu.memory_retained()
 
 
 def test_one_sample_has_no_plan():
