@@ -21,9 +21,11 @@ glibc's malloc serves a block above 32 MiB (64 MiB on a thread other than the ma
 fresh pages from ``mmap`` and unmaps it on ``free``, so every large prediction page-faults its
 whole temporary buffer again: ResNet-18 at batch 32 (128x128) took 64,000 page faults (256 MiB
 of zeroed pages) per call.  ``retain_freed_memory()`` keeps freed memory in the heap for the
-next call -- what ONNX Runtime's arena does.  With ``set_cpu_threads(1)``, that ResNet-18 and the
-zoo's depthwise CNN at batch 32 took 0.61x and 0.51x the default's CPU time, against 1.02x and
-0.87x for one thread alone (docs/cpu_settings.md).  The cost: the process keeps its peak heap (its RSS does not
+next call -- what ONNX Runtime's arena does.  With ``set_cpu_threads(1)``, ResNet-18 at batch 32
+took 0.43x the default's CPU time, against 1.01x for one thread alone (docs/cpu_settings.md).
+List predicts with a chunk plan (:mod:`mljax.schedule`) hold fewer temporaries and depend on
+it less: the zoo's depthwise CNN 0.84x against 0.88x (0.51x against 0.87x before plans),
+EfficientNet-B0 still 0.68x against 0.95x.  The cost: the process keeps its peak heap (its RSS does not
 shrink after a large prediction) and all threads share one malloc arena.
 
 **Inputs without a copy.**  XLA:CPU takes a NumPy array as a device buffer without copying it
