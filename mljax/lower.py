@@ -23,7 +23,7 @@ from mljax.mil.ir import Block, Function, Operation, Var
 from mljax.mil.opspec import check_op_inputs
 from mljax.mil.types import DTYPES, DType, StateType, TensorType
 from mljax.ops._registry import HINTS, OpContext, lookup, opset_number
-from mljax.ops.conv import runs_own_batch_chunks
+from mljax.ops.conv import runs_own_batch_chunks, winograd_variant, winograd_weight
 from mljax.stage import PREPARED
 
 __all__ = ["COMPUTE_PRECISIONS", "LoweredFunction", "compute_dtype_fn", "is_weight", "jax_dtype",
@@ -109,6 +109,8 @@ class LoweredFunction:
         self.fn = fn
         self.opset = opset_number(fn.opset)
         self.compute_dtype = compute_dtype_fn(compute_precision)
+        self.derived: dict = {}
+        self._derived_of: dict = {}
         self._check_supported()
         self._materialize_constexpr(fn.block)
         # graph optimizations on a copy (the program itself stays as loaded: save writes it)
@@ -119,6 +121,8 @@ class LoweredFunction:
         self.weights: dict[str, np.ndarray] = {}
         self._collect_weights(self.fn.block)
         self.prologue = self._find_prologue()
+        # weights' Winograd transforms, computed with the prologue: {name: (weight var name, m)}
+        self.derived, self._derived_of = self._find_winograd()
         self.input_names = [v.name for v in fn.inputs if not isinstance(v.type, StateType)]
         self.state_names = [v.name for v in fn.inputs if isinstance(v.type, StateType)]
         self.output_names = [v.name for v in fn.outputs]
@@ -189,6 +193,38 @@ class LoweredFunction:
                 known.update(id(v) for v in op.outputs)
         return tuple(found)
 
+    def _find_winograd(self) -> tuple[dict, dict]:
+        """Top-level convs whose constant 3x3 weight one sample's shapes run by Winograd
+        (:func:`mljax.ops.conv.winograd_variant`): their weight transform is prepared once per
+        weight values, as the prologue is."""
+        derived, of_op = {}, {}
+        for op in self.fn.block.operations:
+            if op.type != "conv":
+                continue
+            w, x = op.input("weight"), op.input("x")
+            if w is None or x is None or not is_weight(w) or not isinstance(x.type, TensorType):
+                continue
+            shape = x.type.shape
+            if len(shape) != 4 or not all(isinstance(d, (int, np.integer)) for d in shape):
+                continue
+            hints = op.attributes.get(HINTS, {})
+            if hints.get("channels_last") and not hints.get("first_in"):
+                shape = (shape[0], shape[3], shape[1], shape[2])
+            static = {}
+            for name in ("strides", "pad_type", "pad", "dilations", "groups"):
+                v = op.input(name)
+                if v is not None and v.value is None:
+                    break
+                if v is not None:
+                    static[name] = _as_static(v.value)
+            else:
+                m = winograd_variant(tuple(int(d) for d in shape), tuple(w.value.shape),
+                                     jax_dtype(self.compute_dtype(w.type.dtype)), **static)
+                if m is not None:
+                    name = f"{w.name}__winograd{m}"
+                    derived[name], of_op[id(op)] = (w.name, m), name
+        return derived, of_op
+
     def prepare(self, weights: dict) -> dict:
         """The weight prologue's values for these weights: ``{var name: array}``.
 
@@ -199,7 +235,9 @@ class LoweredFunction:
         for op in self.prologue:
             for var, val in zip(op.outputs, self._call(op, env)):
                 env[var.name] = self._cast_output(var, val)
-        return {v.name: env[v.name] for op in self.prologue for v in op.outputs}
+        out = {v.name: env[v.name] for op in self.prologue for v in op.outputs}
+        out.update({name: winograd_weight(env[src], m) for name, (src, m) in self.derived.items()})
+        return out
 
     # --- the interpreter ----------------------------------------------------------------
     def __call__(self, weights: dict, inputs: dict, states: dict | None = None):
@@ -210,7 +248,7 @@ class LoweredFunction:
     def _weights_env(self, weights: dict) -> tuple[dict, frozenset]:
         """The environment of the weights (and the prologue's prepared values, whose ops are then
         skipped)."""
-        prepared = weights.get(PREPARED) if self.prologue else None
+        prepared = weights.get(PREPARED) if self.prologue or self.derived else None
         env: dict[str, Any] = {k: v for k, v in weights.items() if k != PREPARED}
         if prepared is not None:
             env.update(prepared)
@@ -253,7 +291,7 @@ class LoweredFunction:
         if plan is None:
             return jax.vmap(self, in_axes=(None, 0, None))(weights, inputs, states)
         self.trace_count += 1
-        if self.prologue and PREPARED not in weights:     # once, not once per chunk
+        if (self.prologue or self.derived) and PREPARED not in weights:     # once, not once per chunk
             weights = {**weights, PREPARED: self.prepare(weights)}
         ops = self.fn.block.operations
 
@@ -374,7 +412,9 @@ class LoweredFunction:
                 blocks=tuple(self._block_fn(b, env, state) for b in op.blocks),
                 compute_dtype=self.compute_dtype, state=state if state is not None else {},
                 input_vars={k: (v[0] if len(v) == 1 else v) for k, v in op.inputs.items()},
-                hints=op.attributes.get(HINTS, {}))
+                hints=op.attributes.get(HINTS, {}),
+                prepared=({"winograd": env[self._derived_of[id(op)]]}
+                          if id(op) in self._derived_of and self._derived_of[id(op)] in env else {}))
         concrete = eager or all(_is_concrete(a) for a in (*args, *kwargs.values())
                                 if not isinstance(a, OpContext))
         try:

@@ -41,7 +41,7 @@ def build_mlprogram_stage(spec, model_dir, *, function_name=None, compute_precis
         batchable=not states and not lowered.value_inputs,
         static_inputs=tuple(lowered.value_inputs),
         program=program, function=name, lowered=lowered, classes=classes,
-        prepare=jax.jit(lowered.prepare) if lowered.prologue else None, fp16_in_graph=True,
+        prepare=jax.jit(lowered.prepare) if lowered.prologue or lowered.derived else None, fp16_in_graph=True,
         map_batch=lowered.map_batch,
         digest=program_digest(spec.mlProgram.SerializeToString(deterministic=True), _baked(lowered),
                               ("mlProgram", name, precision, bool(optimize))),

@@ -51,6 +51,8 @@ class LayerContext:
     # a 1x1 convolution reading a region's ``x * gate``: the multiply's two input blobs, passed
     # (channel-last) after its own input; it may run as one product by per-image weights
     scaled_by: tuple = ()
+    # a convolution's Winograd weight transform, computed once per weight values (Network.plan_winograd)
+    winograd_u: Any = None
 
 
 _LAYERS: dict[str, LayerImpl] = {}

@@ -60,6 +60,30 @@ class _Plan:
             if name not in (self.label_name, self.probs_name) and name not in self.network.blobs \
                     and name not in self.inputs:
                 raise ModelFormatError(f"output {name!r} is produced by no NeuralNetwork layer")
+        self._plan_winograd()
+
+    def _plan_winograd(self) -> None:
+        """Blob shapes of one sample of the declared inputs (a trace without computing), for
+        ``Network.plan_winograd``: only for networks of dense 3x3 convolutions and declared
+        array and image inputs; a network it cannot trace so just transforms per call."""
+        convs = [lyr for lyr in self.network.nn.layers if lyr.WhichOneof("layer") == "convolution"
+                 and list(lyr.convolution.kernelSize) in ([3, 3], []) and max(lyr.convolution.nGroups, 1) == 1]
+        if not convs or self.rank5 or any(s.kind not in ("multiArray", "image") or not s.shape
+                                          for s in self.inputs.values()):
+            return
+        one = {}
+        for name, spec in self.inputs.items():
+            if spec.kind == "image":
+                channels = 1 if spec.color_space == "GRAYSCALE" else 3
+                one[name] = jax.ShapeDtypeStruct((channels,) + tuple(spec.shape), jnp.float32)
+            else:
+                one[name] = jax.ShapeDtypeStruct(tuple(spec.shape), spec.dtype or np.float32)
+        try:
+            shapes = jax.eval_shape(lambda w, x: self.network.run(w, {k: self.map_input(k, v) for k, v in x.items()}),
+                                    dict(self.network.weights), one)
+        except Exception:  # noqa: BLE001 - planning is an optimization; predict reports real errors
+            return
+        self.network.plan_winograd(shapes)
 
     def _probability_blob(self, nn) -> str:
         if nn.labelProbabilityLayerName:
@@ -210,7 +234,7 @@ def build_neuralnetwork_stage(spec, weights_dir=None, **_options) -> Stage:
         inputs=_input_specs(plan), outputs=plan.outputs,
         preprocess=_preprocess(plan), postprocess=_postprocess(plan), batchable=True,
         network=plan.network, rank5=plan.rank5, call_key=keyed, per_call=keyed,
-        prepare=jax.jit(plan.network.prepare) if plan.network._hwio_keys() else None,
+        prepare=jax.jit(plan.network.prepare) if plan.network.prepares() else None,
         classes=(ClassLabels(plan.labels, plan.label_name or None, plan.probs_name or None)
                  if plan.labels is not None else None),
         # the spec determines the function (weights and all; they are also its arguments), so

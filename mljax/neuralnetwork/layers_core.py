@@ -153,6 +153,11 @@ def _mil_pad(p, oneof: str):
     return "custom", [v for pair in _border(p.valid.paddingAmounts) for v in pair]
 
 
+def conv_padding(p) -> tuple:
+    """``(pad_type, pad)`` of MIL for a convolution layer's padding."""
+    return _mil_pad(p, "ConvolutionPaddingType")
+
+
 @layer("convolution", weights=_conv_weights)
 def convolution(p, w, xs, ctx):
     """2-D convolution / transposed convolution over ``[.., C, H, W]``: MIL ``conv`` /
@@ -164,7 +169,7 @@ def convolution(p, w, xs, ctx):
         fail(ctx, f"expected a {k[0]}x{k[1]} kernel; found weight shape {tuple(wt.shape)}")
     strides = [int(v) for v in (list(p.stride) or [1, 1])]
     dilations = [int(v) for v in (list(p.dilationFactor) or [1, 1])]
-    pad_type, pad = _mil_pad(p, "ConvolutionPaddingType")
+    pad_type, pad = conv_padding(p)
     groups = int(p.nGroups or 1)
     wt = jnp.asarray(wt).astype(xb.dtype)
     if p.isDeconvolution:
@@ -180,7 +185,7 @@ def convolution(p, w, xs, ctx):
         y = conv_ops.convolution(xb, wt, w.get("bias"), strides=strides, pad_type=pad_type, pad=pad,
                                  dilations=dilations, groups=groups, after_costly_op=ctx.after_costly_op,
                                  channels_last=ctx.channels_last, weight_hwio=ctx.weight_hwio,
-                                 first_in=ctx.first_in)
+                                 first_in=ctx.first_in, winograd_u=ctx.winograd_u)
     return back(y)
 
 

@@ -11,7 +11,8 @@ from jax.errors import JAXTypeError
 
 from mljax.errors import InputError, MLJaxError, ModelFormatError, UnsupportedError
 from mljax.neuralnetwork._base import LayerContext, lookup_layer
-from mljax.ops.conv import hwio, is_depthwise_weight, lays_out_weight, reads_channel_first
+from mljax.ops.conv import (hwio, is_depthwise_weight, lays_out_weight, reads_channel_first, winograd_variant,
+                            winograd_weight)
 from mljax.optimize._graph import seeded_components
 from mljax.stage import PREPARED
 
@@ -19,6 +20,8 @@ __all__ = ["Network", "map_array_input", "map_output", "walk_layers", "STATIC_MA
 
 #: loadConstant data of at most this many values stays a NumPy constant (so it may serve as a shape).
 STATIC_MAX = 64
+#: a convolution's prepared Winograd weight transform: the key ``"<layer>/weight" + WINOGRAD_SUFFIX``
+WINOGRAD_SUFFIX = "#winograd"
 _NESTED = {"branch": ("ifBranch", "elseBranch"), "loop": ("conditionNetwork", "bodyNetwork")}
 
 
@@ -56,10 +59,37 @@ class Network:
         self.blobs = {o for lyr in walk_layers(nn) for o in lyr.output}
         self.costly_blobs = _costly_blobs(nn)
         self.channels_last = _channel_last_layers(nn)
+        self.winograd: dict[str, int] = {}      # layer -> m of its prepared Winograd transform
 
     def prepare(self, weights: dict) -> dict:
-        """Depthwise and 1x1 weights of channel-last regions laid out HWIO (``Stage.prepare``)."""
-        return {key: hwio(weights[key]) for key in self._hwio_keys() if key in weights}
+        """Depthwise and 1x1 weights of channel-last regions laid out HWIO, and the Winograd
+        transforms of dense 3x3 weights (:meth:`plan_winograd`) (``Stage.prepare``)."""
+        out = {key: hwio(weights[key]) for key in self._hwio_keys() if key in weights}
+        out.update({f"{name}/weight{WINOGRAD_SUFFIX}": winograd_weight(weights[f"{name}/weight"], m)
+                    for name, m in self.winograd.items() if f"{name}/weight" in weights})
+        return out
+
+    def prepares(self) -> bool:
+        """Whether :meth:`prepare` computes anything."""
+        return bool(self._hwio_keys() or self.winograd)
+
+    def plan_winograd(self, shapes: dict) -> None:
+        """The top network's convolutions whose one-sample input (``shapes``: blob ->
+        ShapeDtypeStruct) runs by Winograd get their weight transform prepared, as ML programs'
+        (:func:`mljax.ops.conv.winograd_variant`)."""
+        from mljax.neuralnetwork.layers_core import conv_padding
+        for lyr in self.nn.layers:
+            p = lyr.convolution if lyr.WhichOneof("layer") == "convolution" else None
+            x = shapes.get(lyr.input[0]) if p is not None and lyr.input else None
+            if x is None or p.isDeconvolution or len(x.shape) != 4 or f"{lyr.name}/weight" not in self.weights:
+                continue
+            w_shape, groups = _conv_weight(lyr)
+            pad_type, pad = conv_padding(p)
+            m = winograd_variant(tuple(x.shape), w_shape, np.float32, strides=list(p.stride) or [1, 1],
+                                 pad_type=pad_type, pad=pad, dilations=list(p.dilationFactor) or [1, 1],
+                                 groups=groups)
+            if m is not None:
+                self.winograd[lyr.name] = m
 
     def _hwio_keys(self) -> list[str]:
         return [f"{name}/weight" for name, role in self.channels_last.items() if role.weight_hwio]
@@ -175,7 +205,10 @@ class Network:
             key = f"{lyr.name}/weight"
             prepared = weights.get(PREPARED) or {}
             w["weight"] = prepared[key] if key in prepared else hwio(w["weight"])
+        prepared = weights.get(PREPARED) or {}
+        winograd_u = prepared.get(f"{lyr.name}/weight{WINOGRAD_SUFFIX}") if lyr.name in self.winograd else None
         ctx = LayerContext(lyr.name, kind, lyr, self.rank5, env=env, run=self.run, weights=weights,
+                           winograd_u=winograd_u,
                            after_costly_op=bool(lyr.input) and lyr.input[0] in self.costly_blobs,
                            **(role._asdict() if role is not None else {}))
         try:

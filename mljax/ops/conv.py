@@ -117,11 +117,13 @@ def conv(x, weight, bias=None, *, strides=None, pad_type="valid", pad=None, dila
     return convolution(x, weight, bias, strides=strides, pad_type=pad_type, pad=pad, dilations=dilations,
                        groups=groups, after_costly_op=bool(hints.get("after_costly_op")),
                        channels_last=bool(hints.get("channels_last")),
-                       weight_hwio=bool(hints.get("weight_hwio")), first_in=bool(hints.get("first_in")))
+                       weight_hwio=bool(hints.get("weight_hwio")), first_in=bool(hints.get("first_in")),
+                       winograd_u=ctx.prepared.get("winograd") if ctx is not None else None)
 
 
 def convolution(x, weight, bias=None, *, strides=None, pad_type="valid", pad=None, dilations=None,
-                groups=1, after_costly_op=False, channels_last=False, weight_hwio=False, first_in=False):
+                groups=1, after_costly_op=False, channels_last=False, weight_hwio=False, first_in=False,
+                winograd_u=None):
     """N-D convolution of channel-first ``x`` with ``weight [C_out, C_in/groups, *K]``.
 
     ``same`` / ``same_lower`` padding follows TF's SAME rule (``out = ceil(in / stride)``);
@@ -145,13 +147,16 @@ def convolution(x, weight, bias=None, *, strides=None, pad_type="valid", pad=Non
     2x at a few rows; transposing MIL's ``[C_out, C_in]`` per call would cost a copy).
     ``first_in``: ``x`` is channel-first (MIL's layout) and the result channel-last (a region's
     first layer, run as im2col).
+    ``winograd_u``: ``weight``'s Winograd transform, computed once per weight values at load
+    (:func:`winograd_weight`; ``[16 or 36, C_out, C_in]``): where the shapes pick a Winograd
+    path, it runs in ``winograd_u``'s variant without transforming ``weight`` again.
     """
     x, weight = jnp.asarray(x), jnp.asarray(weight)
     if channels_last:
         if first_in:
             return _im2col_last(x, weight, bias, strides, pad_type, pad, dilations).astype(x.dtype)
         return _channels_last(x, weight, bias, strides, pad_type, pad, dilations, int(groups),
-                              bool(after_costly_op), bool(weight_hwio)).astype(x.dtype)
+                              bool(after_costly_op), bool(weight_hwio), winograd_u).astype(x.dtype)
     n = x.ndim - 2
     groups = int(groups)
     _check_channels("conv", x.shape[1], groups, x.shape[1] // max(groups, 1), weight.shape[1])
@@ -160,7 +165,7 @@ def convolution(x, weight, bias=None, *, strides=None, pad_type="valid", pad=Non
     dilations = _ints(dilations, n, 1, "dilations")
     pads = _spatial_pads(pad_type, pad, x.shape[2:], kernel, strides, dilations)
     return _dense_or_grouped(x, weight, strides, pads, dilations, groups, bias,
-                             bool(after_costly_op)).astype(x.dtype)
+                             bool(after_costly_op), winograd_u).astype(x.dtype)
 
 
 _DEPTHWISE_MAX_TAPS = 64
@@ -286,13 +291,18 @@ def reads_channel_first(w_shape, groups: int) -> bool:
     return groups == 1 and any(k != 1 for k in w_shape[2:]) and math.prod(w_shape[1:]) <= _IM2COL_MAX_ROWS
 
 
-def _dense_or_grouped(x, weight, strides, pads, dilations, groups, bias=None, after_costly_op=False):
+def _dense_or_grouped(x, weight, strides, pads, dilations, groups, bias=None, after_costly_op=False,
+                      winograd_u=None):
     """``conv`` by the path :func:`conv_path` picks; fp16 comes back as fp32.
 
     im2col and Winograd add the bias per batch chunk, while the chunk's output is in cache.
     """
     path = conv_path(x.shape, weight.shape, x.dtype, strides, pads, dilations, groups)
     bias = None if bias is None else jnp.asarray(bias)
+    if path in ("winograd", "winograd2") and winograd_u is not None:
+        geom = (tuple(map(int, strides)), tuple((int(a), int(b)) for a, b in pads), tuple(map(int, dilations)))
+        bias = jnp.zeros(weight.shape[:1], jnp.float32) if bias is None else bias
+        return _prepared_winograd(_variant(winograd_u).m, geom)(x, weight, bias, jnp.asarray(winograd_u))
     if path in ("im2col", "winograd", "winograd2", "pointwise"):
         geom = (tuple(map(int, strides)), tuple((int(a), int(b)) for a, b in pads), tuple(map(int, dilations)))
         bias = jnp.zeros(weight.shape[:1], jnp.float32) if bias is None else bias
@@ -498,7 +508,8 @@ def _depthwise(x, weight, strides, pads, dilations, after_costly_op=False):
     return y
 
 
-def _channels_last(x, weight, bias, strides, pad_type, pad, dilations, groups, after_costly_op, weight_hwio):
+def _channels_last(x, weight, bias, strides, pad_type, pad, dilations, groups, after_costly_op, weight_hwio,
+                   winograd_u=None):
     """``convolution`` of a channel-last ``x [N, *D, C]``: depthwise and 1x1 layers in that layout
     (every tap and product reads whole channel vectors), others through the channel-first paths."""
     n = x.ndim - 2
@@ -520,7 +531,7 @@ def _channels_last(x, weight, bias, strides, pad_type, pad, dilations, groups, a
              else _pointwise_last(x, weight.reshape(weight.shape[:2]), 1, strides))
     else:
         y = _dense_or_grouped(jnp.moveaxis(x, -1, 1), weight, strides, pads, dilations, groups, bias,
-                              after_costly_op)
+                              after_costly_op, winograd_u)
         return jnp.moveaxis(y, 1, -1)
     return y if bias is None else y + jnp.asarray(bias).astype(y.dtype)
 
@@ -666,25 +677,88 @@ def _combine(parts, coeffs):
     return sum(terms[1:], terms[0])
 
 
-def _winograd(x, weight, pads, f: _Winograd, bias=None):
+def winograd_weight(weight, m: int):
+    """The Winograd F(m x m, 3 x 3) transform ``G g G^T`` of every 3x3 filter of ``weight``
+    ``[C_out, C_in, 3, 3]``: ``[(m+2)^2, C_out, C_in]`` in fp32, one ``[(m+2)^2, 9] x [9, C_out*C_in]``
+    product (``G (x) G`` times the raveled filters)."""
+    f = _WINOGRAD_F4 if m == 4 else _WINOGRAD_F2
+    t = f.m + 2
+    w = jnp.asarray(weight).astype(jnp.float32)
+    k, c = w.shape[:2]
+    return lax.dot_general(jnp.asarray(np.kron(f.g, f.g), jnp.float32), w.reshape(k * c, 9),
+                           (((1,), (1,)), ((), ()))).reshape(t * t, k, c)
+
+
+def winograd_variant(x_shape, w_shape, dtype, *, strides=None, pad_type="valid", pad=None, dilations=None,
+                     groups=1) -> int | None:
+    """``m`` of the Winograd F(m x m, 3 x 3) path a convolution of one sample ``x_shape``
+    (channel-first) takes, or None: the transform its weight may have computed at load.
+
+    A predict passes it (``winograd_u``), so the per-call transform goes: ResNet-18 batch 1 ran
+    0.78x the time.  A list predict whose folded batch picks the same variant uses it too; one
+    that picks the other (more tiles: F(4x4)) transforms the weight itself, as before."""
+    n = len(x_shape) - 2
+    if n != 2 or len(w_shape) != 4:
+        return None
+    strides = _ints(strides, n, 1, "strides")
+    dilations = _ints(dilations, n, 1, "dilations")
+    pads = _spatial_pads(pad_type, pad, x_shape[2:], w_shape[2:], strides, dilations)
+    path = conv_path(x_shape, w_shape, dtype, strides, pads, dilations, int(groups))
+    return {"winograd": 4, "winograd2": 2}.get(path)
+
+
+def _variant(u) -> _Winograd:
+    return _WINOGRAD_F4 if u.shape[0] == 36 else _WINOGRAD_F2
+
+
+@functools.lru_cache(maxsize=None)
+def _prepared_winograd(m: int, geom):
+    """``_winograd`` in variant ``m`` with a prepared weight transform ``u``, whose ``vmap`` over
+    ``x`` folds the mapped axis into the batch (as :func:`_batch_folding`).  For predictions:
+    no derivatives of its own (training computes the transform in the traced function)."""
+    strides, pads, dilations = geom
+    f = _WINOGRAD_F4 if m == 4 else _WINOGRAD_F2
+
+    def plain(x, weight, bias, u):
+        return _winograd(x, weight, pads, f, bias, u)
+
+    @custom_vmap
+    def folded(x, weight, bias, u):
+        return plain(x, weight, bias, u)
+
+    @folded.def_vmap
+    def _rule(axis_size, in_batched, x, weight, bias, u):
+        if in_batched[0] and not any(in_batched[1:]):
+            xs = x.reshape((-1,) + x.shape[2:])
+            # the folded batch may pick the other variant (more tiles: F(4x4)); its own transform then
+            if conv_path(xs.shape, weight.shape, xs.dtype, strides, pads, dilations, 1) == (
+                    "winograd" if m == 4 else "winograd2"):
+                y = plain(xs, weight, bias, u)
+            else:
+                y = _dense_or_grouped(xs, weight, strides, pads, dilations, 1, bias)
+            return y.reshape((axis_size, -1) + y.shape[1:]), True
+        return jax.vmap(plain, in_axes=tuple(0 if b else None for b in in_batched))(x, weight, bias, u), True
+    return folded
+
+
+def _winograd(x, weight, pads, f: _Winograd, bias=None, u=None):
     """A 3x3 stride-1 convolution (2-D) by Winograd's minimal filtering, computed in fp32.
 
     ``m x m`` output tiles from overlapping ``t x t`` input tiles (``t = m + 2``): the input
     transform is two separable passes of constant combinations of strided slices (the first
     materialized, which halves its cost on XLA:CPU), the product one batched GEMM over the
     ``t^2`` tile positions ``[K, C] @ [C, N * tiles]``, the output transform one small dot
-    with ``A^T (x) A^T``.  The weight transform runs inside the traced function, so weights
-    stay ordinary (differentiable) arguments.
+    with ``A^T (x) A^T``.  The weight transform ``u`` (:func:`winograd_weight`) runs inside the
+    traced function, so weights stay ordinary (differentiable) arguments, unless it comes
+    computed once per weight values (a predict's prepared weights, see :func:`winograd_variant`).
     """
     m, t = f.m, f.m + 2
-    x, w = x.astype(jnp.float32), weight.astype(jnp.float32)
-    k, c = w.shape[:2]
+    x = x.astype(jnp.float32)
+    k, c = weight.shape[:2]
     (top, bottom), (left, right) = pads
     ho, wo = x.shape[2] + top + bottom - 2, x.shape[3] + left + right - 2
     th, tw = -(-ho // m), -(-wo // m)
-    # G g G^T for every filter as one [t*t, 9] x [9, K*C] product (G (x) G times the raveled 3x3).
-    u = lax.dot_general(jnp.asarray(np.kron(f.g, f.g), jnp.float32), w.reshape(k * c, 9),
-                        (((1,), (1,)), ((), ()))).reshape(t * t, k, c)
+    u = winograd_weight(weight, m) if u is None else u.astype(jnp.float32)
     y = _in_batch_chunks(lambda xc: _add_bias(_winograd_tiles(xc, u, (top, left), (th, tw), f), bias, 2),
                          x, t * t * th * tw * (c + k) * 4)
     return y[:, :, :ho, :wo]

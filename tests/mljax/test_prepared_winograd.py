@@ -1,0 +1,100 @@
+"""Dense 3x3 convolutions run by Winograd get their weight transform computed once per weight
+values (the lowering's prepared weights), not on every call; values, list predicts, other
+weights and gradients stay those of torch."""
+import numpy as np
+import pytest
+
+import mljax
+
+ct = pytest.importorskip("coremltools")
+torch = pytest.importorskip("torch")
+
+
+def _net():
+    torch.manual_seed(0)
+    nn = torch.nn
+    # conv1: a first layer (im2col); conv2 at 32x32 (64 4x4 tiles: F(4x4)); conv3 at 16x16
+    # (16 4x4 tiles, 64 2x2 tiles: F(2x2))
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5)).eval()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    net, x = _net(), torch.randn(1, 3, 32, 32)
+    traced = torch.jit.trace(net, x)
+    out = {}
+    for kind, suffix, extra in (("mlprogram", "m.mlpackage", {"minimum_deployment_target": ct.target.iOS16,
+                                                              "compute_precision": ct.precision.FLOAT32}),
+                                ("neuralnetwork", "m.mlmodel", {})):
+        ml = ct.convert(traced, inputs=[ct.TensorType(name="x", shape=x.shape)], outputs=[ct.TensorType(name="y")],
+                        convert_to=kind, **extra)
+        path = tmp_path_factory.mktemp("winograd") / suffix
+        ml.save(str(path))
+        out[kind] = mljax.MLModel(path)
+    return net, out
+
+
+def _torch(net, xs):
+    with torch.no_grad():
+        return net(torch.from_numpy(xs)).numpy()
+
+
+def test_the_transforms_are_prepared_per_variant(models):
+    _, m = models
+    assert sorted(m for _, m in m["mlprogram"].stage.lowered.derived.values()) == [2, 4]
+    assert sorted(m["neuralnetwork"].stage.network.winograd.values()) == [2, 4]
+
+
+@pytest.mark.parametrize("kind", ["mlprogram", "neuralnetwork"])
+def test_predicts_equal_torch(models, kind):
+    net, m = models
+    model = m[kind]
+    xs = np.random.default_rng(0).standard_normal((6, 3, 32, 32)).astype(np.float32)
+    ref = _torch(net, xs)
+    np.testing.assert_allclose(model.predict({"x": xs[:1]})["y"], ref[:1], rtol=1e-4, atol=1e-5)
+    got = np.concatenate([o["y"] for o in model.predict([{"x": x[None]} for x in xs])])
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_the_call_no_longer_transforms_the_weights(models):
+    """A predict's executable (prepared weights passed in) holds no weight-transform product; the
+    stage's own function (plain weights, as training calls it) still does."""
+    import jax
+    _, m = models
+    model = m["mlprogram"]
+    x = {"x": np.zeros((1, 3, 32, 32), np.float32)}
+    kron = ("tensor<36x9xf32>", "tensor<16x9xf32>")     # the constant G (x) G of F(4x4) and F(2x2)
+    predict_hlo = jax.jit(model.stage.fn).lower(model._run_weights(), x, {}).as_text()
+    plain_hlo = jax.jit(model.stage.fn).lower(model.weights, x, {}).as_text()
+    assert not any(k in predict_hlo for k in kron)
+    assert all(k in plain_hlo for k in kron)
+
+
+def test_other_weights_and_gradients(models):
+    """``with_weights`` prepares its own transforms; gradients through ``stage.fn`` reach the
+    program's own conv weight, equal to torch's."""
+    import jax
+    net, m = models
+    model = m["mlprogram"]
+    w3 = net[5].weight.detach().numpy()
+    name = next(k for k, v in model.weights.items() if np.shape(v) == w3.shape and np.allclose(v, w3))
+    xs = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    other = model.with_weights({**model.weights, name: -2.0 * w3})
+    with torch.no_grad():
+        net2 = _net()
+        net2[5].weight.mul_(-2.0)
+    np.testing.assert_allclose(other.predict({"x": xs})["y"], _torch(net2, xs), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(model.predict({"x": xs})["y"], _torch(net, xs), rtol=1e-4, atol=1e-5)
+
+    def loss(w):
+        out, _ = model.stage.fn({**model.weights, name: w}, {"x": xs}, {})
+        return out["y"].sum()
+    g = np.asarray(jax.grad(loss)(np.asarray(model.weights[name])))
+    xt = torch.from_numpy(xs)
+    net.zero_grad()
+    net(xt).sum().backward()
+    np.testing.assert_allclose(g, net[5].weight.grad.numpy(), rtol=1e-3, atol=1e-5)
