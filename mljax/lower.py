@@ -218,8 +218,11 @@ class LoweredFunction:
                 if v is not None:
                     static[name] = _as_static(v.value)
             else:
-                m = winograd_variant(tuple(int(d) for d in shape), tuple(w.value.shape),
-                                     jax_dtype(self.compute_dtype(w.type.dtype)), **static)
+                try:
+                    m = winograd_variant(tuple(int(d) for d in shape), tuple(w.value.shape),
+                                         jax_dtype(self.compute_dtype(w.type.dtype)), **static)
+                except (OpError, ValueError, TypeError):
+                    continue     # attributes the op itself rejects, with its own error, when it runs
                 if m is not None:
                     name = f"{w.name}__winograd{m}"
                     derived[name], of_op[id(op)] = (w.name, m), name
