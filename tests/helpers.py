@@ -88,3 +88,20 @@ def tanh_projection_program(proj: np.ndarray):
     def features(x):
         return mb.tanh(x=mb.matmul(x=x, y=proj), name="emb")
     return features
+
+
+def convert_torch_twins(net, example, folder: Path) -> dict:
+    """A torch module converted by coremltools to an fp32 ML program (iOS16) and a NeuralNetwork:
+    ``{"mlprogram": path, "neuralnetwork": path}`` under ``folder`` (input ``x``, output ``y``)."""
+    import coremltools as ct
+    import torch
+    traced = torch.jit.trace(net, example)
+    out = {}
+    for kind, name, extra in (("mlprogram", "m.mlpackage", {"minimum_deployment_target": ct.target.iOS16,
+                                                            "compute_precision": ct.precision.FLOAT32}),
+                              ("neuralnetwork", "m.mlmodel", {})):
+        ml = ct.convert(traced, inputs=[ct.TensorType(name="x", shape=tuple(example.shape))],
+                        outputs=[ct.TensorType(name="y")], convert_to=kind, **extra)
+        out[kind] = Path(folder) / name
+        ml.save(str(out[kind]))
+    return out

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import mljax
+from helpers import convert_torch_twins
 
 ct = pytest.importorskip("coremltools")
 torch = pytest.importorskip("torch")
@@ -24,18 +25,9 @@ def _net():
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    net, x = _net(), torch.randn(1, 3, 32, 32)
-    traced = torch.jit.trace(net, x)
-    out = {}
-    for kind, suffix, extra in (("mlprogram", "m.mlpackage", {"minimum_deployment_target": ct.target.iOS16,
-                                                              "compute_precision": ct.precision.FLOAT32}),
-                                ("neuralnetwork", "m.mlmodel", {})):
-        ml = ct.convert(traced, inputs=[ct.TensorType(name="x", shape=x.shape)], outputs=[ct.TensorType(name="y")],
-                        convert_to=kind, **extra)
-        path = tmp_path_factory.mktemp("winograd") / suffix
-        ml.save(str(path))
-        out[kind] = mljax.MLModel(path)
-    return net, out
+    net = _net()
+    paths = convert_torch_twins(net, torch.randn(1, 3, 32, 32), tmp_path_factory.mktemp("winograd"))
+    return net, {kind: mljax.MLModel(path) for kind, path in paths.items()}
 
 
 def _torch(net, xs):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import mljax
+from helpers import convert_torch_twins
 from mljax import schedule
 from mljax.schedule import Step, chunk_plan
 
@@ -112,17 +113,8 @@ def _net():
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    net, x = _net(), torch.randn(1, 3, 32, 32)
-    traced = torch.jit.trace(net, x)
-    out = {}
-    for kind in ("mlprogram", "neuralnetwork"):
-        ml = ct.convert(traced, inputs=[ct.TensorType(name="x", shape=x.shape)], outputs=[ct.TensorType(name="y")],
-                        convert_to=kind, **({"minimum_deployment_target": ct.target.iOS16,
-                                             "compute_precision": ct.precision.FLOAT32} if kind == "mlprogram" else {}))
-        path = tmp_path_factory.mktemp("schedule") / ("m.mlpackage" if kind == "mlprogram" else "m.mlmodel")
-        ml.save(str(path))
-        out[kind] = path
-    return net, out
+    net = _net()
+    return net, convert_torch_twins(net, torch.randn(1, 3, 32, 32), tmp_path_factory.mktemp("schedule"))
 
 
 @pytest.mark.parametrize("kind", ["mlprogram", "neuralnetwork"])
