@@ -211,11 +211,18 @@ def aligned_empty(shape, dtype):
     return buf[start:start + n].view(dtype).reshape(shape)
 
 
+def is_device_dtype(dtype) -> bool:
+    """Whether arrays of ``dtype`` become device buffers (not objects, strings or raw bytes)."""
+    import numpy as np
+    dtype = np.dtype(dtype)
+    return dtype != object and dtype.kind not in "USV"
+
+
 def aligned(a):
     """``a`` itself when it is a C-contiguous NumPy array with :data:`ZERO_COPY_ALIGN`-byte aligned
     data, else an aligned copy (other values as they are): the input XLA:CPU takes without a copy."""
     import numpy as np
-    if (not isinstance(a, np.ndarray) or a.dtype == object or a.dtype.kind in "USV"
+    if (not isinstance(a, np.ndarray) or not is_device_dtype(a.dtype)
             or (a.flags.c_contiguous and a.ctypes.data % ZERO_COPY_ALIGN == 0)):
         return a
     out = aligned_empty(a.shape, a.dtype)

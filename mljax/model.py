@@ -17,7 +17,7 @@ from google.protobuf.message import Message
 
 from mljax import distribute
 from mljax.cache import CachedJit
-from mljax.cpu import aligned, aligned_empty
+from mljax.cpu import aligned, aligned_empty, is_device_dtype
 from mljax.errors import InputError, OpError, PredictionError
 from mljax.features import Features, convert_inputs, convert_output, feature_specs
 from mljax.format.package import load_spec, save_spec
@@ -483,7 +483,7 @@ def _jit_packing_scalars(fn):
 def _stack(arrays: list, zero_copy: bool) -> np.ndarray:
     """``np.stack(arrays)``, into a 64-byte aligned array for XLA:CPU (``mljax.cpu.aligned``)."""
     first = np.asarray(arrays[0])
-    if not zero_copy or first.dtype == object or first.dtype.kind in "USV":
+    if not zero_copy or not is_device_dtype(first.dtype):
         return np.stack(arrays)
     return np.stack(arrays, out=aligned_empty((len(arrays),) + first.shape, first.dtype))
 

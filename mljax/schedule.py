@@ -36,7 +36,7 @@ import jax
 
 from mljax.cpu import memory_retained
 
-__all__ = ["Step", "ChunkPlan", "chunk_plan", "run_chunked", "batch_size", "one_sample", "chunked_backend",
+__all__ = ["Step", "ChunkPlan", "chunk_plan", "run_chunked", "batch_size", "one_sample", "nbytes", "chunked_backend",
            "HEAVY_BYTES", "CHUNK_BYTES"]
 
 # An op is activation-heavy when its outputs for the whole batch take at least this many bytes:
@@ -127,6 +127,12 @@ def batch_size(inputs) -> int:
     """The leading axis of a batch's arrays (0 for none)."""
     leaves = jax.tree.leaves(inputs)
     return len(leaves[0]) if leaves else 0
+
+
+def nbytes(aval) -> int:
+    """Bytes of an array or ``ShapeDtypeStruct``."""
+    import numpy as np
+    return int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
 
 
 def one_sample(inputs):

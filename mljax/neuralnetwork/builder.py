@@ -79,8 +79,7 @@ class _Plan:
             else:
                 one[name] = jax.ShapeDtypeStruct(tuple(spec.shape), spec.dtype or np.float32)
         try:
-            shapes = jax.eval_shape(lambda w, x: self.network.run(w, {k: self.map_input(k, v) for k, v in x.items()}),
-                                    dict(self.network.weights), one)
+            shapes = self._blob_shapes(dict(self.network.weights), one)
         except Exception:  # noqa: BLE001 - planning is an optimization; predict reports real errors
             return
         self.network.plan_winograd(shapes)
@@ -109,6 +108,11 @@ class _Plan:
         env = {n: self.map_input(n, v) for n, v in inputs.items()}
         return self._outputs(self.network.run(weights, env)), states
 
+    def _blob_shapes(self, weights, one: dict) -> dict:
+        """``{blob: ShapeDtypeStruct}`` of every blob for one sample's inputs ``one`` (a trace, no compute)."""
+        return jax.eval_shape(lambda w, x: self.network.run(w, {k: self.map_input(k, v) for k, v in x.items()}),
+                              weights, one)
+
     def _wanted(self) -> list:
         wanted = [n for n in self.outputs if n not in (self.label_name, self.probs_name)]
         return wanted + ([self.prob_blob] if self.labels is not None else [])
@@ -118,8 +122,7 @@ class _Plan:
         :mod:`mljax.schedule` where it has one (as ML programs: ``LoweredFunction.map_batch``)."""
         plan = None
         if not states and schedule.chunked_backend():
-            shapes = jax.eval_shape(lambda w, x: self.network.run(w, {k: self.map_input(k, v) for k, v in x.items()}),
-                                    weights, schedule.one_sample(inputs))
+            shapes = self._blob_shapes(weights, schedule.one_sample(inputs))
             plan = schedule.chunk_plan(self.network.steps(shapes), _input_bytes(shapes, inputs), self._wanted(),
                                        schedule.batch_size(inputs))
         if plan is None:
@@ -171,8 +174,7 @@ class _Plan:
 
 def _input_bytes(shapes: dict, inputs: dict) -> dict:
     """Bytes per sample of each input blob as the network sees it (after its input mapping)."""
-    return {k: int(np.prod(shapes[k].shape, dtype=np.int64)) * np.dtype(shapes[k].dtype).itemsize
-            for k in inputs if k in shapes}
+    return {k: schedule.nbytes(shapes[k]) for k in inputs if k in shapes}
 
 
 def _input_specs(plan: _Plan) -> dict:

@@ -156,11 +156,7 @@ class Network:
         """One :class:`mljax.schedule.Step` per top-level layer, blob bytes from ``shapes``
         (``{blob: ShapeDtypeStruct}`` of one sample; a blob not in it is not static)."""
         from mljax.ops.conv import runs_own_batch_chunks
-        from mljax.schedule import Step
-
-        def nbytes(name):
-            a = shapes.get(name)
-            return None if a is None else int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
+        from mljax.schedule import Step, nbytes
 
         out = []
         for lyr in self.nn.layers:
@@ -169,7 +165,8 @@ class Network:
             weights = sum(int(np.asarray(self.static[k] if k in self.static else self.weights[k]).nbytes)
                           for _, k in self._params.get(lyr.name, ()))
             own = kind == "convolution" and runs_own_batch_chunks(*_conv_weight(lyr))
-            out.append(Step(reads, tuple((o, nbytes(o)) for o in lyr.output), weights, own))
+            writes = tuple((o, nbytes(shapes[o]) if o in shapes else None) for o in lyr.output)
+            out.append(Step(reads, writes, weights, own))
         return out
 
     def _region_inputs(self, lyr, role, env, last):

@@ -148,8 +148,8 @@ def convolution(x, weight, bias=None, *, strides=None, pad_type="valid", pad=Non
     ``first_in``: ``x`` is channel-first (MIL's layout) and the result channel-last (a region's
     first layer, run as im2col).
     ``winograd_u``: ``weight``'s Winograd transform, computed once per weight values at load
-    (:func:`winograd_weight`; ``[16 or 36, C_out, C_in]``): where the shapes pick a Winograd
-    path, it runs in ``winograd_u``'s variant without transforming ``weight`` again.
+    (:func:`winograd_weight`; ``[16 or 36, C_out, C_in]``): where the shapes pick its variant,
+    that path runs without transforming ``weight`` again.
     """
     x, weight = jnp.asarray(x), jnp.asarray(weight)
     if channels_last:
@@ -299,13 +299,11 @@ def _dense_or_grouped(x, weight, strides, pads, dilations, groups, bias=None, af
     """
     path = conv_path(x.shape, weight.shape, x.dtype, strides, pads, dilations, groups)
     bias = None if bias is None else jnp.asarray(bias)
-    if path in ("winograd", "winograd2") and winograd_u is not None:
-        geom = (tuple(map(int, strides)), tuple((int(a), int(b)) for a, b in pads), tuple(map(int, dilations)))
-        bias = jnp.zeros(weight.shape[:1], jnp.float32) if bias is None else bias
-        return _prepared_winograd(_variant(winograd_u).m, geom)(x, weight, bias, jnp.asarray(winograd_u))
     if path in ("im2col", "winograd", "winograd2", "pointwise"):
         geom = (tuple(map(int, strides)), tuple((int(a), int(b)) for a, b in pads), tuple(map(int, dilations)))
         bias = jnp.zeros(weight.shape[:1], jnp.float32) if bias is None else bias
+        if winograd_u is not None and path == _WINOGRAD_PATHS[_variant(winograd_u).m]:
+            return _prepared_winograd(path, geom)(x, weight, bias, jnp.asarray(winograd_u))
         return _batch_folding(path, geom)(x, weight, bias)
     if path == "depthwise":
         y = _depthwise(x, weight, strides, pads, dilations, after_costly_op)
@@ -704,20 +702,25 @@ def winograd_variant(x_shape, w_shape, dtype, *, strides=None, pad_type="valid",
     dilations = _ints(dilations, n, 1, "dilations")
     pads = _spatial_pads(pad_type, pad, x_shape[2:], w_shape[2:], strides, dilations)
     path = conv_path(x_shape, w_shape, dtype, strides, pads, dilations, int(groups))
-    return {"winograd": 4, "winograd2": 2}.get(path)
+    return next((m for m, name in _WINOGRAD_PATHS.items() if name == path), None)
 
 
 def _variant(u) -> _Winograd:
     return _WINOGRAD_F4 if u.shape[0] == 36 else _WINOGRAD_F2
 
 
+_WINOGRAD_PATHS = {4: "winograd", 2: "winograd2"}     # conv_path's name of each variant
+
+
 @functools.lru_cache(maxsize=None)
-def _prepared_winograd(m: int, geom):
-    """``_winograd`` in variant ``m`` with a prepared weight transform ``u``, whose ``vmap`` over
-    ``x`` folds the mapped axis into the batch (as :func:`_batch_folding`).  For predictions:
-    no derivatives of its own (training computes the transform in the traced function)."""
+def _prepared_winograd(path: str, geom):
+    """``_winograd`` with a prepared weight transform ``u`` (of ``path``'s variant), whose ``vmap``
+    over ``x`` folds the mapped axis into the batch and re-dispatches at the folded batch (as
+    :func:`_batch_folding`): a batch that picks the other variant (more tiles: F(4x4)) transforms
+    the weight itself.  For predictions: no derivatives of its own (training computes the
+    transform in the traced function)."""
     strides, pads, dilations = geom
-    f = _WINOGRAD_F4 if m == 4 else _WINOGRAD_F2
+    f = _WINOGRAD_F4 if path == "winograd" else _WINOGRAD_F2
 
     def plain(x, weight, bias, u):
         return _winograd(x, weight, pads, f, bias, u)
@@ -729,13 +732,8 @@ def _prepared_winograd(m: int, geom):
     @folded.def_vmap
     def _rule(axis_size, in_batched, x, weight, bias, u):
         if in_batched[0] and not any(in_batched[1:]):
-            xs = x.reshape((-1,) + x.shape[2:])
-            # the folded batch may pick the other variant (more tiles: F(4x4)); its own transform then
-            if conv_path(xs.shape, weight.shape, xs.dtype, strides, pads, dilations, 1) == (
-                    "winograd" if m == 4 else "winograd2"):
-                y = plain(xs, weight, bias, u)
-            else:
-                y = _dense_or_grouped(xs, weight, strides, pads, dilations, 1, bias)
+            y = _dense_or_grouped(x.reshape((-1,) + x.shape[2:]), weight, strides, pads, dilations, 1, bias,
+                                  winograd_u=u)
             return y.reshape((axis_size, -1) + y.shape[1:]), True
         return jax.vmap(plain, in_axes=tuple(0 if b else None for b in in_batched))(x, weight, bias, u), True
     return folded
