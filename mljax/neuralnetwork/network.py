@@ -391,7 +391,7 @@ def _channel_last_layers(nn) -> dict:
         role = _Role()
         if kind == "convolution":
             if producer.get(lyr.input[0]) not in region and reads_channel_first(*_conv_weight(lyr)):
-                role = role._replace(first_in=True)
+                role = role._replace(first_in=True, weight_hwio=lyr.convolution.HasField("weights"))
             elif lays_out_weight(*_conv_weight(lyr)) and lyr.convolution.HasField("weights"):
                 role = role._replace(weight_hwio=True, scaled_by=_scaled_by(i, layers, producer, readers, region))
         elif kind == "pooling" and lyr.pooling.type == 1 and not (readers.get(lyr.output[0], set()) & region):

@@ -154,7 +154,7 @@ def convolution(x, weight, bias=None, *, strides=None, pad_type="valid", pad=Non
     x, weight = jnp.asarray(x), jnp.asarray(weight)
     if channels_last:
         if first_in:
-            return _im2col_last(x, weight, bias, strides, pad_type, pad, dilations).astype(x.dtype)
+            return _direct_last(x, weight, bias, strides, pad_type, pad, dilations, bool(weight_hwio)).astype(x.dtype)
         return _channels_last(x, weight, bias, strides, pad_type, pad, dilations, int(groups),
                               bool(after_costly_op), bool(weight_hwio), winograd_u).astype(x.dtype)
     n = x.ndim - 2
@@ -287,7 +287,7 @@ def scaled_pointwise_last(x, gate, w_io, bias=None):
 def reads_channel_first(w_shape, groups: int) -> bool:
     """A dense conv (not 1x1) with at most ``_IM2COL_MAX_ROWS`` weights per output channel: a
     network's first layer, which starts a channel-last region from its channel-first input
-    (``convolution(first_in=True)``, im2col)."""
+    (``convolution(first_in=True)``, a sum over its taps)."""
     return groups == 1 and any(k != 1 for k in w_shape[2:]) and math.prod(w_shape[1:]) <= _IM2COL_MAX_ROWS
 
 
@@ -319,8 +319,6 @@ def _fast_path(path, geom, x, weight, bias):
         return _add_bias(_pointwise(x, weight, strides), bias, x.ndim - 2)
     if path == "im2col":
         return _im2col(x, weight, strides, pads, dilations, bias)
-    if path == "im2col_last":
-        return _im2col_rows(x, weight, bias, strides, pads, dilations)
     return _winograd(x, weight, pads, _WINOGRAD_F2 if path == "winograd2" else _WINOGRAD_F4, bias)
 
 
@@ -344,8 +342,7 @@ def _batch_folding(path: str, geom):
         if in_batched[0] and not any(in_batched[1:]):
             strides, pads, dilations = geom
             folded_x = x.reshape((-1,) + x.shape[2:])
-            y = (plain(folded_x, weight, bias) if path == "im2col_last" else
-                 _dense_or_grouped(folded_x, weight, strides, pads, dilations, 1, bias))
+            y = _dense_or_grouped(folded_x, weight, strides, pads, dilations, 1, bias)
             return y.reshape((axis_size, -1) + y.shape[1:]), True
         return jax.vmap(plain, in_axes=tuple(0 if b else None for b in in_batched))(x, weight, bias), True
 
@@ -483,6 +480,21 @@ def _is_depthwise(x_shape, w_shape, groups, pads, strides, dilations) -> bool:
             and min(_out_sizes(x_shape[2:], kernel, strides, pads, dilations)) > 0)
 
 
+def _tap_sum(chains):
+    """The sum of lists of terms: each list added in order (one chain of dependent adds), the
+    chains' sums added pairwise.
+
+    XLA:CPU keeps a fused loop's additions in the order written, so one chain over all of a
+    kernel's taps makes each output vector wait on every multiply-add before it; one chain per
+    kernel row lets them overlap (EfficientNet-B0 at batch 32, its 5x5 depthwise layers: 0.95x
+    the model's time; a 5x5 layer of 240 channels at 16x16 alone 0.70x).
+    """
+    sums = [functools.reduce(lambda a, b: a + b, terms) for terms in chains]
+    while len(sums) > 1:
+        sums = [sums[i] + sums[i + 1] if i + 1 < len(sums) else sums[i] for i in range(0, len(sums), 2)]
+    return sums[0]
+
+
 def _depthwise(x, weight, strides, pads, dilations, after_costly_op=False):
     """A depthwise convolution as a sum over kernel taps of strided slices times per-channel weights.
 
@@ -498,12 +510,11 @@ def _depthwise(x, weight, strides, pads, dilations, after_costly_op=False):
     n_sp = x.ndim - 2
     outs = _out_sizes(x.shape[2:], weight.shape[2:], strides, pads, dilations)
     w = weight.astype(acc)
-    y = None
     xp = _pad_spatial(x.astype(acc), pads, after_costly_op)
+    rows = {}
     for tap, window in _windows(xp, weight.shape[2:], strides, dilations, outs):
-        term = window * w[(slice(None), 0) + tap].reshape((1, -1) + (1,) * n_sp)
-        y = term if y is None else y + term
-    return y
+        rows.setdefault(tap[:-1], []).append(window * w[(slice(None), 0) + tap].reshape((1, -1) + (1,) * n_sp))
+    return _tap_sum(list(rows.values()))
 
 
 def _channels_last(x, weight, bias, strides, pad_type, pad, dilations, groups, after_costly_op, weight_hwio,
@@ -544,58 +555,72 @@ def _depthwise_last(x, taps, strides, pads, dilations):
     kernel = w.shape[:-1]
     outs = _out_sizes(x.shape[1:-1], kernel, strides, pads, dilations)
     xp = lax.pad(x.astype(w.dtype), jnp.zeros((), w.dtype), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)])
-    y = None
+    rows = {}
     for tap, window in _windows(xp, kernel, strides, dilations, outs, channels_last=True):
-        term = window * w[tap]
-        y = term if y is None else y + term
-    return y
+        rows.setdefault(tap[:-1], []).append(window * w[tap])
+    return _tap_sum(list(rows.values()))
 
 
-def _im2col_last(x, weight, bias, strides, pad_type, pad, dilations):
-    """im2col of a channel-*first* ``x`` (the network's input) into a channel-last result: the
-    same patches and GEMM as ``_im2col``, one per image (``_batch_folding``), whose ``[C_out, P]``
-    result XLA transposes inside the next layer's fusion.  Positions as the GEMM's rows instead
-    (a transposed left operand) fell back from YNNPACK to a 4x slower product: MobileNetV3-Small
-    0.84-0.9x with the transpose.  A single image with at least ``_ROWS_MIN_CHANNELS`` output
-    channels transposes its patches instead (:func:`_im2col_rows`)."""
+def _direct_last(x, weight, bias, strides, pad_type, pad, dilations, weight_hwio=False):
+    """A network's first layer (few weights per output channel, :func:`reads_channel_first`):
+    channel-first ``x [N, C_in, *D]`` in, channel-last ``[N, *D', C_out]`` out, as a sum over the
+    input channels and kernel taps of a strided window (one input value per position,
+    broadcast) times that tap's ``C_out`` weights: XLA emits a loop over the output, vectorized
+    over its channels.
+
+    Measured against im2col + GEMM (patches materialized, one product per image, the
+    ``[C_out, P]`` result transposed in every consumer), one thread, with a hardswish, input
+    128x128 RGB, 3x3 stride 2: 16 output channels 0.41x the im2col time at batch 1, 0.67x at 16
+    images, 0.72x at 32 (0.69-0.98x ONNX Runtime's conv + activation); 32 channels 0.61x at batch
+    1, 0.64x at 4 images.  Only the padding the windows read is added (a stride-2 layer's
+    bottom/right padding is never read).  The taps sum in independent chains, one per input
+    channel and kernel row, added pairwise (:func:`_tap_sum`), so that consecutive
+    multiply-adds do not wait on each other.  The graph layer lays the weight out HWIO at load
+    (``weight_hwio``), so that each tap's ``C_out`` weights are contiguous: XLA otherwise made the
+    transpose a layout of its parameter and gathered every tap's weights at a stride.
+    """
     n = x.ndim - 2
+    if weight_hwio:    # [*K, C_in, C_out] -> MIL's [C_out, C_in, *K] for the checks
+        laid_out, weight = weight, jnp.transpose(weight, (n + 1, n, *range(n)))
     _check_channels("conv", x.shape[1], 1, x.shape[1], weight.shape[1])
     kernel = weight.shape[2:]
     strides = _ints(strides, n, 1, "strides")
     dilations = _ints(dilations, n, 1, "dilations")
     pads = _spatial_pads(pad_type, pad, x.shape[2:], kernel, strides, dilations)
-    geom = (tuple(map(int, strides)), tuple((int(a), int(b)) for a, b in pads), tuple(map(int, dilations)))
-    bias = jnp.zeros(weight.shape[:1], jnp.float32) if bias is None else jnp.asarray(bias)
-    return _batch_folding("im2col_last", geom)(x, weight, bias)
+    outs = _out_sizes(x.shape[2:], kernel, strides, pads, dilations)
+    acc = _accumulate_dtype(x.dtype) or x.dtype
+    # padding past the last window's end is never read
+    reads = [(o - 1) * s + (k - 1) * d + 1 for o, s, k, d in zip(outs, strides, kernel, dilations)]
+    pads = [(lo, max(0, min(hi, r - size - lo))) for (lo, hi), r, size in zip(pads, reads, x.shape[2:])]
+    xp = _pad_all(x.astype(acc), pads)
+    w = (laid_out if weight_hwio else hwio(weight)).astype(acc)          # [*K, C_in, C_out]
+    bias = None if bias is None else jnp.asarray(bias).astype(acc)
 
+    def rows(xr, out_rows):       # the output rows of the padded input rows xr
+        chains = {}
+        for c in range(x.shape[1]):
+            for tap, window in _windows(xr[:, c:c + 1], kernel, strides, dilations, (out_rows,) + tuple(outs[1:])):
+                chains.setdefault((c, tap[:-1]), []).append(window[:, 0, ..., None] * w[tap + (c,)])
+        y = _tap_sum(list(chains.values()))
+        return y if bias is None else y + bias
 
-# A single image's first layer with at least this many output channels multiplies transposed
-# patches, [P, C*taps] @ [C*taps, C_out]: its result is channel-last as computed.  Transposing
-# the [C_out, P] product instead is done inside every consumer fusion, where the strided reads
-# cost more the more channels there are (first layer + SiLU + depthwise 3x3 + SiLU, batch 1,
-# 128x128: C_out 16 1.06-1.3x slower with transposed patches, 24 0.82-0.84x, 32 0.35-0.42x
-# (EfficientNet-B0's stem), 48 0.33-0.38x).  Batches keep the per-image loop (32 images, 32
-# channels: 1.13x slower transposed).
-_ROWS_MIN_CHANNELS = 24
+    # A loop over blocks of output rows (the fewest, at least two, of equal size), so that XLA
+    # materializes the result once: as one elementwise expression it fused the whole tap sum into
+    # each of its consumers (a SiLU's two, a depthwise layer's padding), computing it up to three
+    # times (EfficientNet-B0 at batch 32 0.96x the time of the fused form; MobileNetV3-Small, whose
+    # consumers did not repeat it, 1.02x).
+    parts = min((d for d in range(2, outs[0] + 1) if outs[0] % d == 0), default=1)
+    if parts == 1:
+        return rows(xp, outs[0])
+    h0, s0, d0, k0 = outs[0] // parts, strides[0], dilations[0], kernel[0]
+    span = (h0 - 1) * s0 + (k0 - 1) * d0 + 1
 
-
-def _im2col_rows(x, weight, bias, strides, pads, dilations):
-    outs = _out_sizes(x.shape[2:], weight.shape[2:], strides, pads, dilations)
-    w2 = weight.reshape(weight.shape[0], -1).astype(x.dtype)
-
-    def patches(x1):     # [1, C, *D] -> [C*taps, P]
-        wins = [v for _, v in _windows(_pad_spatial(x1, pads), weight.shape[2:], strides, dilations, outs)]
-        return jnp.stack(wins, axis=2).reshape(-1, math.prod(outs))
-
-    if x.shape[0] == 1 and weight.shape[0] >= _ROWS_MIN_CHANNELS:
-        y = lax.dot_general(patches(x).T, w2, (((1,), (1,)), ((), ())),              # [P, C*taps] @ [C*taps, K]
-                            preferred_element_type=_accumulate_dtype(x.dtype))
-        return (y + bias.astype(y.dtype)).reshape((1, *outs, weight.shape[0]))
-
-    def image(xi):       # [C, *D] -> [*D', K]
-        y = lax.dot_general(w2, patches(xi[None]), (((1,), (0,)), ((), ())), preferred_element_type=_accumulate_dtype(x.dtype))
-        return jnp.moveaxis((y + bias.astype(y.dtype)[:, None]).reshape((weight.shape[0], *outs)), 0, -1)
-    return image(x[0])[None] if x.shape[0] == 1 else lax.map(image, x)
+    def block(r):
+        xr = lax.dynamic_slice_in_dim(xp, r * h0 * s0, span, axis=2)
+        return rows(xr, h0)
+    y = lax.map(block, jnp.arange(parts))                     # [parts, N, h0, *outs[1:], C_out]
+    y = jnp.moveaxis(y, 0, 1)
+    return y.reshape((y.shape[0], outs[0]) + y.shape[3:])
 
 
 def _pointwise_last(x, w2, w_in_axis, strides):

@@ -392,18 +392,18 @@ def _axes(op) -> list:
 
 
 def _remap(graph: Graph, op, before: list, first_in=False, pool=False) -> None:
-    """Axis inputs renumbered for channel-last operands; convs get the hint, a depthwise or 1x1
-    conv's constant weight a ``transpose`` to HWIO ``[*K, C_in/groups, C_out]`` (the lowering's weight prologue
+    """Axis inputs renumbered for channel-last operands; convs get the hint, a depthwise, 1x1 or
+    first-layer (``first_in``) conv's constant weight a ``transpose`` to HWIO ``[*K, C_in/groups, C_out]`` (the lowering's weight prologue
     computes it once per weight values, see :mod:`mljax.lower`), a global pool (``pool``: read
     only outside the region) the hint ``pool_by_product``."""
     new_axis = {a: _TO_LAST.index(a) for a in range(4)}
     if op.type == "conv":
         hints = {**op.attributes.get(HINTS, {}), "channels_last": True}
         w = op.input("weight")
-        if not first_in and lays_out_weight(_static_shape(w), _groups(op)) and w.value is not None:
+        if (first_in or lays_out_weight(_static_shape(w), _groups(op))) and w.value is not None:
             op.inputs["weight"] = (_transposed(graph, w, hwio_perm(4), before),)
             hints["weight_hwio"] = True
-        elif first_in:
+        if first_in:
             hints["first_in"] = True
         op.attributes[HINTS] = hints
     elif pool and sorted(new_axis[a] for a in _axes(op)) == [1, 2]:

@@ -223,13 +223,14 @@ def test_depthwise_networks_run_channel_last():
     assert _stats(model)["channels_last_regions"] >= 10
     convs = [op.attributes.get(HINTS, {}) for op in model.stage.lowered.fn.block.operations if op.type == "conv"]
     assert all(h.get("channels_last") for h in convs)
-    # the depthwise and 1x1 weights laid out HWIO; the stem reads the channel-first input; the
+    # every weight laid out HWIO (the stem's too: each tap's output channels contiguous); the stem
+    # reads the channel-first input; the
     # projection reading the squeeze-and-excitation product became a batched product by
     # per-image weights (30 positions per image >= 2 * 8 channels)
     assert _stats(model)["fold_channel_scales"] == 1
-    assert [bool(h.get("weight_hwio")) for h in convs] == [False, True, True, True]
+    assert [bool(h.get("weight_hwio")) for h in convs] == [True, True, True, True]
     assert [bool(h.get("first_in")) for h in convs] == [True, False, False, False]
-    assert sorted(op.type for op in model.stage.lowered.prologue) == ["reshape"] + ["transpose"] * 4
+    assert sorted(op.type for op in model.stage.lowered.prologue) == ["reshape"] + ["transpose"] * 5
     pools = [op.attributes.get(HINTS, {}).get("pool_by_product", False)
              for op in model.stage.lowered.fn.block.operations if op.type == "reduce_mean"]
     assert sorted(pools) == [False, True]     # squeeze-and-excitation stays a reduction; the global pool not

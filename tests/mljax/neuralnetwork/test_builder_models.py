@@ -447,7 +447,7 @@ def test_depthwise_network_runs_channel_last():
     assert set(roles) == {"stem", "relu0", "dw", "sig", "silu", "se_pool", "se1", "se_relu", "se2", "se_sig",
                           "se_mul", "pw", "pool"}
     assert [n for n, r in roles.items() if r.first_in] == ["stem"]
-    assert [n for n, r in roles.items() if r.weight_hwio] == ["dw", "se1", "se2", "pw"]
+    assert [n for n, r in roles.items() if r.weight_hwio] == ["stem", "dw", "se1", "se2", "pw"]
     # the projection of the gated map runs as one product by per-image weights (120 positions >= 2 * 8)
     assert {n: r.scaled_by for n, r in roles.items() if r.scaled_by} == {"pw": ("d", "g")}
     assert [n for n, r in roles.items() if r.pool_by_product] == ["pool"]

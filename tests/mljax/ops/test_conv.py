@@ -486,26 +486,34 @@ def test_fast_paths_under_vmap(fast_paths, c_in, strides, expected):
     np.testing.assert_allclose(jax.grad(loss)(w, True), jax.grad(loss)(w, False), rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("c_out", [8, 32])
-def test_first_layer_into_channel_last(c_out):
-    """A channel-last region's first layer reads the channel-first input and returns [N, H', W', C]:
-    one image with many output channels multiplies transposed patches, other images loop the
-    channel-first product; both, alone, vmapped and differentiated, equal torch's convolution."""
+@pytest.mark.parametrize("c_in,kernel,strides,pads,dilations", [
+    (3, (3, 3), (2, 2), [(1, 0), (1, 1)], (1, 1)),     # an RGB stem, padding partly never read
+    (3, (3, 3), (1, 1), [(1, 1), (1, 1)], (1, 1)),
+    (1, (5, 5), (2, 1), [(2, 2), (0, 3)], (1, 1)),
+    (2, (3, 2), (1, 2), [(2, 1), (1, 1)], (2, 1)),
+])
+def test_first_layer_into_channel_last(c_in, kernel, strides, pads, dilations):
+    """A channel-last region's first layer reads the channel-first input and returns [N, H', W', C]
+    (the tap sum of ``_direct_last``): alone, at batch 1, vmapped over a list predict's samples and
+    differentiated, equal to torch's convolution."""
     import jax
-    from mljax.ops import conv as conv_module
     from mljax.ops.conv import convolution
-    x, w, b = rand((3, 3, 13, 11)), rand((c_out, 3, 3, 3)), rand((c_out,))
-    pads = [(1, 0), (1, 1)]
-    kw = dict(strides=(2, 2), pad_type="custom", pad=(1, 0, 1, 1), channels_last=True, first_in=True)
-    ref = np.moveaxis(F.conv2d(torch_pad(t64(x), pads), t64(w), t64(b), stride=2).numpy(), 1, -1)
-    assert (c_out >= conv_module._ROWS_MIN_CHANNELS) == (c_out == 32)
-    check(convolution(x[:1], w, b, **kw), ref[:1], np.float32)        # batch 1: the path by channels
-    check(convolution(x, w, b, **kw), ref, np.float32)                # a batch: the per-image loop
+    c_out = 8
+    x, w, b = rand((3, c_in, 13, 11)), rand((c_out, c_in) + kernel), rand((c_out,))
+    kw = dict(strides=strides, pad_type="custom", pad=tuple(v for p in pads for v in p), dilations=dilations,
+              channels_last=True, first_in=True)
+    ref = np.moveaxis(F.conv2d(torch_pad(t64(x), pads), t64(w), t64(b), stride=strides, dilation=dilations).numpy(),
+                      1, -1)
+    check(convolution(x[:1], w, b, **kw), ref[:1], np.float32)
+    check(convolution(x, w, b, **kw), ref, np.float32)
     check(jax.jit(jax.vmap(lambda a: convolution(a, w, b, **kw)))(x[:, None]), ref[:, None], np.float32)
+    check(convolution(x.astype(np.float16), w.astype(np.float16), b.astype(np.float16), **kw), ref, np.float16)
+    # the weight laid out HWIO at load (the graph layer's weight_hwio)
+    check(convolution(x, np.transpose(w, (2, 3, 1, 0)), b, weight_hwio=True, **kw), ref, np.float32)
 
     def loss(w, first):
-        y = convolution(x[:1], w, b, **kw) if first else jax.lax.conv_general_dilated(
-            x[:1], w, (2, 2), pads, dimension_numbers=("NCHW", "OIHW", "NHWC"),
+        y = convolution(x, w, b, **kw) if first else jax.lax.conv_general_dilated(
+            x, w, strides, pads, rhs_dilation=dilations, dimension_numbers=("NCHW", "OIHW", "NHWC"),
             precision=jax.lax.Precision.HIGHEST) + b
         return (y ** 2).sum()
     np.testing.assert_allclose(jax.grad(loss)(w, True), jax.grad(loss)(w, False), rtol=1e-4, atol=1e-3)
