@@ -50,6 +50,17 @@ def matmul(x, y, *, transpose_x=False, transpose_y=False, ctx=None):
     """
     dt = _matmul_dtype(x, y, ctx)
     x, y = jnp.asarray(x).astype(dt), jnp.asarray(y).astype(dt)
+    if (transpose_x or transpose_y) and x.ndim == y.ndim >= 2 and x.shape[:-2] == y.shape[:-2]:
+        # the transposes as the product's contracting axes: XLA:CPU folded a swapaxes into the
+        # product only when it read an operand directly, and otherwise materialized the swapped
+        # copy (attention's K^T after rotary and the grouped-query repeat, vmapped: a transposing
+        # pass per layer)
+        nb = x.ndim - 2
+        cx, cy = nb + (0 if transpose_x else 1), nb + (1 if transpose_y else 0)
+        if x.shape[cx] != y.shape[cy]:
+            raise OpError(f"matmul: inner dimensions differ after transposes: x {tuple(x.shape)} "
+                          f"(transpose_x={bool(transpose_x)}), y {tuple(y.shape)} (transpose_y={bool(transpose_y)})")
+        return lax.dot_general(x, y, (((cx,), (cy,)), (tuple(range(nb)), tuple(range(nb)))))
     if transpose_x and x.ndim >= 2:
         x = jnp.swapaxes(x, -1, -2)
     if transpose_y and y.ndim >= 2:

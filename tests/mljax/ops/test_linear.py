@@ -79,6 +79,20 @@ def test_matmul_transposes(tx, ty):
     check(run("matmul", 15, x, y, transpose_x=tx, transpose_y=ty), ref, np.float32)
 
 
+@pytest.mark.parametrize("tx, ty", [(False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("dtype", (np.float32, np.float16))
+def test_matmul_transposes_of_equal_batches(tx, ty, dtype):
+    """Operands with the same batch axes (attention's Q K^T) run as one product whose contracting
+    axes are the transposed ones; values as NumPy's, a mismatch reported with the flags."""
+    x = sample((2, 3, 4, 6) if tx else (2, 3, 6, 4), dtype)
+    y = sample((2, 3, 5, 4) if ty else (2, 3, 4, 5), dtype, 1)
+    ref = np.matmul((np.swapaxes(x, -1, -2) if tx else x).astype(np.float64),
+                    (np.swapaxes(y, -1, -2) if ty else y).astype(np.float64))
+    check(run("matmul", 15, x, y, transpose_x=tx, transpose_y=ty), ref, dtype)
+    with pytest.raises(OpError, match="inner dimensions differ"):
+        run("matmul", 15, x, y[..., :3] if ty else y[..., :3, :], transpose_x=tx, transpose_y=ty)
+
+
 def test_matmul_transpose_has_no_effect_on_rank1():
     x, y = sample((4,), np.float32), sample((5, 4), np.float32, 1)
     check(run("matmul", 15, x, y, transpose_x=True, transpose_y=True),
