@@ -51,9 +51,9 @@ CHUNK_BYTES = 8 << 20
 # A prefix whose weights take at most this many bytes (a CNN's stem and first stages: 0.01-0.1 MB;
 # a transformer's layers: 16-21 MB) rereads them per chunk at no cost, and its chunks' largest
 # activation is held to half of CHUNK_BYTES: EfficientNet-B0 at batch 32 1.14x ONNX Runtime in
-# chunks of 2 against 1.22x in chunks of 4, MobileNetV3-Small 1.21-1.31x in chunks of 8 against
-# 1.26-1.30x in chunks of 16; the transformers keep CHUNK_BYTES (the Llama-style decoder 1.10x in
-# chunks of 8 against 1.04x in chunks of 16).
+# chunks of 2 against 1.18-1.22x in chunks of 4, batch 8 unchanged, MobileNetV3-Small within noise
+# (1.21-1.31x in chunks of 8 against 1.26-1.32x in chunks of 16); the transformers keep
+# CHUNK_BYTES (the Llama-style decoder 1.10x in chunks of 8 against 1.04x in chunks of 16).
 LIGHT_PREFIX_BYTES = 1 << 20
 # How far past the last heavy op the cut may move to find the fewest bytes crossing it.
 _CUT_WINDOW = 16
