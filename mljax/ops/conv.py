@@ -604,13 +604,13 @@ def _direct_last(x, weight, bias, strides, pad_type, pad, dilations, weight_hwio
         y = _tap_sum(list(chains.values()))
         return y if bias is None else y + bias
 
-    # A loop over blocks of output rows (the fewest, at least two, of equal size), so that XLA
-    # materializes the result once: as one elementwise expression it fused the whole tap sum into
-    # each of its consumers (a SiLU's two, a depthwise layer's padding), computing it up to three
+    # A loop over blocks of output rows (the fewest, at least two, of equal size; none where that
+    # would take more than 8 blocks, e.g. a prime number of rows), so that XLA materializes the
+    # result once: as one elementwise expression it fused the whole tap sum into each of its consumers (a SiLU's two, a depthwise layer's padding), computing it up to three
     # times (EfficientNet-B0 at batch 32 0.96x the time of the fused form, at batch 1 0.96x;
     # MobileNetV3-Small, whose consumers did not repeat it, 1.02x at batch 32, 0.90x at batch 1).
     parts = min((d for d in range(2, outs[0] + 1) if outs[0] % d == 0), default=1)
-    if parts == 1:
+    if not 1 < parts <= 8:
         return rows(xp, outs[0])
     h0, s0, d0, k0 = outs[0] // parts, strides[0], dilations[0], kernel[0]
     span = (h0 - 1) * s0 + (k0 - 1) * d0 + 1
