@@ -224,9 +224,8 @@ def test_depthwise_networks_run_channel_last():
     convs = [op.attributes.get(HINTS, {}) for op in model.stage.lowered.fn.block.operations if op.type == "conv"]
     assert all(h.get("channels_last") for h in convs)
     # every weight laid out HWIO (the stem's too: each tap's output channels contiguous); the stem
-    # reads the channel-first input; the
-    # projection reading the squeeze-and-excitation product became a batched product by
-    # per-image weights (30 positions per image >= 2 * 8 channels)
+    # reads the channel-first input; the projection reading the squeeze-and-excitation product
+    # became a batched product by per-image weights (30 positions per image >= 2 * 8 channels)
     assert _stats(model)["fold_channel_scales"] == 1
     assert [bool(h.get("weight_hwio")) for h in convs] == [True, True, True, True]
     assert [bool(h.get("first_in")) for h in convs] == [True, False, False, False]
