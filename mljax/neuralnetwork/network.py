@@ -196,13 +196,12 @@ class Network:
              for param, key in self._params.get(lyr.name, ())}
         role = self.channels_last.get(lyr.name) if last is not None else None
         xs = self._region_inputs(lyr, role, env, last) if role is not None else None
+        prepared = weights.get(PREPARED) or {}
         if xs is None:
             role, xs = None, [env[n] for n in lyr.input]
         elif role.weight_hwio:
             key = f"{lyr.name}/weight"
-            prepared = weights.get(PREPARED) or {}
             w["weight"] = prepared[key] if key in prepared else hwio(w["weight"])
-        prepared = weights.get(PREPARED) or {}
         winograd_u = prepared.get(f"{lyr.name}/weight{WINOGRAD_SUFFIX}") if lyr.name in self.winograd else None
         ctx = LayerContext(lyr.name, kind, lyr, self.rank5, env=env, run=self.run, weights=weights,
                            winograd_u=winograd_u,

@@ -74,6 +74,15 @@ def _spatial_letters(n_spatial: int) -> str:
     return "DHW"[3 - n_spatial:]
 
 
+def _geometry(in_sizes, kernel, strides, pad_type, pad, dilations):
+    """``(strides, dilations, pads)`` of a convolution over ``in_sizes`` with ``kernel``: MIL's
+    attributes as per-axis ints and ``[(lo, hi), ...]`` padding."""
+    n = len(in_sizes)
+    strides = _ints(strides, n, 1, "strides")
+    dilations = _ints(dilations, n, 1, "dilations")
+    return strides, dilations, _spatial_pads(pad_type, pad, in_sizes, kernel, strides, dilations)
+
+
 def _lax_conv(x, weight, **options):
     """``lax.conv_general_dilated`` of channel-first ``x`` and ``weight [C_out, C_in/groups, *K]``,
     issued channel-last (transposes around an NHWC / HWIO convolution), channel-first result.
@@ -157,13 +166,9 @@ def convolution(x, weight, bias=None, *, strides=None, pad_type="valid", pad=Non
             return _direct_last(x, weight, bias, strides, pad_type, pad, dilations, bool(weight_hwio)).astype(x.dtype)
         return _channels_last(x, weight, bias, strides, pad_type, pad, dilations, int(groups),
                               bool(after_costly_op), bool(weight_hwio), winograd_u).astype(x.dtype)
-    n = x.ndim - 2
     groups = int(groups)
     _check_channels("conv", x.shape[1], groups, x.shape[1] // max(groups, 1), weight.shape[1])
-    kernel = weight.shape[2:]
-    strides = _ints(strides, n, 1, "strides")
-    dilations = _ints(dilations, n, 1, "dilations")
-    pads = _spatial_pads(pad_type, pad, x.shape[2:], kernel, strides, dilations)
+    strides, dilations, pads = _geometry(x.shape[2:], weight.shape[2:], strides, pad_type, pad, dilations)
     return _dense_or_grouped(x, weight, strides, pads, dilations, groups, bias,
                              bool(after_costly_op), winograd_u).astype(x.dtype)
 
@@ -263,6 +268,13 @@ def hwio_perm(rank: int) -> tuple:
 def hwio(weight):
     """``weight`` laid out HWIO (:func:`hwio_perm`)."""
     return jnp.transpose(weight, hwio_perm(weight.ndim))
+
+
+def _from_hwio(weight):
+    """A ``[*K, C_in/groups, C_out]`` weight back in MIL's ``[C_out, C_in/groups, *K]`` (for the
+    checks and path rules, which read MIL's layout)."""
+    n = weight.ndim - 2
+    return jnp.transpose(weight, (n + 1, n, *range(n)))
 
 
 def folds_channel_scale(x_shape, gate_shape) -> bool:
@@ -521,15 +533,12 @@ def _channels_last(x, weight, bias, strides, pad_type, pad, dilations, groups, a
                    winograd_u=None):
     """``convolution`` of a channel-last ``x [N, *D, C]``: depthwise and 1x1 layers in that layout
     (every tap and product reads whole channel vectors), others through the channel-first paths."""
-    n = x.ndim - 2
     laid_out = weight if weight_hwio else None
-    if weight_hwio:    # [*K, C_in/groups, C_out] -> MIL's [C_out, C_in/groups, *K] for the checks and path rules
-        weight = jnp.transpose(weight, (n + 1, n, *range(n)))
+    if weight_hwio:
+        weight = _from_hwio(weight)
     _check_channels("conv", x.shape[-1], groups, x.shape[-1] // max(groups, 1), weight.shape[1])
     kernel = weight.shape[2:]
-    strides = _ints(strides, n, 1, "strides")
-    dilations = _ints(dilations, n, 1, "dilations")
-    pads = _spatial_pads(pad_type, pad, x.shape[1:-1], kernel, strides, dilations)
+    strides, dilations, pads = _geometry(x.shape[1:-1], kernel, strides, pad_type, pad, dilations)
     first = (x.shape[0], x.shape[-1]) + tuple(x.shape[1:-1])
     path = conv_path(first, weight.shape, x.dtype, strides, pads, dilations, groups)
     if path == "depthwise":
@@ -579,21 +588,18 @@ def _direct_last(x, weight, bias, strides, pad_type, pad, dilations, weight_hwio
     (``weight_hwio``), so that each tap's ``C_out`` weights are contiguous: XLA otherwise made the
     transpose a layout of its parameter and gathered every tap's weights at a stride.
     """
-    n = x.ndim - 2
-    if weight_hwio:    # [*K, C_in, C_out] -> MIL's [C_out, C_in, *K] for the checks
-        laid_out, weight = weight, jnp.transpose(weight, (n + 1, n, *range(n)))
+    laid_out = weight if weight_hwio else hwio(weight)             # [*K, C_in, C_out]
+    weight = _from_hwio(weight) if weight_hwio else weight
     _check_channels("conv", x.shape[1], 1, x.shape[1], weight.shape[1])
     kernel = weight.shape[2:]
-    strides = _ints(strides, n, 1, "strides")
-    dilations = _ints(dilations, n, 1, "dilations")
-    pads = _spatial_pads(pad_type, pad, x.shape[2:], kernel, strides, dilations)
+    strides, dilations, pads = _geometry(x.shape[2:], kernel, strides, pad_type, pad, dilations)
     outs = _out_sizes(x.shape[2:], kernel, strides, pads, dilations)
     acc = _accumulate_dtype(x.dtype) or x.dtype
     # padding past the last window's end is never read
     reads = [(o - 1) * s + (k - 1) * d + 1 for o, s, k, d in zip(outs, strides, kernel, dilations)]
     pads = [(lo, max(0, min(hi, r - size - lo))) for (lo, hi), r, size in zip(pads, reads, x.shape[2:])]
     xp = _pad_all(x.astype(acc), pads)
-    w = (laid_out if weight_hwio else hwio(weight)).astype(acc)          # [*K, C_in, C_out]
+    w = laid_out.astype(acc)
     bias = None if bias is None else jnp.asarray(bias).astype(acc)
 
     def rows(xr, out_rows):       # the output rows of the padded input rows xr
@@ -723,9 +729,7 @@ def winograd_variant(x_shape, w_shape, dtype, *, strides=None, pad_type="valid",
     n = len(x_shape) - 2
     if n != 2 or len(w_shape) != 4:
         return None
-    strides = _ints(strides, n, 1, "strides")
-    dilations = _ints(dilations, n, 1, "dilations")
-    pads = _spatial_pads(pad_type, pad, x_shape[2:], w_shape[2:], strides, dilations)
+    strides, dilations, pads = _geometry(x_shape[2:], w_shape[2:], strides, pad_type, pad, dilations)
     path = conv_path(x_shape, w_shape, dtype, strides, pads, dilations, int(groups))
     return next((m for m, name in _WINOGRAD_PATHS.items() if name == path), None)
 
