@@ -124,18 +124,23 @@ import mljax
 if sys.argv[1] == "retain":
     assert mljax.retain_freed_memory() is True
 import jax, jax.numpy as jnp
-# an 80 MiB temporary (x @ w) between two products: more than glibc keeps in a thread's arena
-f = jax.jit(lambda x, w: jnp.tanh(x @ w) @ w[:8].T)
-x, w = jnp.ones((4096, 64), jnp.float32), jnp.full((64, 5000), 1e-3, jnp.float32)
+# Each call returns an 80 MiB array, which XLA allocates and frees when it is dropped.  An output
+# buffer and not a temporary inside the computation: which temporaries an executable has depends on
+# the library XLA picks for the CPU it runs on (YNNPACK may fuse a product with its neighbours and
+# keep its own workspace), an output buffer it always allocates itself.
+f = jax.jit(lambda s: jnp.tanh(s * jnp.arange(4096 * 5000, dtype=jnp.float32).reshape(4096, 5000)))
+s = jnp.float32(1e-8)
 for _ in range(3):
-    out = f(x, w).block_until_ready()
+    out = f(s).block_until_ready()
+    last = float(out[-1, -1])
+    del out
 
 class Info(ctypes.Structure):      # glibc's struct mallinfo2
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = Info
-print(libc.mallinfo2().fordblks, float(out[0, 0]))
+print(libc.mallinfo2().fordblks, last)
 """
 
 
@@ -147,7 +152,7 @@ def _has_mallinfo2() -> bool:
 
 @pytest.mark.skipif(not _has_mallinfo2(), reason="glibc's mallopt and mallinfo2")
 def test_retain_freed_memory_keeps_the_temporaries_for_the_next_call():
-    """glibc's own account of its heap: with retain, the 80 MiB temporary freed after each call stays
+    """glibc's own account of its heap: with retain, the 80 MiB array XLA freed after each call stays
     in the heap as free memory for the next call; by default it was its own mapping, returned to the
     kernel at free (so the next call page-faults fresh pages: bench/ and mljax/cpu.py measure that)."""
     runs = {mode: _run(_BIG_TEMP, mode) for mode in ("default", "retain")}
@@ -155,8 +160,8 @@ def test_retain_freed_memory_keeps_the_temporaries_for_the_next_call():
         assert run.returncode == 0, run.stderr
     (free_default, out_default), (free_retain, out_retain) = (
         map(float, runs[m].stdout.split()) for m in ("default", "retain"))
-    # tanh(64 * 1e-3) summed over 5000 columns times 1e-3: the same value either way
-    assert out_default == out_retain == pytest.approx(5000 * 1e-3 * np.tanh(0.064), rel=1e-5)
+    # the last element: tanh(1e-8 * (4096 * 5000 - 1)), the same either way
+    assert out_default == out_retain == pytest.approx(np.tanh(np.float32(1e-8) * (4096 * 5000 - 1)), rel=1e-5)
     temp = 4096 * 5000 * 4
     assert free_retain >= temp > free_default, (free_default, free_retain)
 
