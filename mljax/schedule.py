@@ -155,6 +155,14 @@ def run_chunked(plan: ChunkPlan, inputs, prefix: Callable, suffix: Callable):
     the plan's live values) run over ``lax.map``'d chunks of ``plan.chunk`` samples, vmapped in
     each: the same values as ``vmap(lambda x: suffix(prefix(x)))(inputs)``."""
     n, k = batch_size(inputs), plan.chunk
-    chunks = jax.tree.map(lambda a: a.reshape((n // k, k) + a.shape[1:]), inputs)
-    live = jax.tree.map(lambda a: a.reshape((n,) + a.shape[2:]), jax.lax.map(jax.vmap(prefix), chunks))
+    # The chunks go into the loop without their size-1 axes (a list predict's inputs have a leading
+    # one).  With them, XLA's layout assignment gave the loop's copy of the input another order of
+    # the size-1 axis, the same bytes, and copied the whole batch into it before the loop.
+    shapes = jax.tree.map(lambda a: a.shape[1:], inputs)
+    chunks = jax.tree.map(lambda a: a.reshape((n // k, k) + tuple(d for d in a.shape[1:] if d != 1)), inputs)
+
+    def chunk(c):
+        return jax.vmap(prefix)(jax.tree.map(lambda a, shape: a.reshape((k,) + shape), c, shapes))
+
+    live = jax.tree.map(lambda a: a.reshape((n,) + a.shape[2:]), jax.lax.map(chunk, chunks))
     return jax.vmap(suffix)(live)
