@@ -286,6 +286,38 @@ def test_depthwise_padding_plain_vmapped_and_differentiated(pads, strides):
     _check_gradients(lambda a, c: conv(a, c, **kw), grouped, x, w, rand(ref.shape))
 
 
+@pytest.mark.parametrize("channels,kernel,strides,pads,dilations", [
+    (48, (5, 5), (1, 1), [(2, 2), (2, 2)], (1, 1)),     # three blocks of 16 channels
+    (32, (3, 3), (2, 2), [(1, 0), (0, 1)], (1, 1)),     # two blocks, stride 2, uneven padding
+    (32, (3, 2), (1, 2), [(2, 1), (1, 1)], (2, 1)),     # dilated, non-square
+    (24, (3, 3), (1, 1), [(1, 1), (1, 1)], (1, 1)),     # not a multiple of 16: unblocked
+    (16, (5, 5), (2, 2), [(2, 2), (2, 2)], (1, 1)),     # one block: unblocked
+])
+def test_channel_last_depthwise_blocked_and_not(channels, kernel, strides, pads, dilations):
+    """A channel-last depthwise layer (``[N, H, W, C]`` in and out) sums its taps over blocks of 16
+    channels where C splits into several: alone, vmapped over a list predict's samples, in fp16 and
+    with the weight laid out HWIO, equal to torch's grouped convolution; d/dx and d/dw equal those
+    through XLA's grouped convolution."""
+    import jax
+    from jax import lax
+    from mljax.ops.conv import convolution
+    x, w, b = rand((3, 11, 10, channels)), rand((channels, 1) + kernel), rand((channels,))
+    kw = dict(strides=strides, pad_type="custom", pad=tuple(v for p in pads for v in p), dilations=dilations,
+              groups=channels, channels_last=True)
+    ref = np.moveaxis(F.conv2d(torch_pad(t64(np.moveaxis(x, -1, 1)), pads), t64(w), t64(b), stride=strides,
+                               dilation=dilations, groups=channels).numpy(), 1, -1)
+    check(convolution(x, w, b, **kw), ref, np.float32)
+    check(jax.jit(jax.vmap(lambda a: convolution(a, w, b, **kw)))(x[:, None]), ref[:, None], np.float32)
+    check(convolution(x.astype(np.float16), w.astype(np.float16), b.astype(np.float16), **kw), ref, np.float16)
+    check(convolution(x, np.transpose(w, (2, 3, 1, 0)), b, weight_hwio=True, **kw), ref, np.float32)
+
+    def grouped(a, c):
+        return lax.conv_general_dilated(a, c, strides, pads, rhs_dilation=dilations, feature_group_count=channels,
+                                        dimension_numbers=("NHWC", "OIHW", "NHWC"), precision=lax.Precision.HIGHEST)
+    _check_gradients(lambda a, c: convolution(a, c, **{k: v for k, v in kw.items()}), grouped, x, w,
+                     rand(ref.shape))
+
+
 # -------------------------------------------------------------------------- conv paths
 # conv_path picks im2col / Winograd / XLA's convolution by shape (rules measured in
 # bench/conv_paths.py); each path must compute the same convolution.  The thresholds are
