@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from google.protobuf.message import Message
 
-from mljax import distribute
+from mljax import distribute, packing
 from mljax.cache import CachedJit
 from mljax.cpu import aligned, aligned_empty, is_device_dtype
 from mljax.errors import InputError, OpError, PredictionError
@@ -272,8 +272,8 @@ class MLModel:
                     inputs = {k: v if k in self._stage.static_inputs else aligned(v) for k, v in inputs.items()}
                 try:
                     if self._cached_fn is not None and self._weights is self._loaded_weights:
-                        return self._cached_fn(self._run_weights(), inputs, states)
-                    return self._predict_fn(self._run_weights(), inputs, states)
+                        return self._cached_fn(self._call_weights(), inputs, states)
+                    return self._predict_fn(self._call_weights(), inputs, states)
                 except _NEEDS_CONCRETE:
                     # e.g. non_zero, or a slice whose bounds are model inputs: XLA needs static shapes,
                     # so this model runs un-jitted from now on (each op still a compiled kernel)
@@ -288,6 +288,16 @@ class MLModel:
         cached = getattr(self, "_prepared", None)
         if cached is None or cached[0] is not self._weights:
             cached = self._prepared = (self._weights, {**self._weights, PREPARED: self._stage.prepare(self._weights)})
+        return cached[1]
+
+    def _call_weights(self):
+        """:meth:`_run_weights` with the small arrays packed (:mod:`mljax.packing`): what a
+        single predict passes (a list predict passes them plain: the chunk plan's loops would
+        otherwise copy each slice they read before the loop)."""
+        run = self._run_weights()
+        cached = getattr(self, "_packed", None)
+        if cached is None or cached[0] is not run:
+            cached = self._packed = (run, packing.pack(run) if self._zero_copy else run)
         return cached[1]
 
     # --- state ---------------------------------------------------------------------------
@@ -446,23 +456,32 @@ def _description_stage(spec, function_name) -> Stage:
 
 
 def _jit_stage(stage: Stage):
-    """``jax.jit(stage.fn)``; inputs in ``stage.static_inputs`` are passed by value (one trace per value)."""
+    """``jax.jit(stage.fn)``, which also takes the weights packed (:mod:`mljax.packing`); inputs in
+    ``stage.static_inputs`` are passed by value (one trace per value)."""
     if stage.fn_key is not None and not stage.static_inputs:
-        return shared_fn(("packed", stage.fn_key), lambda: _jit_packing_scalars(stage.fn))
+        return shared_fn(("packed", stage.fn_key), lambda: _jit_packing_scalars(_unpacking(stage.fn)))
     if not stage.static_inputs:
-        return jax.jit(stage.fn)
+        return jax.jit(_unpacking(stage.fn))
     names = frozenset(stage.static_inputs)
 
     @functools.partial(jax.jit, static_argnums=3)
     def run(weights, inputs, states, static_key):
         static = {n: np.frombuffer(raw, dt).reshape(shape) for n, dt, shape, raw in static_key}
-        return stage.fn(weights, {**inputs, **static}, states)
+        return stage.fn(packing.unpack(weights), {**inputs, **static}, states)
 
     def call(weights, inputs, states):
         key = tuple((n, np.asarray(v).dtype.str, np.shape(v), np.asarray(v).tobytes())
                     for n, v in sorted(inputs.items()) if n in names)
         return run(weights, {n: v for n, v in inputs.items() if n not in names}, states, key)
     return call
+
+
+def _unpacking(fn):
+    """``fn`` taking its weights plain or packed (:func:`mljax.packing.pack`)."""
+    @functools.wraps(fn)
+    def run(weights, inputs, states):
+        return fn(packing.unpack(weights), inputs, states)
+    return run
 
 
 def _jit_packing_scalars(fn):
