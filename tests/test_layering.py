@@ -15,7 +15,7 @@ LAYERS = [
     ("mljax.ops",),                                                     # 2 the op library
     ("mljax.optimize", "mljax.features", "mljax.schedule"),            # 3 graph passes, feature types, batch plans
     ("mljax.lower", "mljax.stage", "mljax.classic", "mljax.neuralnetwork", "mljax.pipeline"),  # 4 stages
-    ("mljax.mlprogram", "mljax.cache", "mljax.distribute", "mljax.writer", "mljax.inspect"),  # 5 services
+    ("mljax.mlprogram", "mljax.cache", "mljax.distribute", "mljax.packing", "mljax.writer", "mljax.inspect"),  # 5 services
     ("mljax.model",),                                                   # 6 MLModel
     ("mljax.coremltools", "mljax.cli", "mljax.bench_cli", "mljax.__main__", "mljax"),         # 7 front doors
 ]
