@@ -8,7 +8,6 @@ import dataclasses
 import functools
 import os
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,7 @@ from mljax.cache import CachedJit
 from mljax.cpu import aligned, aligned_empty, is_device_dtype
 from mljax.errors import InputError, OpError, PredictionError
 from mljax.features import Features, convert_inputs, convert_output, feature_specs
-from mljax.format.package import load_spec, save_spec
+from mljax.format.package import load_spec
 from mljax.lower import resolve_compute_precision
 from mljax.ops.random import CALL_KEY_INPUT
 from mljax.stage import PREPARED, Stage, build_stage, shared_fn
