@@ -466,7 +466,7 @@ def _jit_stage(stage: Stage):
     @functools.partial(jax.jit, static_argnums=3)
     def run(weights, inputs, states, static_key):
         static = {n: np.frombuffer(raw, dt).reshape(shape) for n, dt, shape, raw in static_key}
-        return stage.fn(packing.unpack(weights), {**inputs, **static}, states)
+        return _unpacking(stage.fn)(weights, {**inputs, **static}, states)
 
     def call(weights, inputs, states):
         key = tuple((n, np.asarray(v).dtype.str, np.shape(v), np.asarray(v).tobytes())

@@ -471,11 +471,10 @@ def _spatial_padder(pads):
     return fn
 
 
-def _windows(xp, kernel, strides, dilations, outs, channels_last=False, lead=None):
+def _windows(xp, kernel, strides, dilations, outs, lead=2):
     """``(tap, window)`` per kernel tap, row-major: the ``[N, C, *outs]`` slice of padded ``xp`` it
-    reads (``[N, *outs, C]`` of a channel-last ``xp``; with ``lead``, the spatial axes follow that
-    many leading axes and one trailing axis, e.g. ``[N, G, *outs, cb]`` for 2)."""
-    lead = lead if lead is not None else 1 if channels_last else 2
+    reads.  The spatial axes follow ``lead`` leading axes, any after them are whole: 1 for a
+    channel-last ``xp`` (``[N, *outs, C]``), 2 with a trailing axis for ``[N, G, *outs, cb]``."""
     trail = xp.ndim - lead - len(kernel)
     for tap in np.ndindex(*kernel):
         start = tuple(t * d for t, d in zip(tap, dilations))
@@ -583,18 +582,18 @@ def _depthwise_last(x, taps, strides, pads, dilations):
     outs = _out_sizes(x.shape[1:-1], kernel, strides, pads, dilations)
     xp = lax.pad(x.astype(w.dtype), jnp.zeros((), w.dtype), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)])
     cb = _DEPTHWISE_BLOCK
-    if channels % cb or channels == cb:
-        rows = {}
-        for tap, window in _windows(xp, kernel, strides, dilations, outs, channels_last=True):
-            rows.setdefault(tap[:-1], []).append(window * w[tap])
-        return _tap_sum(list(rows.values()))
-    groups, nd = channels // cb, len(kernel)
-    xb = jnp.moveaxis(xp.reshape(xp.shape[:-1] + (groups, cb)), -2, 1)     # [N, G, *D_pad, cb]
-    wb = w.reshape(kernel + (groups,) + (1,) * nd + (cb,))                  # per tap [G, 1.., cb]
+    blocked = channels % cb == 0 and channels > cb
+    if blocked:
+        groups = channels // cb
+        xp = jnp.moveaxis(xp.reshape(xp.shape[:-1] + (groups, cb)), -2, 1)       # [N, G, *D_pad, cb]
+        w = w.reshape(kernel + (groups,) + (1,) * len(kernel) + (cb,))         # per tap [G, 1.., cb]
     rows = {}
-    for tap, window in _windows(xb, kernel, strides, dilations, outs, lead=2):
-        rows.setdefault(tap[:-1], []).append(window * wb[tap])
-    y = jnp.moveaxis(_tap_sum(list(rows.values())), 1, -2)                   # [N, *D', G, cb]
+    for tap, window in _windows(xp, kernel, strides, dilations, outs, lead=2 if blocked else 1):
+        rows.setdefault(tap[:-1], []).append(window * w[tap])
+    y = _tap_sum(list(rows.values()))
+    if not blocked:
+        return y
+    y = jnp.moveaxis(y, 1, -2)                                                   # [N, *D', G, cb]
     return y.reshape(y.shape[:-2] + (channels,))
 
 
@@ -640,8 +639,9 @@ def _direct_last(x, weight, bias, strides, pad_type, pad, dilations, weight_hwio
 
     # A loop over blocks of output rows (the fewest, at least two, of equal size; none where that
     # would take more than 8 blocks, e.g. a prime number of rows), so that XLA materializes the
-    # result once: as one elementwise expression it fused the whole tap sum into each of its consumers (a SiLU's two, a depthwise layer's padding), computing it up to three
-    # times (EfficientNet-B0 at batch 32 0.96x the time of the fused form, at batch 1 0.96x;
+    # result once: as one elementwise expression it fused the whole tap sum into each of its
+    # consumers (a SiLU's two, a depthwise layer's padding), computing it up to three times
+    # (EfficientNet-B0 at batch 32 0.96x the time of the fused form, at batch 1 0.96x;
     # MobileNetV3-Small, whose consumers did not repeat it, 1.02x at batch 32, 0.90x at batch 1).
     parts = min((d for d in range(2, outs[0] + 1) if outs[0] % d == 0), default=1)
     if not 1 < parts <= 8:

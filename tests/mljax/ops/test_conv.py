@@ -314,8 +314,7 @@ def test_channel_last_depthwise_blocked_and_not(channels, kernel, strides, pads,
     def grouped(a, c):
         return lax.conv_general_dilated(a, c, strides, pads, rhs_dilation=dilations, feature_group_count=channels,
                                         dimension_numbers=("NHWC", "OIHW", "NHWC"), precision=lax.Precision.HIGHEST)
-    _check_gradients(lambda a, c: convolution(a, c, **{k: v for k, v in kw.items()}), grouped, x, w,
-                     rand(ref.shape))
+    _check_gradients(lambda a, c: convolution(a, c, **kw), grouped, x, w, rand(ref.shape))
 
 
 # -------------------------------------------------------------------------- conv paths
