@@ -127,12 +127,13 @@ def conv(x, weight, bias=None, *, strides=None, pad_type="valid", pad=None, dila
                        groups=groups, after_costly_op=bool(hints.get("after_costly_op")),
                        channels_last=bool(hints.get("channels_last")),
                        weight_hwio=bool(hints.get("weight_hwio")), first_in=bool(hints.get("first_in")),
+                       read_once=bool(hints.get("read_once")),
                        winograd_u=ctx.prepared.get("winograd") if ctx is not None else None)
 
 
 def convolution(x, weight, bias=None, *, strides=None, pad_type="valid", pad=None, dilations=None,
                 groups=1, after_costly_op=False, channels_last=False, weight_hwio=False, first_in=False,
-                winograd_u=None):
+                winograd_u=None, read_once=False):
     """N-D convolution of channel-first ``x`` with ``weight [C_out, C_in/groups, *K]``.
 
     ``same`` / ``same_lower`` padding follows TF's SAME rule (``out = ceil(in / stride)``);
@@ -155,7 +156,8 @@ def convolution(x, weight, bias=None, *, strides=None, pad_type="valid", pad=Non
     operand is ``[C_in, C_out]``, the orientation XLA:CPU's matrix products run fastest (up to
     2x at a few rows; transposing MIL's ``[C_out, C_in]`` per call would cost a copy).
     ``first_in``: ``x`` is channel-first (MIL's layout) and the result channel-last (a region's
-    first layer, run as im2col).
+    first layer, run as im2col); ``read_once``: its result's one reader reads each value once (a
+    pool of non-overlapping windows, :func:`mljax.optimize.passes.channels_last_regions`).
     ``winograd_u``: ``weight``'s Winograd transform, computed once per weight values at load
     (:func:`winograd_weight`; ``[16 or 36, C_out, C_in]``): where the shapes pick its variant,
     that path runs without transforming ``weight`` again.
@@ -163,7 +165,8 @@ def convolution(x, weight, bias=None, *, strides=None, pad_type="valid", pad=Non
     x, weight = jnp.asarray(x), jnp.asarray(weight)
     if channels_last:
         if first_in:
-            return _direct_last(x, weight, bias, strides, pad_type, pad, dilations, bool(weight_hwio)).astype(x.dtype)
+            return _direct_last(x, weight, bias, strides, pad_type, pad, dilations, bool(weight_hwio),
+                                bool(read_once)).astype(x.dtype)
         return _channels_last(x, weight, bias, strides, pad_type, pad, dilations, int(groups),
                               bool(after_costly_op), bool(weight_hwio), winograd_u).astype(x.dtype)
     groups = int(groups)
@@ -548,10 +551,70 @@ def _channels_last(x, weight, bias, strides, pad_type, pad, dilations, groups, a
         y = (_pointwise_last(x, laid_out.reshape(weight.shape[1::-1]), 0, strides) if laid_out is not None
              else _pointwise_last(x, weight.reshape(weight.shape[:2]), 1, strides))
     else:
-        y = _dense_or_grouped(jnp.moveaxis(x, -1, 1), weight, strides, pads, dilations, groups, bias,
-                              after_costly_op, winograd_u)
-        return jnp.moveaxis(y, 1, -1)
+        geom = (tuple(map(int, strides)), tuple((int(a), int(b)) for a, b in pads), tuple(map(int, dilations)))
+        bias = jnp.zeros(weight.shape[:1], jnp.float32) if bias is None else jnp.asarray(bias)
+        if winograd_u is not None:
+            return _dense_last_folding(geom, groups, True)(x, weight, bias, jnp.asarray(winograd_u))
+        return _dense_last_folding(geom, groups, False)(x, weight, bias)
     return y if bias is None else y + jnp.asarray(bias).astype(y.dtype)
+
+
+def _dense_last(x, weight, bias, geom, groups, u=None):
+    """A dense (or grouped, not depthwise) convolution of a channel-last ``x [N, *D, C_in]`` into
+    ``[N, *D', C_out]``, by the path :func:`conv_path` picks for its channel-first twin.
+
+    Winograd runs channel-last (:func:`_winograd_last`) and XLA's convolution is issued NHWC /
+    HWIO with no transposes of the activations; im2col (first layers and small maps, where the
+    activations are small) runs channel-first between two transposes.  ``u`` is the weight's
+    prepared Winograd transform, used where its variant is the one the shapes pick."""
+    strides, pads, dilations = geom
+    first = (x.shape[0], x.shape[-1]) + tuple(x.shape[1:-1])
+    path = conv_path(first, weight.shape, x.dtype, strides, pads, dilations, groups)
+    if path in _WINOGRAD_PATH_VARIANTS:
+        f = _WINOGRAD_PATH_VARIANTS[path]
+        u = u if u is not None and _variant(u).m == f.m else None
+        return _winograd_last(x, weight, pads, f, bias, u)
+    if path == "im2col":
+        y = _im2col(jnp.moveaxis(x, -1, 1), weight, strides, pads, dilations, bias)
+        return jnp.moveaxis(y, 1, -1)
+    sp = _spatial_letters(x.ndim - 2)
+    y = lax.conv_general_dilated(x, hwio(weight).astype(x.dtype), window_strides=strides, padding=pads,
+                                 rhs_dilation=dilations, feature_group_count=groups,
+                                 dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"),
+                                 preferred_element_type=_accumulate_dtype(x.dtype))
+    return y + bias.astype(y.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_last_folding(geom, groups: int, prepared: bool):
+    """``_dense_last`` whose ``vmap`` over ``x`` (a list predict's samples) folds the mapped axis
+    into the batch and picks the path again at the folded batch (as :func:`_batch_folding`).
+    Reverse-mode derivatives come from the plain implementation; with a prepared Winograd
+    transform (``prepared``: predictions only) there are none."""
+    def plain(x, weight, bias, *u):
+        return _dense_last(x, weight, bias, geom, groups, *u)
+
+    @custom_vmap
+    def folded(x, weight, bias, *u):
+        return plain(x, weight, bias, *u)
+
+    @folded.def_vmap
+    def _rule(axis_size, in_batched, x, weight, bias, *u):
+        if in_batched[0] and not any(in_batched[1:]):
+            y = plain(x.reshape((-1,) + x.shape[2:]), weight, bias, *u)
+            return y.reshape((axis_size, -1) + y.shape[1:]), True
+        return jax.vmap(plain, in_axes=tuple(0 if b else None for b in in_batched))(x, weight, bias, *u), True
+
+    if prepared:
+        return folded
+
+    @jax.custom_vjp
+    def fn(x, weight, bias):
+        return folded(x, weight, bias)
+
+    fn.defvjp(lambda x, weight, bias: (folded(x, weight, bias), (x, weight, bias)),
+              lambda res, ct: jax.vjp(plain, *res)[1](ct))
+    return fn
 
 
 # Channels per block of a channel-last depthwise layer (one 512-bit vector of float32).
@@ -597,7 +660,7 @@ def _depthwise_last(x, taps, strides, pads, dilations):
     return y.reshape(y.shape[:-2] + (channels,))
 
 
-def _direct_last(x, weight, bias, strides, pad_type, pad, dilations, weight_hwio=False):
+def _direct_last(x, weight, bias, strides, pad_type, pad, dilations, weight_hwio=False, read_once=False):
     """A network's first layer (few weights per output channel, :func:`reads_channel_first`):
     channel-first ``x [N, C_in, *D]`` in, channel-last ``[N, *D', C_out]`` out, as a sum over the
     input channels and kernel taps of a strided window (one input value per position,
@@ -643,7 +706,10 @@ def _direct_last(x, weight, bias, strides, pad_type, pad, dilations, weight_hwio
     # consumers (a SiLU's two, a depthwise layer's padding), computing it up to three times
     # (EfficientNet-B0 at batch 32 0.96x the time of the fused form, at batch 1 0.96x;
     # MobileNetV3-Small, whose consumers did not repeat it, 1.02x at batch 32, 0.90x at batch 1).
-    parts = min((d for d in range(2, outs[0] + 1) if outs[0] % d == 0), default=1)
+    # With ``read_once`` (one reader that reads each value once: a ReLU and 2x2/2 max pool) XLA
+    # fuses the sum into that reader without repeating it, and the loop's zero-filled output
+    # would only add a pass (the zoo's cnn at batch 32: 0.90x the time with the loop).
+    parts = 1 if read_once else min((d for d in range(2, outs[0] + 1) if outs[0] % d == 0), default=1)
     if not 1 < parts <= 8:
         return rows(xp, outs[0])
     h0, s0, d0, k0 = outs[0] // parts, strides[0], dilations[0], kernel[0]
@@ -666,21 +732,28 @@ def _pointwise_last(x, w2, w_in_axis, strides):
                            preferred_element_type=_accumulate_dtype(x.dtype))
 
 
-def _im2col(x, weight, strides, pads, dilations, bias=None):
+def _im2col(x, weight, strides, pads, dilations, bias=None, out_last=False):
     """im2col: every tap's window stacked as rows of a ``[C_in * taps, positions]`` matrix, one GEMM per image.
 
     For few input channels (a network's first layer) XLA:CPU's convolution runs far below
-    GEMM speed; the patch matrix is small there (C_in * taps rows).
+    GEMM speed; the patch matrix is small there (C_in * taps rows).  ``out_last``: the result
+    channel-last, ``[N, *D', C_out]``, each image's product taken as ``patches^T w^T``.
     """
     outs = _out_sizes(x.shape[2:], weight.shape[2:], strides, pads, dilations)
     w2, p = weight.reshape(weight.shape[0], -1), math.prod(outs)
 
     def one_chunk(xc):
         wins = [v for _, v in _windows(_pad_spatial(xc, pads), weight.shape[2:], strides, dilations, outs)]
-        patches = jnp.stack(wins, axis=2)            # [N, C, taps, *outs]: rows in weight's (c, tap) order
-        return _add_bias(_batched_gemm(w2, patches.reshape(xc.shape[0], -1, p)), bias, 1)
+        patches = jnp.stack(wins, axis=2).reshape(xc.shape[0], -1, p)    # rows in weight's (c, tap) order
+        if out_last:
+            y = lax.dot_general(patches, w2.astype(patches.dtype), (((1,), (1,)), ((), ())),
+                                preferred_element_type=_accumulate_dtype(patches.dtype))   # [N, P, K]
+            return y if bias is None else y + jnp.asarray(bias).astype(y.dtype)
+        return _add_bias(_batched_gemm(w2, patches), bias, 1)
 
     y = _in_batch_chunks(one_chunk, x, (w2.shape[1] * x.dtype.itemsize + w2.shape[0] * 4) * p)
+    if out_last:
+        return y.reshape((x.shape[0], *outs, weight.shape[0]))
     return y.reshape((x.shape[0], weight.shape[0], *outs))
 
 
@@ -767,6 +840,7 @@ def _variant(u) -> _Winograd:
 
 
 _WINOGRAD_PATHS = {4: "winograd", 2: "winograd2"}     # conv_path's name of each variant
+_WINOGRAD_PATH_VARIANTS = {"winograd": _WINOGRAD_F4, "winograd2": _WINOGRAD_F2}
 
 
 @functools.lru_cache(maxsize=None)
@@ -817,6 +891,42 @@ def _winograd(x, weight, pads, f: _Winograd, bias=None, u=None):
     y = _in_batch_chunks(lambda xc: _add_bias(_winograd_tiles(xc, u, (top, left), (th, tw), f), bias, 2),
                          x, t * t * th * tw * (c + k) * 4)
     return y[:, :, :ho, :wo]
+
+
+def _winograd_last(x, weight, pads, f: _Winograd, bias, u=None):
+    """``_winograd`` of a channel-last ``x [N, H, W, C]``, result ``[N, H', W', K]``.
+
+    Every transform reads and writes whole channel vectors; the product takes the transformed
+    weights ``[t*t, K, C]`` as its left operand (``[t*t, K, N*tiles]``), which the output
+    transform turns back to channel-last.  Per layer at batch 32 (one thread, prepared weights)
+    against the channel-first path: 0.75-0.9x at 64-128 channels, 0.9-1.0x at 256-512; with the
+    activations as the left operand the late layers ran 1.5-2.4x slower."""
+    m, t = f.m, f.m + 2
+    x = x.astype(jnp.float32)
+    k, c = weight.shape[:2]
+    (top, bottom), (left, right) = pads
+    ho, wo = x.shape[1] + top + bottom - 2, x.shape[2] + left + right - 2
+    th, tw = -(-ho // m), -(-wo // m)
+    u = winograd_weight(weight, m) if u is None else u.astype(jnp.float32)
+    bias = jnp.asarray(bias).astype(jnp.float32)
+    y = _in_batch_chunks(lambda xc: _winograd_tiles_last(xc, u, (top, left), (th, tw), f) + bias,
+                         x, t * t * th * tw * (c + k) * 4)
+    return y[:, :ho, :wo]
+
+
+def _winograd_tiles_last(x, u, before, tiles, f: _Winograd):
+    """``[N, th*m, tw*m, K]`` from channel-last ``x``: ``_winograd_tiles`` with channels minor."""
+    m, t = f.m, f.m + 2
+    (n, h, wd, c), k = x.shape, u.shape[1]
+    (top, left), (th, tw) = before, tiles
+    xp = _pad_all(x, [(top, th * m + 2 - h - top), (left, tw * m + 2 - wd - left), (0, 0)])
+    rows = [lax.slice_in_dim(xp, a, a + m * (th - 1) + 1, m, axis=1) for a in range(t)]
+    s = lax.optimization_barrier(jnp.stack([_combine(rows, f.bt[i]) for i in range(t)]))   # [t, N, th, Wp, C]
+    cols = [lax.slice_in_dim(s, b, b + m * (tw - 1) + 1, m, axis=3) for b in range(t)]
+    v = jnp.stack([_combine(cols, f.bt[j]) for j in range(t)], axis=1).reshape(t * t, n * th * tw, c)
+    prod = lax.dot_general(u, v, (((2,), (2,)), ((0,), (0,))))            # [t*t, K, N*th*tw]
+    y = jnp.tensordot(jnp.asarray(np.kron(f.at, f.at), jnp.float32), prod, axes=1)
+    return y.reshape(m, m, k, n, th, tw).transpose(3, 4, 0, 5, 1, 2).reshape(n, th * m, tw * m, k)
 
 
 def _winograd_tiles(x, u, before, tiles, f: _Winograd):
@@ -907,3 +1017,4 @@ def conv_transpose(x, weight, bias=None, *, pad=None, output_shape=None, pad_typ
                  for i, (a, b) in enumerate(zip(lo, hi)))
     y = y[(slice(None), slice(None)) + crop]
     return _add_bias(y, bias, n).astype(x.dtype)
+

@@ -263,6 +263,7 @@ _LAYOUT_FREE_UNARY = frozenset({
     "cast", "identity"})
 _LAYOUT_FREE_BINARY = frozenset({"add", "sub", "mul", "real_div", "maximum", "minimum"})
 _REDUCTIONS = frozenset({"reduce_mean", "reduce_sum", "reduce_max", "reduce_min"})
+_POOLS = frozenset({"max_pool", "avg_pool"})      # run channel-last by the hint ``channels_last``
 _TO_LAST, _TO_FIRST = (0, 2, 3, 1), (0, 3, 1, 2)
 
 
@@ -292,10 +293,42 @@ def _layout_free(op) -> bool:
         axes, keep = op.input("axes"), op.input("keep_dims")
         return (_rank4(op.input("x")) and axes is not None and axes.value is not None
                 and keep is not None and keep.value is not None and bool(keep.value))
+    if op.type in _POOLS:
+        return _rank4(op.input("x")) and all(
+            v.value is not None for k, bound in op.inputs.items() if k != "x" for v in bound)
     if op.type == "concat":
         inter, axis = op.input("interleave"), op.input("axis")
         return (all(_rank4(v) for v in op.inputs.get("values", ())) and axis is not None
                 and axis.value is not None and (inter is None or not bool(inter.value)))
+    return False
+
+
+def _seeds(op) -> bool:
+    """A conv that seeds a channel-last region: depthwise, or dense with a spatial kernel (3x3
+    Winograd and XLA's convolution run channel-last natively, and a region's values then cross
+    no transposes between its convs; a network of 1x1 convs alone stays channel-first)."""
+    if op.type != "conv":
+        return False
+    shape = _static_shape(op.input("weight"))
+    return is_depthwise_weight(shape, _groups(op)) or any(k != 1 for k in shape[2:])
+
+
+def _read_once(op, readers, by_id) -> bool:
+    """``op``'s result is read by one pool whose windows do not overlap (kernel = strides), directly
+    or through one elementwise activation: XLA fuses the computation into that pool's loop, where
+    each value is read once (a first layer then runs as one expression, see
+    :func:`mljax.ops.conv._direct_last`)."""
+    for _ in range(2):
+        users = readers.get(id(op.outputs[0]), ())
+        if len(users) != 1 or next(iter(users)) not in by_id:
+            return False
+        op = by_id[next(iter(users))]
+        if op.type in _POOLS:
+            k, st = op.input("kernel_sizes"), op.input("strides")
+            return (k is not None and st is not None and k.value is not None and st.value is not None
+                    and np.array_equal(np.asarray(k.value).reshape(-1), np.asarray(st.value).reshape(-1)))
+        if op.type not in _LAYOUT_FREE_UNARY:
+            return False
     return False
 
 
@@ -334,11 +367,11 @@ def channels_last_regions(graph: Graph) -> int:
             p = producers.get(id(v))
             if p is not None and id(p) in free:
                 edges.append((id(p), id(op)))
-    region = seeded_components(free, edges, {id(op) for op in ops if id(op) in free and op.type == "conv"
-                                             and is_depthwise_weight(_static_shape(op.input("weight")), _groups(op))})
+    region = seeded_components(free, edges, {id(op) for op in ops if id(op) in free and _seeds(op)})
     if not region:
         return 0
     protected = graph.protected()
+    by_id = {id(op): op for op in ops}
     moved: dict[int, Var] = {}        # id(channel-first Var) -> its channel-last twin
     entering: dict[int, Var] = {}
     rewritten = []
@@ -367,6 +400,8 @@ def channels_last_regions(graph: Graph) -> int:
         pool = op.type in ("reduce_mean", "reduce_sum") and not any(
             r in region for r in readers.get(id(op.outputs[0]), ()))
         _remap(graph, op, before, first_in, pool)
+        if first_in and _read_once(op, readers, by_id):
+            op.attributes[HINTS]["read_once"] = True
         after = []
         for i, v in enumerate(op.outputs):
             twin = Var(f"{v.name}__last", TensorType(v.type.dtype, tuple(v.type.shape[j] for j in _TO_LAST)))
@@ -397,6 +432,8 @@ def _remap(graph: Graph, op, before: list, first_in=False, pool=False) -> None:
     computes it once per weight values, see :mod:`mljax.lower`), a global pool (``pool``: read
     only outside the region) the hint ``pool_by_product``."""
     new_axis = {a: _TO_LAST.index(a) for a in range(4)}
+    if op.type in _POOLS:
+        op.attributes[HINTS] = {**op.attributes.get(HINTS, {}), "channels_last": True}
     if op.type == "conv":
         hints = {**op.attributes.get(HINTS, {}), "channels_last": True}
         w = op.input("weight")
