@@ -247,7 +247,7 @@ def pooling(p, w, xs, ctx):
         return _GLOBAL_POOL_OPS[p.type](x, axes=[1, 2], keep_dims=True)
     if p.globalPooling:
         return _GLOBAL_POOL_OPS[p.type](x, axes=[-2, -1], keep_dims=True)
-    xb, back = channels_first(x)
+    xb, back = (x, lambda y: y) if ctx.channels_last else channels_first(x)
     kw = dict(kernel_sizes=[int(v) for v in (list(p.kernelSize) or [3, 3])],
               strides=[int(v) for v in (list(p.stride) or [1, 1])])
     mode = p.WhichOneof("PoolingPaddingType")
@@ -258,6 +258,8 @@ def pooling(p, w, xs, ctx):
         kw["pad_type"], kw["pad"] = _mil_pad(p, "PoolingPaddingType")
     if p.type == 1:
         kw["exclude_padding_from_average"] = bool(p.avgPoolExcludePadding)
+    if ctx.channels_last:      # [N, H, W, C] (a channel-last region's max or average pool)
+        return (pool_ops.maximum_pool if p.type == 0 else pool_ops.average_pool)(xb, channels_last=True, **kw)
     return back(_POOL_OPS[p.type](xb, **kw))
 
 

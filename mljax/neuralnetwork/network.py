@@ -174,6 +174,8 @@ class Network:
         xs = []
         for i, n in enumerate(list(lyr.input) + list(role.scaled_by)):
             if role.first_in and i == 0:
+                if getattr(env[n], "ndim", 0) != 4:
+                    return None
                 xs.append(env[n])
             elif n in last:
                 xs.append(last[n])
@@ -325,9 +327,15 @@ def _region_layer(lyr) -> bool:
         return lyr.activation.WhichOneof("NonlinearityType") not in (None, "PReLU", "parametricSoftplus")
     if kind in ("add", "multiply"):
         return len(lyr.output) == 1
-    if kind == "pooling":
-        return bool(lyr.pooling.globalPooling) and lyr.pooling.type in (0, 1) and len(lyr.output) == 1
+    if kind == "pooling":      # max and average, global or windowed
+        return lyr.pooling.type in (0, 1) and len(lyr.output) == 1
     return False
+
+
+def _seeds(w_shape, groups: int) -> bool:
+    """A convolution that seeds a channel-last region: depthwise, or dense with a spatial kernel
+    (as the ML-program graph layer's, :func:`mljax.optimize.passes.channels_last_regions`)."""
+    return is_depthwise_weight(w_shape, groups) or any(k != 1 for k in w_shape[2:])
 
 
 def _scaled_by(i, layers, producer, readers, region) -> tuple:
@@ -366,7 +374,7 @@ def _conv_weight(lyr):
 def _channel_last_layers(nn) -> dict:
     """``{layer name: _Role}``: the top network's channel-last regions, as the ML-program graph
     layer forms them (:func:`mljax.optimize.passes.channels_last_regions`): connected layers that
-    compute alike channel-last, holding a depthwise convolution.  A region's first dense layer
+    compute alike channel-last, holding a depthwise or dense spatial convolution.  A region's first dense layer
     with few weights per output (im2col) reads its channel-first input; its depthwise and 1x1
     weights are laid out HWIO (``Network.prepare``); a global average pool read outside it runs
     as a product."""
@@ -378,7 +386,7 @@ def _channel_last_layers(nn) -> dict:
     free = {i for i, lyr in enumerate(layers) if _region_layer(lyr)}
     edges = [(producer[b], i) for i in free for b in layers[i].input if producer.get(b) in free]
     region = seeded_components(free, edges, {i for i in free if layers[i].WhichOneof("layer") == "convolution"
-                                             and is_depthwise_weight(*_conv_weight(layers[i]))})
+                                             and _seeds(*_conv_weight(layers[i]))})
     readers: dict[str, set] = {}
     for i, lyr in enumerate(layers):
         for b in lyr.input:
