@@ -357,3 +357,86 @@ def test_channel_last_regions_cover_concat_reductions_multipliers_and_outside_op
     ref = F.conv2d(c - c.amax(1, keepdim=True), tw(wp)) + 0.5 * t[:, :, ::2, ::2]
     for got in (on["y"], off["y"]):
         np.testing.assert_allclose(got, ref.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def _program_residual_block():
+    """A ResNet-style stem and block: a 5x5 stride-2 conv (XLA's convolution), max pool, two 3x3
+    convs (Winograd or im2col by shape) with a residual add, an average pool, the global pool."""
+    w0 = RNG.standard_normal((16, 3, 5, 5)).astype(np.float32) * 0.2
+    w1 = RNG.standard_normal((16, 16, 3, 3)).astype(np.float32) * 0.1
+    w2 = RNG.standard_normal((16, 16, 3, 3)).astype(np.float32) * 0.1
+    b0 = RNG.standard_normal(16).astype(np.float32)
+
+    @mb.program(input_specs=[mb.TensorSpec((1, 3, 64, 64), dtype=types.fp32)], opset_version=ct.target.iOS17)
+    def prog(x):
+        a = mb.relu(x=mb.conv(x=x, weight=w0, bias=b0, strides=[2, 2], pad_type="custom", pad=[2, 2, 2, 2]))
+        p = mb.max_pool(x=a, kernel_sizes=[3, 3], strides=[2, 2], pad_type="custom", pad=[1, 1, 1, 1])
+        c = mb.conv(x=mb.relu(x=mb.conv(x=p, weight=w1, pad_type="same")), weight=w2, pad_type="same")
+        r = mb.relu(x=mb.add(x=c, y=p))
+        q = mb.avg_pool(x=r, kernel_sizes=[2, 2], strides=[2, 2], pad_type="valid")
+        return mb.reshape(x=mb.reduce_mean(x=q, axes=[2, 3], keep_dims=True), shape=[1, 16], name="y"), \
+            mb.identity(x=q, name="map")
+    return prog, (w0, b0, w1, w2)
+
+
+def _torch_residual(x, ws):
+    import torch
+    import torch.nn.functional as F
+    w0, b0, w1, w2 = (torch.from_numpy(w).double() for w in ws)
+    a = torch.relu(F.conv2d(torch.from_numpy(x).double(), w0, b0, stride=2, padding=2))
+    p = F.max_pool2d(a, 3, 2, padding=1)
+    r = torch.relu(F.conv2d(torch.relu(F.conv2d(p, w1, padding=1)), w2, padding=1) + p)
+    q = F.avg_pool2d(r, 2, 2)
+    return q.mean((2, 3)).numpy(), q.numpy()
+
+
+def test_dense_networks_run_channel_last():
+    """Dense spatial convs seed channel-last regions too: the stem, both pools, the 3x3 convs and
+    the residual add are one region (no transposes between them); single and list predicts equal
+    torch's and the unoptimized program's."""
+    from mljax.ops._registry import HINTS
+    prog, ws = _program_residual_block()
+    xs = RNG.standard_normal((3, 1, 3, 64, 64)).astype(np.float32)
+    model, on, off = _both(lambda: prog, {"x": xs[0]})
+    ops = model.stage.lowered.fn.block.operations
+    hinted = {op.type: [] for op in ops}
+    for op in ops:
+        hinted[op.type].append(bool(op.attributes.get(HINTS, {}).get("channels_last")))
+    assert hinted["conv"] == [True] * 3 and hinted["max_pool"] == [True] and hinted["avg_pool"] == [True]
+    # three transposes: the input enters the region; the pooled map (read by identity) and the
+    # global pool (read by reshape) leave it; none between the region's ops
+    assert len([op for op in ops if op.type == "transpose"]) == 3
+    y, fmap = _torch_residual(xs[0], ws)
+    for got in (on, off):
+        np.testing.assert_allclose(got["y"], y, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got["map"], fmap, rtol=1e-4, atol=1e-4)
+    for x, out in zip(xs, model.predict([{"x": x} for x in xs])):
+        y, fmap = _torch_residual(x, ws)
+        np.testing.assert_allclose(out["y"], y, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(out["map"], fmap, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pool,read_once", [((2, 2), True), ((3, 2), False)])
+def test_a_first_layer_read_once_by_its_pool(pool, read_once):
+    """A first layer whose only reader (through its ReLU) is a pool of non-overlapping windows gets
+    the hint ``read_once`` (no row loop); overlapping windows do not; both equal torch."""
+    import torch
+    import torch.nn.functional as F
+
+    from mljax.ops._registry import HINTS
+    w = RNG.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3
+    (k, s) = pool
+
+    @mb.program(input_specs=[mb.TensorSpec((1, 3, 16, 16), dtype=types.fp32)], opset_version=ct.target.iOS17)
+    def prog(x):
+        a = mb.relu(x=mb.conv(x=x, weight=w, pad_type="same"))
+        return mb.max_pool(x=a, kernel_sizes=[k, k], strides=[s, s], pad_type="valid", name="y")
+    xs = RNG.standard_normal((2, 1, 3, 16, 16)).astype(np.float32)
+    model, on, off = _both(lambda: prog, {"x": xs[0]})
+    (conv,) = [op for op in model.stage.lowered.fn.block.operations if op.type == "conv"]
+    assert conv.attributes[HINTS].get("first_in") and bool(conv.attributes[HINTS].get("read_once")) == read_once
+    for x, got in zip(xs, model.predict([{"x": x} for x in xs])):
+        ref = F.max_pool2d(torch.relu(F.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double(),
+                                               padding=1)), k, s).numpy()
+        np.testing.assert_allclose(got["y"], ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(on["y"], off["y"], rtol=1e-5, atol=1e-5)

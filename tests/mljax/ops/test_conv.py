@@ -574,3 +574,52 @@ def test_xla_convolution_inside_a_loop_runs_channel_last(op):
     hlo = looped.lower(x).compile().as_text()
     labels = [re.search(r"dim_labels=([\w>-]+)", line).group(1) for line in hlo.split("\n") if " convolution(" in line]
     assert labels == ["b01f_01io->b01f"], labels
+
+
+@pytest.mark.parametrize("path,c_in,c_out,groups,kernel,strides,pads,dilations", [
+    ("winograd", 5, 6, 1, (3, 3), (1, 1), [(1, 1), (1, 1)], (1, 1)),
+    ("winograd", 4, 3, 1, (3, 3), (1, 1), [(2, 0), (0, 1)], (1, 1)),     # uneven padding, cropped tiles
+    ("winograd2", 3, 7, 1, (3, 3), (1, 1), [(0, 0), (1, 1)], (1, 1)),
+    ("im2col", 2, 4, 1, (3, 2), (2, 1), [(1, 0), (0, 1)], (1, 1)),
+    ("lax", 4, 6, 2, (3, 3), (2, 2), [(1, 1), (1, 1)], (1, 1)),          # grouped, strided
+    ("lax", 3, 5, 1, (5, 3), (1, 2), [(2, 2), (1, 0)], (2, 1)),          # dilated
+])
+def test_channel_last_dense_paths(monkeypatch, path, c_in, c_out, groups, kernel, strides, pads, dilations):
+    """A dense conv of a channel-last region (``[N, H, W, C]`` in and out) by each path it can take:
+    alone, vmapped over a list predict's samples (the path picked again at the folded batch), in
+    fp16, with a prepared Winograd transform, equal to torch's convolution; d/dx and d/dw equal
+    those through XLA's convolution."""
+    import jax
+    from jax import lax
+
+    from mljax.ops import conv as conv_mod
+    from mljax.ops.conv import convolution, winograd_weight
+    monkeypatch.setattr(conv_mod, "_TEMP_BYTES", 1)        # chunks of one image
+    if path == "im2col":
+        monkeypatch.setattr(conv_mod, "_IM2COL_MAX_ROWS", 10 ** 6)
+    else:
+        monkeypatch.setattr(conv_mod, "_IM2COL_MAX_ROWS", 0)
+        monkeypatch.setattr(conv_mod, "_IM2COL_MAX_POSITIONS", 0)
+        monkeypatch.setattr(conv_mod, "_WINOGRAD_MIN_CHANNELS", 1)
+        monkeypatch.setattr(conv_mod, "_WINOGRAD_MIN_TILES", 1)
+        monkeypatch.setattr(conv_mod, "_WINOGRAD_F4_MIN_TILES", 1 if path == "winograd" else 10 ** 6)
+    x, w, b = rand((3, 9, 10, c_in)), rand((c_out, c_in // groups) + kernel) / 3, rand((c_out,))
+    geom = (strides, [tuple(p) for p in pads], dilations)
+    assert conv_mod.conv_path((3, c_in, 9, 10), w.shape, np.float32, *geom, groups) == path
+    kw = dict(strides=strides, pad_type="custom", pad=tuple(v for p in pads for v in p), dilations=dilations,
+              groups=groups, channels_last=True)
+    ref = np.moveaxis(F.conv2d(torch_pad(t64(np.moveaxis(x, -1, 1)), pads), t64(w), t64(b), stride=strides,
+                               dilation=dilations, groups=groups).numpy(), 1, -1)
+    check(convolution(x, w, b, **kw), ref, np.float32)
+    check(jax.jit(jax.vmap(lambda a: convolution(a, w, b, **kw)))(x[:, None]), ref[:, None], np.float32)
+    check(convolution(x.astype(np.float16), w.astype(np.float16), b.astype(np.float16), **kw), ref, np.float16)
+    if path.startswith("winograd"):
+        u = winograd_weight(w, 4 if path == "winograd" else 2)
+        check(convolution(x, w, b, winograd_u=u, **kw), ref, np.float32)
+        check(jax.jit(jax.vmap(lambda a: convolution(a, w, b, winograd_u=u, **kw)))(x[:, None]), ref[:, None],
+              np.float32)
+
+    def xla(a, c):
+        return lax.conv_general_dilated(a, c, strides, pads, rhs_dilation=dilations, feature_group_count=groups,
+                                        dimension_numbers=("NHWC", "OIHW", "NHWC"), precision=lax.Precision.HIGHEST)
+    _check_gradients(lambda a, c: convolution(a, c, **kw), xla, x, w, rand(ref.shape))

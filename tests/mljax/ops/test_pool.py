@@ -217,3 +217,28 @@ def test_pooling_is_differentiable_under_jit():
     ref = (torch.nn.functional.max_pool2d(t, 2, 2) ** 2).sum() + torch.nn.functional.avg_pool2d(t, 3, 1).sum()
     ref.backward()
     np.testing.assert_allclose(got, t.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel,stride,pad,ceil,exclude", [
+    (3, 2, 1, False, False),      # ResNet's stem pool
+    (2, 2, 0, True, False),       # ceil_mode: a trailing partial window
+    (3, 1, 1, False, True),       # average excluding the padding
+    (5, 1, 2, False, False),      # 25 cells: reduce_window rather than slices
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_channel_last_pools_match_torch(kernel, stride, pad, ceil, exclude, dtype):
+    """max_pool / avg_pool of a channel-last ``[N, H, W, C]`` value (a channel-last region's, by the
+    graph layer's hint) equal torch's pools of the channel-first twin, alone and vmapped."""
+    from mljax.ops.pool import average_pool, maximum_pool
+    x = rand((2, 9, 8, 5))
+    xt = torch.tensor(np.moveaxis(x, -1, 1).astype(np.float64))
+    kw = dict(kernel_sizes=[kernel, kernel], strides=[stride, stride], pad_type="custom", pad=[pad] * 4,
+              ceil_mode=ceil)
+    refs = {maximum_pool: F.max_pool2d(xt, kernel, stride, pad, ceil_mode=ceil),
+            average_pool: F.avg_pool2d(xt, kernel, stride, pad, ceil_mode=ceil, count_include_pad=not exclude)}
+    for fn, ref in refs.items():
+        extra = dict(exclude_padding_from_average=exclude) if fn is average_pool else {}
+        ref = np.moveaxis(ref.numpy(), 1, -1)
+        check(call(fn, x.astype(dtype), channels_last=True, **kw, **extra), ref, dtype)
+        vm = jax.jit(jax.vmap(lambda a, fn=fn, extra=extra: fn(a, channels_last=True, **kw, **extra)))
+        check(vm(x[:, None].astype(dtype)), ref[:, None], dtype)
