@@ -108,3 +108,32 @@ def test_rank_n_layers_from_torch():
     assert len(got) == 4
     for g, r in zip(got, refs):
         np.testing.assert_allclose(np.asarray(g), r, rtol=1e-4, atol=1e-5)
+
+
+def test_dense_cnn_runs_as_one_channel_last_region():
+    """A ResNet-style network of dense convs, pools and a residual add: every layer up to the global
+    pool is one channel-last region (as the ML program's graph layer forms it); single and list
+    predicts equal torch."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 16, 5, stride=2, padding=2)
+            self.c1, self.c2 = torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1)
+            self.head = torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            p = torch.nn.functional.max_pool2d(torch.relu(self.stem(x)), 3, 2, padding=1)
+            r = torch.relu(self.c2(torch.relu(self.c1(p))) + p)
+            q = torch.nn.functional.avg_pool2d(r, 2)
+            return self.head(q.mean((2, 3)))
+    model = Net().eval()
+    xs = torch.randn(3, 1, 3, 48, 48)
+    m = _convert(model, xs[0])
+    roles = m.stage.network.channels_last
+    kinds = {lyr.name: lyr.WhichOneof("layer") for lyr in m.stage.network.nn.layers}
+    in_region = sorted(kinds[name] for name in roles)
+    assert in_region.count("convolution") == 3 and in_region.count("pooling") >= 2, in_region
+    for x, out in zip(xs, m.predict([{"x0": x.numpy()} for x in xs])):
+        np.testing.assert_allclose(_only(out), model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(_only(m.predict({"x0": xs[0].numpy()})), model(xs[0]).detach().numpy(),
+                               rtol=1e-4, atol=1e-5)
