@@ -168,17 +168,16 @@ def _lstm_plain(statics, x, h0, c0, w_ih, w_hh, bias, peephole=None):
     dtype = _compute_dtype(x.dtype)
     hidden = w_hh.shape[1]
     w_ih, w_hh = jnp.asarray(w_ih).astype(dtype), jnp.asarray(w_hh).astype(dtype)
-    fm = x.shape[1] > 1               # feature-major: [H, b] states, gates on axis 0
+    fm, prod, col = _layout(x.shape[1])      # feature-major: [H, b] states, gates on axis 0
     axis = 0 if fm else -1
-    xw = jnp.einsum("sbi,gi->sgb" if fm else "sbi,gi->sbg", x.astype(dtype), w_ih)
-    xw = xw + (bias.astype(dtype)[:, None] if fm else bias.astype(dtype))
-    p_i, p_f, p_o = ([p[:, None] if fm else p for p in jnp.split(_vec(peephole, 3 * hidden, dtype), 3)]
+    xw = jnp.einsum("sbi,gi->sgb" if fm else "sbi,gi->sbg", x.astype(dtype), w_ih) + col(bias.astype(dtype))
+    p_i, p_f, p_o = ([col(p) for p in jnp.split(_vec(peephole, 3 * hidden, dtype), 3)]
                      if peephole is not None else (0, 0, 0))
     rec_act, cell_act, out_act = acts
 
     def step(carry, xw_t):
         h, c = carry
-        g_i, g_f, g_o, g_z = jnp.split(xw_t + (jnp.matmul(w_hh, h) if fm else _mv(h, w_hh)), 4, axis=axis)
+        g_i, g_f, g_o, g_z = jnp.split(xw_t + prod(w_hh, h), 4, axis=axis)
         if peephole is not None:
             g_i, g_f = g_i + c * p_i, g_f + c * p_f
         i = rec_act(g_i)
@@ -233,30 +232,51 @@ def lstm(x, initial_h, initial_c, weight_ih, weight_hh, bias=None, peephole=None
 # --- gru --------------------------------------------------------------------------------
 def _gru_direction(x, h0, w_ih, w_hh, bias, input_bias, acts, reverse, reset_after):
     """One GRU direction over ``x: [s, b, I]`` (gates ``[r, o, z]``); returns (outputs in
-    processing order, h_T).  ``acts`` are callables (recurrent, output).  Shared by both formats."""
-    rec_act, out_act = acts
+    processing order, h_T).  ``acts`` are callables (recurrent, output).  Shared by both formats.
+    Layouts and a list predict's samples as :func:`_lstm_direction`'s."""
+    hidden = jnp.shape(w_hh)[1]
     dtype = _compute_dtype(x.dtype)
-    hidden = w_hh.shape[1]
+    weights = (w_ih, w_hh, _vec(bias, 3 * hidden, dtype), _vec(input_bias, 3 * hidden, dtype))
+    return _sample_folding(_gru_plain, (acts, bool(reverse), bool(reset_after)), 1)(x, jnp.asarray(h0), *weights)
+
+
+def _layout(b: int):
+    """``(feature_major, product, column)`` of a recurrence over ``b`` rows: several rows hold the
+    state ``[H, b]`` and multiply ``w @ h`` (see :func:`_lstm_plain`), one row ``[b, H]``."""
+    if b > 1:
+        return True, jnp.matmul, lambda v: v[:, None]
+    return False, lambda w, h: _mv(h, w), lambda v: v
+
+
+def _gru_plain(statics, x, h0, w_ih, w_hh, bias, input_bias):
+    (rec_act, out_act), reverse, reset_after = statics
+    dtype = _compute_dtype(x.dtype)
+    fm, prod, col = _layout(x.shape[1])
+    axis = 0 if fm else -1
     w_ih, w_hh = jnp.asarray(w_ih).astype(dtype), jnp.asarray(w_hh).astype(dtype)
     w_hr, w_ho, w_hz = jnp.split(w_hh, 3)
     w_hrz = jnp.concatenate([w_hr, w_hz])  # r and z from one product per step
-    b_r, b_o, b_z = jnp.split(_vec(bias, 3 * hidden, dtype), 3)
+    b_r, b_o, b_z = jnp.split(bias.astype(dtype), 3)
     # every bias outside the reset gate's product is folded into the input projection
-    b_in = jnp.concatenate([b_r, jnp.zeros_like(b_o) if reset_after else b_o, b_z])
-    xw = jnp.einsum("sbi,gi->sbg", x.astype(dtype), w_ih) + _vec(input_bias, 3 * hidden, dtype) + b_in
+    b_in = jnp.concatenate([b_r, jnp.zeros_like(b_o) if reset_after else b_o, b_z]) + input_bias.astype(dtype)
+    xw = jnp.einsum("sbi,gi->sgb" if fm else "sbi,gi->sbg", x.astype(dtype), w_ih) + col(b_in)
+    b_o = col(b_o)
 
     def step(h, xw_t):
-        x_r, x_o, x_z = jnp.split(xw_t, 3, axis=-1)
-        h_r, h_z = jnp.split(_mv(h, w_hrz), 2, axis=-1)
+        x_r, x_o, x_z = jnp.split(xw_t, 3, axis=axis)
+        h_r, h_z = jnp.split(prod(w_hrz, h), 2, axis=axis)
         r, z = rec_act(x_r + h_r), rec_act(x_z + h_z)
         if reset_after:  # torch style: the reset gate scales the recurrent term
-            o = out_act(x_o + r * (_mv(h, w_ho) + b_o))
+            o = out_act(x_o + r * (prod(w_ho, h) + b_o))
         else:  # the reset gate scales h before the recurrent matmul
-            o = out_act(x_o + _mv(r * h, w_ho))
+            o = out_act(x_o + prod(w_ho, r * h))
         h = (1 - z) * o + z * h
         return h, h
 
-    h, ys = _steps(step, jnp.asarray(h0).astype(dtype), xw, reverse)
+    h0 = h0.astype(dtype)
+    h, ys = _steps(step, h0.T if fm else h0, xw, reverse)
+    if fm:
+        ys, h = jnp.swapaxes(ys, 1, 2), h.T
     return ys.astype(x.dtype), h.astype(x.dtype)
 
 
@@ -295,16 +315,27 @@ def gru_iOS18(x, initial_h, weight_ih, weight_hh, bias=None, input_bias=None, *,
 # --- rnn --------------------------------------------------------------------------------
 def _rnn_direction(x, h0, w_ih, w_hh, bias, act, reverse):
     """``h = act(W_ih x + W_hh h + b)`` over ``x: [s, b, I]``; returns (outputs in processing
-    order, h_T).  Shared by both formats."""
+    order, h_T).  Shared by both formats.  Layouts and a list predict's samples as
+    :func:`_lstm_direction`'s."""
+    bias = _vec(bias, jnp.shape(w_ih)[0], _compute_dtype(x.dtype))
+    return _sample_folding(_rnn_plain, (act, bool(reverse)), 1)(x, jnp.asarray(h0), w_ih, w_hh, bias)
+
+
+def _rnn_plain(statics, x, h0, w_ih, w_hh, bias):
+    act, reverse = statics
     dtype = _compute_dtype(x.dtype)
+    fm, prod, col = _layout(x.shape[1])
     w_ih, w_hh = jnp.asarray(w_ih).astype(dtype), jnp.asarray(w_hh).astype(dtype)
-    xw = jnp.einsum("sbi,hi->sbh", x.astype(dtype), w_ih) + _vec(bias, w_ih.shape[0], dtype)
+    xw = jnp.einsum("sbi,hi->shb" if fm else "sbi,hi->sbh", x.astype(dtype), w_ih) + col(bias.astype(dtype))
 
     def step(h, xw_t):
-        h = act(xw_t + _mv(h, w_hh))
+        h = act(xw_t + prod(w_hh, h))
         return h, h
 
-    h, ys = _steps(step, jnp.asarray(h0).astype(dtype), xw, reverse, prefetch=False)
+    h0 = h0.astype(dtype)
+    h, ys = _steps(step, h0.T if fm else h0, xw, reverse, prefetch=False)
+    if fm:
+        ys, h = jnp.swapaxes(ys, 1, 2), h.T
     return ys.astype(x.dtype), h.astype(x.dtype)
 
 
