@@ -2,6 +2,9 @@
 
 The input projection of every time step is one matrix product before the loop; each step does
 one product with the stacked recurrent weights (two for gru: r and z, then the reset-scaled o).
+Several rows run feature-major (the state ``[H, b]``, the weights the products' left operand), one
+row batch-major (:func:`_lstm_plain`); a list predict's samples join the batch of one recurrence
+(:func:`_sample_folding`).
 fp16 recurrences run in fp32 (state, products, gates) and the outputs are rounded to fp16 once.
 The NeuralNetwork LSTM/GRU/RNN layers call the same ``_*_direction`` functions.
 
