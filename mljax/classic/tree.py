@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mljax.classic._common import (class_labels, classifier_stage, feature_vector, float_dtype,
-                                   input_width, regressor_stage)
+from mljax.classic._common import (class_labels, classifier_stage, feature_vector, input_width,
+                                   regressor_stage)
 from mljax.errors import ModelFormatError, UnsupportedError
 from mljax.features import feature_specs
 from mljax.stage import register_stage_builder

@@ -6,7 +6,6 @@ rounds half to even (``np.round``) and saturates to the output integer range.
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 
 from mljax.errors import OpError
 from mljax.ops._registry import register
