@@ -346,27 +346,35 @@ def _batch_folding(path: str, geom):
     for im2col / Winograd (re-dispatched at the folded batch).  Reverse-mode derivatives come
     from the plain implementation (``custom_vmap`` has none of its own).
     """
-    plain = functools.partial(_fast_path, path, geom)
+    strides, pads, dilations = geom
+    return _folding_batch(functools.partial(_fast_path, path, geom),
+                          lambda x, weight, bias: _dense_or_grouped(x, weight, strides, pads, dilations, 1, bias))
 
+
+def _folding_batch(plain, at_folded_batch, derivatives: bool = True):
+    """``plain(x, *rest)`` (``x`` batch-major), whose ``vmap`` over ``x`` alone folds the mapped
+    axis into ``x``'s batch and calls ``at_folded_batch`` (which may pick another path for the
+    larger batch); a vmap over other arguments maps ``plain``.  Reverse-mode derivatives come
+    from ``plain`` (``custom_vmap`` has none of its own), or none with ``derivatives=False``."""
     @custom_vmap
-    def folded(x, weight, bias):
-        return plain(x, weight, bias)
+    def folded(*args):
+        return plain(*args)
 
     @folded.def_vmap
-    def _rule(axis_size, in_batched, x, weight, bias):
+    def _rule(axis_size, in_batched, x, *rest):
         if in_batched[0] and not any(in_batched[1:]):
-            strides, pads, dilations = geom
-            folded_x = x.reshape((-1,) + x.shape[2:])
-            y = _dense_or_grouped(folded_x, weight, strides, pads, dilations, 1, bias)
+            y = at_folded_batch(x.reshape((-1,) + x.shape[2:]), *rest)
             return y.reshape((axis_size, -1) + y.shape[1:]), True
-        return jax.vmap(plain, in_axes=tuple(0 if b else None for b in in_batched))(x, weight, bias), True
+        return jax.vmap(plain, in_axes=tuple(0 if b else None for b in in_batched))(x, *rest), True
+
+    if not derivatives:
+        return folded
 
     @jax.custom_vjp
-    def fn(x, weight, bias):
-        return folded(x, weight, bias)
+    def fn(*args):
+        return folded(*args)
 
-    fn.defvjp(lambda x, weight, bias: (folded(x, weight, bias), (x, weight, bias)),
-              lambda res, ct: jax.vjp(plain, *res)[1](ct))
+    fn.defvjp(lambda *args: (folded(*args), args), lambda res, ct: jax.vjp(plain, *res)[1](ct))
     return fn
 
 
@@ -588,33 +596,11 @@ def _dense_last(x, weight, bias, geom, groups, u=None):
 @functools.lru_cache(maxsize=None)
 def _dense_last_folding(geom, groups: int, prepared: bool):
     """``_dense_last`` whose ``vmap`` over ``x`` (a list predict's samples) folds the mapped axis
-    into the batch and picks the path again at the folded batch (as :func:`_batch_folding`).
-    Reverse-mode derivatives come from the plain implementation; with a prepared Winograd
-    transform (``prepared``: predictions only) there are none."""
+    into the batch and picks the path again at the folded batch (:func:`_folding_batch`).  With
+    a prepared Winograd transform (``prepared``: predictions only) there are no derivatives."""
     def plain(x, weight, bias, *u):
         return _dense_last(x, weight, bias, geom, groups, *u)
-
-    @custom_vmap
-    def folded(x, weight, bias, *u):
-        return plain(x, weight, bias, *u)
-
-    @folded.def_vmap
-    def _rule(axis_size, in_batched, x, weight, bias, *u):
-        if in_batched[0] and not any(in_batched[1:]):
-            y = plain(x.reshape((-1,) + x.shape[2:]), weight, bias, *u)
-            return y.reshape((axis_size, -1) + y.shape[1:]), True
-        return jax.vmap(plain, in_axes=tuple(0 if b else None for b in in_batched))(x, weight, bias, *u), True
-
-    if prepared:
-        return folded
-
-    @jax.custom_vjp
-    def fn(x, weight, bias):
-        return folded(x, weight, bias)
-
-    fn.defvjp(lambda x, weight, bias: (folded(x, weight, bias), (x, weight, bias)),
-              lambda res, ct: jax.vjp(plain, *res)[1](ct))
-    return fn
+    return _folding_batch(plain, plain, derivatives=not prepared)
 
 
 # Channels per block of a channel-last depthwise layer (one 512-bit vector of float32).
@@ -852,22 +838,10 @@ def _prepared_winograd(path: str, geom):
     transform in the traced function)."""
     strides, pads, dilations = geom
     f = _WINOGRAD_F4 if path == "winograd" else _WINOGRAD_F2
-
-    def plain(x, weight, bias, u):
-        return _winograd(x, weight, pads, f, bias, u)
-
-    @custom_vmap
-    def folded(x, weight, bias, u):
-        return plain(x, weight, bias, u)
-
-    @folded.def_vmap
-    def _rule(axis_size, in_batched, x, weight, bias, u):
-        if in_batched[0] and not any(in_batched[1:]):
-            y = _dense_or_grouped(x.reshape((-1,) + x.shape[2:]), weight, strides, pads, dilations, 1, bias,
-                                  winograd_u=u)
-            return y.reshape((axis_size, -1) + y.shape[1:]), True
-        return jax.vmap(plain, in_axes=tuple(0 if b else None for b in in_batched))(x, weight, bias, u), True
-    return folded
+    return _folding_batch(
+        lambda x, weight, bias, u: _winograd(x, weight, pads, f, bias, u),
+        lambda x, weight, bias, u: _dense_or_grouped(x, weight, strides, pads, dilations, 1, bias, winograd_u=u),
+        derivatives=False)
 
 
 def _winograd(x, weight, pads, f: _Winograd, bias=None, u=None):
