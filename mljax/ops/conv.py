@@ -571,7 +571,7 @@ def _dense_last(x, weight, bias, geom, groups, u=None):
     """A dense (or grouped, not depthwise) convolution of a channel-last ``x [N, *D, C_in]`` into
     ``[N, *D', C_out]``, by the path :func:`conv_path` picks for its channel-first twin.
 
-    Winograd runs channel-last (:func:`_winograd_last`) and XLA's convolution is issued NHWC /
+    Winograd runs channel-last (:func:`_winograd_tiles_last`) and XLA's convolution is issued NHWC /
     HWIO with no transposes of the activations; im2col (first layers and small maps, where the
     activations are small) runs channel-first between two transposes.  ``u`` is the weight's
     prepared Winograd transform, used where its variant is the one the shapes pick."""
@@ -581,7 +581,7 @@ def _dense_last(x, weight, bias, geom, groups, u=None):
     if path in _WINOGRAD_PATH_VARIANTS:
         f = _WINOGRAD_PATH_VARIANTS[path]
         u = u if u is not None and _variant(u).m == f.m else None
-        return _winograd_last(x, weight, pads, f, bias, u)
+        return _winograd(x, weight, pads, f, bias, u, last=True)
     if path == "im2col":
         y = _im2col(jnp.moveaxis(x, -1, 1), weight, strides, pads, dilations, bias)
         return jnp.moveaxis(y, 1, -1)
@@ -844,7 +844,7 @@ def _prepared_winograd(path: str, geom):
         derivatives=False)
 
 
-def _winograd(x, weight, pads, f: _Winograd, bias=None, u=None):
+def _winograd(x, weight, pads, f: _Winograd, bias=None, u=None, last=False):
     """A 3x3 stride-1 convolution (2-D) by Winograd's minimal filtering, computed in fp32.
 
     ``m x m`` output tiles from overlapping ``t x t`` input tiles (``t = m + 2``): the input
@@ -854,42 +854,36 @@ def _winograd(x, weight, pads, f: _Winograd, bias=None, u=None):
     with ``A^T (x) A^T``.  The weight transform ``u`` (:func:`winograd_weight`) runs inside the
     traced function, so weights stay ordinary (differentiable) arguments, unless it comes
     computed once per weight values (a predict's prepared weights, see :func:`winograd_variant`).
+
+    ``last``: a channel-last ``x [N, H, W, C]`` and result ``[N, H', W', K]``
+    (:func:`_winograd_tiles_last`).
     """
     m, t = f.m, f.m + 2
     x = x.astype(jnp.float32)
     k, c = weight.shape[:2]
     (top, bottom), (left, right) = pads
-    ho, wo = x.shape[2] + top + bottom - 2, x.shape[3] + left + right - 2
+    h, w = x.shape[1:3] if last else x.shape[2:4]
+    ho, wo = h + top + bottom - 2, w + left + right - 2
     th, tw = -(-ho // m), -(-wo // m)
     u = winograd_weight(weight, m) if u is None else u.astype(jnp.float32)
+    if last:
+        b = 0.0 if bias is None else jnp.asarray(bias).astype(jnp.float32)
+        y = _in_batch_chunks(lambda xc: _winograd_tiles_last(xc, u, (top, left), (th, tw), f) + b,
+                             x, t * t * th * tw * (c + k) * 4)
+        return y[:, :ho, :wo]
     y = _in_batch_chunks(lambda xc: _add_bias(_winograd_tiles(xc, u, (top, left), (th, tw), f), bias, 2),
                          x, t * t * th * tw * (c + k) * 4)
     return y[:, :, :ho, :wo]
 
 
-def _winograd_last(x, weight, pads, f: _Winograd, bias, u=None):
-    """``_winograd`` of a channel-last ``x [N, H, W, C]``, result ``[N, H', W', K]``.
+def _winograd_tiles_last(x, u, before, tiles, f: _Winograd):
+    """``[N, th*m, tw*m, K]`` from channel-last ``x``: ``_winograd_tiles`` with channels minor.
 
     Every transform reads and writes whole channel vectors; the product takes the transformed
     weights ``[t*t, K, C]`` as its left operand (``[t*t, K, N*tiles]``), which the output
     transform turns back to channel-last.  Per layer at batch 32 (one thread, prepared weights)
     against the channel-first path: 0.75-0.9x at 64-128 channels, 0.9-1.0x at 256-512; with the
     activations as the left operand the late layers ran 1.5-2.4x slower."""
-    m, t = f.m, f.m + 2
-    x = x.astype(jnp.float32)
-    k, c = weight.shape[:2]
-    (top, bottom), (left, right) = pads
-    ho, wo = x.shape[1] + top + bottom - 2, x.shape[2] + left + right - 2
-    th, tw = -(-ho // m), -(-wo // m)
-    u = winograd_weight(weight, m) if u is None else u.astype(jnp.float32)
-    bias = jnp.asarray(bias).astype(jnp.float32)
-    y = _in_batch_chunks(lambda xc: _winograd_tiles_last(xc, u, (top, left), (th, tw), f) + bias,
-                         x, t * t * th * tw * (c + k) * 4)
-    return y[:, :ho, :wo]
-
-
-def _winograd_tiles_last(x, u, before, tiles, f: _Winograd):
-    """``[N, th*m, tw*m, K]`` from channel-last ``x``: ``_winograd_tiles`` with channels minor."""
     m, t = f.m, f.m + 2
     (n, h, wd, c), k = x.shape, u.shape[1]
     (top, left), (th, tw) = before, tiles
