@@ -338,16 +338,18 @@ def _groups(op) -> int:
 
 
 def channels_last_regions(graph: Graph) -> int:
-    """Runs depthwise networks channel-last: the role of ONNX Runtime's NCHWc layout transformer.
+    """Runs convolutional networks channel-last: the role of ONNX Runtime's NCHWc layout transformer.
 
     A depthwise convolution in MIL's channel-first layout slides its taps along the minor axis,
     a few pixels wide in a network's late layers: XLA:CPU vectorizes such loops poorly.
-    Channel-last, every tap is a contiguous channel vector and a 1x1 convolution one GEMM.  A
-    *region* is a connected set of ops that compute alike in either layout (conv, elementwise
-    activations and arithmetic on rank-4 tensors and scalars, reductions keeping their axes,
-    concat), holding at least one depthwise convolution; its values are held ``[N, H, W, C]``,
-    one ``transpose`` converts each value that enters or leaves it, reduction axes and concat
-    axes are renumbered, and its convs get the hint ``channels_last``.  Vars read outside the
+    Channel-last, every tap is a contiguous channel vector and a 1x1 convolution one GEMM; dense
+    layers (Winograd, XLA's convolution) run channel-last without the transposes around each
+    one.  A *region* is a connected set of ops that compute alike in either layout (conv, max
+    and average pools, elementwise activations and arithmetic on rank-4 tensors and scalars,
+    reductions keeping their axes, concat), holding at least one depthwise or dense spatial
+    convolution (:func:`_seeds`); its values are held ``[N, H, W, C]``, one ``transpose``
+    converts each value that enters or leaves it, reduction axes and concat axes are
+    renumbered, and its convs and pools get the hint ``channels_last``.  Vars read outside the
     region keep their identity (and channel-first layout).  Returns the number of ops moved."""
     if not graph.static:     # a flexible input: declared shapes (the global pool's) are just one case
         return 0
