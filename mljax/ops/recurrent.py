@@ -123,14 +123,14 @@ def _lstm_direction(x, h0, c0, w_ih, w_hh, bias, peephole, acts, clip, reverse, 
     return _sample_folding(_lstm_plain, statics, 2)(x, h0, c0, *weights)
 
 
-@functools.lru_cache(maxsize=None)
 def _sample_folding(plain, statics: tuple, n_state: int):
     """``plain(statics, x [s, b, I], *states [b, H], *weights)`` whose ``vmap`` over the samples of
     a list predict folds them into the batch axis ``b``: one recurrence of ``V * b`` rows instead
     of ``V`` recurrences batched by XLA (each step one product).  States that are not mapped
     (a model's constant initial state) are repeated per sample; mapped weights fall back to
     ``vmap``.  Reverse-mode derivatives come from ``plain`` (``custom_vmap`` has none of its own).
-    Outputs: per-step values ``[s, b, ...]`` first, then the final states ``[b, ...]``."""
+    Outputs: per-step values ``[s, b, ...]`` first, then the final states ``[b, ...]``.  Built per
+    trace, not cached: the NeuralNetwork layers pass activations made per call."""
     run = functools.partial(plain, statics)
 
     @custom_vmap
