@@ -92,11 +92,15 @@ def _lax_conv(x, weight, **options):
     generic loop, 13-140x slower (a 7x7 stride-2 first layer of 8 images 203 ms against 15 ms;
     jax-ml/jax#12868).  Outside loops XLA's layout assignment makes the same program of both
     forms (the same time, the same bits)."""
-    n = x.ndim - 2
-    sp = _spatial_letters(n)
-    y = lax.conv_general_dilated(jnp.moveaxis(x, 1, -1), hwio(weight),
-                                 dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"), **options)
-    return jnp.moveaxis(y, -1, 1)
+    return jnp.moveaxis(_lax_conv_last(jnp.moveaxis(x, 1, -1), weight, **options), -1, 1)
+
+
+def _lax_conv_last(x, weight, **options):
+    """``lax.conv_general_dilated`` of a channel-last ``x [N, *D, C_in]`` and ``weight [C_out,
+    C_in/groups, *K]``, issued NHWC / HWIO: the result ``[N, *D', C_out]``."""
+    sp = _spatial_letters(x.ndim - 2)
+    return lax.conv_general_dilated(x, hwio(weight), dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"),
+                                    **options)
 
 
 def _accumulate_dtype(dtype):
@@ -334,7 +338,7 @@ def _fast_path(path, geom, x, weight, bias):
         return _add_bias(_pointwise(x, weight, strides), bias, x.ndim - 2)
     if path == "im2col":
         return _im2col(x, weight, strides, pads, dilations, bias)
-    return _winograd(x, weight, pads, _WINOGRAD_F2 if path == "winograd2" else _WINOGRAD_F4, bias)
+    return _winograd(x, weight, pads, _WINOGRAD_PATH_VARIANTS[path], bias)
 
 
 @functools.lru_cache(maxsize=None)
@@ -585,11 +589,8 @@ def _dense_last(x, weight, bias, geom, groups, u=None):
     if path == "im2col":
         y = _im2col(jnp.moveaxis(x, -1, 1), weight, strides, pads, dilations, bias)
         return jnp.moveaxis(y, 1, -1)
-    sp = _spatial_letters(x.ndim - 2)
-    y = lax.conv_general_dilated(x, hwio(weight).astype(x.dtype), window_strides=strides, padding=pads,
-                                 rhs_dilation=dilations, feature_group_count=groups,
-                                 dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"),
-                                 preferred_element_type=_accumulate_dtype(x.dtype))
+    y = _lax_conv_last(x, weight.astype(x.dtype), window_strides=strides, padding=pads, rhs_dilation=dilations,
+                       feature_group_count=groups, preferred_element_type=_accumulate_dtype(x.dtype))
     return y + bias.astype(y.dtype)
 
 
@@ -718,28 +719,21 @@ def _pointwise_last(x, w2, w_in_axis, strides):
                            preferred_element_type=_accumulate_dtype(x.dtype))
 
 
-def _im2col(x, weight, strides, pads, dilations, bias=None, out_last=False):
+def _im2col(x, weight, strides, pads, dilations, bias=None):
     """im2col: every tap's window stacked as rows of a ``[C_in * taps, positions]`` matrix, one GEMM per image.
 
     For few input channels (a network's first layer) XLA:CPU's convolution runs far below
-    GEMM speed; the patch matrix is small there (C_in * taps rows).  ``out_last``: the result
-    channel-last, ``[N, *D', C_out]``, each image's product taken as ``patches^T w^T``.
+    GEMM speed; the patch matrix is small there (C_in * taps rows).
     """
     outs = _out_sizes(x.shape[2:], weight.shape[2:], strides, pads, dilations)
     w2, p = weight.reshape(weight.shape[0], -1), math.prod(outs)
 
     def one_chunk(xc):
         wins = [v for _, v in _windows(_pad_spatial(xc, pads), weight.shape[2:], strides, dilations, outs)]
-        patches = jnp.stack(wins, axis=2).reshape(xc.shape[0], -1, p)    # rows in weight's (c, tap) order
-        if out_last:
-            y = lax.dot_general(patches, w2.astype(patches.dtype), (((1,), (1,)), ((), ())),
-                                preferred_element_type=_accumulate_dtype(patches.dtype))   # [N, P, K]
-            return y if bias is None else y + jnp.asarray(bias).astype(y.dtype)
-        return _add_bias(_batched_gemm(w2, patches), bias, 1)
+        patches = jnp.stack(wins, axis=2)            # [N, C, taps, *outs]: rows in weight's (c, tap) order
+        return _add_bias(_batched_gemm(w2, patches.reshape(xc.shape[0], -1, p)), bias, 1)
 
     y = _in_batch_chunks(one_chunk, x, (w2.shape[1] * x.dtype.itemsize + w2.shape[0] * 4) * p)
-    if out_last:
-        return y.reshape((x.shape[0], *outs, weight.shape[0]))
     return y.reshape((x.shape[0], weight.shape[0], *outs))
 
 
@@ -837,7 +831,7 @@ def _prepared_winograd(path: str, geom):
     the weight itself.  For predictions: no derivatives of its own (training computes the
     transform in the traced function)."""
     strides, pads, dilations = geom
-    f = _WINOGRAD_F4 if path == "winograd" else _WINOGRAD_F2
+    f = _WINOGRAD_PATH_VARIANTS[path]
     return _folding_batch(
         lambda x, weight, bias, u: _winograd(x, weight, pads, f, bias, u),
         lambda x, weight, bias, u: _dense_or_grouped(x, weight, strides, pads, dilations, 1, bias, winograd_u=u),

@@ -233,14 +233,20 @@ def test_depthwise_networks_run_channel_last():
     pools = [op.attributes.get(HINTS, {}).get("pool_by_product", False)
              for op in model.stage.lowered.fn.block.operations if op.type == "reduce_mean"]
     assert sorted(pools) == [False, True]     # squeeze-and-excitation stays a reduction; the global pool not
-    y, fmap = _torch_block(xs[0], ws)
+    _check_y_and_map(model, on, off, xs, lambda x: _torch_block(x, ws), 1e-5)
+
+
+def _check_y_and_map(model, on, off, xs, reference, tol):
+    """Outputs ``y`` and ``map`` of the optimized (``on``) and unoptimized (``off``) single predicts
+    of ``xs[0]``, and of the optimized list predict of every sample, equal ``reference(x)``."""
+    y, fmap = reference(xs[0])
     for got in (on, off):
-        np.testing.assert_allclose(got["y"], y, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(got["map"], fmap, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got["y"], y, rtol=tol, atol=tol)
+        np.testing.assert_allclose(got["map"], fmap, rtol=tol, atol=tol)
     for x, out in zip(xs, model.predict([{"x": x} for x in xs])):
-        y, fmap = _torch_block(x, ws)
-        np.testing.assert_allclose(out["y"], y, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(out["map"], fmap, rtol=1e-5, atol=1e-5)
+        y, fmap = reference(x)
+        np.testing.assert_allclose(out["y"], y, rtol=tol, atol=tol)
+        np.testing.assert_allclose(out["map"], fmap, rtol=tol, atol=tol)
 
 
 def test_prepared_weights_follow_the_weights():
@@ -406,14 +412,7 @@ def test_dense_networks_run_channel_last():
     # three transposes: the input enters the region; the pooled map (read by identity) and the
     # global pool (read by reshape) leave it; none between the region's ops
     assert len([op for op in ops if op.type == "transpose"]) == 3
-    y, fmap = _torch_residual(xs[0], ws)
-    for got in (on, off):
-        np.testing.assert_allclose(got["y"], y, rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(got["map"], fmap, rtol=1e-4, atol=1e-4)
-    for x, out in zip(xs, model.predict([{"x": x} for x in xs])):
-        y, fmap = _torch_residual(x, ws)
-        np.testing.assert_allclose(out["y"], y, rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(out["map"], fmap, rtol=1e-4, atol=1e-4)
+    _check_y_and_map(model, on, off, xs, lambda x: _torch_residual(x, ws), 1e-4)
 
 
 @pytest.mark.parametrize("pool,read_once", [((2, 2), True), ((3, 2), False)])

@@ -286,6 +286,22 @@ def test_depthwise_padding_plain_vmapped_and_differentiated(pads, strides):
     _check_gradients(lambda a, c: conv(a, c, **kw), grouped, x, w, rand(ref.shape))
 
 
+def _check_channel_last(x, w, b, strides, pads, dilations, groups):
+    """A channel-last conv (``[N, H, W, C]`` in and out) equal to torch's convolution of the
+    channel-first twin: alone, vmapped over a list predict's samples and in fp16.  Returns the
+    keyword arguments and the fp64 reference, for a test's further checks."""
+    import jax
+    from mljax.ops.conv import convolution
+    kw = dict(strides=strides, pad_type="custom", pad=tuple(v for p in pads for v in p), dilations=dilations,
+              groups=groups, channels_last=True)
+    ref = np.moveaxis(F.conv2d(torch_pad(t64(np.moveaxis(x, -1, 1)), pads), t64(w), t64(b), stride=strides,
+                               dilation=dilations, groups=groups).numpy(), 1, -1)
+    check(convolution(x, w, b, **kw), ref, np.float32)
+    check(jax.jit(jax.vmap(lambda a: convolution(a, w, b, **kw)))(x[:, None]), ref[:, None], np.float32)
+    check(convolution(x.astype(np.float16), w.astype(np.float16), b.astype(np.float16), **kw), ref, np.float16)
+    return kw, ref
+
+
 @pytest.mark.parametrize("channels,kernel,strides,pads,dilations", [
     (48, (5, 5), (1, 1), [(2, 2), (2, 2)], (1, 1)),     # three blocks of 16 channels
     (32, (3, 3), (2, 2), [(1, 0), (0, 1)], (1, 1)),     # two blocks, stride 2, uneven padding
@@ -298,17 +314,10 @@ def test_channel_last_depthwise_blocked_and_not(channels, kernel, strides, pads,
     channels where C splits into several: alone, vmapped over a list predict's samples, in fp16 and
     with the weight laid out HWIO, equal to torch's grouped convolution; d/dx and d/dw equal those
     through XLA's grouped convolution."""
-    import jax
     from jax import lax
     from mljax.ops.conv import convolution
     x, w, b = rand((3, 11, 10, channels)), rand((channels, 1) + kernel), rand((channels,))
-    kw = dict(strides=strides, pad_type="custom", pad=tuple(v for p in pads for v in p), dilations=dilations,
-              groups=channels, channels_last=True)
-    ref = np.moveaxis(F.conv2d(torch_pad(t64(np.moveaxis(x, -1, 1)), pads), t64(w), t64(b), stride=strides,
-                               dilation=dilations, groups=channels).numpy(), 1, -1)
-    check(convolution(x, w, b, **kw), ref, np.float32)
-    check(jax.jit(jax.vmap(lambda a: convolution(a, w, b, **kw)))(x[:, None]), ref[:, None], np.float32)
-    check(convolution(x.astype(np.float16), w.astype(np.float16), b.astype(np.float16), **kw), ref, np.float16)
+    kw, ref = _check_channel_last(x, w, b, strides, pads, dilations, channels)
     check(convolution(x, np.transpose(w, (2, 3, 1, 0)), b, weight_hwio=True, **kw), ref, np.float32)
 
     def grouped(a, c):
@@ -606,13 +615,7 @@ def test_channel_last_dense_paths(monkeypatch, path, c_in, c_out, groups, kernel
     x, w, b = rand((3, 9, 10, c_in)), rand((c_out, c_in // groups) + kernel) / 3, rand((c_out,))
     geom = (strides, [tuple(p) for p in pads], dilations)
     assert conv_mod.conv_path((3, c_in, 9, 10), w.shape, np.float32, *geom, groups) == path
-    kw = dict(strides=strides, pad_type="custom", pad=tuple(v for p in pads for v in p), dilations=dilations,
-              groups=groups, channels_last=True)
-    ref = np.moveaxis(F.conv2d(torch_pad(t64(np.moveaxis(x, -1, 1)), pads), t64(w), t64(b), stride=strides,
-                               dilation=dilations, groups=groups).numpy(), 1, -1)
-    check(convolution(x, w, b, **kw), ref, np.float32)
-    check(jax.jit(jax.vmap(lambda a: convolution(a, w, b, **kw)))(x[:, None]), ref[:, None], np.float32)
-    check(convolution(x.astype(np.float16), w.astype(np.float16), b.astype(np.float16), **kw), ref, np.float16)
+    kw, ref = _check_channel_last(x, w, b, strides, pads, dilations, groups)
     if path.startswith("winograd"):
         u = winograd_weight(w, 4 if path == "winograd" else 2)
         check(convolution(x, w, b, winograd_u=u, **kw), ref, np.float32)
