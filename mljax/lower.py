@@ -155,7 +155,7 @@ class LoweredFunction:
         producer = {v.name: op for op in self.fn.block.walk() for v in op.outputs}
         stack = []
         for op in self.fn.block.walk():
-            spec = lookup(op.type, self.opset)
+            spec = lookup(op.type, self.opset, internal=True)
             for name in (spec.static_inputs if spec is not None else ()):
                 stack.extend(v for v in op.inputs.get(name, ()) if v.value is None)
         found, seen = set(), set()
@@ -377,7 +377,7 @@ class LoweredFunction:
         return run
 
     def _call(self, op: Operation, env, *, eager: bool = False, state=None) -> tuple:
-        spec = lookup(op.type, self.opset)
+        spec = lookup(op.type, self.opset, internal=True)
         where = f"op {op.name!r} ({op.type}, iOS{self.opset})"
         args, kwargs, positional = [], {}, spec.variadic is not None
         for name in spec.tensor_inputs:

@@ -12,6 +12,12 @@ An op implementation is a plain function whose signature is its spec:
 It returns one array or a tuple of arrays (one per MIL output).  Lookup picks the
 highest registered opset <= the function's opset, so a newer opset registers only
 the ops it changed.
+
+*Internal* ops (:func:`register_internal`, types named ``mljax.*``) are no MIL ops: mljax's graph
+passes (:mod:`mljax.optimize`) write them into the optimized copy of a program, which is
+lowered and never saved.  They are found only by ``lookup(..., internal=True)`` (the lowering's
+calls), not in :func:`registry` nor by the check that a loaded program's ops are supported, so
+a program that names one is refused like any unknown op.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from typing import Any, Callable
 
 from mljax.mil.opspec import OPSETS, opset_number
 
-__all__ = ["OpSpec", "OpContext", "register", "lookup", "registry", "OPSETS", "opset_number"]
+__all__ = ["OpSpec", "OpContext", "register", "register_internal", "lookup", "registry", "OPSETS", "opset_number"]
 
 # OPSETS / opset_number: defined with the op input table in the IR layer (mljax.mil.opspec)
 
@@ -73,6 +79,7 @@ class OpContext:
 HINTS = "_mljax_hints"
 
 _REGISTRY: dict[str, dict[int, OpSpec]] = {}
+_INTERNAL: dict[str, OpSpec] = {}
 
 
 def _spec_of(op_type: str, opset: int, fn: Callable) -> OpSpec:
@@ -111,12 +118,28 @@ def register(op_type: str, opset: str | int = 15, *, aliases: tuple[str, ...] = 
     return deco
 
 
-def lookup(op_type: str, opset: str | int) -> OpSpec | None:
-    """The implementation of ``op_type`` for a function of ``opset``, or None."""
+def register_internal(op_type: str):
+    """Decorator: register ``fn`` as the internal op ``op_type`` (``mljax.<name>``), one version for
+    every opset; see the module docstring."""
+    if not op_type.startswith("mljax."):
+        raise RuntimeError(f"internal op {op_type!r}: internal op types are named 'mljax.<name>'")
+
+    def deco(fn: Callable) -> Callable:
+        if op_type in _INTERNAL:
+            raise RuntimeError(f"internal op {op_type!r} registered twice")
+        _INTERNAL[op_type] = _spec_of(op_type, 0, fn)
+        return fn
+
+    return deco
+
+
+def lookup(op_type: str, opset: str | int, *, internal: bool = False) -> OpSpec | None:
+    """The implementation of ``op_type`` for a function of ``opset``, or None; ``internal`` also
+    finds mljax's internal ops (the lowering of an optimized program)."""
     _ensure_loaded()
     versions = _REGISTRY.get(op_type)
     if not versions:
-        return None
+        return _INTERNAL.get(op_type) if internal else None
     number = opset_number(opset)
     usable = [v for v in versions if v <= number]
     return versions[max(usable)] if usable else None

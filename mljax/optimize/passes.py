@@ -16,8 +16,8 @@ from mljax.ops.conv import folds_channel_scale, hwio_perm, is_depthwise_weight, 
 from mljax.optimize._graph import Graph, seeded_components
 
 __all__ = ["PASSES", "remove_noop_casts", "remove_identity_ops", "merge_transposes", "merge_reshapes",
-           "merge_parallel_linears", "mark_convs_after_costly_ops", "channels_last_regions", "dead_code",
-           "COSTLY_OPS"]
+           "merge_parallel_linears", "fuse_attention", "mark_convs_after_costly_ops", "channels_last_regions",
+           "dead_code", "COSTLY_OPS"]
 
 # Ops that must run even when nothing reads their outputs.
 _SIDE_EFFECTS = {"coreml_update_state", "write_state"}
@@ -214,6 +214,125 @@ def _merge(graph: Graph, block, top, ops) -> None:
     block.operations[:] = [op for op in block.operations[:at] if id(op) not in removed] + [linear, split] + \
         [op for op in block.operations[at:] if id(op) not in removed]
     top.operations[0:0] = concats
+
+
+def fuse_attention(graph: Graph) -> int:
+    """Attention as one op: ``matmul(softmax(matmul(q, k) * c + mask, axis=-1), v)`` (the scale
+    ``c`` a scalar constant by ``mul`` or ``real_div``, both it and the mask optional; MIL's
+    transpose flags on both products) becomes the internal op ``mljax.attention``
+    (:func:`mljax.ops.transformers.attention`).  The chain is what coremltools writes for a
+    ``torch`` attention before iOS18's ``scaled_dot_product_attention``.  Only where every
+    intermediate (scores, scaled and masked scores, weights) is read by the next op alone and is
+    no block output.  Returns the number of attentions fused."""
+    uses, protected, producers = graph.use_counts(), graph.protected(), graph.producers()
+    fused = 0
+    for block in list(graph.blocks()):
+        readers: dict[int, list] = {}
+        for op in block.operations:
+            for bound in op.inputs.values():
+                for v in bound:
+                    readers.setdefault(id(v), []).append(op)
+        replace, drop = {}, set()
+        for op in block.operations:
+            found = _attention_chain(op, readers, uses, protected, producers) if op.type == "softmax" else None
+            if found is None or any(id(o) in drop for o in found[0]):
+                continue
+            chain = found[0]
+            new = _attention_op(graph, chain[-1], *found[1:])
+            replace[id(chain[-1])] = new
+            drop.update(id(o) for o in chain[:-1])
+            fused += 1
+        if fused:
+            block.operations[:] = [replace.get(id(op), op) for op in block.operations if id(op) not in drop]
+    return fused
+
+
+def _single_use(var, uses, protected) -> bool:
+    return uses.get(id(var), 0) == 1 and id(var) not in protected
+
+
+def _const_bool(op, key):
+    v = op.input(key)
+    if v is None:
+        return False
+    return None if v.value is None else bool(np.asarray(v.value))
+
+
+def _float_tensor(var):
+    t = _tensor(var)
+    return t is not None and t.rank is not None and t.rank >= 2 and t.dtype.name in ("fp16", "fp32")
+
+
+def _attention_chain(softmax, readers, uses, protected, producers):
+    """``(ops of the chain, q, k, v, mask, transpose flags, scale)`` of the attention whose softmax
+    is ``softmax``, or None (see :func:`fuse_attention`)."""
+    w = softmax.outputs[0]
+    axis, x = softmax.input("axis"), softmax.input("x")
+    rank = _tensor(w).rank if _tensor(w) is not None else None
+    if (rank is None or rank < 2 or axis is None or axis.value is None or int(axis.value) % rank != rank - 1
+            or not _single_use(w, uses, protected) or len(readers.get(id(w), ())) != 1):
+        return None
+    pv = readers[id(w)][0]
+    if pv.type != "matmul" or pv.input("x") is not w or pv.input("y") is w or _const_bool(pv, "transpose_x") is not False:
+        return None
+    t_v = _const_bool(pv, "transpose_y")
+    chain, mask, scale = [softmax, pv], None, 1.0
+    cur = x
+    prod = producers.get(id(cur))
+    if prod is not None and prod.type == "add" and _single_use(cur, uses, protected):
+        a, b = prod.input("x"), prod.input("y")
+        pa, pb = producers.get(id(a)), producers.get(id(b))
+        scores_side = [v for v, p in ((a, pa), (b, pb)) if p is not None and p.type in ("mul", "real_div", "matmul")]
+        if len(scores_side) != 1:
+            return None
+        cur = scores_side[0]
+        mask = b if cur is a else a
+        chain.insert(0, prod)
+        prod = producers.get(id(cur))
+    if prod is not None and prod.type in ("mul", "real_div") and _single_use(cur, uses, protected):
+        a, b = prod.input("x"), prod.input("y")
+        const = b if b.value is not None else (a if a.value is not None and prod.type == "mul" else None)
+        if const is None or np.size(const.value) != 1 or not np.isfinite(np.asarray(const.value, np.float64)).all():
+            return None
+        c = float(np.asarray(const.value, np.float64).reshape(()))
+        if prod.type == "real_div" and c == 0.0:
+            return None
+        scale = c if prod.type == "mul" else 1.0 / c
+        cur = a if const is b else b
+        chain.insert(0, prod)
+        prod = producers.get(id(cur))
+    if prod is None or prod.type != "matmul" or not _single_use(cur, uses, protected):
+        return None
+    t_x, t_y = _const_bool(prod, "transpose_x"), _const_bool(prod, "transpose_y")
+    q, k, v = prod.input("x"), prod.input("y"), pv.input("y")
+    if None in (t_x, t_y, t_v) or not all(_float_tensor(u) for u in (q, k, v, cur, w)):
+        return None
+    if len({_tensor(u).dtype.name for u in (q, k, v, cur, w)}) != 1:
+        return None
+    if mask is not None and (_tensor(mask) is None or _tensor(mask).dtype.name not in ("fp16", "fp32")):
+        return None
+    chain.insert(0, prod)
+    if any(op.blocks for op in chain):
+        return None
+    return chain, q, k, v, mask, (t_x, t_y, t_v), scale
+
+
+def _attention_op(graph: Graph, pv, q, k, v, mask, flags, scale) -> Operation:
+    """The ``mljax.attention`` op computing ``pv``'s output (the chain's last product)."""
+    out = pv.outputs[0]
+
+    def static(tag, value, dtype):
+        graph._counter += 1
+        value = np.asarray(value, DTYPES[dtype].numpy)
+        return (Var(f"{out.name}_{tag}__opt{graph._counter}", TensorType(DTYPES[dtype], ()), value),)
+
+    inputs = {"x": (q,), "y": (k,), "value": (v,)}
+    if mask is not None:
+        inputs["mask"] = (mask,)
+    for tag, flag in zip(("transpose_x", "transpose_y", "transpose_value"), flags):
+        inputs[tag] = static(tag, flag, "bool")
+    inputs["scale"] = static("scale", scale, "fp32")
+    return Operation("mljax.attention", pv.name + "__attention", inputs, [out])
 
 
 # Elementwise ops with a transcendental function per element (XLA:CPU vectorizes them only in
@@ -528,4 +647,5 @@ def _fold_scale(graph: Graph, op, producers, uses, protected, fp32):
 
 
 PASSES = (remove_noop_casts, remove_identity_ops, merge_transposes, merge_reshapes, merge_parallel_linears,
+          fuse_attention,
           dead_code, mark_convs_after_costly_ops, channels_last_regions, fold_channel_scales)

@@ -439,3 +439,82 @@ def test_a_first_layer_read_once_by_its_pool(pool, read_once):
                                                padding=1)), k, s).numpy()
         np.testing.assert_allclose(got["y"], ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(on["y"], off["y"], rtol=1e-5, atol=1e-5)
+
+
+# --- attention -------------------------------------------------------------------------------
+AT, AH, AD = 6, 2, 8                        # tokens, heads, head size
+CAUSAL = np.triu(np.full((1, 1, AT, AT), -1e4, np.float32), 1)
+
+
+def _np_softmax(s):
+    e = np.exp(s - s.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _program_attention(scale_op, mask, k_layout, weights_out=False, scores_twice=False):
+    """q, k, v [1, T, H*D] -> heads -> ``matmul(softmax(q k^T * c + mask), v)`` -> [1, T, H*D]."""
+    spec = [mb.TensorSpec((1, AT, AH * AD), dtype=types.fp32) for _ in range(3)]
+
+    @mb.program(input_specs=spec, opset_version=ct.target.iOS17)
+    def prog(q, k, v):
+        heads = lambda a, perm: mb.transpose(x=mb.reshape(x=a, shape=[1, AT, AH, AD]), perm=perm)  # noqa: E731
+        qh, vh = heads(q, [0, 2, 1, 3]), heads(v, [0, 2, 1, 3])
+        if k_layout == "transpose_y":
+            s = mb.matmul(x=qh, y=heads(k, [0, 2, 1, 3]), transpose_y=True)
+        else:                                    # K^T laid out by a transpose, as BERT's export does
+            s = mb.matmul(x=qh, y=heads(k, [0, 2, 3, 1]))
+        if scale_op == "mul":
+            s = mb.mul(x=s, y=np.float32(AD ** -0.5))
+        elif scale_op == "mul_const_first":
+            s = mb.mul(x=np.float32(AD ** -0.5), y=s)
+        elif scale_op == "real_div":
+            s = mb.real_div(x=s, y=np.float32(AD ** 0.5))
+        if mask is not None:
+            s = mb.add(x=mask, y=s)
+        outs = []
+        if scores_twice:
+            outs.append(mb.reduce_max(x=s, axes=[-1], keep_dims=False, name="smax"))
+        w = mb.softmax(x=s, axis=-1, name="weights") if weights_out else mb.softmax(x=s, axis=-1)
+        o = mb.matmul(x=w, y=vh)
+        y = mb.reshape(x=mb.transpose(x=o, perm=[0, 2, 1, 3]), shape=[1, AT, AH * AD], name="y")
+        return (y, w, *outs) if weights_out else (y, *outs)
+    return prog
+
+
+def _np_attention(q, k, v, scale, mask):
+    heads = lambda a: a.reshape(1, AT, AH, AD).transpose(0, 2, 1, 3)   # noqa: E731
+    s = heads(q) @ heads(k).transpose(0, 1, 3, 2) * scale + (0 if mask is None else mask)
+    w = _np_softmax(s)
+    return (w @ heads(v)).transpose(0, 2, 1, 3).reshape(1, AT, AH * AD), w
+
+
+@pytest.mark.parametrize("scale_op,mask,k_layout", [
+    ("mul", CAUSAL, "transpose_y"), ("real_div", None, "transposed"), ("mul_const_first", CAUSAL, "transposed"),
+    (None, None, "transpose_y")])
+def test_attention_fuses_into_one_op(scale_op, mask, k_layout):
+    """The chain coremltools writes for a torch attention runs as one ``mljax.attention``; single
+    and list predicts equal NumPy and the unoptimized program."""
+    feeds = [{n: RNG.standard_normal((1, AT, AH * AD)).astype(np.float32) for n in "qkv"} for _ in range(3)]
+    model, on, off = _both(lambda: _program_attention(scale_op, mask, k_layout), feeds[0])
+    assert _stats(model)["fuse_attention"] == 1
+    types_ = [op.type for op in model.stage.lowered.fn.block.walk()]
+    assert "mljax.attention" in types_ and "softmax" not in types_
+    scale = 1.0 if scale_op is None else AD ** -0.5
+    want = _np_attention(feeds[0]["q"], feeds[0]["k"], feeds[0]["v"], scale, mask)[0]
+    np.testing.assert_allclose(on["y"], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(on["y"], off["y"], rtol=1e-5, atol=1e-6)
+    for f, out in zip(feeds, model.predict(feeds)):
+        want = _np_attention(f["q"], f["k"], f["v"], scale, mask)[0]
+        np.testing.assert_allclose(out["y"], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("weights_out,scores_twice", [(True, False), (False, True)])
+def test_attention_whose_parts_are_read_elsewhere_stays_a_chain(weights_out, scores_twice):
+    """Attention weights that are a model output, or scores another op also reads, keep the chain."""
+    feed = {n: RNG.standard_normal((1, AT, AH * AD)).astype(np.float32) for n in "qkv"}
+    model, on, off = _both(lambda: _program_attention("mul", CAUSAL, "transpose_y", weights_out, scores_twice), feed)
+    assert _stats(model)["fuse_attention"] == 0
+    y, w = _np_attention(feed["q"], feed["k"], feed["v"], AD ** -0.5, CAUSAL)
+    np.testing.assert_allclose(on["y"], y, rtol=1e-5, atol=1e-5)
+    if weights_out:
+        np.testing.assert_allclose(on["weights"], w, rtol=1e-5, atol=1e-6)

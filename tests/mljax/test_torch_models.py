@@ -161,6 +161,8 @@ def test_torch_network_matches_pytorch(name, precision):
     err = np.abs(got.astype(np.float64) - expected).max() / scale
     assert got.shape == expected.shape
     assert err <= tol, f"{name} {precision}: max error {err:.2e} of the largest magnitude (tolerance {tol})"
+    if name == "transformer":     # each block's attention ran as one op (mljax.optimize.passes.fuse_attention)
+        assert model.stage.lowered.optimizations["fuse_attention"] == 2
     if precision == "fp16":
         # the program really computes in fp16 by default, and fp32 on request
         program = model.stage.program
