@@ -122,7 +122,7 @@ class LoweredFunction:
         self._collect_weights(self.fn.block)
         self.prologue = self._find_prologue()
         # weights' Winograd transforms, computed with the prologue: {name: (weight var name, m)}
-        self.derived, self._derived_of = self._find_winograd()
+        self.derived, self._derived_of, self._winograd_convs = self._find_winograd()
         self.input_names = [v.name for v in fn.inputs if not isinstance(v.type, StateType)]
         self.state_names = [v.name for v in fn.inputs if isinstance(v.type, StateType)]
         self.output_names = [v.name for v in fn.outputs]
@@ -193,11 +193,13 @@ class LoweredFunction:
                 known.update(id(v) for v in op.outputs)
         return tuple(found)
 
-    def _find_winograd(self) -> tuple[dict, dict]:
+    def _find_winograd(self) -> tuple[dict, dict, list]:
         """Top-level convs whose constant 3x3 weight one sample's shapes run by Winograd
         (:func:`mljax.ops.conv.winograd_variant`): their weight transform is prepared once per
-        weight values, as the prologue is."""
-        derived, of_op = {}, {}
+        weight values, as the prologue is.  Returns that ``{name: (weight name, m)}``, each conv's
+        ``{m: name}`` of both variants (a list predict's folded batch may pick the other one, see
+        :meth:`batch_derived`) and the convs' shapes."""
+        derived, of_op, convs = {}, {}, []
         for op in self.fn.block.operations:
             if op.type != "conv":
                 continue
@@ -218,15 +220,42 @@ class LoweredFunction:
                 if v is not None:
                     static[name] = _as_static(v.value)
             else:
+                dtype = jax_dtype(self.compute_dtype(w.type.dtype))
+                shape = tuple(int(d) for d in shape)
                 try:
-                    m = winograd_variant(tuple(int(d) for d in shape), tuple(w.value.shape),
-                                         jax_dtype(self.compute_dtype(w.type.dtype)), **static)
+                    m = winograd_variant(shape, tuple(w.value.shape), dtype, **static)
                 except (OpError, ValueError, TypeError):
                     continue     # attributes the op itself rejects, with its own error, when it runs
+                of_op[id(op)] = {v: f"{w.name}__winograd{v}" for v in (2, 4)}
+                convs.append((id(op), w.name, shape, tuple(w.value.shape), dtype, static))
                 if m is not None:
-                    name = f"{w.name}__winograd{m}"
-                    derived[name], of_op[id(op)] = (w.name, m), name
-        return derived, of_op
+                    derived[of_op[id(op)][m]] = (w.name, m)
+        return derived, of_op, convs
+
+    def batch_derived(self, n: int) -> dict:
+        """The Winograd transforms a list predict of ``n`` samples uses beyond one sample's
+        (:attr:`derived`): each conv's variant at its folded batch (``n`` samples, or the chunk
+        plan's chunk for the ops it runs per chunk), where it differs.  ``{name: (weight, m)}``."""
+        plan = self.chunk_plan(n) if n > 1 else None
+        chunked = {id(op) for op in self.fn.block.operations[:plan.cut]} if plan is not None else set()
+        out = {}
+        for op_id, src, shape, w_shape, dtype, static in self._winograd_convs:
+            rows = (plan.chunk if op_id in chunked else n) * shape[0]
+            m = winograd_variant((rows,) + shape[1:], w_shape, dtype, **static)
+            name = self._derived_of[op_id].get(m)
+            if m is not None and name not in self.derived:
+                out[name] = (src, m)
+        return out
+
+    @property
+    def batch_derivable(self) -> bool:
+        """A list predict may use prepared Winograd transforms beyond one sample's (:meth:`batch_derived`)."""
+        return bool(self._winograd_convs)
+
+    def prepare_batch(self, weights: dict, n: int) -> dict:
+        """:meth:`prepare`'s further values for a list predict of ``n`` samples
+        (:meth:`batch_derived`), computed once per weight values and batch size (``MLModel``)."""
+        return {name: winograd_weight(weights[src], m) for name, (src, m) in self.batch_derived(n).items()}
 
     def prepare(self, weights: dict) -> dict:
         """The weight prologue's values for these weights: ``{var name: array}``.
@@ -251,7 +280,7 @@ class LoweredFunction:
     def _weights_env(self, weights: dict) -> tuple[dict, frozenset]:
         """The environment of the weights (and the prologue's prepared values, whose ops are then
         skipped)."""
-        prepared = weights.get(PREPARED) if self.prologue or self.derived else None
+        prepared = weights.get(PREPARED) if self.prologue or self.derived or self._winograd_convs else None
         env: dict[str, Any] = {k: v for k, v in weights.items() if k != PREPARED}
         if prepared is not None:
             env.update(prepared)
@@ -416,8 +445,8 @@ class LoweredFunction:
                 compute_dtype=self.compute_dtype, state=state if state is not None else {},
                 input_vars={k: (v[0] if len(v) == 1 else v) for k, v in op.inputs.items()},
                 hints=op.attributes.get(HINTS, {}),
-                prepared=({"winograd": env[self._derived_of[id(op)]]}
-                          if id(op) in self._derived_of and self._derived_of[id(op)] in env else {}))
+                prepared=({"winograd": tuple(env[name] for name in self._derived_of[id(op)].values() if name in env)}
+                          if id(op) in self._derived_of else {}))
         concrete = eager or all(_is_concrete(a) for a in (*args, *kwargs.values())
                                 if not isinstance(a, OpContext))
         try:

@@ -250,7 +250,7 @@ class MLModel:
             stacked = {k: _stack([p[k] for p in rows], self._zero_copy) for k in prepared[0]}
             try:
                 with self._x64_scope():
-                    outputs, _ = distribute.run_batched(self._batched_fn, self._run_weights(), stacked)
+                    outputs, _ = distribute.run_batched(self._batched_fn, self._batch_weights(chunk), stacked)
                 outputs = _raise_failed_checks(outputs)
             except _NEEDS_CONCRETE:
                 return [self.predict(d, state) for d in items]
@@ -288,6 +288,21 @@ class MLModel:
         if cached is None or cached[0] is not self._weights:
             cached = self._prepared = (self._weights, {**self._weights, PREPARED: self._stage.prepare(self._weights)})
         return cached[1]
+
+    def _batch_weights(self, n: int):
+        """:meth:`_run_weights` for a list predict of ``n`` samples: with the prepared values its
+        folded batch uses beyond one sample's (``Stage.prepare_batch``), computed once per weight
+        values and ``n``."""
+        run = self._run_weights()
+        if self._stage.prepare_batch is None:
+            return run
+        cached = getattr(self, "_batch_prepared", None)
+        if cached is None or cached[0] is not run:
+            cached = self._batch_prepared = (run, {})
+        if n not in cached[1]:
+            extra = self._stage.prepare_batch(self._weights, n)
+            cached[1][n] = {**run, PREPARED: {**run.get(PREPARED, {}), **extra}} if extra else run
+        return cached[1][n]
 
     def _call_weights(self):
         """:meth:`_run_weights` with the small arrays packed (:mod:`mljax.packing`): what a

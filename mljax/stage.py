@@ -51,6 +51,9 @@ class Stage:
     # weights -> values fn also accepts precomputed, as weights[PREPARED] (re-laid-out
     # weights: computed once per weight values by MLModel's predict; fn computes them otherwise)
     prepare: Callable[[dict], dict] | None = None
+    # (weights, n) -> further prepared values a list predict of n samples uses (Winograd
+    # transforms of the variants its folded batch picks); added to prepare's by MLModel
+    prepare_batch: Callable[[dict, int], dict] | None = None
     fp16_in_graph: bool = False           # fn rounds float32 values of float16 inputs itself
     # vmap(fn) over inputs' leading axis, by a schedule of its own (LoweredFunction.map_batch)
     map_batch: Callable | None = None

@@ -60,6 +60,7 @@ class Network:
         self.costly_blobs = _costly_blobs(nn)
         self.channels_last = _channel_last_layers(nn)
         self.winograd: dict[str, int] = {}      # layer -> m of its prepared Winograd transform
+        self.winograd_convs: dict[str, tuple] = {}   # layer -> (one sample's x shape, w shape, options)
 
     def prepare(self, weights: dict) -> dict:
         """Depthwise and 1x1 weights of channel-last regions laid out HWIO, and the Winograd
@@ -68,6 +69,22 @@ class Network:
         out.update({f"{name}/weight{WINOGRAD_SUFFIX}": winograd_weight(weights[f"{name}/weight"], m)
                     for name, m in self.winograd.items() if f"{name}/weight" in weights})
         return out
+
+    def batch_winograd(self, n: int) -> dict[str, int]:
+        """``{layer: m}`` of the Winograd variants a list predict of ``n`` samples picks at its
+        folded batch where one sample's (:attr:`winograd`) differs, as ML programs'
+        (:meth:`mljax.lower.LoweredFunction.batch_derived`)."""
+        out = {}
+        for name, (shape, w_shape, options) in self.winograd_convs.items():
+            m = winograd_variant((shape[0] * n,) + shape[1:], w_shape, np.float32, **options)
+            if m is not None and m != self.winograd.get(name):
+                out[name] = m
+        return out
+
+    def prepare_batch(self, weights: dict, n: int) -> dict:
+        """:meth:`prepare`'s further values for a list predict of ``n`` samples (``Stage.prepare_batch``)."""
+        return {f"{name}/weight{WINOGRAD_SUFFIX}{m}": winograd_weight(weights[f"{name}/weight"], m)
+                for name, m in self.batch_winograd(n).items() if f"{name}/weight" in weights}
 
     def prepares(self) -> bool:
         """Whether :meth:`prepare` computes anything."""
@@ -85,9 +102,10 @@ class Network:
                 continue
             w_shape, groups = _conv_weight(lyr)
             pad_type, pad = conv_padding(p)
-            m = winograd_variant(tuple(x.shape), w_shape, np.float32, strides=list(p.stride) or [1, 1],
-                                 pad_type=pad_type, pad=pad, dilations=list(p.dilationFactor) or [1, 1],
-                                 groups=groups)
+            options = dict(strides=list(p.stride) or [1, 1], pad_type=pad_type, pad=pad,
+                           dilations=list(p.dilationFactor) or [1, 1], groups=groups)
+            m = winograd_variant(tuple(x.shape), w_shape, np.float32, **options)
+            self.winograd_convs[lyr.name] = (tuple(x.shape), w_shape, options)
             if m is not None:
                 self.winograd[lyr.name] = m
 
@@ -204,7 +222,8 @@ class Network:
         elif role.weight_hwio:
             key = f"{lyr.name}/weight"
             w["weight"] = prepared[key] if key in prepared else hwio(w["weight"])
-        winograd_u = prepared.get(f"{lyr.name}/weight{WINOGRAD_SUFFIX}") if lyr.name in self.winograd else None
+        key = f"{lyr.name}/weight{WINOGRAD_SUFFIX}"
+        winograd_u = tuple(prepared[k] for k in (key, key + "2", key + "4") if k in prepared) or None
         ctx = LayerContext(lyr.name, kind, lyr, self.rank5, env=env, run=self.run, weights=weights,
                            winograd_u=winograd_u,
                            after_costly_op=bool(lyr.input) and lyr.input[0] in self.costly_blobs,

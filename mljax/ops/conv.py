@@ -162,9 +162,10 @@ def convolution(x, weight, bias=None, *, strides=None, pad_type="valid", pad=Non
     ``first_in``: ``x`` is channel-first (MIL's layout) and the result channel-last (a region's
     first layer, run as im2col); ``read_once``: its result's one reader reads each value once (a
     pool of non-overlapping windows, :func:`mljax.optimize.passes.channels_last_regions`).
-    ``winograd_u``: ``weight``'s Winograd transform, computed once per weight values at load
-    (:func:`winograd_weight`; ``[16 or 36, C_out, C_in]``): where the shapes pick its variant,
-    that path runs without transforming ``weight`` again.
+    ``winograd_u``: ``weight``'s Winograd transforms, computed once per weight values at load
+    (:func:`winograd_weight`; ``[16 or 36, C_out, C_in]``), one array or a tuple of them (F(2x2)
+    and F(4x4)): where the shapes pick a variant given, that path runs without transforming
+    ``weight`` again; a list predict, whose folded batch may pick another variant, looks there too.
     """
     x, weight = jnp.asarray(x), jnp.asarray(weight)
     if channels_last:
@@ -321,8 +322,9 @@ def _dense_or_grouped(x, weight, strides, pads, dilations, groups, bias=None, af
     if path in ("im2col", "winograd", "winograd2", "pointwise"):
         geom = (tuple(map(int, strides)), tuple((int(a), int(b)) for a, b in pads), tuple(map(int, dilations)))
         bias = jnp.zeros(weight.shape[:1], jnp.float32) if bias is None else bias
-        if winograd_u is not None and path == _WINOGRAD_PATHS[_variant(winograd_u).m]:
-            return _prepared_winograd(path, geom)(x, weight, bias, jnp.asarray(winograd_u))
+        us = _transforms(winograd_u)
+        if us:
+            return _prepared_folding(path, geom)(x, weight, bias, *us)
         return _batch_folding(path, geom)(x, weight, bias)
     if path == "depthwise":
         y = _depthwise(x, weight, strides, pads, dilations, after_costly_op)
@@ -332,13 +334,26 @@ def _dense_or_grouped(x, weight, strides, pads, dilations, groups, bias=None, af
     return _add_bias(y, bias, x.ndim - 2)
 
 
-def _fast_path(path, geom, x, weight, bias):
+def _fast_path(path, geom, x, weight, bias, us=()):
     strides, pads, dilations = geom
     if path == "pointwise":
         return _add_bias(_pointwise(x, weight, strides), bias, x.ndim - 2)
     if path == "im2col":
         return _im2col(x, weight, strides, pads, dilations, bias)
-    return _winograd(x, weight, pads, _WINOGRAD_PATH_VARIANTS[path], bias)
+    f = _WINOGRAD_PATH_VARIANTS[path]
+    return _winograd(x, weight, pads, f, bias, _transform_for(us, f))
+
+
+def _transforms(winograd_u) -> tuple:
+    """The prepared Winograd transforms given as ``winograd_u`` (None, one array or several)."""
+    if winograd_u is None:
+        return ()
+    return tuple(jnp.asarray(u) for u in (winograd_u if isinstance(winograd_u, (tuple, list)) else (winograd_u,)))
+
+
+def _transform_for(us, f):
+    """The transform of variant ``f`` among the prepared ``us``, or None (the path computes it)."""
+    return next((u for u in us if _variant(u).m == f.m), None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -565,27 +580,27 @@ def _channels_last(x, weight, bias, strides, pad_type, pad, dilations, groups, a
     else:
         geom = (tuple(map(int, strides)), tuple((int(a), int(b)) for a, b in pads), tuple(map(int, dilations)))
         bias = jnp.zeros(weight.shape[:1], jnp.float32) if bias is None else jnp.asarray(bias)
-        if winograd_u is not None:
-            return _dense_last_folding(geom, groups, True)(x, weight, bias, jnp.asarray(winograd_u))
+        us = _transforms(winograd_u)
+        if us:
+            return _dense_last_folding(geom, groups, True)(x, weight, bias, *us)
         return _dense_last_folding(geom, groups, False)(x, weight, bias)
     return y if bias is None else y + jnp.asarray(bias).astype(y.dtype)
 
 
-def _dense_last(x, weight, bias, geom, groups, u=None):
+def _dense_last(x, weight, bias, geom, groups, *us):
     """A dense (or grouped, not depthwise) convolution of a channel-last ``x [N, *D, C_in]`` into
     ``[N, *D', C_out]``, by the path :func:`conv_path` picks for its channel-first twin.
 
     Winograd runs channel-last (:func:`_winograd_tiles_last`) and XLA's convolution is issued NHWC /
     HWIO with no transposes of the activations; im2col (first layers and small maps, where the
     activations are small) runs channel-first between two transposes.  ``u`` is the weight's
-    prepared Winograd transform, used where its variant is the one the shapes pick."""
+    prepared Winograd transforms (any of F(2x2) and F(4x4)), used where the shapes pick one of them."""
     strides, pads, dilations = geom
     first = (x.shape[0], x.shape[-1]) + tuple(x.shape[1:-1])
     path = conv_path(first, weight.shape, x.dtype, strides, pads, dilations, groups)
     if path in _WINOGRAD_PATH_VARIANTS:
         f = _WINOGRAD_PATH_VARIANTS[path]
-        u = u if u is not None and _variant(u).m == f.m else None
-        return _winograd(x, weight, pads, f, bias, u, last=True)
+        return _winograd(x, weight, pads, f, bias, _transform_for(us, f), last=True)
     if path == "im2col":
         y = _im2col(jnp.moveaxis(x, -1, 1), weight, strides, pads, dilations, bias)
         return jnp.moveaxis(y, 1, -1)
@@ -599,8 +614,8 @@ def _dense_last_folding(geom, groups: int, prepared: bool):
     """``_dense_last`` whose ``vmap`` over ``x`` (a list predict's samples) folds the mapped axis
     into the batch and picks the path again at the folded batch (:func:`_folding_batch`).  With
     a prepared Winograd transform (``prepared``: predictions only) there are no derivatives."""
-    def plain(x, weight, bias, *u):
-        return _dense_last(x, weight, bias, geom, groups, *u)
+    def plain(x, weight, bias, *us):
+        return _dense_last(x, weight, bias, geom, groups, *us)
     return _folding_batch(plain, plain, derivatives=not prepared)
 
 
@@ -824,17 +839,16 @@ _WINOGRAD_PATH_VARIANTS = {"winograd": _WINOGRAD_F4, "winograd2": _WINOGRAD_F2}
 
 
 @functools.lru_cache(maxsize=None)
-def _prepared_winograd(path: str, geom):
-    """``_winograd`` with a prepared weight transform ``u`` (of ``path``'s variant), whose ``vmap``
-    over ``x`` folds the mapped axis into the batch and re-dispatches at the folded batch (as
-    :func:`_batch_folding`): a batch that picks the other variant (more tiles: F(4x4)) transforms
-    the weight itself.  For predictions: no derivatives of its own (training computes the
-    transform in the traced function)."""
+def _prepared_folding(path: str, geom):
+    """``_fast_path`` with prepared weight transforms ``*us`` (any of F(2x2) and F(4x4)), whose
+    ``vmap`` over ``x`` folds the mapped axis into the batch and re-dispatches at the folded batch
+    (as :func:`_batch_folding`) with the same transforms: a batch that picks a variant not given
+    transforms the weight itself.  For predictions: no derivatives of its own (training computes
+    the transform in the traced function)."""
     strides, pads, dilations = geom
-    f = _WINOGRAD_PATH_VARIANTS[path]
     return _folding_batch(
-        lambda x, weight, bias, u: _winograd(x, weight, pads, f, bias, u),
-        lambda x, weight, bias, u: _dense_or_grouped(x, weight, strides, pads, dilations, 1, bias, winograd_u=u),
+        lambda x, weight, bias, *us: _fast_path(path, geom, x, weight, bias, us),
+        lambda x, weight, bias, *us: _dense_or_grouped(x, weight, strides, pads, dilations, 1, bias, winograd_u=us),
         derivatives=False)
 
 

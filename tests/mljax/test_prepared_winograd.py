@@ -90,3 +90,25 @@ def test_other_weights_and_gradients(models):
     net.zero_grad()
     net(xt).sum().backward()
     np.testing.assert_allclose(g, net[5].weight.grad.numpy(), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mlprogram", "neuralnetwork"])
+def test_a_list_predict_gets_the_variants_its_batch_picks(models, kind):
+    """conv3 runs F(2x2) at one sample (16 tiles of 4x4); a list predict of 6 folds 96 tiles and
+    picks F(4x4): its transform is prepared too, and that executable transforms no weight."""
+    import jax
+
+    from mljax.stage import PREPARED
+    _, m = models
+    model = m[kind]
+    extra = model.stage.prepare_batch(model.weights, 6)
+    assert [np.shape(v)[0] for v in extra.values()] == [36]      # F(4x4): 6x6 tile positions
+    assert model.stage.prepare_batch(model.weights, 1) == {}
+    weights = model._batch_weights(6)
+    assert set(extra) <= set(weights[PREPARED])
+    stacked = {"x": np.zeros((6, 1, 3, 32, 32), np.float32)}
+    batched = model.stage.map_batch or jax.vmap(model.stage.fn, in_axes=(None, 0, None))
+    hlo = jax.jit(batched).lower(weights, stacked, {}).as_text()
+    assert not any(k in hlo for k in ("tensor<36x9xf32>", "tensor<16x9xf32>"))
+    hlo_before = jax.jit(batched).lower(model._run_weights(), stacked, {}).as_text()
+    assert "tensor<36x9xf32>" in hlo_before      # one sample's prepared set lacks conv3's F(4x4)
