@@ -298,11 +298,13 @@ class MLModel:
             return run
         cached = getattr(self, "_batch_prepared", None)
         if cached is None or cached[0] is not run:
-            cached = self._batch_prepared = (run, {})
-        if n not in cached[1]:
-            extra = self._stage.prepare_batch(self._weights, n)
-            cached[1][n] = {**run, PREPARED: {**run.get(PREPARED, {}), **extra}} if extra else run
-        return cached[1][n]
+            cached = self._batch_prepared = (run, {}, {})
+        per_n, by_name = cached[1], cached[2]
+        if n not in per_n:
+            # each transform held once (by name), however many batch sizes use it
+            extra = {k: by_name.setdefault(k, v) for k, v in self._stage.prepare_batch(self._weights, n).items()}
+            per_n[n] = {**run, PREPARED: {**run.get(PREPARED, {}), **extra}} if extra else run
+        return per_n[n]
 
     def _call_weights(self):
         """:meth:`_run_weights` with the small arrays packed (:mod:`mljax.packing`): what a

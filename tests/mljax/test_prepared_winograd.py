@@ -112,3 +112,6 @@ def test_a_list_predict_gets_the_variants_its_batch_picks(models, kind):
     assert not any(k in hlo for k in ("tensor<36x9xf32>", "tensor<16x9xf32>"))
     hlo_before = jax.jit(batched).lower(model._run_weights(), stacked, {}).as_text()
     assert "tensor<36x9xf32>" in hlo_before      # one sample's prepared set lacks conv3's F(4x4)
+    # another batch size that picks the same variant shares the prepared array
+    (key,) = extra
+    assert model._batch_weights(8)[PREPARED][key] is weights[PREPARED][key]
