@@ -23,7 +23,7 @@ from mljax.mil.ir import Block, Function, Operation, Var
 from mljax.mil.opspec import check_op_inputs
 from mljax.mil.types import DTYPES, DType, StateType, TensorType
 from mljax.ops._registry import HINTS, OpContext, lookup, opset_number
-from mljax.ops.conv import runs_own_batch_chunks, winograd_variant, winograd_weight
+from mljax.ops.conv import prepared_layout, prepared_weight, runs_own_batch_chunks, winograd_variant
 from mljax.stage import PREPARED
 
 __all__ = ["COMPUTE_PRECISIONS", "LoweredFunction", "compute_dtype_fn", "is_weight", "jax_dtype",
@@ -210,6 +210,7 @@ class LoweredFunction:
             if len(shape) != 4 or not all(isinstance(d, (int, np.integer)) for d in shape):
                 continue
             hints = op.attributes.get(HINTS, {})
+            region = bool(hints.get("channels_last")) and not hints.get("first_in") and not hints.get("weight_hwio")
             if hints.get("channels_last") and not hints.get("first_in"):
                 shape = (shape[0], shape[3], shape[1], shape[2])
             static = {}
@@ -224,9 +225,14 @@ class LoweredFunction:
                 shape = tuple(int(d) for d in shape)
                 try:
                     m = winograd_variant(shape, tuple(w.value.shape), dtype, **static)
+                    # XLA's convolution in a region takes its weight laid out HWIO (prepared_layout)
+                    laid_out = region and prepared_layout(shape, tuple(w.value.shape), dtype, **static)
                 except (OpError, ValueError, TypeError):
                     continue     # attributes the op itself rejects, with its own error, when it runs
                 of_op[id(op)] = {v: f"{w.name}__winograd{v}" for v in (2, 4)}
+                if region:
+                    of_op[id(op)]["hwio"] = f"{w.name}__hwio"
+                m = "hwio" if laid_out else m
                 convs.append((id(op), w.name, shape, tuple(w.value.shape), dtype, static))
                 if m is not None:
                     derived[of_op[id(op)][m]] = (w.name, m)
@@ -240,12 +246,20 @@ class LoweredFunction:
         chunked = {id(op) for op in self.fn.block.operations[:plan.cut]} if plan is not None else set()
         out = {}
         for op_id, src, shape, w_shape, dtype, static in self._winograd_convs:
-            rows = (plan.chunk if op_id in chunked else n) * shape[0]
-            m = winograd_variant((rows,) + shape[1:], w_shape, dtype, **static)
+            rows = ((plan.chunk if op_id in chunked else n) * shape[0],) + shape[1:]
+            m = winograd_variant(rows, w_shape, dtype, **static)
+            if m is None and "hwio" in self._derived_of[op_id] and prepared_layout(rows, w_shape, dtype, **static):
+                m = "hwio"
             name = self._derived_of[op_id].get(m)
             if m is not None and name not in self.derived:
                 out[name] = (src, m)
         return out
+
+    def _prepared_of(self, op: Operation, env) -> dict:
+        """``OpContext.prepared`` of a conv: its prepared Winograd transforms and HWIO weight in ``env``."""
+        names = self._derived_of[id(op)]
+        return {"winograd": tuple(env[names[m]] for m in (2, 4) if names[m] in env),
+                "hwio": tuple(env[names[m]] for m in ("hwio",) if m in names and names[m] in env)}
 
     @property
     def batch_derivable(self) -> bool:
@@ -255,7 +269,7 @@ class LoweredFunction:
     def prepare_batch(self, weights: dict, n: int) -> dict:
         """:meth:`prepare`'s further values for a list predict of ``n`` samples
         (:meth:`batch_derived`), computed once per weight values and batch size (``MLModel``)."""
-        return {name: winograd_weight(weights[src], m) for name, (src, m) in self.batch_derived(n).items()}
+        return {name: prepared_weight(weights[src], m) for name, (src, m) in self.batch_derived(n).items()}
 
     def prepare(self, weights: dict) -> dict:
         """The weight prologue's values for these weights: ``{var name: array}``.
@@ -268,7 +282,7 @@ class LoweredFunction:
             for var, val in zip(op.outputs, self._call(op, env)):
                 env[var.name] = self._cast_output(var, val)
         out = {v.name: env[v.name] for op in self.prologue for v in op.outputs}
-        out.update({name: winograd_weight(env[src], m) for name, (src, m) in self.derived.items()})
+        out.update({name: prepared_weight(env[src], m) for name, (src, m) in self.derived.items()})
         return out
 
     # --- the interpreter ----------------------------------------------------------------
@@ -445,8 +459,7 @@ class LoweredFunction:
                 compute_dtype=self.compute_dtype, state=state if state is not None else {},
                 input_vars={k: (v[0] if len(v) == 1 else v) for k, v in op.inputs.items()},
                 hints=op.attributes.get(HINTS, {}),
-                prepared=({"winograd": tuple(env[name] for name in self._derived_of[id(op)].values() if name in env)}
-                          if id(op) in self._derived_of else {}))
+                prepared=(self._prepared_of(op, env) if id(op) in self._derived_of else {}))
         concrete = eager or all(_is_concrete(a) for a in (*args, *kwargs.values())
                                 if not isinstance(a, OpContext))
         try:

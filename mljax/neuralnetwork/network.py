@@ -11,8 +11,8 @@ from jax.errors import JAXTypeError
 
 from mljax.errors import InputError, MLJaxError, ModelFormatError, UnsupportedError
 from mljax.neuralnetwork._base import LayerContext, lookup_layer
-from mljax.ops.conv import (hwio, is_depthwise_weight, lays_out_weight, reads_channel_first, winograd_variant,
-                            winograd_weight)
+from mljax.ops.conv import (hwio, is_depthwise_weight, lays_out_weight, prepared_layout, prepared_weight,
+                            reads_channel_first, winograd_variant)
 from mljax.optimize._graph import seeded_components
 from mljax.stage import PREPARED
 
@@ -66,7 +66,7 @@ class Network:
         """Depthwise and 1x1 weights of channel-last regions laid out HWIO, and the Winograd
         transforms of dense 3x3 weights (:meth:`plan_winograd`) (``Stage.prepare``)."""
         out = {key: hwio(weights[key]) for key in self._hwio_keys() if key in weights}
-        out.update({f"{name}/weight{WINOGRAD_SUFFIX}": winograd_weight(weights[f"{name}/weight"], m)
+        out.update({f"{name}/weight{WINOGRAD_SUFFIX}": prepared_weight(weights[f"{name}/weight"], m)
                     for name, m in self.winograd.items() if f"{name}/weight" in weights})
         return out
 
@@ -76,14 +76,24 @@ class Network:
         (:meth:`mljax.lower.LoweredFunction.batch_derived`)."""
         out = {}
         for name, (shape, w_shape, options) in self.winograd_convs.items():
-            m = winograd_variant((shape[0] * n,) + shape[1:], w_shape, np.float32, **options)
+            m = self._prepared_kind(name, (shape[0] * n,) + shape[1:], w_shape, options)
             if m is not None and m != self.winograd.get(name):
                 out[name] = m
         return out
 
+    def _prepared_kind(self, name, shape, w_shape, options):
+        """What a conv layer's call at ``shape`` takes prepared: a Winograd variant (2, 4), its
+        weight laid out HWIO (``"hwio"``, a channel-last region's conv on XLA's path), or None."""
+        m = winograd_variant(shape, w_shape, np.float32, **options)
+        role = self.channels_last.get(name)
+        if (m is None and role is not None and not role.first_in and not role.weight_hwio
+                and prepared_layout(shape, w_shape, np.float32, **options)):
+            return "hwio"
+        return m
+
     def prepare_batch(self, weights: dict, n: int) -> dict:
         """:meth:`prepare`'s further values for a list predict of ``n`` samples (``Stage.prepare_batch``)."""
-        return {f"{name}/weight{WINOGRAD_SUFFIX}{m}": winograd_weight(weights[f"{name}/weight"], m)
+        return {f"{name}/weight{WINOGRAD_SUFFIX}{m}": prepared_weight(weights[f"{name}/weight"], m)
                 for name, m in self.batch_winograd(n).items() if f"{name}/weight" in weights}
 
     def prepares(self) -> bool:
@@ -104,7 +114,7 @@ class Network:
             pad_type, pad = conv_padding(p)
             options = dict(strides=list(p.stride) or [1, 1], pad_type=pad_type, pad=pad,
                            dilations=list(p.dilationFactor) or [1, 1], groups=groups)
-            m = winograd_variant(tuple(x.shape), w_shape, np.float32, **options)
+            m = self._prepared_kind(lyr.name, tuple(x.shape), w_shape, options)
             self.winograd_convs[lyr.name] = (tuple(x.shape), w_shape, options)
             if m is not None:
                 self.winograd[lyr.name] = m
@@ -223,7 +233,7 @@ class Network:
             key = f"{lyr.name}/weight"
             w["weight"] = prepared[key] if key in prepared else hwio(w["weight"])
         key = f"{lyr.name}/weight{WINOGRAD_SUFFIX}"
-        winograd_u = tuple(prepared[k] for k in (key, key + "2", key + "4") if k in prepared) or None
+        winograd_u = tuple(prepared[k] for k in (key, key + "2", key + "4", key + "hwio") if k in prepared) or None
         ctx = LayerContext(lyr.name, kind, lyr, self.rank5, env=env, run=self.run, weights=weights,
                            winograd_u=winograd_u,
                            after_costly_op=bool(lyr.input) and lyr.input[0] in self.costly_blobs,

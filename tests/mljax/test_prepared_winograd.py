@@ -115,3 +115,45 @@ def test_a_list_predict_gets_the_variants_its_batch_picks(models, kind):
     # another batch size that picks the same variant shares the prepared array
     (key,) = extra
     assert model._batch_weights(8)[PREPARED][key] is weights[PREPARED][key]
+
+
+def _strided_net():
+    torch.manual_seed(1)
+    nn = torch.nn
+    # conv2: a 3x3 stride-2 layer of a channel-last region, by XLA's convolution (256 positions:
+    # no im2col; stride 2: no Winograd), issued NHWC / HWIO
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5)).eval()
+
+
+@pytest.fixture(scope="module")
+def strided(tmp_path_factory):
+    net = _strided_net()
+    paths = convert_torch_twins(net, torch.randn(1, 3, 32, 32), tmp_path_factory.mktemp("strided"))
+    return net, {kind: mljax.MLModel(path) for kind, path in paths.items()}
+
+
+@pytest.mark.parametrize("kind", ["mlprogram", "neuralnetwork"])
+def test_a_region_conv_on_xlas_path_gets_its_weight_laid_out_once(strided, kind):
+    """The stride-2 layer's weight comes prepared HWIO: the predict's executable transposes no
+    weight ([32, 16, 3, 3] -> [3, 3, 16, 32]), the stage's own function (plain weights) still does;
+    single and list predicts equal torch."""
+    import jax
+    net, m = strided
+    model = m[kind]
+    w = net[2].weight.detach().numpy()
+    prepared = model.stage.prepare(model.weights)
+    laid_out = [v for v in prepared.values() if np.shape(v) == (3, 3, 16, 32)]
+    assert len(laid_out) == 1 and np.array_equal(np.asarray(laid_out[0]), w.transpose(2, 3, 1, 0))
+    x = {"x": np.zeros((1, 3, 32, 32), np.float32)}
+    transpose = "tensor<32x16x3x3xf32>) -> tensor<3x3x16x32xf32>"
+    assert transpose not in jax.jit(model.stage.fn).lower(model._run_weights(), x, {}).as_text()
+    assert transpose in jax.jit(model.stage.fn).lower(model.weights, x, {}).as_text()
+    xs = np.random.default_rng(2).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    ref = _torch(net, xs)
+    np.testing.assert_allclose(model.predict({"x": xs[:1]})["y"], ref[:1], rtol=1e-4, atol=1e-5)
+    got = np.concatenate([o["y"] for o in model.predict([{"x": x[None]} for x in xs])])
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
