@@ -18,8 +18,15 @@ __all__ = ["linear", "matmul", "einsum"]
 
 
 @register("linear")
-def linear(x, weight, bias=None):
-    """``x @ weight.T + bias`` with ``weight: [D_out, D_in]`` and ``bias: [D_out]``."""
+def linear(x, weight, bias=None, *, ctx=None):
+    """``x @ weight.T + bias`` with ``weight: [D_out, D_in]`` and ``bias: [D_out]``.
+
+    With the graph layer's hint ``bias_in_product`` (:func:`mljax.optimize.passes.bias_into_product`)
+    ``weight`` is ``[D_out, D_in + 1]``, its last column the bias, and ``x`` gets a column of ones:
+    the product adds the bias instead of a pass over its output."""
+    if ctx is not None and ctx.hints.get("bias_in_product"):
+        x = jnp.asarray(x)
+        x = jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
     w = jnp.asarray(like(weight, x))
     if w.ndim != 2 or w.shape[1] != jnp.shape(x)[-1]:
         raise OpError(f"linear: weight must have shape [D_out, {jnp.shape(x)[-1]}] (x's last "

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import mljax
+from mljax.optimize.passes import _static_shape
 from helpers import convert_mil, tmp_path_for
 
 ct = pytest.importorskip("coremltools")
@@ -518,3 +519,44 @@ def test_attention_whose_parts_are_read_elsewhere_stays_a_chain(weights_out, sco
     np.testing.assert_allclose(on["y"], y, rtol=1e-5, atol=1e-5)
     if weights_out:
         np.testing.assert_allclose(on["weights"], w, rtol=1e-5, atol=1e-6)
+
+
+# --- bias into the product -------------------------------------------------------------------
+WH = RNG.standard_normal((16, 6)).astype(np.float32)       # 16 >= 2 x 6 features: a wide head
+BH = RNG.standard_normal(16).astype(np.float32)
+WN = RNG.standard_normal((8, 6)).astype(np.float32)        # 8 < 2 x 6: stays as it is
+
+
+def _program_heads():
+    @mb.program(input_specs=[mb.TensorSpec((3, 6), dtype=types.fp32)], opset_version=ct.target.iOS17)
+    def prog(x):
+        # three inputs: linears of one input would merge into one product first
+        wide = mb.linear(x=mb.relu(x=x), weight=WH, bias=BH, name="y")              # a function output
+        inner = mb.linear(x=mb.sigmoid(x=x), weight=WH, bias=BH)                    # read by another op
+        narrow = mb.linear(x=mb.tanh(x=x), weight=WN, bias=BH[:8], name="narrow")
+        return wide, mb.reduce_sum(x=inner, axes=[-1], name="s"), narrow
+    return prog
+
+
+def test_a_wide_output_head_takes_its_bias_into_the_product():
+    xs = [RNG.standard_normal((3, 6)).astype(np.float32) for _ in range(3)]
+    model, on, off = _both(_program_heads, {"x": xs[0]})
+    assert _stats(model)["bias_into_product"] == 1
+    ops = {op.outputs[0].name: op for op in model.stage.lowered.fn.block.walk() if op.outputs}
+    assert ops["y"].attributes["_mljax_hints"].get("bias_in_product")
+    assert _static_shape(ops["y"].input("weight")) == (16, 7)
+    for x, out in zip(xs, [on] + model.predict([{"x": x} for x in xs[1:]])):
+        sig = 1 / (1 + np.exp(-x))
+        np.testing.assert_allclose(out["y"], np.maximum(x, 0) @ WH.T + BH, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out["s"], (sig @ WH.T + BH).sum(-1), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(out["narrow"], np.tanh(x) @ WN.T + BH[:8], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(on["y"], off["y"], rtol=1e-6, atol=1e-6)
+    # the weight and bias stay the program's own (trainable) arguments: d sum(y) / d bias = rows
+    import jax
+
+    def total(weights):
+        out, _ = model.stage.fn(weights, {"x": xs[0]}, {})
+        return out["y"].sum()
+    grads = jax.grad(total)({k: np.asarray(w) for k, w in model.weights.items()})
+    biases = [k for k, w in model.weights.items() if np.shape(w) == BH.shape and np.allclose(w, BH)]
+    assert any(np.allclose(grads[k], 3.0) for k in biases)       # y's bias: one per row of x
