@@ -714,27 +714,16 @@ def _direct_last(x, weight, bias, strides, pad_type, pad, dilations, weight_hwio
         y = _tap_sum(list(chains.values()))
         return y if bias is None else y + bias
 
-    # A loop over blocks of output rows (the fewest, at least two, of equal size; none where that
-    # would take more than 8 blocks, e.g. a prime number of rows), so that XLA materializes the
-    # result once: as one elementwise expression it fused the whole tap sum into each of its
-    # consumers (a SiLU's two, a depthwise layer's padding), computing it up to three times
-    # (EfficientNet-B0 at batch 32 0.96x the time of the fused form, at batch 1 0.96x;
-    # MobileNetV3-Small, whose consumers did not repeat it, 1.02x at batch 32, 0.90x at batch 1).
-    # With ``read_once`` (one reader that reads each value once: a ReLU and 2x2/2 max pool) XLA
-    # fuses the sum into that reader without repeating it, and the loop's zero-filled output
-    # would only add a pass (the zoo's cnn at batch 32: 0.90x the time with the loop).
-    parts = 1 if read_once else min((d for d in range(2, outs[0] + 1) if outs[0] % d == 0), default=1)
-    if not 1 < parts <= 8:
-        return rows(xp, outs[0])
-    h0, s0, d0, k0 = outs[0] // parts, strides[0], dilations[0], kernel[0]
-    span = (h0 - 1) * s0 + (k0 - 1) * d0 + 1
-
-    def block(r):
-        xr = lax.dynamic_slice_in_dim(xp, r * h0 * s0, span, axis=2)
-        return rows(xr, h0)
-    y = lax.map(block, jnp.arange(parts))                     # [parts, N, h0, *outs[1:], C_out]
-    y = jnp.moveaxis(y, 0, 1)
-    return y.reshape((y.shape[0], outs[0]) + y.shape[3:])
+    # Materialized once, behind an optimization barrier: as one elementwise expression XLA fused
+    # the whole tap sum into each of its consumers (a SiLU's two, a depthwise layer's padding),
+    # computing it up to three times.  A loop over blocks of output rows did the same, and its
+    # zero-filled output cost a pass (MobileNetV3-Small at batch 32: 1.5 ms of 17); against it the
+    # barrier takes MobileNetV3-Small 0.94x the time at batch 32, 0.85x at batch 1, EfficientNet-B0
+    # 1.00x / 0.98x (three processes each).  With ``read_once`` (one reader that reads each value
+    # once: a ReLU and 2x2/2 max pool) XLA fuses the sum into that reader without repeating it
+    # (the zoo's cnn at batch 32: 0.90x the time of the materialized form).
+    y = rows(xp, outs[0])
+    return y if read_once else lax.optimization_barrier(y)
 
 
 def _pointwise_last(x, w2, w_in_axis, strides):
