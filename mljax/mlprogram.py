@@ -9,7 +9,7 @@ from mljax.features import feature_specs
 from mljax.cache import program_digest
 from mljax.lower import LoweredFunction, is_weight, resolve_compute_precision
 from mljax.mil.from_proto import program_from_proto
-from mljax.stage import ClassLabels, Stage, register_stage_builder
+from mljax.stage import ClassLabels, Stage, batch_preparer, register_stage_builder
 
 __all__ = ["build_mlprogram_stage"]
 
@@ -42,23 +42,12 @@ def build_mlprogram_stage(spec, model_dir, *, function_name=None, compute_precis
         static_inputs=tuple(lowered.value_inputs),
         program=program, function=name, lowered=lowered, classes=classes,
         prepare=jax.jit(lowered.prepare) if lowered.prologue or lowered.derived else None, fp16_in_graph=True,
-        prepare_batch=_batch_preparer(lowered),
+        prepare_batch=(batch_preparer(lowered.prepare_batch, lowered.batch_derived)
+                       if lowered.batch_derivable else None),
         map_batch=lowered.map_batch,
         digest=program_digest(spec.mlProgram.SerializeToString(deterministic=True), _baked(lowered),
                               ("mlProgram", name, precision, bool(optimize))),
     )
-
-
-def _batch_preparer(lowered: LoweredFunction):
-    """``Stage.prepare_batch`` of a lowered function with Winograd convs (one jitted function per
-    batch size), or None."""
-    if not lowered.batch_derivable:
-        return None
-    jitted = jax.jit(lowered.prepare_batch, static_argnums=1)
-
-    def prepare_batch(weights, n):
-        return jitted(weights, n) if lowered.batch_derived(n) else {}
-    return prepare_batch
 
 
 def _baked(lowered: LoweredFunction):

@@ -16,7 +16,8 @@ from typing import Any, Callable, Hashable
 from mljax.errors import UnsupportedError
 from mljax.features import FeatureSpec
 
-__all__ = ["ClassLabels", "Stage", "register_stage_builder", "build_stage", "shared_fn", "PREPARED"]
+__all__ = ["ClassLabels", "Stage", "register_stage_builder", "build_stage", "shared_fn", "batch_preparer",
+           "PREPARED"]
 
 #: the key of a weights pytree under which a stage's ``prepare(weights)`` values are passed back
 #: to its ``fn`` (re-laid-out weights, computed once per weight values by ``MLModel``'s predict)
@@ -68,6 +69,17 @@ class Stage:
     x64: bool = False                     # fn computes in float64: run it under jax.enable_x64
     fn_key: Hashable | None = None        # fn is shared_fn(fn_key, ...): equal keys, same function
     digest: bytes | None = None           # fully determines fn given argument shapes (mljax.cache)
+
+
+def batch_preparer(prepare_batch: Callable[[dict, int], dict], needed: Callable[[int], Any]):
+    """``Stage.prepare_batch`` from ``prepare_batch(weights, n)``: jitted once per batch size, and
+    not called where ``needed(n)`` is empty (a batch that picks one sample's variants)."""
+    import jax
+    jitted = jax.jit(prepare_batch, static_argnums=1)
+
+    def run(weights, n):
+        return jitted(weights, n) if needed(n) else {}
+    return run
 
 
 _SHARED: OrderedDict = OrderedDict()

@@ -16,7 +16,7 @@ from mljax.neuralnetwork import images
 from mljax.neuralnetwork.layers_nd import RANDOM_LAYERS
 from mljax.neuralnetwork.network import Network, map_array_input, map_output, walk_layers
 from mljax.ops.random import with_call_key
-from mljax.stage import ClassLabels, Stage, register_stage_builder
+from mljax.stage import ClassLabels, Stage, batch_preparer, register_stage_builder
 
 __all__ = ["build_neuralnetwork_stage", "network_function"]
 
@@ -237,7 +237,8 @@ def build_neuralnetwork_stage(spec, weights_dir=None, **_options) -> Stage:
         preprocess=_preprocess(plan), postprocess=_postprocess(plan), batchable=True,
         network=plan.network, rank5=plan.rank5, call_key=keyed, per_call=keyed,
         prepare=jax.jit(plan.network.prepare) if plan.network.prepares() else None,
-        prepare_batch=_batch_preparer(plan.network),
+        prepare_batch=(batch_preparer(plan.network.prepare_batch, plan.network.batch_winograd)
+                       if plan.network.winograd_convs else None),
         classes=(ClassLabels(plan.labels, plan.label_name or None, plan.probs_name or None)
                  if plan.labels is not None else None),
         # the spec determines the function (weights and all; they are also its arguments), so
@@ -260,14 +261,3 @@ def network_function(spec) -> tuple[Callable, dict]:
         return plan(weights, inputs, {})[0]
     return fn, dict(plan.network.weights)
 
-
-def _batch_preparer(network):
-    """``Stage.prepare_batch`` of a network with planned Winograd convs (one jitted function per
-    batch size), or None."""
-    if not network.winograd_convs:
-        return None
-    jitted = jax.jit(network.prepare_batch, static_argnums=1)
-
-    def prepare_batch(weights, n):
-        return jitted(weights, n) if network.batch_winograd(n) else {}
-    return prepare_batch

@@ -23,11 +23,15 @@ def _net():
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5)).eval()
 
 
+def _twins(net, folder):
+    """``net`` and its ML program and NeuralNetwork twins, loaded."""
+    paths = convert_torch_twins(net, torch.randn(1, 3, 32, 32), folder)
+    return net, {kind: mljax.MLModel(path) for kind, path in paths.items()}
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    net = _net()
-    paths = convert_torch_twins(net, torch.randn(1, 3, 32, 32), tmp_path_factory.mktemp("winograd"))
-    return net, {kind: mljax.MLModel(path) for kind, path in paths.items()}
+    return _twins(_net(), tmp_path_factory.mktemp("winograd"))
 
 
 def _torch(net, xs):
@@ -131,9 +135,7 @@ def _strided_net():
 
 @pytest.fixture(scope="module")
 def strided(tmp_path_factory):
-    net = _strided_net()
-    paths = convert_torch_twins(net, torch.randn(1, 3, 32, 32), tmp_path_factory.mktemp("strided"))
-    return net, {kind: mljax.MLModel(path) for kind, path in paths.items()}
+    return _twins(_strided_net(), tmp_path_factory.mktemp("strided"))
 
 
 @pytest.mark.parametrize("kind", ["mlprogram", "neuralnetwork"])
