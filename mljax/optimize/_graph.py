@@ -66,11 +66,11 @@ class Graph:
                     if any(v is old for v in bound):
                         op.inputs[key] = tuple(new if v is old else v for v in bound)
 
-    def const(self, hint: str, value: np.ndarray) -> Var:
-        """A new constant Var (int32 tensors for perms and shapes)."""
+    def const(self, hint: str, value: np.ndarray, dtype: str = "int32") -> Var:
+        """A new constant Var (int32 tensors for perms and shapes unless ``dtype`` says otherwise)."""
         self._counter += 1
-        value = np.asarray(value, np.int32)
-        return Var(f"{hint}__opt{self._counter}", TensorType(DTYPES["int32"], tuple(value.shape)), value)
+        value = np.asarray(value, DTYPES[dtype].numpy)
+        return Var(f"{hint}__opt{self._counter}", TensorType(DTYPES[dtype], tuple(value.shape)), value)
 
 
 def seeded_components(nodes, edges, seeds) -> set:

@@ -17,8 +17,7 @@ from mljax.optimize._graph import Graph, seeded_components
 
 __all__ = ["PASSES", "remove_noop_casts", "remove_identity_ops", "merge_transposes", "merge_reshapes",
            "merge_parallel_linears", "fuse_attention", "bias_into_product", "mark_convs_after_costly_ops",
-           "channels_last_regions",
-           "dead_code", "COSTLY_OPS"]
+           "channels_last_regions", "dead_code", "COSTLY_OPS"]
 
 # Ops that must run even when nothing reads their outputs.
 _SIDE_EFFECTS = {"coreml_update_state", "write_state"}
@@ -243,7 +242,7 @@ def fuse_attention(graph: Graph) -> int:
             replace[id(chain[-1])] = new
             drop.update(id(o) for o in chain[:-1])
             fused += 1
-        if fused:
+        if replace:
             block.operations[:] = [replace.get(id(op), op) for op in block.operations if id(op) not in drop]
     return fused
 
@@ -321,18 +320,12 @@ def _attention_chain(softmax, readers, uses, protected, producers):
 def _attention_op(graph: Graph, pv, q, k, v, mask, flags, scale) -> Operation:
     """The ``mljax.attention`` op computing ``pv``'s output (the chain's last product)."""
     out = pv.outputs[0]
-
-    def static(tag, value, dtype):
-        graph._counter += 1
-        value = np.asarray(value, DTYPES[dtype].numpy)
-        return (Var(f"{out.name}_{tag}__opt{graph._counter}", TensorType(DTYPES[dtype], ()), value),)
-
     inputs = {"x": (q,), "y": (k,), "value": (v,)}
     if mask is not None:
         inputs["mask"] = (mask,)
     for tag, flag in zip(("transpose_x", "transpose_y", "transpose_value"), flags):
-        inputs[tag] = static(tag, flag, "bool")
-    inputs["scale"] = static("scale", scale, "fp32")
+        inputs[tag] = (graph.const(f"{out.name}_{tag}", np.array(flag), "bool"),)
+    inputs["scale"] = (graph.const(f"{out.name}_scale", np.array(scale), "fp32"),)
     return Operation("mljax.attention", pv.name + "__attention", inputs, [out])
 
 
