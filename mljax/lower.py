@@ -23,7 +23,7 @@ from mljax.mil.ir import Block, Function, Operation, Var
 from mljax.mil.opspec import check_op_inputs
 from mljax.mil.types import DTYPES, DType, StateType, TensorType
 from mljax.ops._registry import HINTS, OpContext, lookup, opset_number
-from mljax.ops.conv import prepared_layout, prepared_weight, runs_own_batch_chunks, winograd_variant
+from mljax.ops.conv import prepared_kind, prepared_weight, runs_own_batch_chunks
 from mljax.stage import PREPARED
 
 __all__ = ["COMPUTE_PRECISIONS", "LoweredFunction", "compute_dtype_fn", "is_weight", "jax_dtype",
@@ -121,7 +121,8 @@ class LoweredFunction:
         self.weights: dict[str, np.ndarray] = {}
         self._collect_weights(self.fn.block)
         self.prologue = self._find_prologue()
-        # weights' Winograd transforms, computed with the prologue: {name: (weight var name, m)}
+        # convs' prepared weights (Winograd transforms, HWIO layouts), computed with the prologue:
+        # {name: (weight var name, kind)}
         self.derived, self._derived_of, self._winograd_convs = self._find_winograd()
         self.input_names = [v.name for v in fn.inputs if not isinstance(v.type, StateType)]
         self.state_names = [v.name for v in fn.inputs if isinstance(v.type, StateType)]
@@ -194,11 +195,12 @@ class LoweredFunction:
         return tuple(found)
 
     def _find_winograd(self) -> tuple[dict, dict, list]:
-        """Top-level convs whose constant 3x3 weight one sample's shapes run by Winograd
-        (:func:`mljax.ops.conv.winograd_variant`): their weight transform is prepared once per
-        weight values, as the prologue is.  Returns that ``{name: (weight name, m)}``, each conv's
-        ``{m: name}`` of both variants (a list predict's folded batch may pick the other one, see
-        :meth:`batch_derived`) and the convs' shapes."""
+        """Top-level convs with a constant weight that one sample's shapes run by Winograd or, in a
+        channel-last region, by XLA's convolution (:func:`mljax.ops.conv.prepared_kind`): their
+        weight transform or HWIO layout is prepared once per weight values, as the prologue is.
+        Returns that ``{name: (weight name, kind)}``, each conv's ``{kind: name}`` of every kind it
+        may take (a list predict's folded batch may pick another one, see :meth:`batch_derived`)
+        and the convs' shapes."""
         derived, of_op, convs = {}, {}, []
         for op in self.fn.block.operations:
             if op.type != "conv":
@@ -224,46 +226,35 @@ class LoweredFunction:
                 dtype = jax_dtype(self.compute_dtype(w.type.dtype))
                 shape = tuple(int(d) for d in shape)
                 try:
-                    m = winograd_variant(shape, tuple(w.value.shape), dtype, **static)
-                    # XLA's convolution in a region takes its weight laid out HWIO (prepared_layout)
-                    laid_out = region and prepared_layout(shape, tuple(w.value.shape), dtype, **static)
+                    m = prepared_kind(shape, tuple(w.value.shape), dtype, region=region, **static)
                 except (OpError, ValueError, TypeError):
                     continue     # attributes the op itself rejects, with its own error, when it runs
                 of_op[id(op)] = {v: f"{w.name}__winograd{v}" for v in (2, 4)}
                 if region:
                     of_op[id(op)]["hwio"] = f"{w.name}__hwio"
-                m = "hwio" if laid_out else m
-                convs.append((id(op), w.name, shape, tuple(w.value.shape), dtype, static))
+                convs.append((id(op), w.name, shape, tuple(w.value.shape), dtype, {**static, "region": region}))
                 if m is not None:
                     derived[of_op[id(op)][m]] = (w.name, m)
         return derived, of_op, convs
 
     def batch_derived(self, n: int) -> dict:
-        """The Winograd transforms a list predict of ``n`` samples uses beyond one sample's
-        (:attr:`derived`): each conv's variant at its folded batch (``n`` samples, or the chunk
-        plan's chunk for the ops it runs per chunk), where it differs.  ``{name: (weight, m)}``."""
+        """The prepared conv weights a list predict of ``n`` samples uses beyond one sample's
+        (:attr:`derived`): each conv's kind at its folded batch (``n`` samples, or the chunk plan's
+        chunk for the ops it runs per chunk), where it differs.  ``{name: (weight, kind)}``."""
         plan = self.chunk_plan(n) if n > 1 else None
         chunked = {id(op) for op in self.fn.block.operations[:plan.cut]} if plan is not None else set()
         out = {}
         for op_id, src, shape, w_shape, dtype, static in self._winograd_convs:
             rows = ((plan.chunk if op_id in chunked else n) * shape[0],) + shape[1:]
-            m = winograd_variant(rows, w_shape, dtype, **static)
-            if m is None and "hwio" in self._derived_of[op_id] and prepared_layout(rows, w_shape, dtype, **static):
-                m = "hwio"
+            m = prepared_kind(rows, w_shape, dtype, **static)
             name = self._derived_of[op_id].get(m)
             if m is not None and name not in self.derived:
                 out[name] = (src, m)
         return out
 
-    def _prepared_of(self, op: Operation, env) -> dict:
-        """``OpContext.prepared`` of a conv: its prepared Winograd transforms and HWIO weight in ``env``."""
-        names = self._derived_of[id(op)]
-        return {"winograd": tuple(env[names[m]] for m in (2, 4) if names[m] in env),
-                "hwio": tuple(env[names[m]] for m in ("hwio",) if m in names and names[m] in env)}
-
     @property
     def batch_derivable(self) -> bool:
-        """A list predict may use prepared Winograd transforms beyond one sample's (:meth:`batch_derived`)."""
+        """A list predict may use prepared conv weights beyond one sample's (:meth:`batch_derived`)."""
         return bool(self._winograd_convs)
 
     def prepare_batch(self, weights: dict, n: int) -> dict:
@@ -459,7 +450,8 @@ class LoweredFunction:
                 compute_dtype=self.compute_dtype, state=state if state is not None else {},
                 input_vars={k: (v[0] if len(v) == 1 else v) for k, v in op.inputs.items()},
                 hints=op.attributes.get(HINTS, {}),
-                prepared=(self._prepared_of(op, env) if id(op) in self._derived_of else {}))
+                prepared=({"weights": tuple(env[n] for n in self._derived_of[id(op)].values() if n in env)}
+                          if id(op) in self._derived_of else {}))
         concrete = eager or all(_is_concrete(a) for a in (*args, *kwargs.values())
                                 if not isinstance(a, OpContext))
         try:

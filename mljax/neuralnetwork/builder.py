@@ -260,4 +260,3 @@ def network_function(spec) -> tuple[Callable, dict]:
     def fn(weights, inputs):
         return plan(weights, inputs, {})[0]
     return fn, dict(plan.network.weights)
-

@@ -11,8 +11,8 @@ from jax.errors import JAXTypeError
 
 from mljax.errors import InputError, MLJaxError, ModelFormatError, UnsupportedError
 from mljax.neuralnetwork._base import LayerContext, lookup_layer
-from mljax.ops.conv import (hwio, is_depthwise_weight, lays_out_weight, prepared_layout, prepared_weight,
-                            reads_channel_first, winograd_variant)
+from mljax.ops.conv import (hwio, is_depthwise_weight, lays_out_weight, prepared_kind, prepared_weight,
+                            reads_channel_first)
 from mljax.optimize._graph import seeded_components
 from mljax.stage import PREPARED
 
@@ -76,20 +76,16 @@ class Network:
         (:meth:`mljax.lower.LoweredFunction.batch_derived`)."""
         out = {}
         for name, (shape, w_shape, options) in self.winograd_convs.items():
-            m = self._prepared_kind(name, (shape[0] * n,) + shape[1:], w_shape, options)
+            m = prepared_kind((shape[0] * n,) + shape[1:], w_shape, np.float32, region=self._region(name), **options)
             if m is not None and m != self.winograd.get(name):
                 out[name] = m
         return out
 
-    def _prepared_kind(self, name, shape, w_shape, options):
-        """What a conv layer's call at ``shape`` takes prepared: a Winograd variant (2, 4), its
-        weight laid out HWIO (``"hwio"``, a channel-last region's conv on XLA's path), or None."""
-        m = winograd_variant(shape, w_shape, np.float32, **options)
+    def _region(self, name) -> bool:
+        """A dense conv layer of a channel-last region, whose weight the layer takes as it is (MIL's
+        layout): on XLA's path it may take it prepared HWIO (:func:`mljax.ops.conv.prepared_kind`)."""
         role = self.channels_last.get(name)
-        if (m is None and role is not None and not role.first_in and not role.weight_hwio
-                and prepared_layout(shape, w_shape, np.float32, **options)):
-            return "hwio"
-        return m
+        return role is not None and not role.first_in and not role.weight_hwio
 
     def prepare_batch(self, weights: dict, n: int) -> dict:
         """:meth:`prepare`'s further values for a list predict of ``n`` samples (``Stage.prepare_batch``)."""
@@ -114,7 +110,7 @@ class Network:
             pad_type, pad = conv_padding(p)
             options = dict(strides=list(p.stride) or [1, 1], pad_type=pad_type, pad=pad,
                            dilations=list(p.dilationFactor) or [1, 1], groups=groups)
-            m = self._prepared_kind(lyr.name, tuple(x.shape), w_shape, options)
+            m = prepared_kind(tuple(x.shape), w_shape, np.float32, region=self._region(lyr.name), **options)
             self.winograd_convs[lyr.name] = (tuple(x.shape), w_shape, options)
             if m is not None:
                 self.winograd[lyr.name] = m

@@ -71,7 +71,7 @@ class OpContext:
     input_vars: dict = field(default_factory=dict)
     hints: dict = field(default_factory=dict)     # the graph layer's notes on this op (mljax.optimize)
     # values computed once per weight values for this op (the lowering's prepared weights, e.g.
-    # conv's Winograd weight transform under "winograd"); empty when the call computes them itself
+    # conv's Winograd transforms and HWIO layout under "weights"); empty when the call computes them itself
     prepared: dict = field(default_factory=dict)
 
 

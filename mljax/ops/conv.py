@@ -133,8 +133,7 @@ def conv(x, weight, bias=None, *, strides=None, pad_type="valid", pad=None, dila
                        channels_last=bool(hints.get("channels_last")),
                        weight_hwio=bool(hints.get("weight_hwio")), first_in=bool(hints.get("first_in")),
                        read_once=bool(hints.get("read_once")),
-                       winograd_u=(ctx.prepared.get("winograd", ()) + ctx.prepared.get("hwio", ())
-                                   if ctx is not None else None))
+                       winograd_u=ctx.prepared.get("weights") if ctx is not None else None)
 
 
 def convolution(x, weight, bias=None, *, strides=None, pad_type="valid", pad=None, dilations=None,
@@ -168,7 +167,7 @@ def convolution(x, weight, bias=None, *, strides=None, pad_type="valid", pad=Non
     (:func:`winograd_weight`; ``[16 or 36, C_out, C_in]``), one array or a tuple of them (F(2x2)
     and F(4x4)): where the shapes pick a variant given, that path runs without transforming
     ``weight`` again; a list predict, whose folded batch may pick another variant, looks there too.
-    A channel-last conv's tuple may also hold ``weight`` laid out HWIO (:func:`prepared_layout`),
+    A channel-last conv's tuple may also hold ``weight`` laid out HWIO (:func:`prepared_kind`),
     which XLA's convolution then takes as it is.
     """
     x, weight = jnp.asarray(x), jnp.asarray(weight)
@@ -831,21 +830,26 @@ def winograd_variant(x_shape, w_shape, dtype, *, strides=None, pad_type="valid",
     return next((m for m, name in _WINOGRAD_PATHS.items() if name == path), None)
 
 
-def prepared_layout(x_shape, w_shape, dtype, *, strides=None, pad_type="valid", pad=None, dilations=None,
-                    groups=1) -> bool:
-    """A channel-last region's dense conv of one sample (or a folded batch) ``x_shape``
-    (channel-first) that runs by XLA's convolution, issued NHWC / HWIO: its weight laid out HWIO
-    once per weight values (the lowering's prepared weights) saves the transposing copy of the
-    weight on every call (ResNet-18's 256 -> 512 stride-2 layer: 1.5-2.6 ms a call at batch 32)."""
-    if len(x_shape) != 4 or len(w_shape) != 4 or is_depthwise_weight(w_shape, int(groups)):
-        return False
+def prepared_kind(x_shape, w_shape, dtype, *, region: bool, strides=None, pad_type="valid", pad=None,
+                  dilations=None, groups=1) -> int | str | None:
+    """What a conv of one sample (or a folded batch) ``x_shape`` (channel-first) takes prepared once
+    per weight values (the lowering's and the NeuralNetwork translator's prepared weights): the
+    Winograd variant ``m`` its path runs (:func:`winograd_variant`), ``"hwio"`` for a dense conv of a
+    channel-last region (``region``) that runs by XLA's convolution, issued NHWC / HWIO (its weight
+    laid out once saves the transposing copy on every call: ResNet-18's 256 -> 512 stride-2 layer,
+    1.5-2.6 ms a call at batch 32), or None."""
+    m = winograd_variant(x_shape, w_shape, dtype, strides=strides, pad_type=pad_type, pad=pad,
+                         dilations=dilations, groups=groups)
+    if (m is not None or not region or len(x_shape) != 4 or len(w_shape) != 4
+            or is_depthwise_weight(w_shape, int(groups))):
+        return m
     strides, dilations, pads = _geometry(x_shape[2:], w_shape[2:], strides, pad_type, pad, dilations)
-    return conv_path(x_shape, w_shape, dtype, strides, pads, dilations, int(groups)) == "lax"
+    return "hwio" if conv_path(x_shape, w_shape, dtype, strides, pads, dilations, int(groups)) == "lax" else None
 
 
 def prepared_weight(weight, kind):
-    """A conv weight's value prepared once per weight values: its Winograd transform (``kind`` 2 or
-    4, :func:`winograd_weight`) or its HWIO layout (``kind`` ``"hwio"``, :func:`prepared_layout`)."""
+    """A conv weight's value prepared once per weight values (:func:`prepared_kind`): its Winograd
+    transform (``kind`` 2 or 4, :func:`winograd_weight`) or its HWIO layout (``"hwio"``)."""
     return hwio(weight) if kind == "hwio" else winograd_weight(weight, kind)
 
 
