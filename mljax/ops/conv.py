@@ -24,6 +24,7 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 
 from mljax.errors import OpError
+from mljax.ops._batching import folding_batch
 from mljax.ops._registry import register
 
 __all__ = ["conv", "convolution", "conv_path", "conv_transpose", "is_depthwise_weight", "reads_channel_first"]
@@ -374,35 +375,8 @@ def _batch_folding(path: str, geom):
     from the plain implementation (``custom_vmap`` has none of its own).
     """
     strides, pads, dilations = geom
-    return _folding_batch(functools.partial(_fast_path, path, geom),
+    return folding_batch(functools.partial(_fast_path, path, geom),
                           lambda x, weight, bias: _dense_or_grouped(x, weight, strides, pads, dilations, 1, bias))
-
-
-def _folding_batch(plain, at_folded_batch, derivatives: bool = True):
-    """``plain(x, *rest)`` (``x`` batch-major), whose ``vmap`` over ``x`` alone folds the mapped
-    axis into ``x``'s batch and calls ``at_folded_batch`` (which may pick another path for the
-    larger batch); a vmap over other arguments maps ``plain``.  Reverse-mode derivatives come
-    from ``plain`` (``custom_vmap`` has none of its own), or none with ``derivatives=False``."""
-    @custom_vmap
-    def folded(*args):
-        return plain(*args)
-
-    @folded.def_vmap
-    def _rule(axis_size, in_batched, x, *rest):
-        if in_batched[0] and not any(in_batched[1:]):
-            y = at_folded_batch(x.reshape((-1,) + x.shape[2:]), *rest)
-            return y.reshape((axis_size, -1) + y.shape[1:]), True
-        return jax.vmap(plain, in_axes=tuple(0 if b else None for b in in_batched))(x, *rest), True
-
-    if not derivatives:
-        return folded
-
-    @jax.custom_vjp
-    def fn(*args):
-        return folded(*args)
-
-    fn.defvjp(lambda *args: (folded(*args), args), lambda res, ct: jax.vjp(plain, *res)[1](ct))
-    return fn
 
 
 def _is_pointwise(w_shape, groups, pads) -> bool:
@@ -623,11 +597,11 @@ def _dense_last(x, weight, bias, geom, groups, *us):
 @functools.lru_cache(maxsize=None)
 def _dense_last_folding(geom, groups: int, prepared: bool):
     """``_dense_last`` whose ``vmap`` over ``x`` (a list predict's samples) folds the mapped axis
-    into the batch and picks the path again at the folded batch (:func:`_folding_batch`).  With
+    into the batch and picks the path again at the folded batch (:func:`mljax.ops._batching.folding_batch`).  With
     a prepared Winograd transform (``prepared``: predictions only) there are no derivatives."""
     def plain(x, weight, bias, *us):
         return _dense_last(x, weight, bias, geom, groups, *us)
-    return _folding_batch(plain, plain, derivatives=not prepared)
+    return folding_batch(plain, plain, derivatives=not prepared)
 
 
 # Channels per block of a channel-last depthwise layer (one 512-bit vector of float32).
@@ -869,7 +843,7 @@ def _prepared_folding(path: str, geom):
     transforms the weight itself.  For predictions: no derivatives of its own (training computes
     the transform in the traced function)."""
     strides, pads, dilations = geom
-    return _folding_batch(
+    return folding_batch(
         lambda x, weight, bias, *us: _fast_path(path, geom, x, weight, bias, us),
         lambda x, weight, bias, *us: _dense_or_grouped(x, weight, strides, pads, dilations, 1, bias, winograd_u=us),
         derivatives=False)

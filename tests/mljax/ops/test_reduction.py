@@ -151,3 +151,23 @@ def test_e2e_all_reductions_in_one_model(opset):
     np.testing.assert_allclose(out["sum_all"], x64.sum(), rtol=1e-5)
     np.testing.assert_array_equal(out["argmax"], np.argmax(x, axis=1))
     np.testing.assert_array_equal(out["argmin"], np.argmin(x, axis=-1, keepdims=True))
+
+
+@pytest.mark.parametrize("mean", [True, False])
+def test_spatial_pool_by_product_single_vmapped_and_gradient(mean):
+    """The global pool as a product (the graph layer's ``pool_by_product`` hint) equals NumPy's
+    mean / sum over H, W: called alone, vmapped over samples as a list predict does (the samples
+    folded into its batch), and its gradient (each position gets 1/(H*W), or 1) under vmap too."""
+    from mljax.ops.reduction import spatial_pool_by_product
+    x = np.random.default_rng(5).standard_normal((4, 2, 3, 5, 7)).astype(np.float32)
+    ref = (np.mean if mean else np.sum)(x.astype(np.float64), axis=(2, 3), keepdims=True)
+    pool = jax.jit(lambda a: spatial_pool_by_product(a, mean=mean))
+    np.testing.assert_allclose(np.asarray(pool(x[0])), ref[0], **TOL[np.float32])
+    np.testing.assert_allclose(np.asarray(jax.jit(jax.vmap(pool))(x)), ref, **TOL[np.float32])
+    weights = np.random.default_rng(6).standard_normal((7,)).astype(np.float32)
+
+    def loss(a):
+        return (spatial_pool_by_product(a, mean=mean) * weights).sum()
+    grads = np.asarray(jax.jit(jax.vmap(jax.grad(loss)))(x))
+    scale = 1 / (3 * 5) if mean else 1.0
+    np.testing.assert_allclose(grads, np.broadcast_to(weights * scale, x.shape), **TOL[np.float32])
