@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 
 from mljax import distribute, packing
 from mljax.cache import CachedJit
-from mljax.cpu import aligned, aligned_empty, is_device_dtype
+from mljax.cpu import aligned, aligned_empty, batched_compiler_options, is_device_dtype
 from mljax.errors import InputError, OpError, PredictionError
 from mljax.features import Features, convert_inputs, convert_output, feature_specs
 from mljax.format.package import load_spec
@@ -525,11 +525,13 @@ def _stack(arrays: list, zero_copy: bool) -> np.ndarray:
 
 def _jit_batched(stage: Stage):
     """``jax.jit(jax.vmap(stage.fn))`` over inputs (``stage.map_batch``, its schedule of the same,
-    where the stage has one); shared by stages with the same ``fn_key``."""
+    where the stage has one), compiled with :func:`mljax.cpu.batched_compiler_options`; shared by
+    stages with the same ``fn_key`` and options."""
+    options = batched_compiler_options()     # 512-bit vectors on CPUs with AVX-512
     if stage.map_batch is not None:
-        return jax.jit(stage.map_batch)
-    make = lambda: jax.jit(jax.vmap(stage.fn, in_axes=(None, 0, None)))   # noqa: E731
-    return make() if stage.fn_key is None else shared_fn(("vmap", stage.fn_key), make)
+        return jax.jit(stage.map_batch, compiler_options=options)
+    make = lambda: jax.jit(jax.vmap(stage.fn, in_axes=(None, 0, None)), compiler_options=options)   # noqa: E731
+    return make() if stage.fn_key is None else shared_fn(("vmap", stage.fn_key, tuple(sorted(options.items()))), make)
 
 
 # Errors that mean "this needs concrete input values" when raised while tracing.

@@ -178,7 +178,6 @@ except mljax.ConfigurationError as e:
     run = _run(code)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["refused", "True"]
-    import jax
     import mljax.cpu as cpu
     monkeypatch.setattr(cpu, "_backend_started", lambda: False)
     monkeypatch.setattr(cpu.platform, "libc_ver", lambda: ("musl", "1.2"))
@@ -330,3 +329,35 @@ def test_predict_passes_aligned_inputs(model_path, monkeypatch):
     outs = model.predict([{"x": _unaligned(x)} for x in xs])
     np.testing.assert_allclose(np.stack([o["emb"] for o in outs]), np.tanh(xs @ proj), rtol=1e-5, atol=1e-6)
     assert seen == [0, 0]
+
+
+@pytest.mark.parametrize("avx512, env, wide", [
+    (True, {}, True),
+    (False, {}, False),                                                  # no AVX-512: XLA's default
+    (True, {"MLJAX_XLA_DEFAULTS": "0"}, False),                          # opted out of mljax's defaults
+    (True, {"XLA_FLAGS": "--xla_cpu_prefer_vector_width=256"}, False),   # the user's own width wins
+])
+def test_list_predicts_compile_wide_vectors_only_where_they_may(model_path, monkeypatch, avx512, env, wide):
+    """A list predict's executable gets 512-bit vectors on a CPU with AVX-512 unless the user opted
+    out or chose a width; one sample's executable never does.  Either way the list predict
+    equals NumPy's and the single predicts."""
+    import jax
+    import mljax.cpu
+    from mljax.cpu import WIDE_VECTORS
+    monkeypatch.setattr(mljax.cpu, "_has_avx512", lambda: avx512)
+    for k in ("MLJAX_XLA_DEFAULTS", "XLA_FLAGS"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert mljax.cpu.batched_compiler_options() == (dict(WIDE_VECTORS) if wide else {})
+    path, proj = model_path
+    m = mljax.MLModel(path)
+    name = next(iter(m.input_description))
+    xs = np.random.default_rng(3).standard_normal((5, 4)).astype(np.float32)
+    lowered = m._batched_fn.lower(m.weights, {name: jax.numpy.asarray(xs)}, {})
+    assert dict(lowered._lowering._compiler_options_kvs) == (dict(WIDE_VECTORS) if wide else {})
+    outs = m.predict([{name: x} for x in xs])
+    for x, out in zip(xs, outs):
+        got = next(iter(out.values()))
+        np.testing.assert_allclose(got, np.tanh(x @ proj), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got, next(iter(m.predict({name: x}).values())), rtol=1e-6, atol=1e-7)
