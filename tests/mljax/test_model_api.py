@@ -150,3 +150,35 @@ def test_bridge_doc_quotes_what_coremltools_says(flexible):
             call()
         said.append(str(err.value))
     assert quoted == set(said), (quoted, said)
+
+
+def test_list_predict_outputs_keep_their_size_one_axes():
+    """A list predict's executable returns its outputs without their size-1 axes (XLA copied a
+    product's output into its default layout otherwise) and predict restores them: every output
+    has the single predict's shape and NumPy's values, whatever its size-1 axes, and a model
+    with other input shapes (the flexible dimension) records its own shapes."""
+    from coremltools.converters.mil.mil import get_new_symbol
+    from helpers import convert_mil
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((5, 3)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, get_new_symbol(), 3))], opset_version=ct.target.iOS17)
+    def prog(x):
+        y = mb.linear(x=x, weight=w, bias=b, name="y")                                  # [1, T, 5]
+        col = mb.reduce_sum(x=y, axes=[1, 2], keep_dims=True, name="total")          # [1, 1, 1]
+        return y, col, mb.expand_dims(x=y, axes=[2], name="y4"), mb.squeeze(x=col, name="flat")
+
+    model = mljax.MLModel(convert_mil(prog))
+    for t in (2, 1):
+        xs = rng.standard_normal((6, 1, t, 3)).astype(np.float32)
+        outs = model.predict([{"x": x} for x in xs])
+        stacked, _ = model._batched_fn(model.weights, {"x": xs}, {})
+        assert stacked["y"].shape == ((6, t, 5) if t > 1 else (6, 5))      # the executable's: squeezed
+        for x, out in zip(xs, outs):
+            y = x @ w.T + b
+            want = {"y": y, "total": y.sum(axis=(1, 2), keepdims=True), "y4": y[:, :, None], "flat": y.sum()}
+            single = model.predict({"x": x})
+            for k, v in want.items():
+                assert out[k].shape == np.shape(v) == single[k].shape, k
+                np.testing.assert_allclose(out[k], v, rtol=1e-5, atol=1e-5)
