@@ -37,7 +37,7 @@ import jax
 from mljax.cpu import memory_retained
 
 __all__ = ["Step", "ChunkPlan", "chunk_plan", "run_chunked", "batch_size", "one_sample", "nbytes", "chunked_backend",
-           "HEAVY_BYTES", "CHUNK_BYTES", "LIGHT_PREFIX_BYTES"]
+           "HEAVY_BYTES", "CHUNK_BYTES", "LIGHT_PREFIX_BYTES", "LIGHT_CHUNK_SHARE"]
 
 # An op is activation-heavy when its outputs for the whole batch take at least this many bytes:
 # more than a core's share of the caches (the machines measured: 1-2 MiB L2 per core, 32 MiB of
@@ -50,11 +50,16 @@ HEAVY_BYTES = 8 << 20
 CHUNK_BYTES = 8 << 20
 # A prefix whose weights take at most this many bytes (a CNN's stem and first stages: 0.01-0.1 MB;
 # a transformer's layers: 16-21 MB) rereads them per chunk at no cost, and its chunks' largest
-# activation is held to half of CHUNK_BYTES: EfficientNet-B0 at batch 32 1.14x ONNX Runtime in
-# chunks of 2 against 1.18-1.22x in chunks of 4, batch 8 unchanged, MobileNetV3-Small within noise
-# (1.21-1.31x in chunks of 8 against 1.26-1.32x in chunks of 16); the transformers keep
-# CHUNK_BYTES (the Llama-style decoder 1.10x in chunks of 8 against 1.04x in chunks of 16).
+# activation is held to a quarter of CHUNK_BYTES (LIGHT_CHUNK_SHARE).  A half, on an AMD EPYC:
+# EfficientNet-B0 at batch 32 1.14x ONNX Runtime in chunks of 2 against 1.18-1.22x in chunks of 4,
+# batch 8 unchanged, MobileNetV3-Small within noise (1.21-1.31x in chunks of 8 against 1.26-1.32x
+# in chunks of 16).  A quarter against a half, on an Intel Xeon with 512-bit list predicts (three
+# processes, in-process ratios to ONNX Runtime): MobileNetV3-Small at batch 32 0.95-0.98x the time
+# (chunks of 4 against 8), EfficientNet-B0 0.96-0.98x (1 against 2), the zoo's depthwise CNN 0.92x,
+# batch 8 0.97-1.00x.  The transformers keep CHUNK_BYTES (the Llama-style decoder 1.10x in chunks
+# of 8 against 1.04x in chunks of 16).
 LIGHT_PREFIX_BYTES = 1 << 20
+LIGHT_CHUNK_SHARE = 4
 # How far past the last heavy op the cut may move to find the fewest bytes crossing it.
 _CUT_WINDOW = 16
 
@@ -83,8 +88,8 @@ def chunk_plan(steps: list, inputs: dict, outputs, n: int, *, heavy: int | None 
     """The plan for a batch of ``n`` samples, or None (vmap the whole program).
 
     ``inputs``: {name: bytes per sample}; ``outputs``: the names the program returns; ``heavy``
-    and ``target`` default to :data:`HEAVY_BYTES` and :data:`CHUNK_BYTES` (half of it for a prefix
-    of at most :data:`LIGHT_PREFIX_BYTES` of weights)."""
+    and ``target`` default to :data:`HEAVY_BYTES` and :data:`CHUNK_BYTES` (a :data:`LIGHT_CHUNK_SHARE`
+    of it for a prefix of at most :data:`LIGHT_PREFIX_BYTES` of weights)."""
     heavy = HEAVY_BYTES if heavy is None else heavy
     if n < 2 or not steps:
         return None
@@ -120,7 +125,7 @@ def chunk_plan(steps: list, inputs: dict, outputs, n: int, *, heavy: int | None 
     largest = max(out_bytes[:cut])
     if target is None:
         light = sum(s.weight_bytes for s in steps[:cut]) <= LIGHT_PREFIX_BYTES
-        target = CHUNK_BYTES // 2 if light else CHUNK_BYTES
+        target = CHUNK_BYTES // LIGHT_CHUNK_SHARE if light else CHUNK_BYTES
     chunk = max((d for d in range(1, n) if n % d == 0 and d * largest <= target), default=None)
     if chunk is None:
         return None

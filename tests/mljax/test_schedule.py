@@ -34,13 +34,14 @@ def test_the_prefix_ends_at_the_last_heavy_op_and_chunks_fit_the_target():
     assert chunk_plan(steps, {"x": 192 * KiB}, ["a5"], 12, heavy=1).chunk == 6
 
 
-def test_a_prefix_of_light_weights_gets_chunks_of_half_the_target():
+def test_a_prefix_of_light_weights_gets_chunks_of_a_quarter_of_the_target():
     # the same activations as above: with 1 MiB of weights or less in the prefix (a CNN's stem)
-    # the largest activation (1024 KiB) fits 4 MiB four times, with more (a transformer) 8 times
+    # the largest activation (1024 KiB) fits 2 MiB twice, with more (a transformer) 8 MiB 8 times
     light = _steps((512, 1), (1024, 0), (256, 4), (128, 300), (64, 600), (1, 100))
     heavy = _steps((512, 1), (1024, 0), (256, 4), (128, 300), (64, 600), (1, 2000))
     assert sum(s.weight_bytes for s in light) <= schedule.LIGHT_PREFIX_BYTES
-    assert chunk_plan(light, {"x": 192 * KiB}, ["a5"], 32).chunk == 4
+    assert schedule.LIGHT_CHUNK_SHARE == 4
+    assert chunk_plan(light, {"x": 192 * KiB}, ["a5"], 32).chunk == 2
     assert chunk_plan(heavy, {"x": 192 * KiB}, ["a5"], 32).chunk == 8
     # an explicit target is taken as it is
     assert chunk_plan(light, {"x": 192 * KiB}, ["a5"], 32, target=8 * 1024 * KiB).chunk == 8
@@ -84,8 +85,8 @@ def test_dense_convolutions_get_a_plan_only_where_freed_memory_goes_back(retaine
     steps = _steps((512, 1, True), (32, 0))
     plan = chunk_plan(steps, {"x": KiB}, ["a1"], 32)
     assert (plan is None) == retained
-    if not retained:     # 1 KiB of weights: a light prefix, 4 MiB chunks of 512 KiB samples
-        assert plan.cut == 2 and plan.chunk == 8
+    if not retained:     # 1 KiB of weights: a light prefix, 2 MiB chunks of 512 KiB samples
+        assert plan.cut == 2 and plan.chunk == 4
 
 
 def test_memory_retained_follows_the_call_and_the_environment(monkeypatch):
@@ -136,7 +137,7 @@ def test_a_list_predict_runs_the_plan_with_torchs_values(converted, kind, monkey
     torch's and the single predict's."""
     net, paths = converted
     monkeypatch.setattr(schedule, "HEAVY_BYTES", 64 * KiB)
-    monkeypatch.setattr(schedule, "CHUNK_BYTES", 200 * KiB)     # 100 KiB for its light prefix
+    monkeypatch.setattr(schedule, "CHUNK_BYTES", 400 * KiB)     # 100 KiB for its light prefix
     plans = []
     real = schedule.chunk_plan
 
@@ -165,7 +166,7 @@ def test_the_plan_changes_no_value(converted, monkeypatch):
     xs = np.random.default_rng(1).standard_normal((8, 1, 3, 32, 32)).astype(np.float32)
     plain = mljax.MLModel(paths["mlprogram"]).predict([{"x": x} for x in xs])
     monkeypatch.setattr(schedule, "HEAVY_BYTES", 64 * KiB)
-    monkeypatch.setattr(schedule, "CHUNK_BYTES", 64 * KiB)
+    monkeypatch.setattr(schedule, "CHUNK_BYTES", 128 * KiB)     # 32 KiB for its light prefix
     model = mljax.MLModel(paths["mlprogram"])
     assert model.stage.lowered.chunk_plan(8) is not None
     planned = model.predict([{"x": x} for x in xs])
@@ -186,7 +187,7 @@ def test_a_plan_holds_fewer_temporaries(converted, monkeypatch):
         lowered = jax.jit(model.stage.map_batch).lower(model._run_weights(), {"x": x}, {})
         return lowered.compile().memory_analysis().temp_size_in_bytes
     monkeypatch.setattr(schedule, "HEAVY_BYTES", 64 * KiB)
-    monkeypatch.setattr(schedule, "CHUNK_BYTES", 200 * KiB)     # 100 KiB for its light prefix
+    monkeypatch.setattr(schedule, "CHUNK_BYTES", 400 * KiB)     # 100 KiB for its light prefix
     whole, planned = temp_bytes(False), temp_bytes(True)
     # the first activations alone: 16 samples x 16x16x24 fp32 = 384 KiB for the whole batch
     assert planned < whole - 200 * KiB, (planned, whole)
