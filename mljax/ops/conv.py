@@ -376,7 +376,7 @@ def _batch_folding(path: str, geom):
     """
     strides, pads, dilations = geom
     return folding_batch(functools.partial(_fast_path, path, geom),
-                          lambda x, weight, bias: _dense_or_grouped(x, weight, strides, pads, dilations, 1, bias))
+                         lambda x, weight, bias: _dense_or_grouped(x, weight, strides, pads, dilations, 1, bias))
 
 
 def _is_pointwise(w_shape, groups, pads) -> bool:
@@ -597,8 +597,9 @@ def _dense_last(x, weight, bias, geom, groups, *us):
 @functools.lru_cache(maxsize=None)
 def _dense_last_folding(geom, groups: int, prepared: bool):
     """``_dense_last`` whose ``vmap`` over ``x`` (a list predict's samples) folds the mapped axis
-    into the batch and picks the path again at the folded batch (:func:`mljax.ops._batching.folding_batch`).  With
-    a prepared Winograd transform (``prepared``: predictions only) there are no derivatives."""
+    into the batch and picks the path again at the folded batch
+    (:func:`mljax.ops._batching.folding_batch`).  With a prepared Winograd transform
+    (``prepared``: predictions only) there are no derivatives."""
     def plain(x, weight, bias, *us):
         return _dense_last(x, weight, bias, geom, groups, *us)
     return folding_batch(plain, plain, derivatives=not prepared)
