@@ -37,6 +37,7 @@ NumPy aligns small arrays to 16 bytes only, so predict builds its input arrays 6
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import sys
@@ -147,8 +148,10 @@ WIDE_VECTORS = {"xla_cpu_prefer_vector_width": 512}
 AVX-512 (:func:`batched_compiler_options`)."""
 
 
+@functools.lru_cache(maxsize=None)
 def _has_avx512() -> bool:
-    """The CPU has AVX-512 (``avx512f`` in Linux's ``/proc/cpuinfo``); False where that is unknown."""
+    """The CPU has AVX-512 (``avx512f`` in Linux's ``/proc/cpuinfo``, read once); False where that is
+    unknown."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

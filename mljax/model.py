@@ -549,8 +549,7 @@ def _squeezing(batched, options: dict):
 
     def run(weights, inputs, states):
         outputs, new_states = batched(weights, inputs, states)
-        key = tuple(sorted((k, tuple(jnp.shape(v))) for k, v in inputs.items()))
-        shapes[key] = {k: tuple(v.shape[1:]) for k, v in outputs.items() if _squeezable(v)}
+        shapes[_shape_key(inputs)] = {k: tuple(v.shape[1:]) for k, v in outputs.items() if _squeezable(v)}
         return {k: v.reshape(v.shape[:1] + tuple(d for d in v.shape[1:] if d != 1)) if _squeezable(v) else v
                 for k, v in outputs.items()}, new_states
     return jax.jit(run, compiler_options=options), shapes
@@ -560,9 +559,14 @@ def _squeezable(v) -> bool:
     return isinstance(v, jax.Array) and v.ndim >= 2 and 1 in v.shape[1:]
 
 
+def _shape_key(inputs: dict) -> tuple:
+    """``inputs``' names and shapes (traced or NumPy arrays): the key of :func:`_squeezing`'s shapes."""
+    return tuple(sorted((k, tuple(np.shape(v))) for k, v in inputs.items()))
+
+
 def _unsqueezed(outputs: dict, stacked: dict, shapes: dict) -> dict:
     """The list predict's ``outputs`` (NumPy) with the size-1 axes :func:`_squeezing` took off."""
-    key = tuple(sorted((k, tuple(np.shape(v))) for k, v in stacked.items()))
+    key = _shape_key(stacked)
     if key not in shapes:      # the executable ran without tracing this signature: a bug of mljax's
         raise PredictionError(f"internal error: no output shapes recorded for list-predict inputs {key}")
     restore = shapes[key]

@@ -7,6 +7,8 @@ MIL's ``astype``).  iOS17 delta: ``reduce_argmax``/``reduce_argmin`` take
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -70,9 +72,12 @@ def _pool_by_product(x, mean: bool):
     return y.reshape(n, 1, 1, c)
 
 
-_POOLS_BY_PRODUCT = {mean: folding_batch(lambda x, mean=mean: _pool_by_product(x, mean),
-                                         lambda x, mean=mean: _pool_by_product(x, mean))
-                     for mean in (True, False)}
+def _folded_pool(mean: bool):
+    pool = functools.partial(_pool_by_product, mean=mean)
+    return folding_batch(pool, pool)       # a list predict's samples fold into the images axis
+
+
+_POOLS_BY_PRODUCT = {mean: _folded_pool(mean) for mean in (True, False)}
 
 
 def spatial_pool_by_product(x, *, mean: bool = True):
