@@ -242,10 +242,12 @@ class LoweredFunction:
         (:attr:`derived`): each conv's kind at its folded batch (``n`` samples, or the chunk plan's
         chunk for the ops it runs per chunk), where it differs.  ``{name: (weight, kind)}``."""
         plan = self.chunk_plan(n) if n > 1 else None
-        chunked = {id(op) for op in self.fn.block.operations[:plan.cut]} if plan is not None else set()
+        ops = self.fn.block.operations
+        chunk_of = {id(op): span.chunk for start, span in (plan.spans if plan is not None else ())
+                    for op in ops[start:span.cut]}
         out = {}
         for op_id, src, shape, w_shape, dtype, static in self._winograd_convs:
-            rows = ((plan.chunk if op_id in chunked else n) * shape[0],) + shape[1:]
+            rows = (chunk_of.get(op_id, n) * shape[0],) + shape[1:]
             m = prepared_kind(rows, w_shape, dtype, **static)
             name = self._derived_of[op_id].get(m)
             if m is not None and name not in self.derived:
@@ -337,12 +339,18 @@ class LoweredFunction:
             self._run_ops(ops[:plan.cut], env, state, skip)
             return {name: env[name] for name in plan.live}
 
+        def middle(start, span, live):
+            env, skip = self._weights_env(weights)
+            env.update(live)
+            self._run_ops(ops[start:span.cut], env, {}, skip)
+            return {name: env[name] for name in span.live}
+
         def suffix(live):
             env, skip = self._weights_env(weights)
             env.update(live)
-            self._run_ops(ops[plan.cut:], env, {}, skip)
+            self._run_ops(ops[plan.end:], env, {}, skip)
             return self._finish([self._value(v, env) for v in self.fn.block.outputs], {})
-        return schedule.run_chunked(plan, inputs, prefix, suffix)
+        return schedule.run_chunked(plan, inputs, prefix, suffix, middle)
 
     def chunk_plan(self, n: int):
         """:func:`mljax.schedule.chunk_plan` of this function's top-level ops for ``n`` samples."""

@@ -9,6 +9,10 @@ chunks, each chunk vmapped), so an op's output is still in the core's caches whe
 reads it, then the rest of the program over the whole batch, where the activations are small
 and the weights large (a chunk loop there would stream the weights once per chunk).
 
+Where the middle of the network still overflows a core's cache at the whole batch (a mobile CNN's
+16x16 and 8x8 stages), a *further span* runs it in larger chunks before the rest
+(:data:`SPAN_HEAVY_BYTES`).
+
 The plan is decided at trace time from static shapes (:func:`chunk_plan`); it changes no
 value (each sample's ops are the same ops).  Measured on one thread against ONNX Runtime
 (bench/real.py, in-process interleaved rounds, AMD EPYC; docs/performance.md): batch 32
@@ -29,7 +33,9 @@ ResNet-18 at batch 8 1.11x against 1.08x).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+import functools
 from typing import Callable
 
 import jax
@@ -37,7 +43,8 @@ import jax
 from mljax.cpu import memory_retained
 
 __all__ = ["Step", "ChunkPlan", "chunk_plan", "run_chunked", "batch_size", "one_sample", "nbytes", "chunked_backend",
-           "HEAVY_BYTES", "CHUNK_BYTES", "LIGHT_PREFIX_BYTES", "LIGHT_CHUNK_SHARE"]
+           "HEAVY_BYTES", "CHUNK_BYTES", "LIGHT_PREFIX_BYTES", "LIGHT_CHUNK_SHARE", "SPAN_HEAVY_BYTES",
+           "SPAN_CHUNK_BYTES", "SPAN_WEIGHT_BYTES"]
 
 # An op is activation-heavy when its outputs for the whole batch take at least this many bytes:
 # more than a core's share of the caches (the machines measured: 1-2 MiB L2 per core, 32 MiB of
@@ -60,6 +67,18 @@ CHUNK_BYTES = 8 << 20
 # of 8 against 1.04x in chunks of 16).
 LIGHT_PREFIX_BYTES = 1 << 20
 LIGHT_CHUNK_SHARE = 4
+# A further span after the first (ChunkPlan.next): where ops after it still write at least
+# SPAN_HEAVY_BYTES for the batch (more than a core's L2), they run in chunks whose largest
+# activation takes at most SPAN_CHUNK_BYTES, up to where the span's weights would pass
+# SPAN_WEIGHT_BYTES (a chunk loop rereads them), and only where its chunks are larger than the
+# first span's.  None: no further span.  Intel Xeon, batch 32, in-process ratios to ONNX Runtime,
+# three processes: MobileNetV3-Small 0.94-0.95x the time without the span (its 16x16 and 8x8
+# stages in chunks of 8), the zoo's depthwise CNN 0.90-0.92x, EfficientNet-B0 0.997-1.01x;
+# chunks of 2 MiB instead of 1: MobileNetV3-Small 0.96-0.98x, EfficientNet-B0 1.00-1.02x.  Without
+# the weight limit EfficientNet-B0's span reached its 0.9 MiB 1x1 layers: 1.04x (one process).
+SPAN_HEAVY_BYTES = 2 << 20
+SPAN_CHUNK_BYTES = 1 << 20
+SPAN_WEIGHT_BYTES = 1 << 20
 # How far past the last heavy op the cut may move to find the fewest bytes crossing it.
 _CUT_WINDOW = 16
 
@@ -81,6 +100,21 @@ class ChunkPlan:
     cut: int                  # steps[:cut] run per chunk, steps[cut:] over the whole batch
     chunk: int                # samples per chunk (divides the batch)
     live: tuple               # names written before the cut (or inputs) that the rest reads
+    next: "ChunkPlan | None" = None   # steps[cut:next.cut] run per chunk of next.chunk, and so on
+
+    @property
+    def spans(self) -> list:
+        """``[(start, plan), ...]``: each chunked span ``steps[start:plan.cut]`` and its plan."""
+        out, start, plan = [], 0, self
+        while plan is not None:
+            out.append((start, plan))
+            start, plan = plan.cut, plan.next
+        return out
+
+    @property
+    def end(self) -> int:
+        """Where the last chunked span ends: ``steps[end:]`` run over the whole batch."""
+        return self.spans[-1][1].cut
 
 
 def chunk_plan(steps: list, inputs: dict, outputs, n: int, *, heavy: int | None = None,
@@ -89,9 +123,16 @@ def chunk_plan(steps: list, inputs: dict, outputs, n: int, *, heavy: int | None 
 
     ``inputs``: {name: bytes per sample}; ``outputs``: the names the program returns; ``heavy``
     and ``target`` default to :data:`HEAVY_BYTES` and :data:`CHUNK_BYTES` (a :data:`LIGHT_CHUNK_SHARE`
-    of it for a prefix of at most :data:`LIGHT_PREFIX_BYTES` of weights)."""
+    of it for a prefix of at most :data:`LIGHT_PREFIX_BYTES` of weights).  After the first span, a
+    further one (:attr:`ChunkPlan.next`) where ops still write :data:`SPAN_HEAVY_BYTES` a batch."""
     heavy = HEAVY_BYTES if heavy is None else heavy
     if n < 2 or not steps:
+        return None
+    # Where freed memory is retained, a network of dense spatial convolutions gets no plan at all:
+    # they run in batch chunks of their own, and a plan around them cost 1-5%.  Its first layers
+    # alone are no exception: the zoo's cnn at 16 samples, whose stem and pool alone were heavy,
+    # took 2x the time with them in chunks (XLA fused the stem into the loop's output update).
+    if memory_retained() and any(s.own_chunks for s in steps):
         return None
     sizes = dict(inputs)
     for s in steps:
@@ -99,32 +140,54 @@ def chunk_plan(steps: list, inputs: dict, outputs, n: int, *, heavy: int | None 
             if size is None:
                 return None     # a shape that is not static: no plan
             sizes[name] = size
-    out_bytes = [sum(size for _, size in s.writes) for s in steps]
-    # weight-dominated ops (a transformer's FFN and vocabulary projections) are not heavy: a chunk
-    # loop streams their weights once per chunk
-    heavy_at = [i for i, (b, s) in enumerate(zip(out_bytes, steps)) if b * n >= heavy and s.weight_bytes <= b]
-    if not heavy_at:
-        return None
-    last = heavy_at[-1]
-    if memory_retained() and any(s.own_chunks for s in steps[:last + 1]):
-        return None
     # names live after position p: written before p (or inputs) and read at or after p
     needed_after = [set() for _ in range(len(steps) + 1)]
     acc = set(outputs)
     for i in range(len(steps), 0, -1):
         needed_after[i] = set(acc)
         acc |= steps[i - 1].reads
-    written, live_at = set(inputs), {}
-    for p in range(1, len(steps) + 1):
+    ctx = (steps, sizes, needed_after, n)
+    first = _span(ctx, 0, set(inputs), heavy, target)
+    if SPAN_HEAVY_BYTES is None:
+        return first
+    if first is None:       # a smaller batch: its first layers may still overflow a core's cache
+        return _span(ctx, 0, set(inputs), SPAN_HEAVY_BYTES, target, SPAN_WEIGHT_BYTES)
+    written = set(inputs) | {name for s in steps[:first.cut] for name, _ in s.writes}
+    follow = _span(ctx, first.cut, written, SPAN_HEAVY_BYTES, SPAN_CHUNK_BYTES, SPAN_WEIGHT_BYTES)
+    # a further span in chunks no larger than the first's would have been part of it
+    return first if follow is None or follow.chunk <= first.chunk else dataclasses.replace(first, next=follow)
+
+
+def _span(ctx, start: int, written: set, heavy: int, target: int | None,
+          max_weights: int | None = None) -> ChunkPlan | None:
+    """The span of ``steps[start:cut]`` to run in chunks: ``cut`` past the last heavy op, where the
+    fewest bytes cross it; None where no op from ``start`` on is heavy."""
+    steps, sizes, needed_after, n = ctx
+    out_bytes = [sum(size for _, size in s.writes) for s in steps]
+    stop, weights = len(steps), 0
+    for i in range(start, len(steps)):
+        weights += steps[i].weight_bytes
+        if max_weights is not None and weights > max_weights:
+            stop = i
+            break
+    # weight-dominated ops (a transformer's FFN and vocabulary projections) are not heavy: a chunk
+    # loop streams their weights once per chunk
+    heavy_at = [i for i in range(start, stop)
+                if out_bytes[i] * n >= heavy and steps[i].weight_bytes <= out_bytes[i]]
+    if not heavy_at:
+        return None
+    last = heavy_at[-1]
+    written, live_at = set(written), {}
+    for p in range(start + 1, stop + 1):
         written.update(name for name, _ in steps[p - 1].writes)
         if p > last:
             live_at[p] = tuple(sorted(written & needed_after[p]))
         if p >= last + 1 + _CUT_WINDOW:
             break
     cut = min(live_at, key=lambda p: (sum(sizes[name] for name in live_at[p]), p))
-    largest = max(out_bytes[:cut])
+    largest = max(out_bytes[start:cut])
     if target is None:
-        light = sum(s.weight_bytes for s in steps[:cut]) <= LIGHT_PREFIX_BYTES
+        light = sum(s.weight_bytes for s in steps[start:cut]) <= LIGHT_PREFIX_BYTES
         target = CHUNK_BYTES // LIGHT_CHUNK_SHARE if light else CHUNK_BYTES
     chunk = max((d for d in range(1, n) if n % d == 0 and d * largest <= target), default=None)
     if chunk is None:
@@ -155,19 +218,31 @@ def one_sample(inputs):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), inputs)
 
 
-def run_chunked(plan: ChunkPlan, inputs, prefix: Callable, suffix: Callable):
+def run_chunked(plan: ChunkPlan, inputs, prefix: Callable, suffix: Callable, middle: Callable | None = None):
     """``vmap(suffix)`` over the batch of ``prefix``'s values, ``prefix`` (one sample's inputs ->
     the plan's live values) run over ``lax.map``'d chunks of ``plan.chunk`` samples, vmapped in
-    each: the same values as ``vmap(lambda x: suffix(prefix(x)))(inputs)``."""
-    n, k = batch_size(inputs), plan.chunk
+    each: the same values as ``vmap(lambda x: suffix(prefix(x)))(inputs)``.  A further span
+    (``plan.next``) runs ``middle(start, span, values)`` (the values live at ``start`` -> those
+    live at ``span.cut``) over its own chunks in between; ``suffix`` then starts at ``plan.end``."""
+    spans = plan.spans
+    if len(spans) > 1 and middle is None:
+        raise ValueError("run_chunked: a plan of several spans needs `middle`")
+    live = _map_chunks(plan.chunk, inputs, prefix)
+    for start, span in spans[1:]:
+        live = _map_chunks(span.chunk, live, functools.partial(middle, start, span))
+    return jax.vmap(suffix)(live)
+
+
+def _map_chunks(k: int, values, fn: Callable):
+    """``vmap(fn)(values)`` computed by ``lax.map`` over chunks of ``k`` samples."""
+    n = batch_size(values)
     # The chunks go into the loop without their size-1 axes (a list predict's inputs have a leading
     # one).  With them, XLA's layout assignment gave the loop's copy of the input another order of
     # the size-1 axis, the same bytes, and copied the whole batch into it before the loop.
-    shapes = jax.tree.map(lambda a: a.shape[1:], inputs)
-    chunks = jax.tree.map(lambda a: a.reshape((n // k, k) + tuple(d for d in a.shape[1:] if d != 1)), inputs)
+    shapes = jax.tree.map(lambda a: a.shape[1:], values)
+    chunks = jax.tree.map(lambda a: a.reshape((n // k, k) + tuple(d for d in a.shape[1:] if d != 1)), values)
 
     def chunk(c):
-        return jax.vmap(prefix)(jax.tree.map(lambda a, shape: a.reshape((k,) + shape), c, shapes))
+        return jax.vmap(fn)(jax.tree.map(lambda a, shape: a.reshape((k,) + shape), c, shapes))
 
-    live = jax.tree.map(lambda a: a.reshape((n,) + a.shape[2:]), jax.lax.map(chunk, chunks))
-    return jax.vmap(suffix)(live)
+    return jax.tree.map(lambda a: a.reshape((n,) + a.shape[2:]), jax.lax.map(chunk, chunks))

@@ -129,22 +129,34 @@ class _Plan:
             return jax.vmap(self, in_axes=(None, 0, None))(weights, inputs, states)
         twins = set()      # live blobs passed channel-last (a region's layout; the same every trace)
 
-        def prefix(sample):
-            env, last = {k: self.map_input(k, v) for k, v in sample.items()}, {}
-            self.network.run_span(weights, env, last, 0, plan.cut)
-            twins.update(name for name in plan.live if name in last)
-            return {name: last.get(name, env[name]) for name in plan.live}
+        def passed(env, last, end):
+            twins.update(name for name in end.live if name in last)
+            return {name: last.get(name, env[name]) for name in end.live}
 
-        def suffix(live):
+        def received(live):
             env, last = {}, {}
             for name, v in live.items():
                 if name in twins:
                     last[name], env[name] = v, jnp.transpose(v, (0, 3, 1, 2))
                 else:
                     env[name] = v
-            self.network.run_span(weights, env, last, plan.cut)
+            return env, last
+
+        def prefix(sample):
+            env, last = {k: self.map_input(k, v) for k, v in sample.items()}, {}
+            self.network.run_span(weights, env, last, 0, plan.cut)
+            return passed(env, last, plan)
+
+        def middle(start, span, live):
+            env, last = received(live)
+            self.network.run_span(weights, env, last, start, span.cut)
+            return passed(env, last, span)
+
+        def suffix(live):
+            env, last = received(live)
+            self.network.run_span(weights, env, last, plan.end)
             return self._outputs(env), {}
-        return schedule.run_chunked(plan, inputs, prefix, suffix)
+        return schedule.run_chunked(plan, inputs, prefix, suffix, middle)
 
     def _outputs(self, env: dict) -> dict:
         missing = [n for n in self._wanted() if n not in env]

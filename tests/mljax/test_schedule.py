@@ -68,7 +68,7 @@ def test_a_skip_connection_crosses_the_cut():
 
 
 @pytest.mark.parametrize("steps,why", [
-    (_steps((64, 0), (32, 0)), "nothing heavy at 32 samples"),
+    (_steps((48, 0), (32, 0)), "nothing heavy at 32 samples (1.5 MiB)"),
     (_steps((512, 2000), (32, 0)), "the heavy op is weight-dominated"),
     (_steps((16 * 1024, 0), (32, 0)), "one sample's activation exceeds the target"),
     ([Step(frozenset({"x"}), (("a0", None),))], "a shape that is not static"),
@@ -104,6 +104,92 @@ def test_memory_retained_follows_the_call_and_the_environment(monkeypatch):
     assert cpu.memory_retained()
 
 
+def test_a_further_span_chunks_the_mid_network_while_its_weights_stay_light(monkeypatch):
+    """After the first span, ops whose batch still overflows a core's cache (SPAN_HEAVY_BYTES)
+    run in a further span of larger chunks, up to where its weights would exceed
+    SPAN_WEIGHT_BYTES; the rest over the whole batch."""
+    monkeypatch.setattr(schedule, "SPAN_HEAVY_BYTES", 2 << 20)
+    monkeypatch.setattr(schedule, "SPAN_CHUNK_BYTES", 1 << 20)
+    monkeypatch.setattr(schedule, "SPAN_WEIGHT_BYTES", 1 << 20)
+    monkeypatch.setattr(schedule, "_CUT_WINDOW", 1)
+    # a stem of 512 KiB per sample (16 MiB at 32: the first span, chunks of 4 in 2 MiB), then
+    # 96 KiB (3 MiB at 32: heavy for a further span, 8 per 1 MiB chunk), 16 KiB, 96 KiB, a layer
+    # of 1000 KiB of weights, then another heavy one whose weights cross 1 MiB: the span ends before it
+    steps = _steps((512, 1), (16, 1), (96, 8), (16, 8), (96, 8), (8, 1000), (96, 64), (4, 600), (1, 4))
+    plan = chunk_plan(steps, {"x": 64 * KiB}, ["a8"], 32)
+    assert (plan.cut, plan.chunk, plan.live) == (2, 4, ("a1",))
+    span = plan.next
+    # its last heavy op a4; the window of one more op cuts after a5 (8 KiB) rather than a4
+    assert (span.cut, span.chunk, span.live) == (6, 8, ("a5",))
+    assert span.next is None
+    assert [(start, p.cut) for start, p in plan.spans] == [(0, 2), (2, 6)] and plan.end == 6
+    # heavy a6 lies beyond the weight limit: with a larger limit the span reaches it
+    monkeypatch.setattr(schedule, "SPAN_WEIGHT_BYTES", 2 << 20)
+    assert chunk_plan(steps, {"x": 64 * KiB}, ["a8"], 32).next.cut == 8
+    # a span whose chunks would be no larger than the first's is not made
+    monkeypatch.setattr(schedule, "SPAN_CHUNK_BYTES", 400 * KiB)
+    assert chunk_plan(steps, {"x": 64 * KiB}, ["a8"], 32).next is None
+    # and none at all without SPAN_HEAVY_BYTES
+    monkeypatch.setattr(schedule, "SPAN_CHUNK_BYTES", 1 << 20)
+    monkeypatch.setattr(schedule, "SPAN_HEAVY_BYTES", None)
+    assert chunk_plan(steps, {"x": 64 * KiB}, ["a8"], 32).next is None
+
+
+def test_a_smaller_batch_gets_a_span_where_its_first_layers_overflow_the_cache(monkeypatch):
+    """Nothing writes HEAVY_BYTES at 8 samples, but a stem of 512 KiB a sample writes 4 MiB: the
+    plan is one span over the layers writing SPAN_HEAVY_BYTES, while its weights stay light, in
+    chunks of the light prefix's target (2 MiB: 4 samples)."""
+    monkeypatch.setattr(schedule, "SPAN_HEAVY_BYTES", 2 << 20)
+    monkeypatch.setattr(schedule, "SPAN_WEIGHT_BYTES", 1 << 20)
+    monkeypatch.setattr(schedule, "_CUT_WINDOW", 1)
+    steps = _steps((512, 1), (16, 1), (8, 2000), (1, 4))
+    plan = chunk_plan(steps, {"x": 64 * KiB}, ["a3"], 8)
+    assert (plan.cut, plan.chunk, plan.live, plan.next) == (2, 4, ("a1",), None)
+    monkeypatch.setattr(schedule, "SPAN_HEAVY_BYTES", None)
+    assert chunk_plan(steps, {"x": 64 * KiB}, ["a3"], 8) is None
+
+
+def test_with_memory_retained_a_network_of_dense_convolutions_gets_no_plan_anywhere(monkeypatch):
+    """A dense convolution anywhere in the program (not only in the heavy prefix) rules a plan
+    out where freed memory is retained: the zoo's cnn at 16 samples had its stem and pool alone
+    in chunks, 2x slower."""
+    steps = _steps((512, 1), (32, 0), (32, 4, True), (1, 4))
+    monkeypatch.setattr(schedule, "memory_retained", lambda: True)
+    assert chunk_plan(steps, {"x": KiB}, ["a3"], 32) is None
+    monkeypatch.setattr(schedule, "memory_retained", lambda: False)
+    assert chunk_plan(steps, {"x": KiB}, ["a3"], 32) is not None
+
+
+def test_run_chunked_runs_each_span_over_its_chunks():
+    """run_chunked with two spans: the same values as the plain vmap of the three parts, each
+    part seeing the chunk sizes of its span."""
+    import jax
+    import jax.numpy as jnp
+    plan = schedule.ChunkPlan(1, 2, ("a",), schedule.ChunkPlan(2, 4, ("b",)))
+    seen = []
+
+    def prefix(s):
+        seen.append(("prefix", s["x"].shape))
+        return {"a": jnp.sin(s["x"])}
+
+    def middle(start, span, live):
+        seen.append(("middle", start, span.cut, live["a"].shape))
+        return {"b": live["a"] * 2.0 + 1.0}
+
+    def suffix(live):
+        return {"y": live["b"].sum(-1)}
+    x = np.random.default_rng(0).standard_normal((8, 1, 5)).astype(np.float32)
+    run = jax.jit(lambda x: schedule.run_chunked(plan, {"x": x}, prefix, suffix, middle))
+    np.testing.assert_allclose(np.asarray(run(x)["y"]), (np.sin(x) * 2 + 1).sum(-1), rtol=1e-6)
+    assert ("middle", 1, 2, (1, 5)) in seen        # one sample's values, inside the vmap
+    # two loops: 4 chunks of 2 samples, then 2 chunks of 4
+    loops = [e.params["length"] for e in jax.make_jaxpr(run)(x).eqns[0].params["jaxpr"].eqns
+             if e.primitive.name == "scan"]
+    assert loops == [4, 2]
+    with pytest.raises(ValueError, match="middle"):
+        schedule.run_chunked(plan, {"x": x}, prefix, suffix)
+
+
 def test_one_sample_has_no_plan():
     assert chunk_plan(_steps((1 << 20, 0)), {"x": KiB}, ["a0"], 1) is None
 
@@ -130,14 +216,24 @@ def converted(tmp_path_factory):
     return net, convert_torch_twins(net, torch.randn(1, 3, 32, 32), tmp_path_factory.mktemp("schedule"))
 
 
+@pytest.mark.parametrize("spans", [1, 2])
 @pytest.mark.parametrize("kind", ["mlprogram", "neuralnetwork"])
-def test_a_list_predict_runs_the_plan_with_torchs_values(converted, kind, monkeypatch):
+def test_a_list_predict_runs_the_plan_with_torchs_values(converted, kind, spans, monkeypatch):
     """Scaled-down thresholds give the small network a plan at 8 samples (its 16x16 activations
     are heavy: 8 x 16 KiB >= 64 KiB); the plan is made and used, and every sample's output equals
-    torch's and the single predict's."""
+    torch's and the single predict's.  With ``spans=2`` the first span ends after the 16x16x24
+    activations (24 KiB a sample, in chunks of 2) and a further span runs the 5x5 depthwise layer
+    and its activation (6 KiB a sample) in chunks of 4."""
     net, paths = converted
     monkeypatch.setattr(schedule, "HEAVY_BYTES", 64 * KiB)
     monkeypatch.setattr(schedule, "CHUNK_BYTES", 400 * KiB)     # 100 KiB for its light prefix
+    monkeypatch.setattr(schedule, "SPAN_HEAVY_BYTES", None)
+    if spans == 2:
+        monkeypatch.setattr(schedule, "_CUT_WINDOW", 0)              # cut right after the last heavy op
+        monkeypatch.setattr(schedule, "HEAVY_BYTES", 192 * KiB)      # 8 x 24 KiB
+        monkeypatch.setattr(schedule, "CHUNK_BYTES", 192 * KiB)      # 48 KiB for its light prefix: 2 x 24
+        monkeypatch.setattr(schedule, "SPAN_HEAVY_BYTES", 48 * KiB)  # 8 x 6 KiB
+        monkeypatch.setattr(schedule, "SPAN_CHUNK_BYTES", 24 * KiB)  # 4 x 6 KiB
     plans = []
     real = schedule.chunk_plan
 
@@ -150,8 +246,11 @@ def test_a_list_predict_runs_the_plan_with_torchs_values(converted, kind, monkey
     outs = model.predict([{"x": x} for x in xs])
     assert plans and plans[-1] is not None
     plan = plans[-1]
-    # the prefix's largest activation, 16x16x24 fp32, is 24 KiB per sample: 4 samples fit 100 KiB
-    assert plan.chunk == 4 and 0 < plan.cut
+    if spans == 1:
+        # the prefix's largest activation, 16x16x24 fp32, is 24 KiB per sample: 4 samples fit 100 KiB
+        assert plan.chunk == 4 and 0 < plan.cut and plan.next is None
+    else:
+        assert len(plan.spans) == 2 and (plan.chunk, plan.next.chunk) == (2, 4) and 0 < plan.cut < plan.end
     with torch.no_grad():
         ref = net(torch.from_numpy(xs[:, 0])).numpy()
     got = np.stack([o["y"].reshape(-1) for o in outs])
