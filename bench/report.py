@@ -484,7 +484,10 @@ class Report:
             "0.88x against 0.95x, MobileNetV3-Small 1.38x against 1.44x, Llama and ResNet-18 unchanged; "
             "in BERT YNNPACK's products ran faster on 1024 rows than on 4096, and XLA gave its layer norms "
             "to a slow YNNPACK reduce fusion only at "
-            "batch 32); `linear` looping over blocks of 1024 rows (faster alone, [4096, 1024] @ [1024, 256] "
+            "batch 32), and since a later session a further span in larger chunks through the middle of a "
+            "network whose activations for the batch still overflow a core's L2 (MobileNetV3-Small batch 32 "
+            "0.94-0.95x the time without it, the zoo's depthwise CNN 0.90-0.92x, EfficientNet-B0 "
+            "0.997-1.01x; Intel Xeon, three processes); `linear` looping over blocks of 1024 rows (faster alone, [4096, 1024] @ [1024, 256] "
             "181 against 150 GFLOP/s, but 1.08-1.18x slower inside BERT and Llama); YNNPACK fusions of "
             "single products only (`--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`: "
             "BERT batch 32 0.92x, EfficientNet-B0 1.26x).")
