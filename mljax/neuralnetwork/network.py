@@ -185,7 +185,11 @@ class Network:
         out = []
         for lyr in self.nn.layers:
             kind = lyr.WhichOneof("layer")
-            reads = frozenset(n for inner in [lyr, *list(walk_layers(_NestedOnly(lyr)))] for n in inner.input)
+            # a region's 1x1 convolution of x * gate also reads the product's operands (its role's
+            # scaled_by), which are not among its inputs
+            role = self.channels_last.get(lyr.name)
+            reads = frozenset([n for inner in [lyr, *list(walk_layers(_NestedOnly(lyr)))] for n in inner.input]
+                              + list(role.scaled_by if role is not None else ()))
             weights = sum(int(np.asarray(self.static[k] if k in self.static else self.weights[k]).nbytes)
                           for _, k in self._params.get(lyr.name, ()))
             own = kind == "convolution" and runs_own_batch_chunks(*_conv_weight(lyr))

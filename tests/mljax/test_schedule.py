@@ -290,3 +290,40 @@ def test_a_plan_holds_fewer_temporaries(converted, monkeypatch):
     whole, planned = temp_bytes(False), temp_bytes(True)
     # the first activations alone: 16 samples x 16x16x24 fp32 = 384 KiB for the whole batch
     assert planned < whole - 200 * KiB, (planned, whole)
+
+
+class _SE(torch.nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.fc = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Conv2d(c, 8, 1), torch.nn.ReLU(),
+                                      torch.nn.Conv2d(8, c, 1), torch.nn.Hardsigmoid())
+
+    def forward(self, x):
+        return x * self.fc(x)
+
+
+def test_a_cut_between_a_scaled_1x1_convolution_and_its_product(tmp_path, monkeypatch):
+    """A NeuralNetwork region's 1x1 convolution of ``x * gate`` (a squeeze-excitation block) reads
+    ``x`` and ``gate`` itself, not the product: a cut right after the product must still pass
+    them to the rest (EfficientNet-B0's NeuralNetwork twin at 32 samples failed with a missing
+    blob).  Values against torch."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.Hardswish(), _SE(16),
+                        nn.Conv2d(16, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 10)).eval()
+    paths = convert_torch_twins(net, torch.randn(1, 3, 32, 32), tmp_path)
+    # heavy: the 16x16x16 activations (16 KiB a sample, 128 KiB at 8 samples), the product the
+    # last of them; no window, so the cut falls right after it
+    monkeypatch.setattr(schedule, "_CUT_WINDOW", 0)
+    monkeypatch.setattr(schedule, "HEAVY_BYTES", 128 * KiB)
+    monkeypatch.setattr(schedule, "SPAN_HEAVY_BYTES", None)
+    model = mljax.MLModel(paths["neuralnetwork"])
+    network = model.stage.network
+    scaled = {name: role.scaled_by for name, role in network.channels_last.items() if role.scaled_by}
+    assert scaled, "the 1x1 convolution reads the product's operands"
+    xs = np.random.default_rng(2).standard_normal((8, 1, 3, 32, 32)).astype(np.float32)
+    outs = model.predict([{"x": x} for x in xs])
+    with torch.no_grad():
+        ref = net(torch.from_numpy(xs[:, 0])).numpy()
+    np.testing.assert_allclose(np.stack([o["y"].reshape(-1) for o in outs]), ref, rtol=1e-4, atol=1e-5)
