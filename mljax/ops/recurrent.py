@@ -159,6 +159,12 @@ def _sample_folding(plain, statics: tuple, n_state: int):
     return fn
 
 
+# From this many rows an LSTM step multiplies [w_ih | w_hh] by [x_t; h] (one product per step)
+# instead of projecting the whole sequence first.  One thread, 32 steps of 64 -> 128, Intel Xeon:
+# 0.71x the time at 32 rows, 0.79x at 16, 0.83x at 8, 0.91x at 4; 1.07x at 2.
+_MERGED_ROWS = 4
+
+
 def _lstm_plain(statics, x, h0, c0, w_ih, w_hh, bias, peephole=None):
     """:func:`_lstm_direction` of one batch (``bias`` a vector; ``statics`` its other arguments).
 
@@ -173,14 +179,21 @@ def _lstm_plain(statics, x, h0, c0, w_ih, w_hh, bias, peephole=None):
     w_ih, w_hh = jnp.asarray(w_ih).astype(dtype), jnp.asarray(w_hh).astype(dtype)
     fm, prod, col = _layout(x.shape[1])      # feature-major: [H, b] states, gates on axis 0
     axis = 0 if fm else -1
-    xw = jnp.einsum("sbi,gi->sgb" if fm else "sbi,gi->sbg", x.astype(dtype), w_ih) + col(bias.astype(dtype))
+    if fm and x.shape[1] >= _MERGED_ROWS:
+        # each step one product of [w_ih | w_hh] with [x_t; h]: no separate input projection
+        w_cat, b_col = jnp.concatenate([w_ih, w_hh], axis=1), col(bias.astype(dtype))
+        xs = jnp.swapaxes(x.astype(dtype), 1, 2)                                  # [s, I, b]
+        gates = lambda x_t, h: w_cat @ jnp.concatenate([x_t, h], axis=0) + b_col   # noqa: E731
+    else:
+        xs = jnp.einsum("sbi,gi->sgb" if fm else "sbi,gi->sbg", x.astype(dtype), w_ih) + col(bias.astype(dtype))
+        gates = lambda xw_t, h: xw_t + prod(w_hh, h)                              # noqa: E731
     p_i, p_f, p_o = ([col(p) for p in jnp.split(_vec(peephole, 3 * hidden, dtype), 3)]
                      if peephole is not None else (0, 0, 0))
     rec_act, cell_act, out_act = acts
 
-    def step(carry, xw_t):
+    def step(carry, xs_t):
         h, c = carry
-        g_i, g_f, g_o, g_z = jnp.split(xw_t + prod(w_hh, h), 4, axis=axis)
+        g_i, g_f, g_o, g_z = jnp.split(gates(xs_t, h), 4, axis=axis)
         if peephole is not None:
             g_i, g_f = g_i + c * p_i, g_f + c * p_f
         i = rec_act(g_i)
@@ -192,7 +205,7 @@ def _lstm_plain(statics, x, h0, c0, w_ih, w_hh, bias, peephole=None):
         return (h, c), h
 
     h0, c0 = h0.astype(dtype), c0.astype(dtype)
-    (h, c), ys = _steps(step, (h0.T, c0.T) if fm else (h0, c0), xw, reverse, time_aligned)
+    (h, c), ys = _steps(step, (h0.T, c0.T) if fm else (h0, c0), xs, reverse, time_aligned)
     if fm:
         ys, h, c = jnp.swapaxes(ys, 1, 2), h.T, c.T
     return ys.astype(x.dtype), h.astype(x.dtype), c.astype(x.dtype)

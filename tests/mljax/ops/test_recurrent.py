@@ -47,11 +47,15 @@ def _mil_lstm_weights(m, suffix="", bias=True):
     return w_ih, w_hh, b
 
 
+# batches below and at rc._MERGED_ROWS: the projected sequence, and one product per step of
+# [w_ih | w_hh] by [x_t; h]
+@pytest.mark.parametrize("batch", [3, 6])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 @pytest.mark.parametrize("output_sequence,bias", [(True, True), (False, False)])
-def test_lstm_vs_torch(dtype, direction, output_sequence, bias):
-    seq, batch, inp, hidden = 5, 3, 4, 6
+def test_lstm_vs_torch(dtype, direction, output_sequence, bias, batch):
+    assert 3 < rc._MERGED_ROWS <= 6
+    seq, inp, hidden = 5, 4, 6
     m, x, h0, c0 = _torch_lstm(seq, batch, inp, hidden, False, bias)
     xt = torch.flip(x, [0]) if direction == "reverse" else x
     out, (hn, cn) = m(xt, (h0, c0))
@@ -66,9 +70,10 @@ def test_lstm_vs_torch(dtype, direction, output_sequence, bias):
     assert_close(c, _np(cn)[0], **TOL[dtype])
 
 
+@pytest.mark.parametrize("batch", [2, 5])
 @pytest.mark.parametrize("output_sequence,bias", [(True, True), (False, False)])
-def test_bidirectional_lstm_vs_torch(output_sequence, bias):
-    seq, batch, inp, hidden = 4, 2, 3, 5
+def test_bidirectional_lstm_vs_torch(output_sequence, bias, batch):
+    seq, inp, hidden = 4, 3, 5
     m, x, h0, c0 = _torch_lstm(seq, batch, inp, hidden, True, bias)
     out, (hn, cn) = m(x, (h0, c0))
     out = _np(out)
@@ -111,8 +116,9 @@ def _np_lstm(x, h, c, w_ih, w_hh, b, p, acts, clip):
                                        (("hard_sigmoid", "relu", "linear"), 0.2),
                                        (("sigmoid", "scaled_tanh", "relu"), 0.2),
                                        (("tanh", "linear", "sigmoid"), 50.0)])
-def test_lstm_peephole_clip_activations(acts, clip):
-    s, b, i, hdim = 6, 2, 3, 4
+@pytest.mark.parametrize("b", [2, 5])
+def test_lstm_peephole_clip_activations(acts, clip, b):
+    s, i, hdim = 6, 3, 4
     x = RNG.standard_normal((s, b, i)).astype(np.float32)
     h0, c0 = (RNG.standard_normal((b, hdim)).astype(np.float32) for _ in range(2))
     w_ih = RNG.uniform(-1, 1, (4 * hdim, i)).astype(np.float32)
