@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 
 from mljax import distribute, packing
 from mljax.cache import CachedJit
-from mljax.cpu import aligned, aligned_empty, batched_compiler_options, is_device_dtype
+from mljax.cpu import ALIGN_ABOVE, aligned, aligned_empty, batched_compiler_options, is_device_dtype
 from mljax.errors import InputError, OpError, PredictionError
 from mljax.features import Features, convert_inputs, convert_output, feature_specs
 from mljax.format.package import load_spec
@@ -268,7 +268,8 @@ class MLModel:
         with self._x64_scope():
             if not self._eager:
                 if self._zero_copy:
-                    inputs = {k: v if k in self._stage.static_inputs else aligned(v) for k, v in inputs.items()}
+                    inputs = {k: v if k in self._stage.static_inputs else aligned(v, ALIGN_ABOVE)
+                              for k, v in inputs.items()}
                 try:
                     if self._cached_fn is not None and self._weights is self._loaded_weights:
                         return self._cached_fn(self._call_weights(), inputs, states)

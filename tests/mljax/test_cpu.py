@@ -297,6 +297,8 @@ def test_aligned_arrays_reach_xla_without_a_copy():
     assert a.ctypes.data % 64 == 0 and a.flags.c_contiguous
     np.testing.assert_array_equal(a, x)
     assert mljax.cpu.aligned(a) is a
+    assert mljax.cpu.aligned(u, above=u.nbytes) is u        # small enough: left to XLA's copy
+    assert mljax.cpu.aligned(u, above=u.nbytes - 1) is not u
     assert jax.device_put(a).unsafe_buffer_pointer() == a.ctypes.data
     assert jax.device_put(u).unsafe_buffer_pointer() != u.ctypes.data
     strided = mljax.cpu.aligned(x[:, ::2])          # not contiguous: an aligned contiguous copy
@@ -308,10 +310,14 @@ def test_aligned_arrays_reach_xla_without_a_copy():
     assert e.shape == (3, 0, 2) and e.dtype == np.float16
 
 
-def test_predict_passes_aligned_inputs(model_path, monkeypatch):
-    """Single and list predicts hand XLA 64-byte aligned inputs (unaligned ones are copied once),
-    with the values NumPy computes."""
+@pytest.mark.parametrize("align_above", [None, 0])
+def test_predict_passes_aligned_inputs(model_path, monkeypatch, align_above):
+    """Single predicts hand XLA 64-byte aligned inputs where they are larger than ALIGN_ABOVE
+    (unaligned ones copied once) and smaller ones as they are (XLA copies them faster); list
+    predicts stack into aligned memory.  The values NumPy computes either way."""
     path, proj = model_path
+    if align_above is not None:
+        monkeypatch.setattr(mljax.model, "ALIGN_ABOVE", align_above)
     model = mljax.MLModel(path)
     seen = []
     for attr in ("_cached_fn", "_predict_fn", "_batched_fn"):
@@ -328,7 +334,8 @@ def test_predict_passes_aligned_inputs(model_path, monkeypatch):
     np.testing.assert_allclose(got, np.tanh(xs[0] @ proj), rtol=1e-5, atol=1e-6)
     outs = model.predict([{"x": _unaligned(x)} for x in xs])
     np.testing.assert_allclose(np.stack([o["emb"] for o in outs]), np.tanh(xs @ proj), rtol=1e-5, atol=1e-6)
-    assert seen == [0, 0]
+    # the 16-byte input: as it is under the default threshold, aligned above a threshold of 0
+    assert seen == [4 if align_above is None else 0, 0]
 
 
 @pytest.mark.parametrize("avx512, env, wide", [
