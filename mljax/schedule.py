@@ -97,7 +97,7 @@ class Step:
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    cut: int                  # steps[:cut] run per chunk, steps[cut:] over the whole batch
+    cut: int                  # steps[:cut] run per chunk, the rest (after any next span) over the whole batch
     chunk: int                # samples per chunk (divides the batch)
     live: tuple               # names written before the cut (or inputs) that the rest reads
     next: "ChunkPlan | None" = None   # steps[cut:next.cut] run per chunk of next.chunk, and so on
@@ -124,7 +124,8 @@ def chunk_plan(steps: list, inputs: dict, outputs, n: int, *, heavy: int | None 
     ``inputs``: {name: bytes per sample}; ``outputs``: the names the program returns; ``heavy``
     and ``target`` default to :data:`HEAVY_BYTES` and :data:`CHUNK_BYTES` (a :data:`LIGHT_CHUNK_SHARE`
     of it for a prefix of at most :data:`LIGHT_PREFIX_BYTES` of weights).  After the first span, a
-    further one (:attr:`ChunkPlan.next`) where ops still write :data:`SPAN_HEAVY_BYTES` a batch."""
+    further one (:attr:`ChunkPlan.next`) where ops still write :data:`SPAN_HEAVY_BYTES` a batch;
+    where no op is heavy (a smaller batch), such a span from the first op on is the plan."""
     heavy = HEAVY_BYTES if heavy is None else heavy
     if n < 2 or not steps:
         return None
@@ -161,7 +162,8 @@ def chunk_plan(steps: list, inputs: dict, outputs, n: int, *, heavy: int | None 
 def _span(ctx, start: int, written: set, heavy: int, target: int | None,
           max_weights: int | None = None) -> ChunkPlan | None:
     """The span of ``steps[start:cut]`` to run in chunks: ``cut`` past the last heavy op, where the
-    fewest bytes cross it; None where no op from ``start`` on is heavy."""
+    fewest bytes cross it, and before the span's weights would pass ``max_weights``; None where no
+    op in that range is heavy or one sample's largest activation exceeds the target."""
     steps, sizes, needed_after, n = ctx
     out_bytes = [sum(size for _, size in s.writes) for s in steps]
     stop, weights = len(steps), 0

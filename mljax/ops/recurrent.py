@@ -172,7 +172,8 @@ def _lstm_plain(statics, x, h0, c0, w_ih, w_hh, bias, peephole=None):
     product is ``w_hh [4H, H] @ h [H, b]``, the weight the left operand (XLA:CPU's library packs
     the right operand on every call; as ``h @ w_hh^T`` that is the whole weight per step).  One
     thread, 32 steps of 64 -> 128: 0.64-0.73x the batch-major time at 2-4 rows, 0.84-0.91x at
-    8-16, 0.93-1.04x at 32; one row 1.00-1.06x, so a single sequence stays batch-major."""
+    8-16, 0.93-1.04x at 32; one row 1.00-1.06x, so a single sequence stays batch-major.  From
+    :data:`_MERGED_ROWS` rows the step's product also takes ``x_t``: ``[w_ih | w_hh] @ [x_t; h]``."""
     acts, clip, reverse, time_aligned, coupled = statics
     dtype = _compute_dtype(x.dtype)
     hidden = w_hh.shape[1]
