@@ -191,6 +191,39 @@ def test_scatter(mode, dtype, axis):
         assert_close(out, expected, dtype=dtype)
 
 
+@pytest.mark.parametrize("mode", list(_NP_MODES))
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_scatter_of_one_row(mode, axis):
+    """One index (the one-row path, a dynamic_update_slice): in bounds, negative (counted from the
+    end before iOS17, dropped from iOS17), and past the end (dropped), against NumPy; the same
+    under jit with the index traced, and vmapped over a batch of rows."""
+    import jax
+    data = _data((4, 5, 3), np.float32)
+    size = data.shape[axis]
+    ushape = list(data.shape)
+    ushape[axis] = 1
+    upd = _updates(tuple(ushape), np.float32, mode)
+    moved = np.moveaxis(upd.astype(np.float64), axis, 0)
+    for j in (0, size - 1, 2, -1, -size, size, size + 3, -size - 1):
+        for fn, wrap in ((sg.scatter, True), (sg.scatter_iOS17, False)):
+            expected = np.moveaxis(data.astype(np.float64), axis, 0).copy()
+            if (wrap and -size <= j < size) or 0 <= j < size:
+                _apply(expected, j, moved[0], mode)
+            expected = np.moveaxis(expected, 0, axis)
+            idx = np.array([j], np.int32)
+            assert_close(np.asarray(fn(data, idx, upd, axis=axis, mode=mode)), expected, dtype=np.float32)
+            jitted = jax.jit(lambda d, i, u: fn(d, i, u, axis=axis, mode=mode))
+            assert_close(np.asarray(jitted(data, idx, upd)), expected, dtype=np.float32)
+    # vmapped (a list predict's samples): each sample its own data, update and index
+    datas = np.stack([_data((4, 5, 3), np.float32) for _ in range(3)])
+    upds = np.stack([_updates(tuple(ushape), np.float32, mode) for _ in range(3)])
+    idxs = np.array([[1], [-1], [size]], np.int32)
+    got = jax.vmap(lambda d, i, u: sg.scatter(d, i, u, axis=axis, mode=mode))(datas, idxs, upds)
+    for k in range(3):
+        assert_close(np.asarray(got[k]), np.asarray(sg.scatter(datas[k], idxs[k], upds[k], axis=axis, mode=mode)),
+                     dtype=np.float32)
+
+
 def test_scatter_int32_and_documented_example():
     # the example in the MIL docs: add mode along axis 0
     data = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
