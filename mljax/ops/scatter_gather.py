@@ -225,7 +225,7 @@ def _scatter_one_row(data, index, update, mode: str):
     """``scatter`` of one row (``update [1, ...]``) at ``index`` along axis 0, as a
     ``dynamic_update_slice``: XLA updates the buffer in place where its scatter ran a general
     loop (coremltools' torch-GRU loop writes one step's state per iteration this way: the zoo gru
-    at batch 1 0.82x the time, emulated).  An index out of bounds leaves ``data`` as it is, as the
+    at batch 1 1.28x ONNX Runtime's time against 1.48x, in-process).  An index out of bounds leaves ``data`` as it is, as the
     scatter drops it: the row at the clamped index is written back unchanged."""
     n = data.shape[0]
     at = jnp.clip(index, 0, n - 1)
