@@ -16,7 +16,7 @@ from mljax.ops.conv import folds_channel_scale, hwio_perm, is_depthwise_weight, 
 from mljax.optimize._graph import Graph, seeded_components
 
 __all__ = ["PASSES", "remove_noop_casts", "remove_identity_ops", "merge_transposes", "merge_reshapes",
-           "merge_parallel_linears", "fuse_attention", "bias_into_product", "mark_convs_after_costly_ops",
+           "merge_parallel_linears", "lstm_last_step", "fuse_attention", "bias_into_product", "mark_convs_after_costly_ops",
            "channels_last_regions", "dead_code", "COSTLY_OPS"]
 
 # Ops that must run even when nothing reads their outputs.
@@ -214,6 +214,58 @@ def _merge(graph: Graph, block, top, ops) -> None:
     block.operations[:] = [op for op in block.operations[:at] if id(op) not in removed] + [linear, split] + \
         [op for op in block.operations[at:] if id(op) not in removed]
     top.operations[0:0] = concats
+
+
+def lstm_last_step(graph: Graph) -> int:
+    """A slice of a forward ``lstm``'s output sequence that takes its last step (``out[:, -1]``
+    after a batch-first transpose: how torch code reads an LSTM's result) reads the ``lstm``'s
+    final hidden state instead, the same values.  With the sequence unread, XLA drops it from the
+    loop (a ``dynamic_update_slice`` per step, and the sequence's transposes).  Returns the number
+    of slices rewritten."""
+    producers, protected, n = graph.producers(), graph.protected(), 0
+    for block in list(graph.blocks()):
+        for op in block.operations:
+            if op.type == "slice_by_index" and len(op.outputs) == 1:
+                lstm = _last_step_of(op, producers)
+                if lstm is not None and _alias(graph, op, lstm.outputs[1], protected):
+                    n += 1
+    return n
+
+
+def _last_step_of(op, producers):
+    """The forward ``lstm`` whose last output step ``op`` (a ``slice_by_index``) takes, or None."""
+    from mljax.ops.tensor_transformation import _index_slices
+    keys = ("begin", "end", "stride", "begin_mask", "end_mask", "squeeze_mask")
+    params = {k: op.input(k) for k in keys}
+    if any(v is not None and v.value is None for v in params.values()):
+        return None
+    x = op.input("x")
+    src, time_axis, seq = producers.get(id(x)), 0, x
+    if src is not None and src.type == "transpose":
+        perm = src.input("perm")
+        if perm is None or perm.value is None or [int(p) for p in np.asarray(perm.value)] != [1, 0, 2]:
+            return None
+        src, time_axis, seq = producers.get(id(src.input("x"))), 1, src.input("x")
+    direction, sequence = (src.input(k) if src is not None else None for k in ("direction", "output_sequence"))
+    if (src is None or src.type != "lstm" or len(src.outputs) < 2 or seq is not src.outputs[0]
+            or (direction is not None and str(direction.value) != "forward")
+            or sequence is None or sequence.value is None or not bool(np.asarray(sequence.value))):
+        return None
+    shape = _static_shape(x)
+    if shape is None or len(shape) != 3 or _static_shape(src.outputs[1]) is None:
+        return None
+    try:
+        slices, squeezed = _index_slices(shape, *(None if params[k] is None else params[k].value for k in keys),
+                                         "slice_by_index")
+    except Exception:       # malformed slices are the op's to report when it runs
+        return None
+    picks = [list(range(d))[s] for d, s in zip(shape, slices)]
+    if (picks[time_axis] != [shape[time_axis] - 1] or list(squeezed) != [time_axis]
+            or any(p != list(range(d)) for a, (p, d) in enumerate(zip(picks, shape)) if a != time_axis)):
+        return None
+    if _static_shape(op.outputs[0]) != _static_shape(src.outputs[1]):
+        return None
+    return src
 
 
 def fuse_attention(graph: Graph) -> int:
@@ -677,5 +729,5 @@ def _fold_scale(graph: Graph, op, producers, uses, protected, fp32):
 
 
 PASSES = (remove_noop_casts, remove_identity_ops, merge_transposes, merge_reshapes, merge_parallel_linears,
-          fuse_attention, bias_into_product,
+          lstm_last_step, fuse_attention, bias_into_product,
           dead_code, mark_convs_after_costly_ops, channels_last_regions, fold_channel_scales)
