@@ -151,7 +151,7 @@ def default_xla_flags() -> bool:
 
 WIDE_VECTORS = {"xla_cpu_prefer_vector_width": 512}
 """The XLA compile option mljax gives executables over a list predict's samples on CPUs with
-AVX-512 (:func:`batched_compiler_options`)."""
+AVX-512 (:func:`batched_compiler_options`), for every predict executable."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -169,20 +169,23 @@ def _has_avx512() -> bool:
 
 
 def batched_compiler_options() -> dict:
-    """XLA compile options for an executable over a list predict's samples (``vmap``): 512-bit
-    vectors (:data:`WIDE_VECTORS`) where the CPU has AVX-512, else none.
+    """XLA compile options for mljax's predict executables, one sample's and a list predict's
+    (the name is historical: list predicts had them first): 512-bit vectors
+    (:data:`WIDE_VECTORS`) where the CPU has AVX-512, else none.
 
     XLA:CPU emits its fused loops (depthwise convolutions, activations, Winograd's transforms)
-    with 256-bit vectors by default, on any CPU.  Over a batch of samples those loops are long and
-    512-bit vectors halve their instructions; one sample's short loops gained nothing (one thread,
-    interleaved rounds, Intel Xeon with AVX-512, docs/xla_flags.md's method): at 32 samples
-    EfficientNet-B0 0.90x the time, MobileNetV3-Small 0.94-0.96x, the zoo's LSTM and GRU 0.97x,
-    BERT, Llama and ResNet-18 0.99-1.01x; at one sample MobileNetV3-Small 1.06x, the rest
-    0.89-1.02x.  Hence wide vectors for batched executables only.  On an AMD EPYC with AVX-512
-    (which runs a 512-bit instruction as two 256-bit halves), 512-bit vectors for every executable
-    measured neutral.  The operations are the same; a vectorized reduction may add in another
-    order (BERT at 8 samples: outputs within 3e-7 relative; EfficientNet-B0 and MobileNetV3-Small
-    the same bits).
+    with 256-bit vectors by default, on any CPU, and 512-bit vectors halve their instructions.
+    One thread, interleaved rounds, Intel Xeon with AVX-512: at 32 samples EfficientNet-B0 0.90x
+    the time, MobileNetV3-Small 0.94-0.96x, the zoo's LSTM and GRU 0.97x, BERT, Llama and
+    ResNet-18 0.99-1.01x.  At one sample (two processes each, ratios to ONNX Runtime in the same
+    process): EfficientNet-B0 0.88-0.93x, the zoo's lstm 0.86-0.95x and gru 0.90-0.92x, its
+    depthwise CNN 0.94-0.99x, MobileNetV3-Small 0.97-0.99x, ResNet-18, BERT and Llama 0.98-0.99x,
+    its cnn 1.00x and transformer 1.01-1.03x.  (An earlier study, before the per-image global pool
+    and the chunk plans' changes, had MobileNetV3-Small at one sample 1.06x, and single predicts
+    kept 256-bit vectors until then.)  On an AMD EPYC with AVX-512 (which runs a 512-bit
+    instruction as two 256-bit halves), 512-bit vectors for every executable measured neutral.
+    The operations are the same; a vectorized reduction may add in another order (BERT at 8
+    samples: outputs within 3e-7 relative; EfficientNet-B0 and MobileNetV3-Small the same bits).
 
     None where mljax's defaults are off (``MLJAX_XLA_DEFAULTS=0``), where ``XLA_FLAGS`` sets the
     vector width itself (the user's choice wins), or off the CPU backend.

@@ -475,13 +475,15 @@ def _description_stage(spec, function_name) -> Stage:
 def _jit_stage(stage: Stage):
     """``jax.jit(stage.fn)``, which also takes the weights packed (:mod:`mljax.packing`); inputs in
     ``stage.static_inputs`` are passed by value (one trace per value)."""
+    options = batched_compiler_options()     # 512-bit vectors on CPUs with AVX-512
     if stage.fn_key is not None and not stage.static_inputs:
-        return shared_fn(("packed", stage.fn_key), lambda: _jit_packing_scalars(_unpacking(stage.fn)))
+        return shared_fn(("packed", stage.fn_key, tuple(sorted(options.items()))),
+                         lambda: _jit_packing_scalars(_unpacking(stage.fn), options))
     if not stage.static_inputs:
-        return jax.jit(_unpacking(stage.fn))
+        return jax.jit(_unpacking(stage.fn), compiler_options=options or None)
     names = frozenset(stage.static_inputs)
 
-    @functools.partial(jax.jit, static_argnums=3)
+    @functools.partial(jax.jit, static_argnums=3, compiler_options=options or None)
     def run(weights, inputs, states, static_key):
         static = {n: np.frombuffer(raw, dt).reshape(shape) for n, dt, shape, raw in static_key}
         return _unpacking(stage.fn)(weights, {**inputs, **static}, states)
@@ -501,10 +503,11 @@ def _unpacking(fn):
     return run
 
 
-def _jit_packing_scalars(fn):
+def _jit_packing_scalars(fn, options: dict | None = None):
     """``jax.jit(fn)`` whose 0-d float64 inputs travel as one array: one host-to-device transfer
-    instead of one per input (classic models often take a dozen ``double`` features)."""
-    @functools.partial(jax.jit, static_argnums=4)
+    instead of one per input (classic models often take a dozen ``double`` features).  ``options``:
+    XLA compile options."""
+    @functools.partial(jax.jit, static_argnums=4, compiler_options=options or None)
     def run(weights, inputs, packed, states, names):
         return fn(weights, {**inputs, **{n: packed[i] for i, n in enumerate(names)}}, states)
 

@@ -344,10 +344,10 @@ def test_predict_passes_aligned_inputs(model_path, monkeypatch, align_above):
     (True, {"MLJAX_XLA_DEFAULTS": "0"}, False),                          # opted out of mljax's defaults
     (True, {"XLA_FLAGS": "--xla_cpu_prefer_vector_width=256"}, False),   # the user's own width wins
 ])
-def test_list_predicts_compile_wide_vectors_only_where_they_may(model_path, monkeypatch, avx512, env, wide):
-    """A list predict's executable gets 512-bit vectors on a CPU with AVX-512 unless the user opted
-    out or chose a width; one sample's executable never does.  Either way the list predict
-    equals NumPy's and the single predicts."""
+def test_predicts_compile_wide_vectors_only_where_they_may(model_path, monkeypatch, avx512, env, wide):
+    """A list predict's executable and one sample's get 512-bit vectors on a CPU with AVX-512
+    unless the user opted out or chose a width.  Either way the list predict equals NumPy's and
+    the single predicts."""
     import jax
     import mljax.cpu
     from mljax.cpu import WIDE_VECTORS
@@ -363,6 +363,8 @@ def test_list_predicts_compile_wide_vectors_only_where_they_may(model_path, monk
     xs = np.random.default_rng(3).standard_normal((5, 4)).astype(np.float32)
     lowered = m._batched_fn.lower(m.weights, {name: jax.numpy.asarray(xs)}, {})
     assert dict(lowered._lowering._compiler_options_kvs) == (dict(WIDE_VECTORS) if wide else {})
+    single = m._predict_fn.lower(m._call_weights(), {name: jax.numpy.asarray(xs[0])}, {})
+    assert dict(single._lowering._compiler_options_kvs) == (dict(WIDE_VECTORS) if wide else {})
     outs = m.predict([{name: x} for x in xs])
     for x, out in zip(xs, outs):
         got = next(iter(out.values()))
