@@ -147,7 +147,7 @@ def chunk_plan(steps: list, inputs: dict, outputs, n: int, *, heavy: int | None 
     for i in range(len(steps), 0, -1):
         needed_after[i] = set(acc)
         acc |= steps[i - 1].reads
-    ctx = (steps, sizes, needed_after, n)
+    ctx = (steps, sizes, needed_after, [sum(size for _, size in s.writes) for s in steps], n)
     first = _span(ctx, 0, set(inputs), heavy, target)
     if SPAN_HEAVY_BYTES is None:
         return first
@@ -164,8 +164,7 @@ def _span(ctx, start: int, written: set, heavy: int, target: int | None,
     """The span of ``steps[start:cut]`` to run in chunks: ``cut`` past the last heavy op, where the
     fewest bytes cross it, and before the span's weights would pass ``max_weights``; None where no
     op in that range is heavy or one sample's largest activation exceeds the target."""
-    steps, sizes, needed_after, n = ctx
-    out_bytes = [sum(size for _, size in s.writes) for s in steps]
+    steps, sizes, needed_after, out_bytes, n = ctx
     stop, weights = len(steps), 0
     for i in range(start, len(steps)):
         weights += steps[i].weight_bytes

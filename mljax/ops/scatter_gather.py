@@ -209,10 +209,11 @@ def _scatter(data, indices, updates, axis: int, mode: str, wrap: bool = True):
         raise OpError(f"scatter: indices must be 1-D; found shape {jnp.shape(indices)}")
     moved = jnp.moveaxis(data, axis, 0)
     upd = jnp.moveaxis(jnp.asarray(updates), axis, 0)
-    if jnp.shape(indices) == (1,) and upd.shape == (1,) + moved.shape[1:] and mode in _ONE_ROW:
-        out = _scatter_one_row(moved, _wrap(indices, data.shape[axis], wrap)[0], upd.astype(data.dtype), mode)
+    idx = _wrap(indices, data.shape[axis], wrap)
+    if idx.shape == (1,) and upd.shape == (1,) + moved.shape[1:] and mode in _ONE_ROW:
+        out = _scatter_one_row(moved, idx[0], upd.astype(data.dtype), mode)
     else:
-        out = _scatter_into(moved, _wrap(indices, data.shape[axis], wrap), upd, mode, "scatter")
+        out = _scatter_into(moved, idx, upd, mode, "scatter")
     return jnp.moveaxis(out, 0, axis)
 
 
@@ -225,8 +226,9 @@ def _scatter_one_row(data, index, update, mode: str):
     """``scatter`` of one row (``update [1, ...]``) at ``index`` along axis 0, as a
     ``dynamic_update_slice``: XLA updates the buffer in place where its scatter ran a general
     loop (coremltools' torch-GRU loop writes one step's state per iteration this way: the zoo gru
-    at batch 1 1.28x ONNX Runtime's time against 1.48x, in-process).  An index out of bounds leaves ``data`` as it is, as the
-    scatter drops it: the row at the clamped index is written back unchanged."""
+    at batch 1 1.28x ONNX Runtime's time against 1.48x, in-process).  An index out of bounds
+    leaves ``data`` as it is, as the scatter drops it: the row at the clamped index is written
+    back unchanged."""
     n = data.shape[0]
     at = jnp.clip(index, 0, n - 1)
     row = lax.dynamic_slice_in_dim(data, at, 1, axis=0)

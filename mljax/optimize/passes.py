@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mljax.errors import OpError
 from mljax.mil.ir import Operation, Var
 from mljax.mil.types import DTYPES, TensorType
 from mljax.ops._registry import HINTS
@@ -16,8 +17,8 @@ from mljax.ops.conv import folds_channel_scale, hwio_perm, is_depthwise_weight, 
 from mljax.optimize._graph import Graph, seeded_components
 
 __all__ = ["PASSES", "remove_noop_casts", "remove_identity_ops", "merge_transposes", "merge_reshapes",
-           "merge_parallel_linears", "lstm_last_step", "fuse_attention", "bias_into_product", "mark_convs_after_costly_ops",
-           "channels_last_regions", "dead_code", "COSTLY_OPS"]
+           "merge_parallel_linears", "lstm_last_step", "fuse_attention", "bias_into_product",
+           "mark_convs_after_costly_ops", "channels_last_regions", "dead_code", "COSTLY_OPS"]
 
 # Ops that must run even when nothing reads their outputs.
 _SIDE_EFFECTS = {"coreml_update_state", "write_state"}
@@ -257,7 +258,7 @@ def _last_step_of(op, producers):
     try:
         slices, squeezed = _index_slices(shape, *(None if params[k] is None else params[k].value for k in keys),
                                          "slice_by_index")
-    except Exception:       # malformed slices are the op's to report when it runs
+    except OpError:         # malformed slices are the op's to report when it runs
         return None
     picks = [list(range(d))[s] for d, s in zip(shape, slices)]
     if (picks[time_axis] != [shape[time_axis] - 1] or list(squeezed) != [time_axis]

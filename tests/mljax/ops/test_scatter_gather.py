@@ -1,7 +1,6 @@
 """scatter_gather ops against NumPy loop references, plus end-to-end through coremltools models."""
 from __future__ import annotations
 
-import itertools
 
 import numpy as np
 import pytest
