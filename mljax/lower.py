@@ -23,7 +23,7 @@ from mljax.mil.ir import Block, Function, Operation, Var
 from mljax.mil.opspec import check_op_inputs
 from mljax.mil.types import DTYPES, DType, StateType, TensorType
 from mljax.ops._registry import HINTS, OpContext, lookup, opset_number
-from mljax.ops.conv import prepared_kind, prepared_weight, runs_own_batch_chunks
+from mljax.ops.conv import prepared_kind, prepared_weight
 from mljax.stage import PREPARED
 
 __all__ = ["COMPUTE_PRECISIONS", "LoweredFunction", "compute_dtype_fn", "is_weight", "jax_dtype",
@@ -377,7 +377,7 @@ class LoweredFunction:
             weights = sum(self._bytes(v) or 0 for bound in op.inputs.values() for v in bound
                           if is_weight(v) or v.name in laid_out)
             writes = tuple((v.name, self._bytes(v)) for v in op.outputs)
-            steps.append(schedule.Step(reads, writes, weights, _own_chunks(op)))
+            steps.append(schedule.Step(reads, writes, weights, op.type in _POOLS))
         return steps
 
     def _bytes(self, var: Var):
@@ -482,16 +482,8 @@ def _nested_ops(op: Operation):
             yield from _nested_ops(inner)
 
 
-def _own_chunks(op: Operation) -> bool:
-    """A convolution that runs its own batch chunks (:func:`mljax.ops.conv.runs_own_batch_chunks`)."""
-    w = op.input("weight") if op.type in ("conv", "conv_transpose") else None
-    if w is None or not isinstance(w.type, TensorType):
-        return False
-    shape = tuple(w.type.shape)
-    if op.attributes.get(HINTS, {}).get("weight_hwio"):     # [*K, C_in/groups, C_out] -> MIL's layout
-        shape = shape[-1:] + shape[-2:-1] + shape[:-2]
-    groups = op.input("groups")
-    return runs_own_batch_chunks(shape, int(groups.value) if groups is not None and groups.value is not None else 1)
+# a chunk plan's span holding one of these reads its chunks prefetched (mljax.schedule.prefetched_map)
+_POOLS = ("max_pool", "avg_pool", "l2_pool")
 
 
 def _cast_to(typ, val, dtype_of: Callable[[DType], DType] = lambda dt: dt):

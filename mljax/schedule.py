@@ -25,11 +25,19 @@ chunk at a time: EfficientNet-B0 at batch 32 99 MiB -> 28 MiB, BERT 40 -> 22 MiB
 assignment).  So it helps most where freed memory goes back to the kernel after each call
 (glibc's default, without :func:`mljax.cpu.retain_freed_memory`), and every call page-faults its
 temporaries in again: EfficientNet-B0 1.05x ONNX Runtime against 1.69x, BERT 0.83x against
-1.08x, the zoo's cnn (dense 3x3 convolutions) 1.11x against 2.54x, ResNet-18 1.50x against
-1.66x.  Where freed memory is retained, networks of dense spatial convolutions get no plan:
-their convolutions already run in cache-sized batch chunks of their own (im2col and Winograd,
-:mod:`mljax.ops.conv`), and a plan around them cost 1-5% (the zoo's cnn 1.20x against 1.17x,
-ResNet-18 at batch 8 1.11x against 1.08x).
+1.08x, ResNet-18 1.50x against 1.66x.
+
+A span holding a pool reads each chunk from its loop's carry, sliced out by the iteration before
+(:func:`prefetched_map`): with the chunk sliced in place XLA fused the slice into the first
+layer's expression, and with the pool's strided windows on top that fusion ran as scalar code
+(the zoo's cnn at batch 32: 2.3x ONNX Runtime against 1.12-1.15x; its stem, ReLU and 2x2 pool
+alone 19.2 ms against 3.8).  Elsewhere the slice in place is cheaper than the copy
+(MobileNetV3-Small at batch 32 1.16x against 1.26x with the copy).  Networks of dense spatial
+convolutions get plans like any other, also where freed memory is retained (Intel Xeon, batch
+32, in-process ratios to ONNX Runtime, two processes: the zoo's cnn 1.13-1.14x against
+1.20-1.22x without a plan, ResNet-18 0.81x against 0.85x; 16 samples 1.17x against 1.16x, 0.91x
+against 0.94x); their im2col and Winograd paths run each chunk in cache-sized chunks of their
+own (:mod:`mljax.ops.conv`).
 """
 from __future__ import annotations
 
@@ -39,8 +47,7 @@ import functools
 from typing import Callable
 
 import jax
-
-from mljax.cpu import memory_retained
+import jax.numpy as jnp
 
 __all__ = ["Step", "ChunkPlan", "chunk_plan", "run_chunked", "batch_size", "one_sample", "nbytes", "chunked_backend",
            "HEAVY_BYTES", "CHUNK_BYTES", "LIGHT_PREFIX_BYTES", "LIGHT_CHUNK_SHARE", "SPAN_HEAVY_BYTES",
@@ -87,12 +94,11 @@ _CUT_WINDOW = 16
 class Step:
     """One op (or layer) of a program, for planning: the names it reads (its nested blocks'
     too), the names it writes with their bytes per sample (None: not static), the bytes of the
-    weights it reads, and whether it is a convolution that runs its own batch chunks (a dense
-    spatial convolution)."""
+    weights it reads, and whether it is a pool."""
     reads: frozenset
     writes: tuple             # ((name, bytes per sample or None), ...)
     weight_bytes: int = 0
-    own_chunks: bool = False
+    pools: bool = False       # a max or average pool (windows of strided slices)
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,7 @@ class ChunkPlan:
     chunk: int                # samples per chunk (divides the batch)
     live: tuple               # names written before the cut (or inputs) that the rest reads
     next: "ChunkPlan | None" = None   # steps[cut:next.cut] run per chunk of next.chunk, and so on
+    prefetch: bool = False    # the span's loop reads each chunk from its carry (a pool in the span)
 
     @property
     def spans(self) -> list:
@@ -128,12 +135,6 @@ def chunk_plan(steps: list, inputs: dict, outputs, n: int, *, heavy: int | None 
     where no op is heavy (a smaller batch), such a span from the first op on is the plan."""
     heavy = HEAVY_BYTES if heavy is None else heavy
     if n < 2 or not steps:
-        return None
-    # Where freed memory is retained, a network of dense spatial convolutions gets no plan at all:
-    # they run in batch chunks of their own, and a plan around them cost 1-5%.  Its first layers
-    # alone are no exception: the zoo's cnn at 16 samples, whose stem and pool alone were heavy,
-    # took 2x the time with them in chunks (XLA fused the stem into the loop's output update).
-    if memory_retained() and any(s.own_chunks for s in steps):
         return None
     sizes = dict(inputs)
     for s in steps:
@@ -193,7 +194,7 @@ def _span(ctx, start: int, written: set, heavy: int, target: int | None,
     chunk = max((d for d in range(1, n) if n % d == 0 and d * largest <= target), default=None)
     if chunk is None:
         return None
-    return ChunkPlan(cut, chunk, live_at[cut])
+    return ChunkPlan(cut, chunk, live_at[cut], prefetch=any(s.pools for s in steps[start:cut]))
 
 
 # --- running a plan --------------------------------------------------------------------------
@@ -228,14 +229,15 @@ def run_chunked(plan: ChunkPlan, inputs, prefix: Callable, suffix: Callable, mid
     spans = plan.spans
     if len(spans) > 1 and middle is None:
         raise ValueError("run_chunked: a plan of several spans needs `middle`")
-    live = _map_chunks(plan.chunk, inputs, prefix)
+    live = _map_chunks(plan.chunk, inputs, prefix, prefetch=plan.prefetch)
     for start, span in spans[1:]:
-        live = _map_chunks(span.chunk, live, functools.partial(middle, start, span))
+        live = _map_chunks(span.chunk, live, functools.partial(middle, start, span), prefetch=span.prefetch)
     return jax.vmap(suffix)(live)
 
 
-def _map_chunks(k: int, values, fn: Callable):
-    """``vmap(fn)(values)`` computed by ``lax.map`` over chunks of ``k`` samples."""
+def _map_chunks(k: int, values, fn: Callable, prefetch: bool = False):
+    """``vmap(fn)(values)`` computed by ``lax.map`` over chunks of ``k`` samples (by
+    :func:`prefetched_map` with ``prefetch``)."""
     n = batch_size(values)
     # The chunks go into the loop without their size-1 axes (a list predict's inputs have a leading
     # one).  With them, XLA's layout assignment gave the loop's copy of the input another order of
@@ -246,4 +248,24 @@ def _map_chunks(k: int, values, fn: Callable):
     def chunk(c):
         return jax.vmap(fn)(jax.tree.map(lambda a, shape: a.reshape((k,) + shape), c, shapes))
 
-    return jax.tree.map(lambda a: a.reshape((n,) + a.shape[2:]), jax.lax.map(chunk, chunks))
+    mapped = (prefetched_map if prefetch else jax.lax.map)(chunk, chunks)
+    return jax.tree.map(lambda a: a.reshape((n,) + a.shape[2:]), mapped)
+
+
+def prefetched_map(fn: Callable, xs):
+    """``lax.map(fn, xs)`` whose iteration ``i`` reads ``xs[i]`` from the loop's carry, sliced out
+    by iteration ``i - 1`` (the first before the loop): ``fn`` gets a buffer of its own, which
+    XLA cannot fuse a slice at the loop index into."""
+    m = len(jax.tree.leaves(xs)[0])
+    first = jax.tree.map(lambda a: a[0], xs)
+    if m == 1:
+        return jax.tree.map(lambda y: y[None], fn(first))
+    out = jax.tree.map(lambda s: jnp.zeros((m,) + s.shape, s.dtype), jax.eval_shape(fn, first))
+
+    def body(i, carry):
+        out, cur = carry
+        out = jax.tree.map(lambda o, y: jax.lax.dynamic_update_index_in_dim(o, y, i, 0), out, fn(cur))
+        nxt = jnp.minimum(i + 1, m - 1)
+        return out, jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, nxt, 0, keepdims=False), xs)
+
+    return jax.lax.fori_loop(0, m, body, (out, first))[0]

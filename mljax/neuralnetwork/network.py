@@ -179,7 +179,6 @@ class Network:
     def steps(self, shapes: dict) -> list:
         """One :class:`mljax.schedule.Step` per top-level layer, blob bytes from ``shapes``
         (``{blob: ShapeDtypeStruct}`` of one sample; a blob not in it is not static)."""
-        from mljax.ops.conv import runs_own_batch_chunks
         from mljax.schedule import Step, nbytes
 
         out = []
@@ -192,9 +191,8 @@ class Network:
                               + list(role.scaled_by if role is not None else ()))
             weights = sum(int(np.asarray(self.static[k] if k in self.static else self.weights[k]).nbytes)
                           for _, k in self._params.get(lyr.name, ()))
-            own = kind == "convolution" and runs_own_batch_chunks(*_conv_weight(lyr))
             writes = tuple((o, nbytes(shapes[o]) if o in shapes else None) for o in lyr.output)
-            out.append(Step(reads, writes, weights, own))
+            out.append(Step(reads, writes, weights, kind == "pooling" and not lyr.pooling.globalPooling))
         return out
 
     def _region_inputs(self, lyr, role, env, last):

@@ -256,15 +256,6 @@ def is_depthwise_weight(w_shape, groups: int) -> bool:
     return groups > 1 and w_shape[1] == 1
 
 
-def runs_own_batch_chunks(w_shape, groups: int) -> bool:
-    """A dense spatial convolution (one group, a kernel of several taps, more patch rows than a
-    first layer's): its im2col or Winograd path runs the batch in cache-sized chunks of its own
-    (``_TEMP_BYTES``), so where freed memory is retained :mod:`mljax.schedule` plans no chunk loop
-    around it."""
-    taps = math.prod(w_shape[2:]) if len(w_shape) > 2 else 1
-    return groups == 1 and taps > 1 and w_shape[1] * taps > _IM2COL_MAX_ROWS
-
-
 def lays_out_weight(w_shape, groups: int) -> bool:
     """A channel-last region's conv whose constant weight the graph layer lays out HWIO at load
     (``convolution(weight_hwio=True)``): depthwise, and 1x1 of one group."""

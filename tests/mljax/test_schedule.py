@@ -12,10 +12,10 @@ KiB = 1 << 10
 
 
 def _steps(*specs):
-    """Steps of a chain ``x -> a0 -> a1 -> ...``: (output KiB per sample, weight KiB[, own chunks])."""
+    """Steps of a chain ``x -> a0 -> a1 -> ...``: (output KiB per sample, weight KiB[, a pool])."""
     out, prev = [], "x"
-    for i, (kib, w, *own) in enumerate(specs):
-        out.append(Step(frozenset({prev}), ((f"a{i}", kib * KiB),), w * KiB, bool(own and own[0])))
+    for i, (kib, w, *pools) in enumerate(specs):
+        out.append(Step(frozenset({prev}), ((f"a{i}", kib * KiB),), w * KiB, bool(pools and pools[0])))
         prev = f"a{i}"
     return out
 
@@ -78,15 +78,44 @@ def test_no_plan(steps, why):
 
 
 @pytest.mark.parametrize("retained", [True, False])
-def test_dense_convolutions_get_a_plan_only_where_freed_memory_goes_back(retained, monkeypatch):
-    """A convolution that runs its own batch chunks needs no plan where freed memory is retained;
-    under glibc's default the plan's smaller temporaries spare page faults."""
-    monkeypatch.setattr(schedule, "memory_retained", lambda: retained)
-    steps = _steps((512, 1, True), (32, 0))
-    plan = chunk_plan(steps, {"x": KiB}, ["a1"], 32)
-    assert (plan is None) == retained
-    if not retained:     # 1 KiB of weights: a light prefix, 2 MiB chunks of 512 KiB samples
-        assert plan.cut == 2 and plan.chunk == 4
+def test_a_span_holding_a_pool_reads_its_chunks_prefetched(retained, monkeypatch):
+    """A span with a pool is prefetched (its loop reads each chunk from the carry), one without
+    is not; dense convolutions are planned like any op, whether freed memory is retained or not."""
+    monkeypatch.setattr(mljax.cpu, "_retained", retained)
+    monkeypatch.setattr(schedule, "_CUT_WINDOW", 0)
+    monkeypatch.setattr(schedule, "SPAN_HEAVY_BYTES", 2 << 20)
+    monkeypatch.setattr(schedule, "SPAN_CHUNK_BYTES", 1 << 20)
+    # conv (512 KiB a sample) -> pool (256 KiB: heavy at 32) | conv (128 KiB) -> op (96 KiB), both
+    # heavy for a further span | head: the pool in the first span, then in the second
+    first = chunk_plan(_steps((512, 1), (256, 0, True), (128, 4), (96, 0), (8, 4), (1, 4)), {"x": KiB}, ["a5"], 32)
+    second = chunk_plan(_steps((512, 1), (256, 0), (128, 4), (96, 0, True), (8, 4), (1, 4)), {"x": KiB}, ["a5"], 32)
+    for plan in (first, second):
+        assert (plan.cut, plan.chunk, plan.next.cut, plan.next.chunk) == (2, 4, 4, 8)
+    assert (first.prefetch, first.next.prefetch) == (True, False)
+    assert (second.prefetch, second.next.prefetch) == (False, True)
+
+
+def test_prefetched_map_equals_lax_map():
+    """prefetched_map: lax.map's values for a tree of inputs and outputs, one chunk or several,
+    as a loop that scans over no input (each chunk comes in its carry)."""
+    import jax
+    import jax.numpy as jnp
+    rng = np.random.default_rng(0)
+    xs = {"a": rng.standard_normal((5, 3, 4)).astype(np.float32), "b": rng.standard_normal((5, 2)).astype(np.float32)}
+
+    def fn(c):
+        return {"s": jnp.tanh(c["a"]).sum(0) * c["b"][0], "m": jnp.max(c["a"], axis=1) + c["b"][1]}
+    for n in (5, 1):
+        part = {k: v[:n] for k, v in xs.items()}
+        got = jax.jit(lambda t: schedule.prefetched_map(fn, t))(part)
+        for k in ("s", "m"):
+            want = np.stack([np.asarray(fn({j: v[i] for j, v in part.items()})[k]) for i in range(n)])
+            np.testing.assert_allclose(np.asarray(got[k]), want, rtol=1e-6)
+    loops = [e for e in jax.make_jaxpr(lambda t: schedule.prefetched_map(fn, t))(xs).eqns
+             if e.primitive.name in ("scan", "while")]
+    assert len(loops) == 1
+    if loops[0].primitive.name == "scan":
+        assert len(loops[0].invars) == loops[0].params["num_consts"] + loops[0].params["num_carry"]
 
 
 def test_memory_retained_follows_the_call_and_the_environment(monkeypatch):
@@ -147,17 +176,6 @@ def test_a_smaller_batch_gets_a_span_where_its_first_layers_overflow_the_cache(m
     assert (plan.cut, plan.chunk, plan.live, plan.next) == (2, 4, ("a1",), None)
     monkeypatch.setattr(schedule, "SPAN_HEAVY_BYTES", None)
     assert chunk_plan(steps, {"x": 64 * KiB}, ["a3"], 8) is None
-
-
-def test_with_memory_retained_a_network_of_dense_convolutions_gets_no_plan_anywhere(monkeypatch):
-    """A dense convolution anywhere in the program (not only in the heavy prefix) rules a plan
-    out where freed memory is retained: the zoo's cnn at 16 samples had its stem and pool alone
-    in chunks, 2x slower."""
-    steps = _steps((512, 1), (32, 0), (32, 4, True), (1, 4))
-    monkeypatch.setattr(schedule, "memory_retained", lambda: True)
-    assert chunk_plan(steps, {"x": KiB}, ["a3"], 32) is None
-    monkeypatch.setattr(schedule, "memory_retained", lambda: False)
-    assert chunk_plan(steps, {"x": KiB}, ["a3"], 32) is not None
 
 
 def test_run_chunked_runs_each_span_over_its_chunks():
@@ -324,6 +342,35 @@ def test_a_cut_between_a_scaled_1x1_convolution_and_its_product(tmp_path, monkey
     assert scaled, "the 1x1 convolution reads the product's operands"
     xs = np.random.default_rng(2).standard_normal((8, 1, 3, 32, 32)).astype(np.float32)
     outs = model.predict([{"x": x} for x in xs])
+    with torch.no_grad():
+        ref = net(torch.from_numpy(xs[:, 0])).numpy()
+    np.testing.assert_allclose(np.stack([o["y"].reshape(-1) for o in outs]), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mlprogram", "neuralnetwork"])
+def test_a_span_with_a_stem_and_pool_runs_prefetched_with_torchs_values(tmp_path, kind, monkeypatch):
+    """The zoo cnn's start: a 3x3 stride-1 first layer, ReLU and a 2x2 max pool, then a dense 3x3
+    layer.  Its plan's span holds the pool, so it runs prefetched; every sample equals torch's."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(32, 10)).eval()
+    paths = convert_torch_twins(net, torch.randn(1, 3, 32, 32), tmp_path)
+    monkeypatch.setattr(schedule, "HEAVY_BYTES", 256 * KiB)      # 8 x 64 KiB (32x32x16 fp32)
+    monkeypatch.setattr(schedule, "CHUNK_BYTES", 1 << 20)        # 256 KiB for its light prefix: 4 samples
+    monkeypatch.setattr(schedule, "SPAN_HEAVY_BYTES", None)
+    plans = []
+    real = schedule.chunk_plan
+
+    def spy(*args, **kw):
+        plans.append(real(*args, **kw))
+        return plans[-1]
+    monkeypatch.setattr(schedule, "chunk_plan", spy)
+    model = mljax.MLModel(paths[kind])
+    xs = np.random.default_rng(2).standard_normal((8, 1, 3, 32, 32)).astype(np.float32)
+    outs = model.predict([{"x": x} for x in xs])
+    assert plans[-1] is not None and plans[-1].prefetch and plans[-1].chunk == 4
     with torch.no_grad():
         ref = net(torch.from_numpy(xs[:, 0])).numpy()
     np.testing.assert_allclose(np.stack([o["y"].reshape(-1) for o in outs]), ref, rtol=1e-4, atol=1e-5)
