@@ -221,6 +221,9 @@ _WINOGRAD_MIN_TILES = 16      # N * output tiles at least this: the weight trans
 # previous rules: (32,512,4,4) 0.81x, (1,128,16,16) 0.62-0.73x, (1,64,20,20) 0.83x,
 # (1,256,14,14) 1.00-1.02x.
 _WINOGRAD_F4_MIN_TILES = 64
+# Channel-last Winograd multiplies the tiles by the weights (tiles the left operand) up to this
+# many filter weights C_in * C_out (_winograd_tiles_last).
+_WINOGRAD_ROWS_MAX_WEIGHTS = 64 * 128
 _FAST_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -876,12 +879,18 @@ def _winograd(x, weight, pads, f: _Winograd, bias=None, u=None, last=False):
 def _winograd_tiles_last(x, u, before, tiles, f: _Winograd):
     """``[N, th*m, tw*m, K]`` from channel-last ``x``: ``_winograd_tiles`` with channels minor.
 
-    Every transform reads and writes whole channel vectors; the product takes the transformed
-    weights ``[t*t, K, C]`` as its left operand (``[t*t, K, N*tiles]``), which the output
-    transform turns back to channel-last.  Per layer at batch 32 (one thread, prepared weights)
-    against the channel-first path (one run each): 0.87x at 64 channels (32x32), 0.85x at 128
-    (16x16), 0.93x at 256 (8x8), 0.96x at 512 (4x4, F(2x2)); with the activations as the left
-    operand (the weights packed per call) the last two ran 1.6-2.6x slower."""
+    Every transform reads and writes whole channel vectors.  A layer of at most
+    ``_WINOGRAD_ROWS_MAX_WEIGHTS`` filter weights (``C * K``) multiplies the transformed tiles by
+    the transformed weights (``[t*t, N*tiles, C] @ [t*t, K, C]^T``), so the product comes out
+    channel-last and the output transform is two separable passes of constant combinations, as
+    the input's; per layer at batch 32 (one thread, Intel Xeon, prepared weights) against the
+    weights as the left operand: 0.65x at 32 -> 64 channels (32x32), 0.81x at 64 -> 64 (32x32),
+    0.90x at 64 -> 128 (16x16); batch 1 0.85x at 64 -> 64.  Larger layers take the transformed
+    weights ``[t*t, K, C]`` as the product's left operand (``[t*t, K, N*tiles]``), which the
+    output transform turns back to channel-last: as the right operand the library transposed and
+    packed them on every call (128 -> 128 1.42x, 256 -> 256 2.15x, 512 -> 512 2.0x).  Against the
+    channel-first path those ran (AMD EPYC, one run each) 0.87x at 64 channels (32x32), 0.85x at
+    128 (16x16), 0.93x at 256 (8x8), 0.96x at 512 (4x4, F(2x2))."""
     m, t = f.m, f.m + 2
     (n, h, wd, c), k = x.shape, u.shape[1]
     (top, left), (th, tw) = before, tiles
@@ -890,6 +899,11 @@ def _winograd_tiles_last(x, u, before, tiles, f: _Winograd):
     s = lax.optimization_barrier(jnp.stack([_combine(rows, f.bt[i]) for i in range(t)]))   # [t, N, th, Wp, C]
     cols = [lax.slice_in_dim(s, b, b + m * (tw - 1) + 1, m, axis=3) for b in range(t)]
     v = jnp.stack([_combine(cols, f.bt[j]) for j in range(t)], axis=1).reshape(t * t, n * th * tw, c)
+    if c * k <= _WINOGRAD_ROWS_MAX_WEIGHTS:
+        prod = lax.dot_general(v, u, (((2,), (2,)), ((0,), (0,)))).reshape(t, t, n, th, tw, k)
+        rows = jnp.stack([_combine(list(prod), f.at[i]) for i in range(m)])             # [m, t, N, th, tw, K]
+        y = jnp.stack([_combine([rows[:, j] for j in range(t)], f.at[i]) for i in range(m)], axis=1)
+        return y.transpose(2, 3, 0, 4, 1, 5).reshape(n, th * m, tw * m, k)
     prod = lax.dot_general(u, v, (((2,), (2,)), ((0,), (0,))))            # [t*t, K, N*th*tw]
     y = jnp.tensordot(jnp.asarray(np.kron(f.at, f.at), jnp.float32), prod, axes=1)
     return y.reshape(m, m, k, n, th, tw).transpose(3, 4, 0, 5, 1, 2).reshape(n, th * m, tw * m, k)

@@ -589,6 +589,8 @@ def test_xla_convolution_inside_a_loop_runs_channel_last(op):
     ("winograd", 5, 6, 1, (3, 3), (1, 1), [(1, 1), (1, 1)], (1, 1)),
     ("winograd", 4, 3, 1, (3, 3), (1, 1), [(2, 0), (0, 1)], (1, 1)),     # uneven padding, cropped tiles
     ("winograd2", 3, 7, 1, (3, 3), (1, 1), [(0, 0), (1, 1)], (1, 1)),
+    ("winograd/weights-left", 4, 3, 1, (3, 3), (1, 1), [(2, 0), (0, 1)], (1, 1)),
+    ("winograd2/weights-left", 3, 7, 1, (3, 3), (1, 1), [(0, 0), (1, 1)], (1, 1)),
     ("im2col", 2, 4, 1, (3, 2), (2, 1), [(1, 0), (0, 1)], (1, 1)),
     ("lax", 4, 6, 2, (3, 3), (2, 2), [(1, 1), (1, 1)], (1, 1)),          # grouped, strided
     ("lax", 3, 5, 1, (5, 3), (1, 2), [(2, 2), (1, 0)], (2, 1)),          # dilated
@@ -597,13 +599,17 @@ def test_channel_last_dense_paths(monkeypatch, path, c_in, c_out, groups, kernel
     """A dense conv of a channel-last region (``[N, H, W, C]`` in and out) by each path it can take:
     alone, vmapped over a list predict's samples (the path picked again at the folded batch), in
     fp16, with a prepared Winograd transform, equal to torch's convolution; d/dx and d/dw equal
-    those through XLA's convolution."""
+    those through XLA's convolution.  Winograd's small layers multiply the tiles by the weights,
+    larger ones (``/weights-left``) the weights by the tiles."""
     import jax
     from jax import lax
 
     from mljax.ops import conv as conv_mod
     from mljax.ops.conv import convolution, winograd_weight
     monkeypatch.setattr(conv_mod, "_TEMP_BYTES", 1)        # chunks of one image
+    path, _, variant = path.partition("/")
+    if variant:
+        monkeypatch.setattr(conv_mod, "_WINOGRAD_ROWS_MAX_WEIGHTS", 0)
     if path == "im2col":
         monkeypatch.setattr(conv_mod, "_IM2COL_MAX_ROWS", 10 ** 6)
     else:
