@@ -23,17 +23,19 @@ def linear(x, weight, bias=None, *, ctx=None):
 
     With the graph layer's hint ``bias_in_product`` (:func:`mljax.optimize.passes.bias_into_product`)
     ``weight`` is ``[D_out, D_in + 1]``, its last column the bias, and ``x`` gets a column of ones:
-    the product adds the bias instead of a pass over its output."""
+    the product adds the bias instead of a pass over its output.  With the hint ``weight_in_out``
+    (:func:`mljax.optimize.passes.loop_weights_in_out`) ``weight`` is ``[D_in, D_out]``."""
     if ctx is not None and ctx.hints.get("bias_in_product"):
         x = jnp.asarray(x)
         x = jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
     w = jnp.asarray(like(weight, x))
-    if w.ndim != 2 or w.shape[1] != jnp.shape(x)[-1]:
-        raise OpError(f"linear: weight must have shape [D_out, {jnp.shape(x)[-1]}] (x's last "
-                      f"dimension); found {tuple(w.shape)}")
-    # contract x's last axis with weight's second directly: no transposed copy of the weight
+    in_out = ctx is not None and bool(ctx.hints.get("weight_in_out"))
+    if w.ndim != 2 or w.shape[0 if in_out else 1] != jnp.shape(x)[-1]:
+        expected = f"[{jnp.shape(x)[-1]}, D_out]" if in_out else f"[D_out, {jnp.shape(x)[-1]}]"
+        raise OpError(f"linear: weight must have shape {expected} (x's last dimension); found {tuple(w.shape)}")
+    # contract x's last axis with the weight's input axis directly: no transposed copy of the weight
     x = jnp.asarray(x)
-    y = lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+    y = lax.dot_general(x, w, (((x.ndim - 1,), (0 if in_out else 1,)), ((), ())))
     if bias is not None:
         y = y + like(bias, x)
     return y

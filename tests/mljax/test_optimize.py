@@ -620,3 +620,53 @@ def test_the_last_step_of_an_lstm_reads_its_final_state(direction, transposed, s
         for x, out in zip(xs, outs):
             np.testing.assert_allclose(out["y"], _np_lstm_steps(x.astype(np.float64), *_LSTM_W)[step],
                                        rtol=1e-5, atol=1e-5)
+
+
+def test_linears_in_a_loop_read_their_weights_laid_out_in_out(tmp_path):
+    """coremltools writes torch's GRU as a ``while_loop`` of six ``linear``s a step (two after the
+    merge of parallel linears): each reads its weight laid out [D_in, D_out] by a transpose in the
+    top block.  Values: torch's, single and list predicts, and the unoptimized program's; a
+    gradient reaches the original weight through the transpose."""
+    import jax
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(3)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = torch.nn.GRU(5, 7, batch_first=True)
+
+        def forward(self, x):
+            return self.rnn(x)[0][:, -1]
+    net = Net().eval()
+    x0 = torch.randn(1, 6, 5)
+    ml = ct.convert(torch.jit.trace(net, x0), inputs=[ct.TensorType(name="x", shape=(1, 6, 5))],
+                    outputs=[ct.TensorType(name="y")], convert_to="mlprogram",
+                    minimum_deployment_target=ct.target.iOS16, compute_precision=ct.precision.FLOAT32)
+    path = tmp_path / "gru.mlpackage"
+    ml.save(str(path))
+    model, off = mljax.MLModel(path), mljax.MLModel(path, optimize=False)
+    assert _stats(model)["loop_weights_in_out"] == 2
+    loop = next(op for op in model.stage.lowered.fn.block.operations if op.type == "while_loop")
+    linears = [op for b in loop.blocks for op in b.operations if op.type == "linear"]
+    assert len(linears) == 2 and all(op.attributes["_mljax_hints"]["weight_in_out"] for op in linears)
+    xs = [np.random.default_rng(i).standard_normal((1, 6, 5)).astype(np.float32) for i in range(3)]
+    with torch.no_grad():
+        ref = [net(torch.from_numpy(x)).numpy() for x in xs]
+    outs = [model.predict({"x": xs[0]})] + model.predict([{"x": x} for x in xs[1:]])
+    for x, out, want in zip(xs, outs, ref):
+        np.testing.assert_allclose(out["y"], want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out["y"], off.predict({"x": x})["y"], rtol=1e-6, atol=1e-6)
+
+    def total(weights, m):
+        return m.stage.lowered(weights, {"x": xs[0]})[0]["y"].sum()
+    # a while_loop has no reverse mode: forward-mode derivatives along each weight, optimized vs not
+    rng = np.random.default_rng(4)
+    weights = {k: np.asarray(w) for k, w in off.weights.items()}
+    for k, w in weights.items():
+        if w.dtype.kind != "f":
+            continue
+        tangents = {j: np.zeros_like(v) if j != k else rng.standard_normal(v.shape).astype(v.dtype)
+                    for j, v in weights.items()}
+        d = [jax.jvp(lambda ws: total(ws, m), (weights,), (tangents,))[1] for m in (model, off)]
+        np.testing.assert_allclose(d[0], d[1], rtol=1e-4, atol=1e-6)
