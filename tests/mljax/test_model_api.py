@@ -182,3 +182,27 @@ def test_list_predict_outputs_keep_their_size_one_axes():
             for k, v in want.items():
                 assert out[k].shape == np.shape(v) == single[k].shape, k
                 np.testing.assert_allclose(out[k], v, rtol=1e-5, atol=1e-5)
+
+
+def test_a_list_predict_checks_every_item(flexible):
+    """A list predict checks its first item in full and the rest by names, dtypes and shapes: an
+    item like the first computes as the single predict; one that differs (float64, a list, a bad
+    shape, an unknown name) gets the single predict's checks and its error."""
+    model = mljax.MLModel(flexible)
+    rng = np.random.default_rng(5)
+    items = [{"x": rng.standard_normal((1, 3)).astype(np.float32), "y": rng.standard_normal((2, 4)).astype(np.float32)}
+             for _ in range(4)]
+    items[2] = {"y": items[2]["y"].astype(np.float64), "x": items[2]["x"].tolist()}     # other order, dtype, type
+    outs = model.predict(items)
+    for item, out in zip(items, outs):
+        x, y = np.asarray(item["x"], np.float32), np.asarray(item["y"], np.float32)
+        np.testing.assert_allclose(out["out_x"], np.maximum(x, 0), rtol=1e-6)
+        np.testing.assert_allclose(out["out_y"], y * 2, rtol=1e-6)
+        assert list(out) == ["out_x", "out_y"] and out["out_y"].dtype == np.float32
+    bad_shape = items[:3] + [{"x": items[0]["x"], "y": np.zeros((4, 4), np.float32)}]
+    with pytest.raises(InputError, match=r"input 'y': expected one of the shapes .*found shape \(4, 4\)"):
+        model.predict(bad_shape)
+    with pytest.raises(InputError, match=r"unknown \['z'\]"):
+        model.predict(items[:2] + [{**items[0], "z": np.zeros(1, np.float32)}])
+    with pytest.raises(InputError, match="expected a numeric array"):
+        model.predict(items[:2] + [{"x": np.array([["a", "b", "c"]]), "y": items[0]["y"]}])
