@@ -1,10 +1,12 @@
 """MIL recurrent ops: lstm, gru, rnn (one layer, sequence-major ``x: [s, b, I]``), via ``lax.scan``.
 
-The input projection of every time step is one matrix product before the loop; each step does
-one product with the stacked recurrent weights (two for gru: r and z, then the reset-scaled o).
-Several rows run feature-major (the state ``[H, b]``, the weights the products' left operand), one
-row batch-major (:func:`_lstm_plain`); a list predict's samples join the batch of one recurrence
-(:func:`_sample_folding`).
+gru and rnn compute every time step's input projection in one matrix product before the loop;
+each step does one product with the stacked recurrent weights (two for gru: r and z, then the
+reset-scaled o), by the weights laid out [in, out] once per call where the recurrence has several
+rows (:func:`_recurrent_product`).  An lstm step multiplies ``[x_t, h]`` by ``[w_ih | w_hh]^T``
+(several rows; from :data:`_FEATURE_MAJOR_ROWS` rows feature-major, the state ``[H, b]`` and the
+weights the left operand) or projects the sequence first (one row), see :func:`_lstm_plain`.  A
+list predict's samples join the batch of one recurrence (:func:`_sample_folding`).
 fp16 recurrences run in fp32 (state, products, gates) and the outputs are rounded to fp16 once.
 The NeuralNetwork LSTM/GRU/RNN layers call the same ``_*_direction`` functions.
 
@@ -159,35 +161,40 @@ def _sample_folding(plain, statics: tuple, n_state: int):
     return fn
 
 
-# From this many rows an LSTM step multiplies [w_ih | w_hh] by [x_t; h] (one product per step)
-# instead of projecting the whole sequence first.  One thread, 32 steps of 64 -> 128, Intel Xeon:
-# 0.71x the time at 32 rows, 0.79x at 16, 0.83x at 8, 0.91x at 4; 1.07x at 2.
-_MERGED_ROWS = 4
+# How an LSTM step computes its gates, by rows (one thread, 32 steps of 64 -> 128, Intel Xeon,
+# in-process medians):
+# * one row: the sequence's input projection before the loop, then h @ w_hh^T per step;
+# * 2 to _FEATURE_MAJOR_ROWS - 1 rows: batch-major, one product per step, [x_t, h] @ [w_ih | w_hh]^T
+#   (the weights transposed once per call: [in, out] is the orientation XLA:CPU's library packs
+#   cheaply as the right operand) against the feature-major product below: 0.57x the time at 2
+#   rows, 0.75x at 4, 0.86x at 8, 0.98x at 16;
+# * from _FEATURE_MAJOR_ROWS rows: feature-major, [w_ih | w_hh] @ [x_t; h] (the weights the left
+#   operand; batch-major 1.05x at 32 and 64 rows).  Against the sequence projected first this was
+#   0.71x the time at 32 rows, 0.79x at 16.
+_FEATURE_MAJOR_ROWS = 16
 
 
 def _lstm_plain(statics, x, h0, c0, w_ih, w_hh, bias, peephole=None):
-    """:func:`_lstm_direction` of one batch (``bias`` a vector; ``statics`` its other arguments).
-
-    Batches of two or more run feature-major: the state is held ``[H, b]`` and each step's
-    product is ``w_hh [4H, H] @ h [H, b]``, the weight the left operand (XLA:CPU's library packs
-    the right operand on every call; as ``h @ w_hh^T`` that is the whole weight per step).  One
-    thread, 32 steps of 64 -> 128: 0.64-0.73x the batch-major time at 2-4 rows, 0.84-0.91x at
-    8-16, 0.93-1.04x at 32; one row 1.00-1.06x, so a single sequence stays batch-major.  From
-    :data:`_MERGED_ROWS` rows the step's product also takes ``x_t``: ``[w_ih | w_hh] @ [x_t; h]``."""
+    """:func:`_lstm_direction` of one batch (``bias`` a vector; ``statics`` its other arguments);
+    how a step computes its gates depends on the rows (see :data:`_FEATURE_MAJOR_ROWS`)."""
     acts, clip, reverse, time_aligned, coupled = statics
     dtype = _compute_dtype(x.dtype)
-    hidden = w_hh.shape[1]
+    hidden, rows = w_hh.shape[1], x.shape[1]
     w_ih, w_hh = jnp.asarray(w_ih).astype(dtype), jnp.asarray(w_hh).astype(dtype)
-    fm, prod, col = _layout(x.shape[1])      # feature-major: [H, b] states, gates on axis 0
-    axis = 0 if fm else -1
-    if fm and x.shape[1] >= _MERGED_ROWS:
+    fm = rows >= _FEATURE_MAJOR_ROWS           # feature-major: [H, b] states, gates on axis 0
+    axis, col = (0, lambda v: v[:, None]) if fm else (-1, lambda v: v)
+    if fm:
         # each step one product of [w_ih | w_hh] with [x_t; h]: no separate input projection
         w_cat, b_col = jnp.concatenate([w_ih, w_hh], axis=1), col(bias.astype(dtype))
         xs = jnp.swapaxes(x.astype(dtype), 1, 2)                                  # [s, I, b]
         gates = lambda x_t, h: w_cat @ jnp.concatenate([x_t, h], axis=0) + b_col   # noqa: E731
+    elif rows > 1:
+        w_t, b_row = jnp.concatenate([w_ih, w_hh], axis=1).T, bias.astype(dtype)  # [I + H, 4H]
+        xs = x.astype(dtype)
+        gates = lambda x_t, h: jnp.concatenate([x_t, h], axis=-1) @ w_t + b_row   # noqa: E731
     else:
-        xs = jnp.einsum("sbi,gi->sgb" if fm else "sbi,gi->sbg", x.astype(dtype), w_ih) + col(bias.astype(dtype))
-        gates = lambda xw_t, h: xw_t + prod(w_hh, h)                              # noqa: E731
+        xs = jnp.einsum("sbi,gi->sbg", x.astype(dtype), w_ih) + bias.astype(dtype)
+        gates = lambda xw_t, h: xw_t + _mv(h, w_hh)                               # noqa: E731
     p_i, p_f, p_o = ([col(p) for p in jnp.split(_vec(peephole, 3 * hidden, dtype), 3)]
                      if peephole is not None else (0, 0, 0))
     rec_act, cell_act, out_act = acts
@@ -257,31 +264,34 @@ def _gru_direction(x, h0, w_ih, w_hh, bias, input_bias, acts, reverse, reset_aft
     return _sample_folding(_gru_plain, (acts, bool(reverse), bool(reset_after)), 1)(x, jnp.asarray(h0), *weights)
 
 
-def _layout(b: int):
-    """``(feature_major, product, column)`` of a recurrence over ``b`` rows: several rows hold the
-    state ``[H, b]`` and multiply ``w @ h`` (see :func:`_lstm_plain`), one row ``[b, H]``."""
-    if b > 1:
-        return True, jnp.matmul, lambda v: v[:, None]
-    return False, lambda w, h: _mv(h, w), lambda v: v
+def _recurrent_product(rows: int):
+    """``(prepare, product)`` of a GRU's or RNN's recurrent product ``h @ w^T`` over ``rows`` rows:
+    ``product(prepare(w), h)``.  Several rows multiply by ``w^T`` laid out once per call ([in, out]:
+    XLA:CPU's library packs a product's right operand on every call, and as ``w`` [out, in] it
+    transposed it in that packing on every step); one row contracts ``w`` in place (the transpose
+    per call cost more than it saved).  GRU, one thread, 32 steps of 64 -> 128, Intel Xeon, against
+    the feature-major product ``w @ h`` of the state [H, b] that several rows took before: 0.64x the
+    time at 2 rows, 0.71x at 4, 0.77x at 8, 0.39x at 12, 0.91x at 16, 0.86x at 32, 0.85x at 128."""
+    if rows > 1:
+        return (lambda w: w.T), (lambda w_t, h: h @ w_t)
+    return (lambda w: w), (lambda w, h: _mv(h, w))
 
 
 def _gru_plain(statics, x, h0, w_ih, w_hh, bias, input_bias):
     (rec_act, out_act), reverse, reset_after = statics
     dtype = _compute_dtype(x.dtype)
-    fm, prod, col = _layout(x.shape[1])
-    axis = 0 if fm else -1
+    prepare, prod = _recurrent_product(x.shape[1])
     w_ih, w_hh = jnp.asarray(w_ih).astype(dtype), jnp.asarray(w_hh).astype(dtype)
     w_hr, w_ho, w_hz = jnp.split(w_hh, 3)
-    w_hrz = jnp.concatenate([w_hr, w_hz])  # r and z from one product per step
+    w_hrz, w_ho = prepare(jnp.concatenate([w_hr, w_hz])), prepare(w_ho)   # r and z from one product per step
     b_r, b_o, b_z = jnp.split(bias.astype(dtype), 3)
     # every bias outside the reset gate's product is folded into the input projection
     b_in = jnp.concatenate([b_r, jnp.zeros_like(b_o) if reset_after else b_o, b_z]) + input_bias.astype(dtype)
-    xw = jnp.einsum("sbi,gi->sgb" if fm else "sbi,gi->sbg", x.astype(dtype), w_ih) + col(b_in)
-    b_o = col(b_o)
+    xw = jnp.einsum("sbi,gi->sbg", x.astype(dtype), w_ih) + b_in
 
     def step(h, xw_t):
-        x_r, x_o, x_z = jnp.split(xw_t, 3, axis=axis)
-        h_r, h_z = jnp.split(prod(w_hrz, h), 2, axis=axis)
+        x_r, x_o, x_z = jnp.split(xw_t, 3, axis=-1)
+        h_r, h_z = jnp.split(prod(w_hrz, h), 2, axis=-1)
         r, z = rec_act(x_r + h_r), rec_act(x_z + h_z)
         if reset_after:  # torch style: the reset gate scales the recurrent term
             o = out_act(x_o + r * (prod(w_ho, h) + b_o))
@@ -290,10 +300,7 @@ def _gru_plain(statics, x, h0, w_ih, w_hh, bias, input_bias):
         h = (1 - z) * o + z * h
         return h, h
 
-    h0 = h0.astype(dtype)
-    h, ys = _steps(step, h0.T if fm else h0, xw, reverse)
-    if fm:
-        ys, h = jnp.swapaxes(ys, 1, 2), h.T
+    h, ys = _steps(step, h0.astype(dtype), xw, reverse)
     return ys.astype(x.dtype), h.astype(x.dtype)
 
 
@@ -341,18 +348,15 @@ def _rnn_direction(x, h0, w_ih, w_hh, bias, act, reverse):
 def _rnn_plain(statics, x, h0, w_ih, w_hh, bias):
     act, reverse = statics
     dtype = _compute_dtype(x.dtype)
-    fm, prod, col = _layout(x.shape[1])
-    w_ih, w_hh = jnp.asarray(w_ih).astype(dtype), jnp.asarray(w_hh).astype(dtype)
-    xw = jnp.einsum("sbi,hi->shb" if fm else "sbi,hi->sbh", x.astype(dtype), w_ih) + col(bias.astype(dtype))
+    prepare, prod = _recurrent_product(x.shape[1])
+    w_ih, w_hh = jnp.asarray(w_ih).astype(dtype), prepare(jnp.asarray(w_hh).astype(dtype))
+    xw = jnp.einsum("sbi,hi->sbh", x.astype(dtype), w_ih) + bias.astype(dtype)
 
     def step(h, xw_t):
         h = act(xw_t + prod(w_hh, h))
         return h, h
 
-    h0 = h0.astype(dtype)
-    h, ys = _steps(step, h0.T if fm else h0, xw, reverse, prefetch=False)
-    if fm:
-        ys, h = jnp.swapaxes(ys, 1, 2), h.T
+    h, ys = _steps(step, h0.astype(dtype), xw, reverse, prefetch=False)
     return ys.astype(x.dtype), h.astype(x.dtype)
 
 

@@ -47,14 +47,14 @@ def _mil_lstm_weights(m, suffix="", bias=True):
     return w_ih, w_hh, b
 
 
-# batches below and at rc._MERGED_ROWS: the projected sequence, and one product per step of
-# [w_ih | w_hh] by [x_t; h]
-@pytest.mark.parametrize("batch", [3, 6])
+# a step's gates by rows: one row (the projected sequence), batch-major below
+# rc._FEATURE_MAJOR_ROWS and feature-major from it (one product per step of [w_ih | w_hh] and [x_t; h])
+@pytest.mark.parametrize("batch", [1, 3, 17])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 @pytest.mark.parametrize("output_sequence,bias", [(True, True), (False, False)])
 def test_lstm_vs_torch(dtype, direction, output_sequence, bias, batch):
-    assert 3 < rc._MERGED_ROWS <= 6
+    assert 3 < rc._FEATURE_MAJOR_ROWS <= 17
     seq, inp, hidden = 5, 4, 6
     m, x, h0, c0 = _torch_lstm(seq, batch, inp, hidden, False, bias)
     xt = torch.flip(x, [0]) if direction == "reverse" else x
@@ -70,7 +70,7 @@ def test_lstm_vs_torch(dtype, direction, output_sequence, bias, batch):
     assert_close(c, _np(cn)[0], **TOL[dtype])
 
 
-@pytest.mark.parametrize("batch", [2, 5])
+@pytest.mark.parametrize("batch", [2, 5, 16])
 @pytest.mark.parametrize("output_sequence,bias", [(True, True), (False, False)])
 def test_bidirectional_lstm_vs_torch(output_sequence, bias, batch):
     seq, inp, hidden = 4, 3, 5
@@ -116,7 +116,7 @@ def _np_lstm(x, h, c, w_ih, w_hh, b, p, acts, clip):
                                        (("hard_sigmoid", "relu", "linear"), 0.2),
                                        (("sigmoid", "scaled_tanh", "relu"), 0.2),
                                        (("tanh", "linear", "sigmoid"), 50.0)])
-@pytest.mark.parametrize("b", [2, 5])
+@pytest.mark.parametrize("b", [1, 5, 16])
 def test_lstm_peephole_clip_activations(acts, clip, b):
     s, i, hdim = 6, 3, 4
     x = RNG.standard_normal((s, b, i)).astype(np.float32)
@@ -153,10 +153,12 @@ def _torch_gru(seq, batch, inp, hidden):
     return m, torch.randn(seq, batch, inp), torch.randn(1, batch, hidden)
 
 
+# one row contracts w_hh in place, several multiply by w_hh^T (rc._recurrent_product)
+@pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("direction,output_sequence", [("forward", True), ("reverse", False)])
-def test_gru_reset_after_vs_torch(dtype, direction, output_sequence):
-    m, x, h0 = _torch_gru(5, 3, 4, 6)
+def test_gru_reset_after_vs_torch(dtype, direction, output_sequence, batch):
+    m, x, h0 = _torch_gru(5, batch, 4, 6)
     out, hn = m(torch.flip(x, [0]) if direction == "reverse" else x, h0)
     expected = _np(out) if output_sequence else _np(out)[-1:]
     sd = {k: _np(v) for k, v in m.state_dict().items()}
@@ -208,13 +210,14 @@ def test_gru_reset_before(acts, direction):
 
 
 # --- rnn --------------------------------------------------------------------------------
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("direction,activation,output_sequence",
                          [("forward", "tanh", True), ("reverse", "relu", False)])
-def test_rnn_vs_torch(dtype, direction, activation, output_sequence):
+def test_rnn_vs_torch(dtype, direction, activation, output_sequence, batch):
     torch.manual_seed(7)
     m = torch.nn.RNN(4, 5, 1, nonlinearity=activation)
-    x, h0 = torch.randn(6, 2, 4), torch.randn(1, 2, 5)
+    x, h0 = torch.randn(6, batch, 4), torch.randn(1, batch, 5)
     out, hn = m(torch.flip(x, [0]) if direction == "reverse" else x, h0)
     expected = _np(out) if output_sequence else _np(out)[-1:]
     sd = {k: _np(v) for k, v in m.state_dict().items()}
