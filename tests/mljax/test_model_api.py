@@ -206,3 +206,38 @@ def test_a_list_predict_checks_every_item(flexible):
         model.predict(items[:2] + [{**items[0], "z": np.zeros(1, np.float32)}])
     with pytest.raises(InputError, match="expected a numeric array"):
         model.predict(items[:2] + [{"x": np.array([["a", "b", "c"]]), "y": items[0]["y"]}])
+
+
+def test_list_predicts_reuse_their_input_buffer_safely():
+    """A list predict stacks small batches into a per-thread buffer that the next call refills:
+    outputs equal to an input (a reshape, an identity) keep their values after later calls, and
+    threads predicting at once each get their own results."""
+    import threading
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 3))])
+    def prog(x):
+        return mb.reshape(x=x, shape=[3, 2], name="y"), mb.identity(x=x, name="z")
+
+    path = tmp_path_for("identity.mlpackage")
+    ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS15,
+               compute_precision=ct.precision.FLOAT32).save(str(path))
+    model = mljax.MLModel(path)
+    batch = lambda base: [{"x": np.full((2, 3), base + i, np.float32)} for i in range(4)]  # noqa: E731
+    first = model.predict(batch(0))
+    model.predict(batch(100))
+    for i, out in enumerate(first):
+        np.testing.assert_array_equal(out["y"], np.full((3, 2), i, np.float32))
+        np.testing.assert_array_equal(out["z"], np.full((2, 3), i, np.float32))
+    wrong = []
+
+    def worker(base):
+        for _ in range(30):
+            outs = model.predict(batch(base))
+            if any(not np.array_equal(o["z"], np.full((2, 3), base + i, np.float32)) for i, o in enumerate(outs)):
+                wrong.append(base)
+    threads = [threading.Thread(target=worker, args=(b,)) for b in (1000, 2000, 3000)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
