@@ -234,6 +234,18 @@ def converted(tmp_path_factory):
     return net, convert_torch_twins(net, torch.randn(1, 3, 32, 32), tmp_path_factory.mktemp("schedule"))
 
 
+def _record_plans(monkeypatch) -> list:
+    """The list that every plan ``schedule.chunk_plan`` makes from now on is appended to."""
+    plans = []
+    real = schedule.chunk_plan
+
+    def spy(*args, **kw):
+        plans.append(real(*args, **kw))
+        return plans[-1]
+    monkeypatch.setattr(schedule, "chunk_plan", spy)
+    return plans
+
+
 @pytest.mark.parametrize("spans", [1, 2])
 @pytest.mark.parametrize("kind", ["mlprogram", "neuralnetwork"])
 def test_a_list_predict_runs_the_plan_with_torchs_values(converted, kind, spans, monkeypatch):
@@ -252,13 +264,7 @@ def test_a_list_predict_runs_the_plan_with_torchs_values(converted, kind, spans,
         monkeypatch.setattr(schedule, "CHUNK_BYTES", 192 * KiB)      # 48 KiB for its light prefix: 2 x 24
         monkeypatch.setattr(schedule, "SPAN_HEAVY_BYTES", 48 * KiB)  # 8 x 6 KiB
         monkeypatch.setattr(schedule, "SPAN_CHUNK_BYTES", 24 * KiB)  # 4 x 6 KiB
-    plans = []
-    real = schedule.chunk_plan
-
-    def spy(*args, **kw):
-        plans.append(real(*args, **kw))
-        return plans[-1]
-    monkeypatch.setattr(schedule, "chunk_plan", spy)
+    plans = _record_plans(monkeypatch)
     model = mljax.MLModel(paths[kind])
     xs = np.random.default_rng(0).standard_normal((8, 1, 3, 32, 32)).astype(np.float32)
     outs = model.predict([{"x": x} for x in xs])
@@ -360,13 +366,7 @@ def test_a_span_with_a_stem_and_pool_runs_prefetched_with_torchs_values(tmp_path
     monkeypatch.setattr(schedule, "HEAVY_BYTES", 256 * KiB)      # 8 x 64 KiB (32x32x16 fp32)
     monkeypatch.setattr(schedule, "CHUNK_BYTES", 1 << 20)        # 256 KiB for its light prefix: 4 samples
     monkeypatch.setattr(schedule, "SPAN_HEAVY_BYTES", None)
-    plans = []
-    real = schedule.chunk_plan
-
-    def spy(*args, **kw):
-        plans.append(real(*args, **kw))
-        return plans[-1]
-    monkeypatch.setattr(schedule, "chunk_plan", spy)
+    plans = _record_plans(monkeypatch)
     model = mljax.MLModel(paths[kind])
     xs = np.random.default_rng(2).standard_normal((8, 1, 3, 32, 32)).astype(np.float32)
     outs = model.predict([{"x": x} for x in xs])
