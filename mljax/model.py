@@ -255,11 +255,11 @@ class MLModel:
         return out
 
     def _finish_rows(self, outputs: dict, count: int) -> list:
-        """``[self._finish(row i of outputs) for i in range(count)]``; multiArray outputs converted
-        once for the batch, each row a view."""
+        """``[self._finish(row i of outputs) for i in range(count)]``; multiArray outputs of at least
+        one axis a sample converted once for the batch, each row a view."""
         specs = self._stage.outputs
         if (self._stage.postprocess is not None or not specs
-                or not all(specs[k].kind == "multiArray" for k in specs if k in outputs)):
+                or not all(specs[k].kind == "multiArray" and np.ndim(outputs[k]) > 1 for k in specs if k in outputs)):
             return [self._finish({k: v[i] for k, v in outputs.items()}) for i in range(count)]
         columns = [(k, list(convert_output(specs[k], np.asarray(outputs[k]))[:count])) for k in specs if k in outputs]
         return [{k: rows[i] for k, rows in columns} for i in range(count)]

@@ -166,11 +166,14 @@ def _sample_folding(plain, statics: tuple, n_state: int):
 # * one row: the sequence's input projection before the loop, then h @ w_hh^T per step;
 # * 2 to _FEATURE_MAJOR_ROWS - 1 rows: batch-major, one product per step, [x_t, h] @ [w_ih | w_hh]^T
 #   (the weights transposed once per call: [in, out] is the orientation XLA:CPU's library packs
-#   cheaply as the right operand) against the feature-major product below: 0.57x the time at 2
-#   rows, 0.75x at 4, 0.86x at 8, 0.98x at 16;
+#   cheaply as the right operand) against the feature-major product below, the transposition
+#   included: 0.79x the time at 2 rows, 0.89x at 4, 0.95x at 8, 0.42x at 12 (where the
+#   feature-major product ran 2x slower), 1.13x at 16.  With the weights laid out once per weight
+#   values instead of per call it would be 0.57x / 0.75x / 0.86x at 2 / 4 / 8 rows (not done: the
+#   op would need the prepared layout as an input);
 # * from _FEATURE_MAJOR_ROWS rows: feature-major, [w_ih | w_hh] @ [x_t; h] (the weights the left
-#   operand; batch-major 1.05x at 32 and 64 rows).  Against the sequence projected first this was
-#   0.71x the time at 32 rows, 0.79x at 16.
+#   operand; batch-major with the weights laid out once 1.05x at 32 and 64 rows).  Against the
+#   sequence projected first this was 0.71x the time at 32 rows, 0.79x at 16.
 _FEATURE_MAJOR_ROWS = 16
 
 
