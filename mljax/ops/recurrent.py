@@ -31,7 +31,7 @@ from jax import lax, nn
 from jax.custom_batching import custom_vmap
 
 from mljax.errors import OpError
-from mljax.ops._registry import register
+from mljax.ops._registry import register, register_internal
 
 __all__ = ["lstm", "gru", "rnn"]
 
@@ -111,17 +111,19 @@ def _sequence_output(ys, output_sequence: bool, last_index: int = -1):
 
 # --- lstm -------------------------------------------------------------------------------
 def _lstm_direction(x, h0, c0, w_ih, w_hh, bias, peephole, acts, clip, reverse, time_aligned,
-                    coupled=False):
+                    coupled=False, w_t=None):
     """One LSTM direction over ``x: [s, b, I]``; returns (outputs [s, b, H], h_T, c_T).
 
     ``acts`` are callables (recurrent, cell, output); ``coupled`` ties the forget gate to
     ``1 - input`` (NeuralNetwork's ``coupledInputAndForgetGate``).  Shared by both formats.
+    ``w_t``: ``[w_ih | w_hh]^T`` ``[I + H, 4H]`` laid out once per weight values, where the
+    caller has it (the ``mljax.lstm`` op); else a recurrence of a few rows transposes per call.
     Vmapped (a list predict's samples), the samples join the batch (:func:`_sample_folding`).
     """
     hidden = jnp.shape(w_hh)[1]
     bias = _vec(bias, 4 * hidden, _compute_dtype(x.dtype))
-    statics = (acts, clip, bool(reverse), bool(time_aligned), bool(coupled))
-    weights = (w_ih, w_hh, bias) + (() if peephole is None else (peephole,))
+    statics = (acts, clip, bool(reverse), bool(time_aligned), bool(coupled), peephole is not None, w_t is not None)
+    weights = (w_ih, w_hh, bias) + tuple(w for w in (peephole, w_t) if w is not None)
     return _sample_folding(_lstm_plain, statics, 2)(x, h0, c0, *weights)
 
 
@@ -169,18 +171,22 @@ def _sample_folding(plain, statics: tuple, n_state: int):
 #   cheaply as the right operand) against the feature-major product below, the transposition
 #   included: 0.79x the time at 2 rows, 0.89x at 4, 0.95x at 8, 0.42x at 12 (where the
 #   feature-major product ran 2x slower), 1.13x at 16.  With the weights laid out once per weight
-#   values instead of per call it would be 0.57x / 0.75x / 0.86x at 2 / 4 / 8 rows (not done: the
-#   op would need the prepared layout as an input);
+#   values (the graph pass lstm_weights_in_out: the internal op mljax.lstm) 0.57x / 0.75x / 0.86x
+#   at 2 / 4 / 8 rows;
 # * from _FEATURE_MAJOR_ROWS rows: feature-major, [w_ih | w_hh] @ [x_t; h] (the weights the left
 #   operand; batch-major with the weights laid out once 1.05x at 32 and 64 rows).  Against the
 #   sequence projected first this was 0.71x the time at 32 rows, 0.79x at 16.
 _FEATURE_MAJOR_ROWS = 16
 
 
-def _lstm_plain(statics, x, h0, c0, w_ih, w_hh, bias, peephole=None):
-    """:func:`_lstm_direction` of one batch (``bias`` a vector; ``statics`` its other arguments);
-    how a step computes its gates depends on the rows (see :data:`_FEATURE_MAJOR_ROWS`)."""
-    acts, clip, reverse, time_aligned, coupled = statics
+def _lstm_plain(statics, x, h0, c0, w_ih, w_hh, bias, *optional):
+    """:func:`_lstm_direction` of one batch (``bias`` a vector; ``statics`` its other arguments,
+    ``optional`` its peephole and ``w_t``, those given); how a step computes its gates depends on
+    the rows (see :data:`_FEATURE_MAJOR_ROWS`)."""
+    acts, clip, reverse, time_aligned, coupled, has_peephole, has_w_t = statics
+    optional = list(optional)
+    peephole = optional.pop(0) if has_peephole else None
+    w_t = optional.pop(0) if has_w_t else None
     dtype = _compute_dtype(x.dtype)
     hidden, rows = w_hh.shape[1], x.shape[1]
     w_ih, w_hh = jnp.asarray(w_ih).astype(dtype), jnp.asarray(w_hh).astype(dtype)
@@ -192,7 +198,8 @@ def _lstm_plain(statics, x, h0, c0, w_ih, w_hh, bias, peephole=None):
         xs = jnp.swapaxes(x.astype(dtype), 1, 2)                                  # [s, I, b]
         gates = lambda x_t, h: w_cat @ jnp.concatenate([x_t, h], axis=0) + b_col   # noqa: E731
     elif rows > 1:
-        w_t, b_row = jnp.concatenate([w_ih, w_hh], axis=1).T, bias.astype(dtype)  # [I + H, 4H]
+        w_t = jnp.concatenate([w_ih, w_hh], axis=1).T if w_t is None else jnp.asarray(w_t).astype(dtype)
+        b_row = bias.astype(dtype)                                                 # w_t: [I + H, 4H]
         xs = x.astype(dtype)
         gates = lambda x_t, h: jnp.concatenate([x_t, h], axis=-1) @ w_t + b_row   # noqa: E731
     else:
@@ -232,6 +239,27 @@ def lstm(x, initial_h, initial_c, weight_ih, weight_hh, bias=None, peephole=None
     Bidirectional: ``initial_h/c[:, :H]`` and outputs ``[..., :H]`` are the forward direction;
     the ``*_back`` weights drive the backward one.  ``clip`` bounds the cell state.
     """
+    return _lstm(x, initial_h, initial_c, weight_ih, weight_hh, bias, peephole, weight_ih_back, weight_hh_back,
+                 bias_back, peephole_back, None, None, direction, output_sequence, recurrent_activation,
+                 cell_activation, activation, clip)
+
+
+@register_internal("mljax.lstm")
+def lstm_in_out(x, initial_h, initial_c, weight_ih, weight_hh, weight_in_out, bias=None, peephole=None,
+                weight_ih_back=None, weight_hh_back=None, bias_back=None, peephole_back=None,
+                weight_in_out_back=None, *, direction="forward", output_sequence=False,
+                recurrent_activation="sigmoid", cell_activation="tanh", activation="tanh", clip=None):
+    """``lstm`` with ``[weight_ih | weight_hh]^T`` (``[I + H, 4H]``) laid out once per weight
+    values: ``weight_in_out`` (and ``weight_in_out_back``), written by the graph pass
+    :func:`mljax.optimize.passes.lstm_weights_in_out`; the same values."""
+    return _lstm(x, initial_h, initial_c, weight_ih, weight_hh, bias, peephole, weight_ih_back, weight_hh_back,
+                 bias_back, peephole_back, weight_in_out, weight_in_out_back, direction, output_sequence,
+                 recurrent_activation, cell_activation, activation, clip)
+
+
+def _lstm(x, initial_h, initial_c, weight_ih, weight_hh, bias, peephole, weight_ih_back, weight_hh_back,
+          bias_back, peephole_back, w_t, w_t_back, direction, output_sequence, recurrent_activation,
+          cell_activation, activation, clip):
     _check_x(x, "lstm")
     _check_direction(direction, ("forward", "reverse", "bidirectional"), "lstm")
     acts = tuple(_activation(a, "lstm") for a in (recurrent_activation, cell_activation, activation))
@@ -242,15 +270,15 @@ def lstm(x, initial_h, initial_c, weight_ih, weight_hh, bias=None, peephole=None
                       f"{jnp.shape(weight_ih)} and {jnp.shape(weight_hh)}")
     if direction != "bidirectional":
         ys, h, c = _lstm_direction(x, h0, c0, weight_ih, weight_hh, bias, peephole, acts, clip,
-                                   direction == "reverse", False)
+                                   direction == "reverse", False, w_t=w_t)
         return _sequence_output(ys, output_sequence), h, c
     if weight_ih_back is None or weight_hh_back is None:
         raise OpError("lstm: direction='bidirectional' needs weight_ih_back and weight_hh_back; "
                       "found them missing")
     fwd = _lstm_direction(x, h0[:, :hidden], c0[:, :hidden], weight_ih, weight_hh, bias,
-                          peephole, acts, clip, False, True)
+                          peephole, acts, clip, False, True, w_t=w_t)
     bwd = _lstm_direction(x, h0[:, hidden:], c0[:, hidden:], weight_ih_back, weight_hh_back,
-                          bias_back, peephole_back, acts, clip, True, True)
+                          bias_back, peephole_back, acts, clip, True, True, w_t=w_t_back)
     out = jnp.concatenate([_sequence_output(fwd[0], output_sequence, -1),
                            _sequence_output(bwd[0], output_sequence, 0)], axis=-1)
     return out, jnp.concatenate([fwd[1], bwd[1]], -1), jnp.concatenate([fwd[2], bwd[2]], -1)

@@ -670,3 +670,53 @@ def test_linears_in_a_loop_read_their_weights_laid_out_in_out(tmp_path):
                     for j, v in weights.items()}
         d = [jax.jvp(lambda ws: total(ws, m), (weights,), (tangents,))[1] for m in (model, off)]
         np.testing.assert_allclose(d[0], d[1], rtol=1e-4, atol=1e-6)
+
+
+def _program_lstm(direction):
+    w_ih, w_hh, bias = _LSTM_W
+
+    def build():
+        @mb.program(input_specs=[mb.TensorSpec((6, 2, 3), dtype=types.fp32)], opset_version=ct.target.iOS17)
+        def prog(x):
+            zeros = np.zeros((2, 8 if direction == "bidirectional" else 4), np.float32)
+            back = dict(weight_ih_back=w_ih[::-1].copy(), weight_hh_back=w_hh[::-1].copy(), bias_back=bias[::-1].copy()) \
+                if direction == "bidirectional" else {}
+            seq, h, _ = mb.lstm(x=x, initial_h=zeros, initial_c=zeros, weight_ih=w_ih, weight_hh=w_hh, bias=bias,
+                                direction=direction, output_sequence=True, **back)
+            return mb.add(x=seq, y=np.float32(0.0), name="y"), mb.add(x=h, y=np.float32(0.0), name="h")
+        return prog
+    return build
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+def test_an_lstm_reads_its_weights_laid_out_once(direction):
+    """An lstm of constant weights runs as ``mljax.lstm`` with ``[w_ih | w_hh]^T`` laid out by the
+    weight prologue (both directions' of a bidirectional one).  Values: the unoptimized program's
+    for a single predict (2 rows) and list predicts of 2 and 5 samples (4 and 10 rows: recurrences
+    of a few rows multiply by the laid-out weights), and NumPy's step loop for the forward lstm;
+    gradients reach the weights themselves, equal to the unoptimized program's."""
+    xs = [_LSTM_RNG.standard_normal((6, 2, 3)).astype(np.float32) for _ in range(5)]
+    model, on, off = _both(_program_lstm(direction), {"x": xs[0]})
+    assert _stats(model)["lstm_weights_in_out"] == 1
+    op = next(op for op in model.stage.lowered.fn.block.operations if op.type.endswith("lstm"))
+    assert op.type == "mljax.lstm"
+    assert ("weight_in_out_back" in op.inputs) == (direction == "bidirectional")
+    assert _static_shape(op.input("weight_in_out")) == (3 + 4, 16)
+    unopt = mljax.MLModel(model.package_path, optimize=False)
+    for k in ("y", "h"):
+        np.testing.assert_allclose(on[k], off[k], rtol=1e-6, atol=1e-6)
+    for n in (2, 5):
+        outs, ref = model.predict([{"x": x} for x in xs[:n]]), unopt.predict([{"x": x} for x in xs[:n]])
+        for x, a, b in zip(xs, outs, ref):
+            for k in ("y", "h"):
+                np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
+            if direction == "forward":
+                np.testing.assert_allclose(a["y"], _np_lstm_steps(x.astype(np.float64), *_LSTM_W), rtol=1e-5, atol=1e-5)
+    import jax
+
+    def total(weights, m):
+        return m.stage.lowered(weights, {"x": xs[0]})[0]["y"].sum()
+    weights = {k: np.asarray(w) for k, w in unopt.weights.items()}
+    grads = [jax.grad(total)(weights, m) for m in (model, unopt)]
+    for k in weights:
+        np.testing.assert_allclose(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6)
