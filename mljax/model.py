@@ -579,8 +579,10 @@ def _stack(arrays: list, zero_copy: bool, key=None) -> np.ndarray:
     return np.stack(arrays, out=out)
 
 
-_REUSED_STACK_BYTES = 4 << 20      # larger batches: a fresh array each call
-_REUSED_STACKS = 16                # buffers kept per thread (the oldest goes first)
+# Larger batches get a fresh array each call (the gain is a fixed cost, small beside their
+# executables); at most 8 MiB of buffers per thread, which go with their thread.
+_REUSED_STACK_BYTES = 1 << 20
+_REUSED_STACKS = 8                 # buffers kept per thread (the oldest goes first)
 _STACKS = threading.local()
 
 
