@@ -155,9 +155,19 @@ def test_a_further_span_chunks_the_mid_network_while_its_weights_stay_light(monk
     # heavy a6 lies beyond the weight limit: with a larger limit the span reaches it
     monkeypatch.setattr(schedule, "SPAN_WEIGHT_BYTES", 2 << 20)
     assert chunk_plan(steps, {"x": 64 * KiB}, ["a8"], 32).next.cut == 8
-    # a span whose chunks would be no larger than the first's is not made
+    # a span whose chunks would be no larger than the first's (400 KiB: 4 of 96 KiB, the first
+    # span's 4) is merged into it: one span to its cut (a8's, with the 2 MiB weight limit), in
+    # its chunks, reading what it reads
     monkeypatch.setattr(schedule, "SPAN_CHUNK_BYTES", 400 * KiB)
-    assert chunk_plan(steps, {"x": 64 * KiB}, ["a8"], 32).next is None
+    merged = chunk_plan(steps, {"x": 64 * KiB}, ["a8"], 32)
+    assert (merged.cut, merged.chunk, merged.live, merged.next) == (8, 4, ("a7",), None)
+    monkeypatch.setattr(schedule, "SPAN_CHUNK_BYTES", 200 * KiB)      # 2 of 96 KiB: smaller chunks
+    smaller = chunk_plan(steps, {"x": 64 * KiB}, ["a8"], 32)
+    assert (smaller.cut, smaller.chunk, smaller.next) == (8, 2, None)
+    # the earlier rule dropped it: the rest of the program over the whole batch
+    monkeypatch.setattr(schedule, "MERGED_SPANS", False)
+    dropped = chunk_plan(steps, {"x": 64 * KiB}, ["a8"], 32)
+    assert (dropped.cut, dropped.chunk, dropped.next) == (2, 4, None)
     # and none at all without SPAN_HEAVY_BYTES
     monkeypatch.setattr(schedule, "SPAN_CHUNK_BYTES", 1 << 20)
     monkeypatch.setattr(schedule, "SPAN_HEAVY_BYTES", None)
@@ -246,24 +256,25 @@ def _record_plans(monkeypatch) -> list:
     return plans
 
 
-@pytest.mark.parametrize("spans", [1, 2])
+@pytest.mark.parametrize("spans", [1, 2, "merged"])
 @pytest.mark.parametrize("kind", ["mlprogram", "neuralnetwork"])
 def test_a_list_predict_runs_the_plan_with_torchs_values(converted, kind, spans, monkeypatch):
     """Scaled-down thresholds give the small network a plan at 8 samples (its 16x16 activations
     are heavy: 8 x 16 KiB >= 64 KiB); the plan is made and used, and every sample's output equals
     torch's and the single predict's.  With ``spans=2`` the first span ends after the 16x16x24
     activations (24 KiB a sample, in chunks of 2) and a further span runs the 5x5 depthwise layer
-    and its activation (6 KiB a sample) in chunks of 4."""
+    and its activation (6 KiB a sample) in chunks of 4; with ``spans="merged"`` that further
+    span's chunks are 2 (12 KiB), no larger than the first's, and the first span runs on through it."""
     net, paths = converted
     monkeypatch.setattr(schedule, "HEAVY_BYTES", 64 * KiB)
     monkeypatch.setattr(schedule, "CHUNK_BYTES", 400 * KiB)     # 100 KiB for its light prefix
     monkeypatch.setattr(schedule, "SPAN_HEAVY_BYTES", None)
-    if spans == 2:
+    if spans != 1:
         monkeypatch.setattr(schedule, "_CUT_WINDOW", 0)              # cut right after the last heavy op
         monkeypatch.setattr(schedule, "HEAVY_BYTES", 192 * KiB)      # 8 x 24 KiB
         monkeypatch.setattr(schedule, "CHUNK_BYTES", 192 * KiB)      # 48 KiB for its light prefix: 2 x 24
         monkeypatch.setattr(schedule, "SPAN_HEAVY_BYTES", 48 * KiB)  # 8 x 6 KiB
-        monkeypatch.setattr(schedule, "SPAN_CHUNK_BYTES", 24 * KiB)  # 4 x 6 KiB
+        monkeypatch.setattr(schedule, "SPAN_CHUNK_BYTES", 24 * KiB if spans == 2 else 12 * KiB)  # 4 (2) x 6 KiB
     plans = _record_plans(monkeypatch)
     model = mljax.MLModel(paths[kind])
     xs = np.random.default_rng(0).standard_normal((8, 1, 3, 32, 32)).astype(np.float32)
@@ -273,8 +284,14 @@ def test_a_list_predict_runs_the_plan_with_torchs_values(converted, kind, spans,
     if spans == 1:
         # the prefix's largest activation, 16x16x24 fp32, is 24 KiB per sample: 4 samples fit 100 KiB
         assert plan.chunk == 4 and 0 < plan.cut and plan.next is None
-    else:
+    elif spans == 2:
         assert len(plan.spans) == 2 and (plan.chunk, plan.next.chunk) == (2, 4) and 0 < plan.cut < plan.end
+    else:
+        with monkeypatch.context() as m:
+            m.setattr(schedule, "MERGED_SPANS", False)
+            dropped = model.stage.lowered.chunk_plan(8) if kind == "mlprogram" else None
+        assert len(plan.spans) == 1 and plan.chunk == 2 and plan.next is None
+        assert dropped is None or (dropped.chunk == 2 and dropped.cut < plan.cut)
     with torch.no_grad():
         ref = net(torch.from_numpy(xs[:, 0])).numpy()
     got = np.stack([o["y"].reshape(-1) for o in outs])
