@@ -175,7 +175,7 @@ def chunk_plan(steps: list, inputs: dict, outputs, n: int, *, heavy: int | None 
         return first
     # a further span whose chunks are no larger than the first's: one span through both, in the
     # smaller chunks (see MERGED_SPANS)
-    return ChunkPlan(follow.cut, follow.chunk, follow.live, prefetch=first.prefetch or follow.prefetch)
+    return dataclasses.replace(follow, prefetch=first.prefetch or follow.prefetch)
 
 
 def _span(ctx, start: int, written: set, heavy: int, target: int | None,

@@ -287,11 +287,13 @@ def test_a_list_predict_runs_the_plan_with_torchs_values(converted, kind, spans,
     elif spans == 2:
         assert len(plan.spans) == 2 and (plan.chunk, plan.next.chunk) == (2, 4) and 0 < plan.cut < plan.end
     else:
+        # the earlier rule, on a fresh model of the same kind: the same first span, cut earlier
         with monkeypatch.context() as m:
             m.setattr(schedule, "MERGED_SPANS", False)
-            dropped = model.stage.lowered.chunk_plan(8) if kind == "mlprogram" else None
+            mljax.MLModel(paths[kind]).predict([{"x": x} for x in xs])
+        dropped = plans[-1]
         assert len(plan.spans) == 1 and plan.chunk == 2 and plan.next is None
-        assert dropped is None or (dropped.chunk == 2 and dropped.cut < plan.cut)
+        assert dropped is not plan and dropped.chunk == 2 and dropped.next is None and dropped.cut < plan.cut
     with torch.no_grad():
         ref = net(torch.from_numpy(xs[:, 0])).numpy()
     got = np.stack([o["y"].reshape(-1) for o in outs])
